@@ -1,0 +1,159 @@
+//! The answer for one request: a value, not an error.
+
+use std::time::Duration;
+
+use crate::algorithm::Evaluation;
+use crate::clock::Nanos;
+use crate::policy::{LimitId, MAX_LIMITS_PER_REQUEST, Mode};
+use crate::store::CounterKey;
+
+/// What happens to the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every enforced limit admits it: forward (or answer) it.
+    Admitted,
+    /// An enforced limit with a forward action is exceeded: forward it with
+    /// that limit's marker header; the other limits took their cost.
+    Forwarded {
+        /// The exceeded limit.
+        limit: LimitId,
+    },
+    /// An enforced limit refuses it; nothing was consumed.
+    Rejected {
+        /// The limit whose wait is longest (the one headers describe).
+        limit: LimitId,
+    },
+    /// Its cost exceeds an enforced limit's capacity: it can never pass.
+    CostAboveCapacity {
+        /// The limit.
+        limit: LimitId,
+    },
+    /// The store could not decide and a limit that applies fails closed.
+    StoreUnavailable,
+}
+
+/// The result of one limit for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitResult {
+    /// The limit.
+    pub limit: LimitId,
+    /// Mode in effect for this request (a rollout may turn enforce into shadow).
+    pub mode: Mode,
+    /// The limit's quota after overrides (capacity or N).
+    pub quota: u64,
+    /// Advertised window in whole seconds.
+    pub window_secs: u64,
+    /// Cost this request takes from the limit.
+    pub cost: u64,
+    /// The algorithm's evaluation.
+    pub eval: Evaluation,
+    /// Whether a refusal by this limit refuses the request.
+    pub blocking: bool,
+    /// Counter key (to release concurrency leases).
+    pub key: CounterKey,
+    /// Whether this is a concurrency limit holding a lease when admitted.
+    pub is_lease: bool,
+}
+
+impl LimitResult {
+    /// Whether the request is over this limit (would be refused by it alone).
+    pub fn exceeded(&self) -> bool {
+        !self.eval.admit
+    }
+}
+
+const EMPTY: LimitResult = LimitResult {
+    limit: 0,
+    mode: Mode::Enforce,
+    quota: 0,
+    window_secs: 0,
+    cost: 0,
+    eval: Evaluation { admit: true, never: false, remaining: 0, reset: Duration::ZERO, retry_after: Duration::ZERO },
+    blocking: false,
+    key: CounterKey(0),
+    is_lease: false,
+};
+
+/// The decision for one request: outcome and per-limit results. Fixed size,
+/// built without allocating.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// What happens to the request.
+    pub outcome: Outcome,
+    /// When it was decided.
+    pub now: Nanos,
+    /// Lease id held on concurrency limits if admitted.
+    pub lease: Option<u64>,
+    len: u8,
+    results: [LimitResult; MAX_LIMITS_PER_REQUEST],
+}
+
+impl Decision {
+    pub(crate) fn new(now: Nanos) -> Decision {
+        Decision { outcome: Outcome::Admitted, now, lease: None, len: 0, results: [EMPTY; MAX_LIMITS_PER_REQUEST] }
+    }
+
+    pub(crate) fn push(&mut self, r: LimitResult) {
+        let i = usize::from(self.len);
+        if i < MAX_LIMITS_PER_REQUEST {
+            self.results[i] = r;
+            self.len += 1;
+        }
+    }
+
+    pub(crate) fn results_mut(&mut self) -> &mut [LimitResult] {
+        &mut self.results[..usize::from(self.len)]
+    }
+
+    /// Results of every limit that applied, in policy order.
+    pub fn results(&self) -> &[LimitResult] {
+        &self.results[..usize::from(self.len)]
+    }
+
+    /// Whether the request goes on (admitted, or forwarded with a marker).
+    pub fn is_allowed(&self) -> bool {
+        matches!(self.outcome, Outcome::Admitted | Outcome::Forwarded { .. })
+    }
+
+    /// The result of `limit`, if it applied.
+    pub fn result(&self, limit: LimitId) -> Option<&LimitResult> {
+        self.results().iter().find(|r| r.limit == limit)
+    }
+
+    /// How long to wait before retrying a rejected request (zero otherwise).
+    pub fn retry_after(&self) -> Duration {
+        match self.outcome {
+            Outcome::Rejected { limit } => self.result(limit).map_or(Duration::ZERO, |r| r.eval.retry_after),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Soft and shadow limits this request crossed (evaluated as over the
+    /// limit; they did not refuse it).
+    pub fn crossings(&self) -> impl Iterator<Item = &LimitResult> {
+        self.results().iter().filter(|r| r.mode != Mode::Enforce && r.exceeded())
+    }
+
+    /// The limit headers describe: the rejecting one on a rejection, otherwise
+    /// the enforced limit closest to exhaustion (smallest remaining share).
+    pub fn described(&self) -> Option<&LimitResult> {
+        match self.outcome {
+            Outcome::Rejected { limit } | Outcome::Forwarded { limit } | Outcome::CostAboveCapacity { limit } => self.result(limit),
+            _ => {
+                let enforced = self.results().iter().filter(|r| r.mode == Mode::Enforce && r.quota > 0);
+                enforced.min_by(|a, b| {
+                    // compare remaining/quota without floats: a.r·b.q vs b.r·a.q
+                    let l = u128::from(a.eval.remaining) * u128::from(b.quota);
+                    let r = u128::from(b.eval.remaining) * u128::from(a.quota);
+                    l.cmp(&r)
+                })
+            }
+        }
+    }
+
+    /// Counter keys of the concurrency limits holding this request's lease.
+    pub fn lease_keys(&self) -> impl Iterator<Item = CounterKey> + '_ {
+        let held = self.lease.is_some();
+        self.results().iter().filter(move |r| held && r.is_lease && r.eval.admit).map(|r| r.key)
+    }
+}

@@ -1,0 +1,317 @@
+//! The decision path: request → limits → counter keys → store → decision.
+//!
+//! [`Engine::decide`] looks up the limits that apply to the request's plan and
+//! operation (one slice, precomputed at policy load), builds each counter key
+//! by hashing the limit name and the scope values on the stack, hands every
+//! check to the store at once, and turns the store's answer into a
+//! [`Decision`]. Nothing on this path allocates or takes a lock of its own.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::algorithm::Evaluation;
+use crate::algorithm::gcra::GcraRate;
+use crate::algorithm::sliding_window::SlidingWindow;
+use crate::clock::{Clock, Nanos, SystemClock};
+use crate::decision::{Decision, LimitResult, Outcome};
+use crate::error::StoreError;
+use crate::policy::{
+    AccountOverrides, Action, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride, MAX_LIMITS_PER_REQUEST, Mode, OperationId,
+    PlanId, ScopePart,
+};
+use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
+
+/// One request as the engine sees it. Strings are borrowed from the caller;
+/// an empty scope value means "not known", and a limit whose scope needs an
+/// unknown value does not apply to the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The caller's plan.
+    pub plan: PlanId,
+    /// The operation matched.
+    pub operation: OperationId,
+    /// Org id.
+    pub org: &'a str,
+    /// Account id.
+    pub account: &'a str,
+    /// App id.
+    pub app: &'a str,
+    /// API key id (never the secret).
+    pub key: &'a str,
+    /// Client IP, textual.
+    pub ip: &'a str,
+    /// Attribute values by [`AttributeId`]; missing entries are unknown.
+    pub attributes: &'a [Option<&'a str>],
+    /// When the account was created (for rollouts); unknown means enforce.
+    pub account_created_at: Option<Nanos>,
+    /// Replaces the operation's cost for every limit (decision API).
+    pub cost: Option<u64>,
+    /// Per-account numbers replacing the plan's.
+    pub overrides: Option<&'a AccountOverrides>,
+}
+
+impl<'a> Request<'a> {
+    /// A request for `operation` under `plan` with nothing else known.
+    pub fn new(plan: PlanId, operation: OperationId) -> Request<'a> {
+        Request {
+            plan,
+            operation,
+            org: "",
+            account: "",
+            app: "",
+            key: "",
+            ip: "",
+            attributes: &[],
+            account_created_at: None,
+            cost: None,
+            overrides: None,
+        }
+    }
+
+    fn part(&self, p: ScopePart) -> &'a str {
+        match p {
+            ScopePart::Org => self.org,
+            ScopePart::Account => self.account,
+            ScopePart::App => self.app,
+            ScopePart::Key => self.key,
+            ScopePart::Ip => self.ip,
+            ScopePart::Attribute(id) => self.attribute(id),
+        }
+    }
+
+    fn attribute(&self, id: AttributeId) -> &'a str {
+        self.attributes.get(usize::from(id)).copied().flatten().unwrap_or("")
+    }
+}
+
+/// Decides requests against a policy with a store and a clock.
+#[derive(Debug)]
+pub struct Engine<S: Store, C: Clock = SystemClock> {
+    store: S,
+    clock: C,
+    seed: u64,
+    next_lease: AtomicU64,
+}
+
+impl<S: Store> Engine<S, SystemClock> {
+    /// An engine on the system clock.
+    pub fn new(store: S) -> Engine<S, SystemClock> {
+        Engine::with_clock(store, SystemClock)
+    }
+}
+
+impl<S: Store, C: Clock> Engine<S, C> {
+    /// An engine on `clock`. Counter keys are hashed with a random seed;
+    /// replicas sharing a store must use [`Engine::with_key_seed`].
+    pub fn with_clock(store: S, clock: C) -> Engine<S, C> {
+        let mut seed = [0u8; 16];
+        // Without randomness, fall back to a fixed seed: keys stay correct,
+        // only crafted-collision resistance is lost.
+        let _ = getrandom::fill(&mut seed);
+        let (a, b) = seed.split_at(8);
+        let seed_a = u64::from_le_bytes(a.try_into().expect("8 bytes"));
+        let lease_base = u64::from_le_bytes(b.try_into().expect("8 bytes")) << 32;
+        Engine { store, clock, seed: seed_a, next_lease: AtomicU64::new(lease_base) }
+    }
+
+    /// Sets the seed of counter-key hashing (must match across replicas sharing a store).
+    pub fn with_key_seed(mut self, seed: u64) -> Engine<S, C> {
+        self.seed = seed;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
+    /// Decides `req` under `policy`: checks every applicable limit, admits only
+    /// if every enforced limit admits, and takes the cost from all of them only then.
+    pub async fn decide(&self, policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
+        let now = self.clock.now();
+        let mut checks = [EMPTY_CHECK; MAX_LIMITS_PER_REQUEST];
+        let mut decision = Decision::new(now);
+        let n = self.prepare(policy, req, now, &mut checks, &mut decision);
+        let lease = self.lease_id(&decision);
+        let mut evals = [Evaluation::default(); MAX_LIMITS_PER_REQUEST];
+        let result = if n == 0 { Ok(true) } else { self.store.decide(now, &checks[..n], lease, &mut evals).await };
+        finish(policy, &mut decision, result, &evals, lease);
+        decision
+    }
+
+    /// Releases the concurrency leases a decision holds. Idempotent.
+    ///
+    /// # Errors
+    /// The store cannot be reached; the leases then expire by their TTL.
+    pub async fn release(&self, decision: &Decision) -> Result<(), StoreError> {
+        let Some(lease) = decision.lease else { return Ok(()) };
+        let mut keys = [CounterKey(0); MAX_LIMITS_PER_REQUEST];
+        let mut n = 0;
+        for k in decision.lease_keys() {
+            keys[n] = k;
+            n += 1;
+        }
+        self.store.release(self.clock.now(), &keys[..n], lease).await
+    }
+
+    fn lease_id(&self, decision: &Decision) -> u64 {
+        if decision.results().iter().any(|r| r.is_lease) { self.next_lease.fetch_add(1, Ordering::Relaxed) } else { 0 }
+    }
+
+    /// Fills `checks` and the decision's results for `req`; returns how many.
+    fn prepare(
+        &self,
+        policy: &CompiledPolicy,
+        req: &Request<'_>,
+        now: Nanos,
+        checks: &mut [Check; MAX_LIMITS_PER_REQUEST],
+        decision: &mut Decision,
+    ) -> usize {
+        let mut n = 0;
+        for pl in policy.applicable(req.plan, req.operation) {
+            let limit = &policy.limits[usize::from(pl.limit)];
+            let Some(key) = self.counter_key(&limit.name, &limit.scope, req) else { continue };
+            let ov = req.overrides.and_then(|o| o.get(pl.limit));
+            let (params, quota) = params(&pl.algorithm, ov, now);
+            let rolled_back = limit.rollout_after.is_some_and(|at| req.account_created_at.is_some_and(|c| c < at));
+            let mode = if limit.mode == Mode::Enforce && rolled_back { Mode::Shadow } else { limit.mode };
+            let blocking = mode == Mode::Enforce && matches!(limit.on_exceed, Action::Reject { .. });
+            let cost = req.cost.unwrap_or(pl.cost);
+            checks[n] = Check { key, params, cost, blocking };
+            decision.push(LimitResult {
+                limit: pl.limit,
+                mode,
+                quota,
+                window_secs: pl.algorithm.window_secs(),
+                cost,
+                eval: Evaluation::default(),
+                blocking,
+                key,
+                is_lease: matches!(params, Params::Concurrency { .. }),
+            });
+            n += 1;
+            if n == MAX_LIMITS_PER_REQUEST {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Hash of the limit name and each scope value, length-prefixed so that
+    /// no two different scope tuples can be spelled the same way.
+    fn counter_key(&self, name: &str, scope: &[ScopePart], req: &Request<'_>) -> Option<CounterKey> {
+        let mut h = Xxh3::with_seed(self.seed);
+        h.update(&(name.len() as u32).to_le_bytes());
+        h.update(name.as_bytes());
+        for &part in scope {
+            let v = req.part(part);
+            if v.is_empty() {
+                return None;
+            }
+            h.update(&(v.len() as u32).to_le_bytes());
+            h.update(v.as_bytes());
+        }
+        Some(CounterKey(h.digest128()))
+    }
+}
+
+impl<C: Clock> Engine<MemoryStore, C> {
+    /// [`Engine::decide`] without a future, for the in-memory store (which never waits).
+    pub fn decide_now(&self, policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
+        let now = self.clock.now();
+        let mut checks = [EMPTY_CHECK; MAX_LIMITS_PER_REQUEST];
+        let mut decision = Decision::new(now);
+        let n = self.prepare(policy, req, now, &mut checks, &mut decision);
+        let lease = self.lease_id(&decision);
+        let mut evals = [Evaluation::default(); MAX_LIMITS_PER_REQUEST];
+        let result = if n == 0 { Ok(true) } else { self.store.decide_now(now, &checks[..n], lease, &mut evals) };
+        finish(policy, &mut decision, result, &evals, lease);
+        decision
+    }
+
+    /// [`Engine::release`] without a future.
+    pub fn release_now(&self, decision: &Decision) {
+        if let Some(lease) = decision.lease {
+            let mut keys = [CounterKey(0); MAX_LIMITS_PER_REQUEST];
+            let mut n = 0;
+            for k in decision.lease_keys() {
+                keys[n] = k;
+                n += 1;
+            }
+            self.store.release_now(self.clock.now(), &keys[..n], lease);
+        }
+    }
+}
+
+const EMPTY_CHECK: Check = Check { key: CounterKey(0), params: Params::Calendar { limit: 0, end: Nanos(0) }, cost: 0, blocking: false };
+
+/// Store numbers for an algorithm at `now`, after an account override; and the quota.
+fn params(alg: &Algorithm, ov: Option<&LimitOverride>, now: Nanos) -> (Params, u64) {
+    match alg {
+        Algorithm::TokenBucket { rate, refill, per } => {
+            let rate = match ov {
+                Some(o) if o.capacity.is_some() || o.refill.is_some() => {
+                    let cap = o.capacity.or(std::num::NonZeroU64::new(rate.capacity)).expect("capacity is non-zero");
+                    GcraRate::new(cap, o.refill.unwrap_or(*refill), *per)
+                }
+                _ => *rate,
+            };
+            (Params::Gcra(rate), rate.capacity)
+        }
+        Algorithm::SlidingWindow { window, length } => {
+            let window = match ov.and_then(|o| o.limit) {
+                Some(l) => SlidingWindow::new(u32::try_from(l.get()).unwrap_or(u32::MAX), *length),
+                None => *window,
+            };
+            (Params::Sliding(window), window.limit)
+        }
+        Algorithm::CalendarWindow { limit, calendar } => {
+            let limit = ov.and_then(|o| o.limit).map_or(*limit, |l| l.get());
+            (Params::Calendar { limit, end: calendar.window(now).1 }, limit)
+        }
+        Algorithm::Concurrency { limit, ttl } => {
+            let limit = ov.and_then(|o| o.limit).map_or(*limit, |l| l.get());
+            (Params::Concurrency { limit, ttl: *ttl }, limit)
+        }
+    }
+}
+
+/// Turns the store's answer into the decision's outcome.
+fn finish(policy: &CompiledPolicy, d: &mut Decision, result: Result<bool, StoreError>, evals: &[Evaluation], lease: u64) {
+    match result {
+        Ok(admitted) => {
+            for (r, e) in d.results_mut().iter_mut().zip(evals) {
+                r.eval = *e;
+            }
+            if admitted {
+                let forwarded = d.results().iter().find(|r| r.mode == Mode::Enforce && !r.blocking && r.exceeded()).map(|r| r.limit);
+                d.outcome = match forwarded {
+                    Some(limit) => Outcome::Forwarded { limit },
+                    None => Outcome::Admitted,
+                };
+                if d.results().iter().any(|r| r.is_lease && r.eval.admit) {
+                    d.lease = Some(lease);
+                }
+            } else {
+                let refusing = d.results().iter().filter(|r| r.blocking && r.exceeded());
+                d.outcome = match refusing.clone().find(|r| r.eval.never) {
+                    Some(r) => Outcome::CostAboveCapacity { limit: r.limit },
+                    None => match refusing.max_by_key(|r| r.eval.retry_after) {
+                        Some(r) => Outcome::Rejected { limit: r.limit },
+                        None => Outcome::Admitted,
+                    },
+                };
+            }
+        }
+        Err(_) => {
+            let closed = d.results().iter().any(|r| r.mode == Mode::Enforce && policy.limits[usize::from(r.limit)].on_store_error == FailMode::Deny);
+            d.outcome = if closed { Outcome::StoreUnavailable } else { Outcome::Admitted };
+        }
+    }
+}

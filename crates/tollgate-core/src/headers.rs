@@ -1,0 +1,228 @@
+//! Rate-limit response headers for each header profile.
+//!
+//! - `ietf`: `RateLimit-Policy` and `RateLimit` as Structured Field lists per
+//!   draft-ietf-httpapi-ratelimit-headers-11: every enforced limit that applied
+//!   is advertised in `RateLimit-Policy` (`"name";q=N;w=S`, with
+//!   `qu="concurrent-requests"` on concurrency limits), and `RateLimit` gives
+//!   `"name";r=R;t=T` for the described limit; credits ride along as the
+//!   vendor parameter `tollgate-credits` on the `RateLimit` item.
+//! - `classic`: `X-RateLimit-Limit`, `-Remaining`, `-Reset` (seconds), `-Cost`,
+//!   and `X-Credits-Remaining`.
+//! - `vendor`: the names the policy gives each field.
+//!
+//! The *described* limit is the one that rejected on a rejection (a client
+//! told about another limit would retry too early), otherwise the enforced
+//! limit closest to exhaustion. `Retry-After` is on every rejection, in whole
+//! seconds rounded up, never 0 when the caller must wait. Values are written
+//! with `itoa` into a stack buffer; nothing here allocates.
+
+use crate::clock::ceil_secs;
+use crate::decision::{Decision, LimitResult, Outcome};
+use crate::policy::{CompiledPolicy, HeaderField, HeaderKind, Mode, SendOn};
+
+/// The response a set of headers is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseKind {
+    /// A 2xx answer (from the upstream or tollgate).
+    Success,
+    /// A rejection by a rate limit (429 or the limit's own status).
+    Rejected,
+    /// Any other answer (upstream error, 402, payload errors…).
+    Other,
+}
+
+/// `Retry-After`.
+pub const RETRY_AFTER: &str = "Retry-After";
+/// IETF draft policy field.
+pub const RATELIMIT_POLICY: &str = "RateLimit-Policy";
+/// IETF draft state field.
+pub const RATELIMIT: &str = "RateLimit";
+
+const CLASSIC: [(HeaderField, &str); 5] = [
+    (HeaderField::Limit, "X-RateLimit-Limit"),
+    (HeaderField::Remaining, "X-RateLimit-Remaining"),
+    (HeaderField::Reset, "X-RateLimit-Reset"),
+    (HeaderField::Cost, "X-RateLimit-Cost"),
+    (HeaderField::Credits, "X-Credits-Remaining"),
+];
+
+/// A header value built on the stack.
+#[derive(Clone)]
+pub struct ValueBuf {
+    buf: [u8; 1024],
+    len: usize,
+}
+
+impl Default for ValueBuf {
+    fn default() -> Self {
+        ValueBuf { buf: [0; 1024], len: 0 }
+    }
+}
+
+impl ValueBuf {
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn push(&mut self, s: &str) {
+        let end = (self.len + s.len()).min(self.buf.len());
+        let n = end - self.len;
+        self.buf[self.len..end].copy_from_slice(&s.as_bytes()[..n]);
+        self.len = end;
+    }
+
+    fn num(&mut self, v: u64) {
+        let mut b = itoa::Buffer::new();
+        let s = b.format(v);
+        self.push(s);
+    }
+
+    fn signed(&mut self, v: i64) {
+        let mut b = itoa::Buffer::new();
+        let s = b.format(v);
+        self.push(s);
+    }
+
+    /// The value written so far.
+    pub fn as_str(&self) -> &str {
+        // Only whole `&str`s are pushed; truncation at capacity may cut a
+        // multi-byte character, in which case the valid prefix is returned.
+        match std::str::from_utf8(&self.buf[..self.len]) {
+            Ok(s) => s,
+            Err(e) => std::str::from_utf8(&self.buf[..e.valid_up_to()]).unwrap_or(""),
+        }
+    }
+}
+
+/// Writes the headers for `decision` answered as `kind` through `emit(name, value)`.
+/// `credits` is the caller's balance, when known.
+pub fn render(policy: &CompiledPolicy, decision: &Decision, kind: ResponseKind, credits: Option<i64>, emit: &mut impl FnMut(&str, &str)) {
+    let mut v = ValueBuf::default();
+    let rejected = kind == ResponseKind::Rejected;
+    if rejected && let Outcome::Rejected { .. } = decision.outcome {
+        v.num(ceil_secs(decision.retry_after()).max(1));
+        emit(RETRY_AFTER, v.as_str());
+    }
+    let profile = &policy.headers;
+    let wanted = |f: HeaderField| {
+        let all = profile.send_on == SendOn::All || kind == ResponseKind::Success;
+        if all { profile.fields.contains(&f) } else { rejected && profile.on_reject.contains(&f) }
+    };
+    let described = decision.described();
+    match profile.kind {
+        HeaderKind::None => {}
+        HeaderKind::Ietf => {
+            if wanted(HeaderField::Limit) {
+                v.clear();
+                for r in decision.results().iter().filter(|r| r.mode == Mode::Enforce) {
+                    if v.len > 0 {
+                        v.push(", ");
+                    }
+                    policy_item(&mut v, policy, r);
+                }
+                if v.len > 0 {
+                    emit(RATELIMIT_POLICY, v.as_str());
+                }
+            }
+            if let Some(r) = described
+                && (wanted(HeaderField::Remaining) || wanted(HeaderField::Reset))
+            {
+                v.clear();
+                v.push("\"");
+                v.push(&policy.limits[usize::from(r.limit)].name);
+                v.push("\"");
+                if wanted(HeaderField::Remaining) {
+                    v.push(";r=");
+                    v.num(r.eval.remaining);
+                }
+                if wanted(HeaderField::Reset) {
+                    v.push(";t=");
+                    v.num(reset_secs(r, decision));
+                }
+                if let (true, Some(c)) = (wanted(HeaderField::Credits), credits) {
+                    v.push(";tollgate-credits=");
+                    v.signed(c);
+                }
+                emit(RATELIMIT, v.as_str());
+            }
+        }
+        HeaderKind::Classic | HeaderKind::Vendor => {
+            let fields = [HeaderField::Limit, HeaderField::Remaining, HeaderField::Reset, HeaderField::Cost, HeaderField::Credits];
+            for f in fields {
+                if !wanted(f) {
+                    continue;
+                }
+                let name = if profile.kind == HeaderKind::Classic {
+                    CLASSIC.iter().find(|(g, _)| *g == f).map(|(_, n)| *n)
+                } else {
+                    profile.names.iter().find(|(g, _)| *g == f).map(|(_, n)| n.as_str())
+                };
+                let Some(name) = name else { continue };
+                v.clear();
+                match (f, described) {
+                    (HeaderField::Credits, _) => match credits {
+                        Some(c) => v.signed(c),
+                        None => continue,
+                    },
+                    (_, None) => continue,
+                    (HeaderField::Limit, Some(r)) => v.num(r.quota),
+                    (HeaderField::Remaining, Some(r)) => v.num(r.eval.remaining),
+                    (HeaderField::Reset, Some(r)) => v.num(reset_secs(r, decision)),
+                    (HeaderField::Cost, Some(r)) => v.num(r.cost),
+                }
+                emit(name, v.as_str());
+            }
+        }
+    }
+}
+
+/// Seconds until the described limit resets; on a rejection, until the
+/// request could pass (never 0 then).
+fn reset_secs(r: &LimitResult, d: &Decision) -> u64 {
+    if let Outcome::Rejected { limit } = d.outcome
+        && limit == r.limit
+    {
+        return ceil_secs(r.eval.retry_after).max(1);
+    }
+    ceil_secs(r.eval.reset)
+}
+
+fn policy_item(v: &mut ValueBuf, policy: &CompiledPolicy, r: &LimitResult) {
+    v.push("\"");
+    v.push(&policy.limits[usize::from(r.limit)].name);
+    v.push("\";q=");
+    v.num(r.quota);
+    if r.is_lease {
+        v.push(";qu=\"concurrent-requests\"");
+    } else {
+        v.push(";w=");
+        v.num(r.window_secs);
+    }
+}
+
+/// Body of a rejection as `application/problem+json` (RFC 9457) with the
+/// draft's `quota-exceeded` problem type and `violated-policies`.
+pub fn problem_details(policy: &CompiledPolicy, decision: &Decision) -> String {
+    let name = decision.described().map_or("", |r| policy.limits[usize::from(r.limit)].name.as_str());
+    let retry = ceil_secs(decision.retry_after()).max(1);
+    let mut out = String::with_capacity(256);
+    out.push_str("{\"type\":\"https://iana.org/assignments/http-problem-types#quota-exceeded\",\"title\":\"Request cannot be satisfied as assigned quota has been exceeded\",\"status\":429,\"violated-policies\":[");
+    json_string(&mut out, name);
+    out.push_str("],\"retry_after_s\":");
+    out.push_str(itoa::Buffer::new().format(retry));
+    out.push('}');
+    out
+}
+
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}

@@ -1,0 +1,479 @@
+//! The validated policy: what the engine and the server run.
+//!
+//! Everything is resolved to indexes at load time: each (plan, operation)
+//! pair holds the exact list of limits that apply with their numbers and
+//! costs, so a request looks up one slice and allocates nothing. A
+//! `CompiledPolicy` is immutable; reload builds a new one and swaps the `Arc`.
+
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+use super::router::Router;
+use crate::algorithm::calendar_window::Calendar;
+use crate::algorithm::gcra::GcraRate;
+use crate::algorithm::sliding_window::SlidingWindow;
+use crate::clock::Nanos;
+
+/// Index of a limit in [`CompiledPolicy::limits`].
+pub type LimitId = u16;
+/// Index of an operation in [`CompiledPolicy::operations`].
+pub type OperationId = u16;
+/// Index of a plan in [`CompiledPolicy::plans`].
+pub type PlanId = u16;
+/// Index of an attribute in [`CompiledPolicy::attributes`].
+pub type AttributeId = u16;
+
+/// Most limits that can apply to one request; validation refuses more.
+pub const MAX_LIMITS_PER_REQUEST: usize = 16;
+
+/// A validated policy.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    /// Policy name.
+    pub name: String,
+    /// Header carrying the API key, lower-case.
+    pub key_header: String,
+    /// What happens to requests matching no operation.
+    pub unmatched: Unmatched,
+    /// All limits, by [`LimitId`].
+    pub limits: Vec<Limit>,
+    /// All operations, by [`OperationId`]; the last one is the default
+    /// operation used for unmatched requests.
+    pub operations: Vec<Operation>,
+    /// All plans, by [`PlanId`].
+    pub plans: Vec<Plan>,
+    /// Plan of accounts created without one.
+    pub default_plan: PlanId,
+    /// Request attributes usable in scopes, by [`AttributeId`].
+    pub attributes: Vec<Attribute>,
+    /// Header profile.
+    pub headers: HeaderProfile,
+    /// Credit exhaustion answer.
+    pub credits: CreditRules,
+    /// Upstream retry rules.
+    pub upstream: UpstreamRetry,
+    pub(crate) router: Router,
+}
+
+impl CompiledPolicy {
+    /// The operation of a request, or `None` when no operation matches and
+    /// the policy refuses unmatched routes. `path` excludes the query string.
+    pub fn operation_for(&self, method: &str, path: &str) -> Option<OperationId> {
+        match self.router.find(method, path) {
+            Some(id) => Some(id),
+            None if self.unmatched == Unmatched::Forward => Some(self.default_operation()),
+            None => None,
+        }
+    }
+
+    /// The operation used for requests that match no declared operation.
+    pub fn default_operation(&self) -> OperationId {
+        (self.operations.len() - 1) as OperationId
+    }
+
+    /// A plan by name.
+    pub fn plan(&self, name: &str) -> Option<PlanId> {
+        self.plans.iter().position(|p| p.name == name).map(|i| i as PlanId)
+    }
+
+    /// A limit by name.
+    pub fn limit(&self, name: &str) -> Option<LimitId> {
+        self.limits.iter().position(|l| l.name == name).map(|i| i as LimitId)
+    }
+
+    /// An operation by name.
+    pub fn operation(&self, name: &str) -> Option<OperationId> {
+        self.operations.iter().position(|o| o.name == name).map(|i| i as OperationId)
+    }
+
+    /// An attribute by name.
+    pub fn attribute(&self, name: &str) -> Option<AttributeId> {
+        self.attributes.iter().position(|a| a.name == name).map(|i| i as AttributeId)
+    }
+
+    /// The limits that apply to `operation` under `plan`, with their costs.
+    pub fn applicable(&self, plan: PlanId, operation: OperationId) -> &[PlanLimit] {
+        &self.plans[usize::from(plan)].by_operation[usize::from(operation)]
+    }
+}
+
+/// What happens to requests that match no operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    /// Forwarded under the default operation (the plan's limits that count every operation).
+    Forward,
+    /// Refused with 404.
+    Reject,
+}
+
+/// A named limit.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    /// Name, unique in the policy; also the counter key prefix, so counters
+    /// survive a reload that keeps the name.
+    pub name: String,
+    /// Algorithm and its numbers (before plan or account overrides).
+    pub algorithm: Algorithm,
+    /// What the counter is keyed by, in order.
+    pub scope: Vec<ScopePart>,
+    /// Enforce, soft or shadow.
+    pub mode: Mode,
+    /// Accounts created before this instant get the limit in shadow mode.
+    pub rollout_after: Option<Nanos>,
+    /// What happens to a request over the limit.
+    pub on_exceed: Action,
+    /// Fail-open or fail-closed when the store is unavailable.
+    pub on_store_error: FailMode,
+}
+
+/// A limit's algorithm with its numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Algorithm {
+    /// Weighted token bucket.
+    TokenBucket {
+        /// Numbers the algorithm runs.
+        rate: GcraRate,
+        /// Tokens added per `per` (kept so overrides can rebuild `rate`).
+        refill: NonZeroU64,
+        /// Refill period.
+        per: Duration,
+    },
+    /// N in any window of length T.
+    SlidingWindow {
+        /// Numbers.
+        window: SlidingWindow,
+        /// T.
+        length: Duration,
+    },
+    /// N per calendar unit.
+    CalendarWindow {
+        /// N.
+        limit: u64,
+        /// Unit and time zone.
+        calendar: Calendar,
+    },
+    /// N in flight.
+    Concurrency {
+        /// N.
+        limit: u64,
+        /// Lease time to live.
+        ttl: Duration,
+    },
+}
+
+impl Algorithm {
+    /// The capacity that a single request's cost must not exceed.
+    pub fn capacity(&self) -> u64 {
+        match self {
+            Algorithm::TokenBucket { rate, .. } => rate.capacity,
+            Algorithm::SlidingWindow { window, .. } => window.limit,
+            Algorithm::CalendarWindow { limit, .. } | Algorithm::Concurrency { limit, .. } => *limit,
+        }
+    }
+
+    /// The window advertised in headers (`w`), in whole seconds: the bucket's
+    /// time to refill completely, the window length, the calendar unit.
+    pub fn window_secs(&self) -> u64 {
+        match self {
+            Algorithm::TokenBucket { rate, .. } => {
+                crate::clock::ceil_secs(Duration::from_nanos(rate.capacity.saturating_mul(rate.interval)))
+            }
+            Algorithm::SlidingWindow { length, .. } => crate::clock::ceil_secs(*length),
+            Algorithm::CalendarWindow { calendar, .. } => match calendar.unit {
+                crate::algorithm::calendar_window::CalendarUnit::Minute => 60,
+                crate::algorithm::calendar_window::CalendarUnit::Hour => 3_600,
+                crate::algorithm::calendar_window::CalendarUnit::Day => 86_400,
+            },
+            Algorithm::Concurrency { .. } => 0,
+        }
+    }
+
+    /// The algorithm with numbers replaced by an override.
+    pub fn with_override(&self, o: &LimitOverride) -> Algorithm {
+        let mut a = self.clone();
+        match &mut a {
+            Algorithm::TokenBucket { rate, refill, per } => {
+                let capacity = o.capacity.or(NonZeroU64::new(rate.capacity)).expect("validated capacity is non-zero");
+                *refill = o.refill.unwrap_or(*refill);
+                *rate = GcraRate::new(capacity, *refill, *per);
+            }
+            Algorithm::SlidingWindow { window, length } => {
+                if let Some(l) = o.limit {
+                    *window = SlidingWindow::new(u32::try_from(l.get()).unwrap_or(u32::MAX), *length);
+                }
+            }
+            Algorithm::CalendarWindow { limit, .. } | Algorithm::Concurrency { limit, .. } => {
+                if let Some(l) = o.limit {
+                    *limit = l.get();
+                }
+            }
+        }
+        a
+    }
+}
+
+/// New numbers for one limit, from a plan or an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitOverride {
+    /// New N.
+    pub limit: Option<NonZeroU64>,
+    /// New bucket capacity.
+    pub capacity: Option<NonZeroU64>,
+    /// New bucket refill per the limit's refill period.
+    pub refill: Option<NonZeroU64>,
+}
+
+/// One part of a limit's scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScopePart {
+    /// The caller's org.
+    Org,
+    /// The caller's account.
+    Account,
+    /// The caller's app.
+    App,
+    /// The caller's API key (its id, never the secret).
+    Key,
+    /// The client IP address.
+    Ip,
+    /// A request attribute.
+    Attribute(AttributeId),
+}
+
+/// How a limit acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Refuses requests over the limit.
+    Enforce,
+    /// Never refuses; a crossing is reported (event + metric).
+    Soft,
+    /// Never refuses; counted as would-reject, to try a limit before enforcing it.
+    Shadow,
+}
+
+impl Mode {
+    /// Lower-case name as in the policy file and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Soft => "soft",
+            Mode::Shadow => "shadow",
+        }
+    }
+}
+
+/// What happens to a request over an enforced limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Refuse with `status` (429 by default) and an optional custom body.
+    Reject {
+        /// HTTP status.
+        status: u16,
+        /// Custom body and its content type; `None` for tollgate's JSON error.
+        body: Option<(String, String)>,
+    },
+    /// Forward to the upstream with a marker header naming the limit.
+    Forward {
+        /// Marker header name.
+        header: String,
+    },
+}
+
+/// Behaviour when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    /// Admit (fail-open).
+    Allow,
+    /// Refuse with 503 (fail-closed).
+    Deny,
+}
+
+/// A named class of request.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    /// Name.
+    pub name: String,
+    /// Credit cost.
+    pub credits: u64,
+    /// Whether upstream failures may be retried.
+    pub retry: bool,
+    /// Answered by tollgate itself.
+    pub respond: Option<Respond>,
+    /// Where each attribute of [`CompiledPolicy::attributes`] comes from for
+    /// this operation (`None`: not available).
+    pub attribute_sources: Vec<Option<AttributeSource>>,
+    /// Payload rules.
+    pub payload: Option<PayloadRules>,
+}
+
+/// Endpoints tollgate answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Respond {
+    /// The caller's credit balance.
+    Balance,
+    /// The caller's account, plan, balance and limits.
+    Account,
+}
+
+/// A request attribute usable in scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribute {
+    /// Name, as used in `scope`.
+    pub name: String,
+}
+
+/// Where an attribute's value is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttributeSource {
+    /// A request header (lower-case name).
+    Header(String),
+    /// A query parameter.
+    Query(String),
+    /// A top-level string field of a JSON body.
+    Json(String),
+    /// The file name of the first file part of a multipart body.
+    MultipartFilename,
+}
+
+/// Payload rules of an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadRules {
+    /// Largest body in bytes (413 above).
+    pub max_body: Option<u64>,
+    /// Accepted image formats (415 otherwise); empty: any.
+    pub formats: Vec<ImageFormat>,
+    /// Largest side in pixels.
+    pub max_pixels: Option<u32>,
+    /// Images over `max_pixels` are forwarded (the upstream resizes) instead of 422.
+    pub forward_oversize: bool,
+    /// At most one file per request (400 otherwise).
+    pub single_file: bool,
+}
+
+/// Image formats recognised from their first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImageFormat {
+    /// PNG.
+    Png,
+    /// JPEG.
+    Jpeg,
+    /// WEBP.
+    Webp,
+    /// HEIC / HEIF.
+    Heic,
+}
+
+/// A plan: which limits apply, with which numbers, and its credit rules.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Name.
+    pub name: String,
+    /// Credits granted once at account creation.
+    pub grant: u64,
+    /// Credits granted every `allowance_every`.
+    pub allowance: Option<(u64, AllowancePeriod)>,
+    /// Balance under which a credits-low event is sent.
+    pub credits_low: Option<u64>,
+    /// Limits applying to each operation (index = [`OperationId`]).
+    pub by_operation: Vec<Vec<PlanLimit>>,
+}
+
+/// How often a plan's allowance is granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowancePeriod {
+    /// Every UTC day.
+    Day,
+    /// Every calendar month (UTC).
+    Month,
+}
+
+/// One limit as it applies to one operation under one plan.
+#[derive(Debug, Clone)]
+pub struct PlanLimit {
+    /// The limit.
+    pub limit: LimitId,
+    /// Numbers after the plan's overrides.
+    pub algorithm: Algorithm,
+    /// Token cost of the operation for this limit.
+    pub cost: u64,
+}
+
+/// The header profile of a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderProfile {
+    /// Which header family.
+    pub kind: HeaderKind,
+    /// Which responses carry the fields.
+    pub send_on: SendOn,
+    /// Fields sent.
+    pub fields: Vec<HeaderField>,
+    /// Fields still sent on rejections under `SendOn::Success`.
+    pub on_reject: Vec<HeaderField>,
+    /// Rejections as `application/problem+json`.
+    pub problem_json: bool,
+    /// Header names of the vendor profile, by field.
+    pub names: Vec<(HeaderField, String)>,
+}
+
+/// Header families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderKind {
+    /// `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+    Ietf,
+    /// `X-RateLimit-Limit/Remaining/Reset/Cost`.
+    Classic,
+    /// Names from the policy.
+    Vendor,
+    /// No rate-limit headers (Retry-After is still sent on 429).
+    None,
+}
+
+/// Which responses carry rate-limit headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOn {
+    /// Every response.
+    All,
+    /// 2xx responses only (plus `on_reject` fields on rejections).
+    Success,
+}
+
+/// One piece of rate-limit information.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeaderField {
+    /// The limit's quota.
+    Limit,
+    /// Units left.
+    Remaining,
+    /// Seconds until reset.
+    Reset,
+    /// Cost of this request.
+    Cost,
+    /// Credit balance.
+    Credits,
+}
+
+/// How credit exhaustion is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditRules {
+    /// Status (default 402).
+    pub exhausted_status: u16,
+    /// Custom body; `None` for tollgate's JSON error.
+    pub exhausted_body: Option<String>,
+}
+
+/// Upstream retry rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRetry {
+    /// Retries after a retryable status.
+    pub retries: u32,
+    /// Statuses retried.
+    pub retry_on: Vec<u16>,
+    /// First back-off.
+    pub backoff: Duration,
+    /// Largest back-off.
+    pub max_backoff: Duration,
+    /// Largest body buffered for replay.
+    pub replay_body_max: u64,
+    /// Timeout per attempt.
+    pub timeout: Duration,
+}
