@@ -315,3 +315,105 @@ fn finish(policy: &CompiledPolicy, d: &mut Decision, result: Result<bool, StoreE
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{ManualClock, policy};
+
+    /// A store that is always down.
+    struct DownStore;
+    impl Store for DownStore {
+        async fn decide(&self, _: Nanos, _: &[Check], _: u64, _: &mut [Evaluation]) -> Result<bool, StoreError> {
+            Err(StoreError::Unavailable("down"))
+        }
+        async fn release(&self, _: Nanos, _: &[CounterKey], _: u64) -> Result<(), StoreError> {
+            Err(StoreError::Unavailable("down"))
+        }
+    }
+
+    fn engine() -> Engine<MemoryStore, ManualClock> {
+        Engine::with_clock(MemoryStore::default(), ManualClock::new(Nanos::from_secs(1_000_000)))
+    }
+
+    #[test]
+    fn store_errors_follow_each_limits_fail_mode() {
+        let open = policy::parse("[limits.a]\nalgorithm = \"concurrency\"\nlimit = 1\non_store_error = \"allow\"\n", "t").unwrap();
+        let closed = policy::parse("[limits.a]\nalgorithm = \"concurrency\"\nlimit = 1\n", "t").unwrap();
+        let e = Engine::with_clock(DownStore, ManualClock::new(Nanos(1)));
+        let r = Request { account: "x", ..Request::new(0, open.default_operation()) };
+        assert_eq!(crate::store::conformance::block_on(e.decide(&open, &r)).outcome, Outcome::Admitted);
+        assert_eq!(crate::store::conformance::block_on(e.decide(&closed, &r)).outcome, Outcome::StoreUnavailable);
+    }
+
+    #[test]
+    fn forward_action_marks_instead_of_rejecting() {
+        let p = policy::parse(
+            "[limits.daily]\nalgorithm = \"calendar_window\"\nlimit = 1\nwindow = \"day\"\non_exceed = { action = \"forward\" }\n",
+            "t",
+        )
+        .unwrap();
+        let e = engine();
+        let r = Request { account: "x", ..Request::new(0, p.default_operation()) };
+        assert_eq!(e.decide_now(&p, &r).outcome, Outcome::Admitted);
+        assert_eq!(e.decide_now(&p, &r).outcome, Outcome::Forwarded { limit: 0 });
+    }
+
+    #[test]
+    fn cost_above_capacity_at_request_time_never_passes() {
+        let p = policy::parse("[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = 1\n", "t").unwrap();
+        let r = Request { account: "x", cost: Some(6), ..Request::new(0, p.default_operation()) };
+        let d = engine().decide_now(&p, &r);
+        assert_eq!(d.outcome, Outcome::CostAboveCapacity { limit: 0 });
+        assert_eq!(d.retry_after(), Duration::ZERO);
+    }
+
+    #[test]
+    fn rollout_enforces_for_new_accounts_only() {
+        let p = policy::parse(
+            "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = 1\nrollout_after = \"2026-06-01T00:00:00Z\"\n",
+            "t",
+        )
+        .unwrap();
+        let e = engine();
+        let cutoff = p.limits[0].rollout_after.unwrap();
+        let old = Request { account: "old", account_created_at: Some(Nanos(cutoff.0 - 1)), ..Request::new(0, p.default_operation()) };
+        let new = Request { account: "new", account_created_at: Some(cutoff), ..Request::new(0, p.default_operation()) };
+        for _ in 0..3 {
+            assert_eq!(e.decide_now(&p, &old).outcome, Outcome::Admitted);
+        }
+        assert_eq!(e.decide_now(&p, &old).crossings().count(), 1, "old accounts run it in shadow");
+        assert_eq!(e.decide_now(&p, &new).outcome, Outcome::Admitted);
+        assert!(matches!(e.decide_now(&p, &new).outcome, Outcome::Rejected { .. }));
+    }
+
+    #[test]
+    fn missing_scope_value_means_the_limit_does_not_apply() {
+        let p = policy::parse(
+            "[attributes]\nfile_name = \"json:name\"\n[limits.f]\nalgorithm = \"calendar_window\"\nlimit = 1\nwindow = \"hour\"\nscope = [\"file_name\"]\n",
+            "t",
+        )
+        .unwrap();
+        let e = engine();
+        let none = Request::new(0, p.default_operation());
+        assert!(e.decide_now(&p, &none).results().is_empty());
+        let attrs = [Some("a.jpg")];
+        let named = Request { attributes: &attrs, ..none };
+        assert_eq!(e.decide_now(&p, &named).outcome, Outcome::Admitted);
+        assert!(matches!(e.decide_now(&p, &named).outcome, Outcome::Rejected { .. }));
+    }
+
+    #[test]
+    fn leases_are_released() {
+        let p = policy::parse("[limits.c]\nalgorithm = \"concurrency\"\nlimit = 1\n", "t").unwrap();
+        let e = engine();
+        let r = Request { account: "x", ..Request::new(0, p.default_operation()) };
+        let held = e.decide_now(&p, &r);
+        assert!(held.lease.is_some());
+        assert!(matches!(e.decide_now(&p, &r).outcome, Outcome::Rejected { .. }));
+        e.release_now(&held);
+        assert_eq!(e.decide_now(&p, &r).outcome, Outcome::Admitted);
+    }
+}

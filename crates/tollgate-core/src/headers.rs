@@ -226,3 +226,75 @@ fn json_string(out: &mut String, s: &str) {
     }
     out.push('"');
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Engine, ManualClock, MemoryStore, Nanos, Request, policy};
+
+    fn collect(policy: &CompiledPolicy, d: &Decision, kind: ResponseKind, credits: Option<i64>) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        render(policy, d, kind, credits, &mut |n, v| out.push((n.to_owned(), v.to_owned())));
+        out
+    }
+
+    const TWO_LIMITS: &str = r#"
+        [limits.burst]
+        algorithm = "sliding_window"
+        limit = 2
+        window = "3s"
+        [limits.daily]
+        algorithm = "calendar_window"
+        limit = 100
+        window = "day"
+        [limits.watch]
+        algorithm = "sliding_window"
+        limit = 1
+        window = "3s"
+        mode = "soft"
+    "#;
+
+    #[test]
+    fn ietf_fields_describe_the_closest_then_the_rejecting_limit() {
+        let p = policy::parse(TWO_LIMITS, "t.toml").unwrap();
+        let e = Engine::with_clock(MemoryStore::default(), ManualClock::new(Nanos::from_secs(86_400 * 100)));
+        let r = Request { account: "a", ..Request::new(p.default_plan, p.default_operation()) };
+        let d = e.decide_now(&p, &r);
+        let h = collect(&p, &d, ResponseKind::Success, Some(7));
+        assert_eq!(h[0], ("RateLimit-Policy".into(), "\"burst\";q=2;w=3, \"daily\";q=100;w=86400".into()));
+        assert_eq!(h[1], ("RateLimit".into(), "\"burst\";r=1;t=4".into()));
+        e.decide_now(&p, &r);
+        let d = e.decide_now(&p, &r);
+        assert!(matches!(d.outcome, Outcome::Rejected { .. }));
+        let h = collect(&p, &d, ResponseKind::Rejected, None);
+        assert_eq!(h[0], ("Retry-After".into(), "4".into()));
+        assert_eq!(h[2], ("RateLimit".into(), "\"burst\";r=0;t=4".into()));
+        let body = problem_details(&p, &d);
+        assert!(body.contains("\"violated-policies\":[\"burst\"]"), "{body}");
+    }
+
+    #[test]
+    fn vendor_profile_success_only_with_reset_on_reject() {
+        let src = r#"
+            [headers]
+            profile = "vendor"
+            send_on = "success"
+            on_reject = ["reset"]
+            names = { limit = "X-V-Limit", remaining = "X-V-Available", reset = "X-V-Reset", credits = "X-V-Credits" }
+            [limits.m]
+            algorithm = "calendar_window"
+            limit = 1
+            window = "minute"
+        "#;
+        let p = policy::parse(src, "t.toml").unwrap();
+        let e = Engine::with_clock(MemoryStore::default(), ManualClock::new(Nanos::from_secs(600)));
+        let r = Request { account: "a", ..Request::new(p.default_plan, p.default_operation()) };
+        let d = e.decide_now(&p, &r);
+        let names: Vec<String> = collect(&p, &d, ResponseKind::Success, Some(20)).into_iter().map(|(n, v)| format!("{n}: {v}")).collect();
+        assert_eq!(names, ["X-V-Limit: 1", "X-V-Available: 0", "X-V-Reset: 60", "X-V-Credits: 20"]);
+        assert!(collect(&p, &d, ResponseKind::Other, Some(20)).is_empty());
+        let d = e.decide_now(&p, &r);
+        let names: Vec<String> = collect(&p, &d, ResponseKind::Rejected, Some(20)).into_iter().map(|(n, v)| format!("{n}: {v}")).collect();
+        assert_eq!(names, ["Retry-After: 60", "X-V-Reset: 60"]);
+    }
+}

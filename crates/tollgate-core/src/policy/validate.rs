@@ -134,10 +134,10 @@ impl<'a> Ctx<'a> {
                 self.invalid(&v.span(), format!("`{field}` must be longer than zero"));
                 None
             }
-            Err(e) => {
+            Err(_) => {
                 self.invalid(
                     &v.span(),
-                    format!("`{field}` = \"{}\" is not a duration ({e}); write e.g. \"500ms\", \"3s\", \"1m\", \"1h\"", v.get_ref()),
+                    format!("`{field}` = \"{}\" is not a duration; write e.g. \"500ms\", \"3s\", \"1m\", \"1h\"", v.get_ref()),
                 );
                 None
             }
@@ -567,22 +567,24 @@ impl<'a> Ctx<'a> {
                 Some(Algorithm::SlidingWindow { window: SlidingWindow::new(limit, length), length })
             }
             "calendar_window" => {
-                let limit = self.window_limit(name, l, kind)?;
+                let limit = self.window_limit(name, l, kind);
                 let unit = match &r.window {
-                    Some(w) => match self.one_of(w, "window", &["minute", "hour", "day"])? {
-                        "minute" => CalendarUnit::Minute,
-                        "hour" => CalendarUnit::Hour,
-                        _ => CalendarUnit::Day,
+                    Some(w) => match self.one_of(w, "window", &["minute", "hour", "day"]) {
+                        Some("minute") => Some(CalendarUnit::Minute),
+                        Some("hour") => Some(CalendarUnit::Hour),
+                        Some(_) => Some(CalendarUnit::Day),
+                        None => None,
                     },
                     None => {
                         need(self, "window");
-                        return None;
+                        None
                     }
                 };
                 let tz = match &r.time_zone {
-                    Some(tz) => self.time_zone(tz)?,
-                    None => default_tz.clone(),
+                    Some(tz) => self.time_zone(tz),
+                    None => Some(default_tz.clone()),
                 };
+                let (limit, unit, tz) = (limit?, unit?, tz?);
                 Some(Algorithm::CalendarWindow { limit: limit.get(), calendar: Calendar::new(unit, tz) })
             }
             _ => {

@@ -1,0 +1,3 @@
+//! Contract tests of the `tollgate` binary: they run the real executable.
+
+mod check_config;
