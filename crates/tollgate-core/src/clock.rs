@@ -78,7 +78,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock showing `start`.
     pub fn new(start: Nanos) -> ManualClock {
-        ManualClock { now: AtomicU64::new(start.0) }
+        ManualClock {
+            now: AtomicU64::new(start.0),
+        }
     }
 
     /// Moves the clock forward by `d`.

@@ -68,7 +68,13 @@ const EMPTY: LimitResult = LimitResult {
     quota: 0,
     window_secs: 0,
     cost: 0,
-    eval: Evaluation { admit: true, never: false, remaining: 0, reset: Duration::ZERO, retry_after: Duration::ZERO },
+    eval: Evaluation {
+        admit: true,
+        never: false,
+        remaining: 0,
+        reset: Duration::ZERO,
+        retry_after: Duration::ZERO,
+    },
     blocking: false,
     key: CounterKey(0),
     is_lease: false,
@@ -90,7 +96,13 @@ pub struct Decision {
 
 impl Decision {
     pub(crate) fn new(now: Nanos) -> Decision {
-        Decision { outcome: Outcome::Admitted, now, lease: None, len: 0, results: [EMPTY; MAX_LIMITS_PER_REQUEST] }
+        Decision {
+            outcome: Outcome::Admitted,
+            now,
+            lease: None,
+            len: 0,
+            results: [EMPTY; MAX_LIMITS_PER_REQUEST],
+        }
     }
 
     pub(crate) fn push(&mut self, r: LimitResult) {
@@ -123,7 +135,9 @@ impl Decision {
     /// How long to wait before retrying a rejected request (zero otherwise).
     pub fn retry_after(&self) -> Duration {
         match self.outcome {
-            Outcome::Rejected { limit } => self.result(limit).map_or(Duration::ZERO, |r| r.eval.retry_after),
+            Outcome::Rejected { limit } => self
+                .result(limit)
+                .map_or(Duration::ZERO, |r| r.eval.retry_after),
             _ => Duration::ZERO,
         }
     }
@@ -131,16 +145,23 @@ impl Decision {
     /// Soft and shadow limits this request crossed (evaluated as over the
     /// limit; they did not refuse it).
     pub fn crossings(&self) -> impl Iterator<Item = &LimitResult> {
-        self.results().iter().filter(|r| r.mode != Mode::Enforce && r.exceeded())
+        self.results()
+            .iter()
+            .filter(|r| r.mode != Mode::Enforce && r.exceeded())
     }
 
     /// The limit headers describe: the rejecting one on a rejection, otherwise
     /// the enforced limit closest to exhaustion (smallest remaining share).
     pub fn described(&self) -> Option<&LimitResult> {
         match self.outcome {
-            Outcome::Rejected { limit } | Outcome::Forwarded { limit } | Outcome::CostAboveCapacity { limit } => self.result(limit),
+            Outcome::Rejected { limit }
+            | Outcome::Forwarded { limit }
+            | Outcome::CostAboveCapacity { limit } => self.result(limit),
             _ => {
-                let enforced = self.results().iter().filter(|r| r.mode == Mode::Enforce && r.quota > 0);
+                let enforced = self
+                    .results()
+                    .iter()
+                    .filter(|r| r.mode == Mode::Enforce && r.quota > 0);
                 enforced.min_by(|a, b| {
                     // compare remaining/quota without floats: a.r·b.q vs b.r·a.q
                     let l = u128::from(a.eval.remaining) * u128::from(b.quota);
@@ -154,6 +175,9 @@ impl Decision {
     /// Counter keys of the concurrency limits holding this request's lease.
     pub fn lease_keys(&self) -> impl Iterator<Item = CounterKey> + '_ {
         let held = self.lease.is_some();
-        self.results().iter().filter(move |r| held && r.is_lease && r.eval.admit).map(|r| r.key)
+        self.results()
+            .iter()
+            .filter(move |r| held && r.is_lease && r.eval.admit)
+            .map(|r| r.key)
     }
 }

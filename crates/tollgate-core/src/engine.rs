@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{Xxh3, xxh3_128_with_seed};
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::gcra::GcraRate;
@@ -17,8 +17,8 @@ use crate::clock::{Clock, Nanos, SystemClock};
 use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{
-    AccountOverrides, Action, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride, MAX_LIMITS_PER_REQUEST, Mode, OperationId,
-    PlanId, ScopePart,
+    AccountOverrides, Action, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride,
+    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
 };
 use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
 
@@ -81,7 +81,11 @@ impl<'a> Request<'a> {
     }
 
     fn attribute(&self, id: AttributeId) -> &'a str {
-        self.attributes.get(usize::from(id)).copied().flatten().unwrap_or("")
+        self.attributes
+            .get(usize::from(id))
+            .copied()
+            .flatten()
+            .unwrap_or("")
     }
 }
 
@@ -112,7 +116,12 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let (a, b) = seed.split_at(8);
         let seed_a = u64::from_le_bytes(a.try_into().expect("8 bytes"));
         let lease_base = u64::from_le_bytes(b.try_into().expect("8 bytes")) << 32;
-        Engine { store, clock, seed: seed_a, next_lease: AtomicU64::new(lease_base) }
+        Engine {
+            store,
+            clock,
+            seed: seed_a,
+            next_lease: AtomicU64::new(lease_base),
+        }
     }
 
     /// Sets the seed of counter-key hashing (must match across replicas sharing a store).
@@ -140,7 +149,13 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let n = self.prepare(policy, req, now, &mut checks, &mut decision);
         let lease = self.lease_id(&decision);
         let mut evals = [Evaluation::default(); MAX_LIMITS_PER_REQUEST];
-        let result = if n == 0 { Ok(true) } else { self.store.decide(now, &checks[..n], lease, &mut evals).await };
+        let result = if n == 0 {
+            Ok(true)
+        } else {
+            self.store
+                .decide(now, &checks[..n], lease, &mut evals)
+                .await
+        };
         finish(policy, &mut decision, result, &evals, lease);
         decision
     }
@@ -150,18 +165,26 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// # Errors
     /// The store cannot be reached; the leases then expire by their TTL.
     pub async fn release(&self, decision: &Decision) -> Result<(), StoreError> {
-        let Some(lease) = decision.lease else { return Ok(()) };
+        let Some(lease) = decision.lease else {
+            return Ok(());
+        };
         let mut keys = [CounterKey(0); MAX_LIMITS_PER_REQUEST];
         let mut n = 0;
         for k in decision.lease_keys() {
             keys[n] = k;
             n += 1;
         }
-        self.store.release(self.clock.now(), &keys[..n], lease).await
+        self.store
+            .release(self.clock.now(), &keys[..n], lease)
+            .await
     }
 
     fn lease_id(&self, decision: &Decision) -> u64 {
-        if decision.results().iter().any(|r| r.is_lease) { self.next_lease.fetch_add(1, Ordering::Relaxed) } else { 0 }
+        if decision.results().iter().any(|r| r.is_lease) {
+            self.next_lease.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        }
     }
 
     /// Fills `checks` and the decision's results for `req`; returns how many.
@@ -176,14 +199,28 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let mut n = 0;
         for pl in policy.applicable(req.plan, req.operation) {
             let limit = &policy.limits[usize::from(pl.limit)];
-            let Some(key) = self.counter_key(&limit.name, &limit.scope, req) else { continue };
+            let Some(key) = self.counter_key(&limit.name, &limit.scope, req) else {
+                continue;
+            };
             let ov = req.overrides.and_then(|o| o.get(pl.limit));
             let (params, quota) = params(&pl.algorithm, ov, now);
-            let rolled_back = limit.rollout_after.is_some_and(|at| req.account_created_at.is_some_and(|c| c < at));
-            let mode = if limit.mode == Mode::Enforce && rolled_back { Mode::Shadow } else { limit.mode };
-            let blocking = mode == Mode::Enforce && matches!(limit.on_exceed, Action::Reject { .. });
+            let rolled_back = limit
+                .rollout_after
+                .is_some_and(|at| req.account_created_at.is_some_and(|c| c < at));
+            let mode = if limit.mode == Mode::Enforce && rolled_back {
+                Mode::Shadow
+            } else {
+                limit.mode
+            };
+            let blocking =
+                mode == Mode::Enforce && matches!(limit.on_exceed, Action::Reject { .. });
             let cost = req.cost.unwrap_or(pl.cost);
-            checks[n] = Check { key, params, cost, blocking };
+            checks[n] = Check {
+                key,
+                params,
+                cost,
+                blocking,
+            };
             decision.push(LimitResult {
                 limit: pl.limit,
                 mode,
@@ -205,21 +242,48 @@ impl<S: Store, C: Clock> Engine<S, C> {
 
     /// Hash of the limit name and each scope value, length-prefixed so that
     /// no two different scope tuples can be spelled the same way.
-    fn counter_key(&self, name: &str, scope: &[ScopePart], req: &Request<'_>) -> Option<CounterKey> {
-        let mut h = Xxh3::with_seed(self.seed);
-        h.update(&(name.len() as u32).to_le_bytes());
-        h.update(name.as_bytes());
-        for &part in scope {
-            let v = req.part(part);
-            if v.is_empty() {
+    ///
+    /// The bytes are laid out in a stack buffer and hashed in one shot: the
+    /// streaming hasher derives a seeded secret and keeps a 0.5 KB state per
+    /// call, which cost more than the rest of a one-limit decision. Keys too
+    /// long for the buffer go through the streaming hasher, which gives the
+    /// same hash for the same bytes.
+    fn counter_key(
+        &self,
+        name: &str,
+        scope: &[ScopePart],
+        req: &Request<'_>,
+    ) -> Option<CounterKey> {
+        let mut buf = [0u8; KEY_BUFFER];
+        let mut len = 0;
+        let mut fits = true;
+        for part in std::iter::once(name).chain(scope.iter().map(|&p| req.part(p))) {
+            if part.is_empty() && len > 0 {
                 return None;
             }
-            h.update(&(v.len() as u32).to_le_bytes());
-            h.update(v.as_bytes());
+            let end = len + 4 + part.len();
+            if fits && end <= KEY_BUFFER {
+                buf[len..len + 4].copy_from_slice(&(part.len() as u32).to_le_bytes());
+                buf[len + 4..end].copy_from_slice(part.as_bytes());
+            } else {
+                fits = false;
+            }
+            len = end;
+        }
+        if fits {
+            return Some(CounterKey(xxh3_128_with_seed(&buf[..len], self.seed)));
+        }
+        let mut h = Xxh3::with_seed(self.seed);
+        for part in std::iter::once(name).chain(scope.iter().map(|&p| req.part(p))) {
+            h.update(&(part.len() as u32).to_le_bytes());
+            h.update(part.as_bytes());
         }
         Some(CounterKey(h.digest128()))
     }
 }
+
+/// Bytes of a counter key laid out on the stack before hashing.
+const KEY_BUFFER: usize = 256;
 
 impl<C: Clock> Engine<MemoryStore, C> {
     /// [`Engine::decide`] without a future, for the in-memory store (which never waits).
@@ -230,7 +294,11 @@ impl<C: Clock> Engine<MemoryStore, C> {
         let n = self.prepare(policy, req, now, &mut checks, &mut decision);
         let lease = self.lease_id(&decision);
         let mut evals = [Evaluation::default(); MAX_LIMITS_PER_REQUEST];
-        let result = if n == 0 { Ok(true) } else { self.store.decide_now(now, &checks[..n], lease, &mut evals) };
+        let result = if n == 0 {
+            Ok(true)
+        } else {
+            self.store.decide_now(now, &checks[..n], lease, &mut evals)
+        };
         finish(policy, &mut decision, result, &evals, lease);
         decision
     }
@@ -249,7 +317,15 @@ impl<C: Clock> Engine<MemoryStore, C> {
     }
 }
 
-const EMPTY_CHECK: Check = Check { key: CounterKey(0), params: Params::Calendar { limit: 0, end: Nanos(0) }, cost: 0, blocking: false };
+const EMPTY_CHECK: Check = Check {
+    key: CounterKey(0),
+    params: Params::Calendar {
+        limit: 0,
+        end: Nanos(0),
+    },
+    cost: 0,
+    blocking: false,
+};
 
 /// Store numbers for an algorithm at `now`, after an account override; and the quota.
 fn params(alg: &Algorithm, ov: Option<&LimitOverride>, now: Nanos) -> (Params, u64) {
@@ -257,7 +333,10 @@ fn params(alg: &Algorithm, ov: Option<&LimitOverride>, now: Nanos) -> (Params, u
         Algorithm::TokenBucket { rate, refill, per } => {
             let rate = match ov {
                 Some(o) if o.capacity.is_some() || o.refill.is_some() => {
-                    let cap = o.capacity.or(std::num::NonZeroU64::new(rate.capacity)).expect("capacity is non-zero");
+                    let cap = o
+                        .capacity
+                        .or(std::num::NonZeroU64::new(rate.capacity))
+                        .expect("capacity is non-zero");
                     GcraRate::new(cap, o.refill.unwrap_or(*refill), *per)
                 }
                 _ => *rate,
@@ -273,7 +352,13 @@ fn params(alg: &Algorithm, ov: Option<&LimitOverride>, now: Nanos) -> (Params, u
         }
         Algorithm::CalendarWindow { limit, calendar } => {
             let limit = ov.and_then(|o| o.limit).map_or(*limit, |l| l.get());
-            (Params::Calendar { limit, end: calendar.window(now).1 }, limit)
+            (
+                Params::Calendar {
+                    limit,
+                    end: calendar.window(now).1,
+                },
+                limit,
+            )
         }
         Algorithm::Concurrency { limit, ttl } => {
             let limit = ov.and_then(|o| o.limit).map_or(*limit, |l| l.get());
@@ -283,14 +368,24 @@ fn params(alg: &Algorithm, ov: Option<&LimitOverride>, now: Nanos) -> (Params, u
 }
 
 /// Turns the store's answer into the decision's outcome.
-fn finish(policy: &CompiledPolicy, d: &mut Decision, result: Result<bool, StoreError>, evals: &[Evaluation], lease: u64) {
+fn finish(
+    policy: &CompiledPolicy,
+    d: &mut Decision,
+    result: Result<bool, StoreError>,
+    evals: &[Evaluation],
+    lease: u64,
+) {
     match result {
         Ok(admitted) => {
             for (r, e) in d.results_mut().iter_mut().zip(evals) {
                 r.eval = *e;
             }
             if admitted {
-                let forwarded = d.results().iter().find(|r| r.mode == Mode::Enforce && !r.blocking && r.exceeded()).map(|r| r.limit);
+                let forwarded = d
+                    .results()
+                    .iter()
+                    .find(|r| r.mode == Mode::Enforce && !r.blocking && r.exceeded())
+                    .map(|r| r.limit);
                 d.outcome = match forwarded {
                     Some(limit) => Outcome::Forwarded { limit },
                     None => Outcome::Admitted,
@@ -310,8 +405,15 @@ fn finish(policy: &CompiledPolicy, d: &mut Decision, result: Result<bool, StoreE
             }
         }
         Err(_) => {
-            let closed = d.results().iter().any(|r| r.mode == Mode::Enforce && policy.limits[usize::from(r.limit)].on_store_error == FailMode::Deny);
-            d.outcome = if closed { Outcome::StoreUnavailable } else { Outcome::Admitted };
+            let closed = d.results().iter().any(|r| {
+                r.mode == Mode::Enforce
+                    && policy.limits[usize::from(r.limit)].on_store_error == FailMode::Deny
+            });
+            d.outcome = if closed {
+                Outcome::StoreUnavailable
+            } else {
+                Outcome::Admitted
+            };
         }
     }
 }
@@ -326,7 +428,13 @@ mod tests {
     /// A store that is always down.
     struct DownStore;
     impl Store for DownStore {
-        async fn decide(&self, _: Nanos, _: &[Check], _: u64, _: &mut [Evaluation]) -> Result<bool, StoreError> {
+        async fn decide(
+            &self,
+            _: Nanos,
+            _: &[Check],
+            _: u64,
+            _: &mut [Evaluation],
+        ) -> Result<bool, StoreError> {
             Err(StoreError::Unavailable("down"))
         }
         async fn release(&self, _: Nanos, _: &[CounterKey], _: u64) -> Result<(), StoreError> {
@@ -335,17 +443,34 @@ mod tests {
     }
 
     fn engine() -> Engine<MemoryStore, ManualClock> {
-        Engine::with_clock(MemoryStore::default(), ManualClock::new(Nanos::from_secs(1_000_000)))
+        Engine::with_clock(
+            MemoryStore::default(),
+            ManualClock::new(Nanos::from_secs(1_000_000)),
+        )
     }
 
     #[test]
     fn store_errors_follow_each_limits_fail_mode() {
-        let open = policy::parse("[limits.a]\nalgorithm = \"concurrency\"\nlimit = 1\non_store_error = \"allow\"\n", "t").unwrap();
-        let closed = policy::parse("[limits.a]\nalgorithm = \"concurrency\"\nlimit = 1\n", "t").unwrap();
+        let open = policy::parse(
+            "[limits.a]\nalgorithm = \"concurrency\"\nlimit = 1\non_store_error = \"allow\"\n",
+            "t",
+        )
+        .unwrap();
+        let closed =
+            policy::parse("[limits.a]\nalgorithm = \"concurrency\"\nlimit = 1\n", "t").unwrap();
         let e = Engine::with_clock(DownStore, ManualClock::new(Nanos(1)));
-        let r = Request { account: "x", ..Request::new(0, open.default_operation()) };
-        assert_eq!(crate::store::conformance::block_on(e.decide(&open, &r)).outcome, Outcome::Admitted);
-        assert_eq!(crate::store::conformance::block_on(e.decide(&closed, &r)).outcome, Outcome::StoreUnavailable);
+        let r = Request {
+            account: "x",
+            ..Request::new(0, open.default_operation())
+        };
+        assert_eq!(
+            crate::store::conformance::block_on(e.decide(&open, &r)).outcome,
+            Outcome::Admitted
+        );
+        assert_eq!(
+            crate::store::conformance::block_on(e.decide(&closed, &r)).outcome,
+            Outcome::StoreUnavailable
+        );
     }
 
     #[test]
@@ -356,15 +481,29 @@ mod tests {
         )
         .unwrap();
         let e = engine();
-        let r = Request { account: "x", ..Request::new(0, p.default_operation()) };
+        let r = Request {
+            account: "x",
+            ..Request::new(0, p.default_operation())
+        };
         assert_eq!(e.decide_now(&p, &r).outcome, Outcome::Admitted);
-        assert_eq!(e.decide_now(&p, &r).outcome, Outcome::Forwarded { limit: 0 });
+        assert_eq!(
+            e.decide_now(&p, &r).outcome,
+            Outcome::Forwarded { limit: 0 }
+        );
     }
 
     #[test]
     fn cost_above_capacity_at_request_time_never_passes() {
-        let p = policy::parse("[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = 1\n", "t").unwrap();
-        let r = Request { account: "x", cost: Some(6), ..Request::new(0, p.default_operation()) };
+        let p = policy::parse(
+            "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = 1\n",
+            "t",
+        )
+        .unwrap();
+        let r = Request {
+            account: "x",
+            cost: Some(6),
+            ..Request::new(0, p.default_operation())
+        };
         let d = engine().decide_now(&p, &r);
         assert_eq!(d.outcome, Outcome::CostAboveCapacity { limit: 0 });
         assert_eq!(d.retry_after(), Duration::ZERO);
@@ -379,14 +518,29 @@ mod tests {
         .unwrap();
         let e = engine();
         let cutoff = p.limits[0].rollout_after.unwrap();
-        let old = Request { account: "old", account_created_at: Some(Nanos(cutoff.0 - 1)), ..Request::new(0, p.default_operation()) };
-        let new = Request { account: "new", account_created_at: Some(cutoff), ..Request::new(0, p.default_operation()) };
+        let old = Request {
+            account: "old",
+            account_created_at: Some(Nanos(cutoff.0 - 1)),
+            ..Request::new(0, p.default_operation())
+        };
+        let new = Request {
+            account: "new",
+            account_created_at: Some(cutoff),
+            ..Request::new(0, p.default_operation())
+        };
         for _ in 0..3 {
             assert_eq!(e.decide_now(&p, &old).outcome, Outcome::Admitted);
         }
-        assert_eq!(e.decide_now(&p, &old).crossings().count(), 1, "old accounts run it in shadow");
+        assert_eq!(
+            e.decide_now(&p, &old).crossings().count(),
+            1,
+            "old accounts run it in shadow"
+        );
         assert_eq!(e.decide_now(&p, &new).outcome, Outcome::Admitted);
-        assert!(matches!(e.decide_now(&p, &new).outcome, Outcome::Rejected { .. }));
+        assert!(matches!(
+            e.decide_now(&p, &new).outcome,
+            Outcome::Rejected { .. }
+        ));
     }
 
     #[test]
@@ -400,19 +554,31 @@ mod tests {
         let none = Request::new(0, p.default_operation());
         assert!(e.decide_now(&p, &none).results().is_empty());
         let attrs = [Some("a.jpg")];
-        let named = Request { attributes: &attrs, ..none };
+        let named = Request {
+            attributes: &attrs,
+            ..none
+        };
         assert_eq!(e.decide_now(&p, &named).outcome, Outcome::Admitted);
-        assert!(matches!(e.decide_now(&p, &named).outcome, Outcome::Rejected { .. }));
+        assert!(matches!(
+            e.decide_now(&p, &named).outcome,
+            Outcome::Rejected { .. }
+        ));
     }
 
     #[test]
     fn leases_are_released() {
         let p = policy::parse("[limits.c]\nalgorithm = \"concurrency\"\nlimit = 1\n", "t").unwrap();
         let e = engine();
-        let r = Request { account: "x", ..Request::new(0, p.default_operation()) };
+        let r = Request {
+            account: "x",
+            ..Request::new(0, p.default_operation())
+        };
         let held = e.decide_now(&p, &r);
         assert!(held.lease.is_some());
-        assert!(matches!(e.decide_now(&p, &r).outcome, Outcome::Rejected { .. }));
+        assert!(matches!(
+            e.decide_now(&p, &r).outcome,
+            Outcome::Rejected { .. }
+        ));
         e.release_now(&held);
         assert_eq!(e.decide_now(&p, &r).outcome, Outcome::Admitted);
     }

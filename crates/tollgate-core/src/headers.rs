@@ -55,7 +55,10 @@ pub struct ValueBuf {
 
 impl Default for ValueBuf {
     fn default() -> Self {
-        ValueBuf { buf: [0; 1024], len: 0 }
+        ValueBuf {
+            buf: [0; 1024],
+            len: 0,
+        }
     }
 }
 
@@ -96,7 +99,13 @@ impl ValueBuf {
 
 /// Writes the headers for `decision` answered as `kind` through `emit(name, value)`.
 /// `credits` is the caller's balance, when known.
-pub fn render(policy: &CompiledPolicy, decision: &Decision, kind: ResponseKind, credits: Option<i64>, emit: &mut impl FnMut(&str, &str)) {
+pub fn render(
+    policy: &CompiledPolicy,
+    decision: &Decision,
+    kind: ResponseKind,
+    credits: Option<i64>,
+    emit: &mut impl FnMut(&str, &str),
+) {
     let mut v = ValueBuf::default();
     let rejected = kind == ResponseKind::Rejected;
     if rejected && let Outcome::Rejected { .. } = decision.outcome {
@@ -106,7 +115,11 @@ pub fn render(policy: &CompiledPolicy, decision: &Decision, kind: ResponseKind, 
     let profile = &policy.headers;
     let wanted = |f: HeaderField| {
         let all = profile.send_on == SendOn::All || kind == ResponseKind::Success;
-        if all { profile.fields.contains(&f) } else { rejected && profile.on_reject.contains(&f) }
+        if all {
+            profile.fields.contains(&f)
+        } else {
+            rejected && profile.on_reject.contains(&f)
+        }
     };
     let described = decision.described();
     match profile.kind {
@@ -114,7 +127,11 @@ pub fn render(policy: &CompiledPolicy, decision: &Decision, kind: ResponseKind, 
         HeaderKind::Ietf => {
             if wanted(HeaderField::Limit) {
                 v.clear();
-                for r in decision.results().iter().filter(|r| r.mode == Mode::Enforce) {
+                for r in decision
+                    .results()
+                    .iter()
+                    .filter(|r| r.mode == Mode::Enforce)
+                {
                     if v.len > 0 {
                         v.push(", ");
                     }
@@ -147,7 +164,13 @@ pub fn render(policy: &CompiledPolicy, decision: &Decision, kind: ResponseKind, 
             }
         }
         HeaderKind::Classic | HeaderKind::Vendor => {
-            let fields = [HeaderField::Limit, HeaderField::Remaining, HeaderField::Reset, HeaderField::Cost, HeaderField::Credits];
+            let fields = [
+                HeaderField::Limit,
+                HeaderField::Remaining,
+                HeaderField::Reset,
+                HeaderField::Cost,
+                HeaderField::Credits,
+            ];
             for f in fields {
                 if !wanted(f) {
                     continue;
@@ -155,7 +178,11 @@ pub fn render(policy: &CompiledPolicy, decision: &Decision, kind: ResponseKind, 
                 let name = if profile.kind == HeaderKind::Classic {
                     CLASSIC.iter().find(|(g, _)| *g == f).map(|(_, n)| *n)
                 } else {
-                    profile.names.iter().find(|(g, _)| *g == f).map(|(_, n)| n.as_str())
+                    profile
+                        .names
+                        .iter()
+                        .find(|(g, _)| *g == f)
+                        .map(|(_, n)| n.as_str())
                 };
                 let Some(name) = name else { continue };
                 v.clear();
@@ -203,7 +230,9 @@ fn policy_item(v: &mut ValueBuf, policy: &CompiledPolicy, r: &LimitResult) {
 /// Body of a rejection as `application/problem+json` (RFC 9457) with the
 /// draft's `quota-exceeded` problem type and `violated-policies`.
 pub fn problem_details(policy: &CompiledPolicy, decision: &Decision) -> String {
-    let name = decision.described().map_or("", |r| policy.limits[usize::from(r.limit)].name.as_str());
+    let name = decision
+        .described()
+        .map_or("", |r| policy.limits[usize::from(r.limit)].name.as_str());
     let retry = ceil_secs(decision.retry_after()).max(1);
     let mut out = String::with_capacity(256);
     out.push_str("{\"type\":\"https://iana.org/assignments/http-problem-types#quota-exceeded\",\"title\":\"Request cannot be satisfied as assigned quota has been exceeded\",\"status\":429,\"violated-policies\":[");
@@ -232,9 +261,16 @@ mod tests {
     use super::*;
     use crate::{Engine, ManualClock, MemoryStore, Nanos, Request, policy};
 
-    fn collect(policy: &CompiledPolicy, d: &Decision, kind: ResponseKind, credits: Option<i64>) -> Vec<(String, String)> {
+    fn collect(
+        policy: &CompiledPolicy,
+        d: &Decision,
+        kind: ResponseKind,
+        credits: Option<i64>,
+    ) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        render(policy, d, kind, credits, &mut |n, v| out.push((n.to_owned(), v.to_owned())));
+        render(policy, d, kind, credits, &mut |n, v| {
+            out.push((n.to_owned(), v.to_owned()))
+        });
         out
     }
 
@@ -257,11 +293,23 @@ mod tests {
     #[test]
     fn ietf_fields_describe_the_closest_then_the_rejecting_limit() {
         let p = policy::parse(TWO_LIMITS, "t.toml").unwrap();
-        let e = Engine::with_clock(MemoryStore::default(), ManualClock::new(Nanos::from_secs(86_400 * 100)));
-        let r = Request { account: "a", ..Request::new(p.default_plan, p.default_operation()) };
+        let e = Engine::with_clock(
+            MemoryStore::default(),
+            ManualClock::new(Nanos::from_secs(86_400 * 100)),
+        );
+        let r = Request {
+            account: "a",
+            ..Request::new(p.default_plan, p.default_operation())
+        };
         let d = e.decide_now(&p, &r);
         let h = collect(&p, &d, ResponseKind::Success, Some(7));
-        assert_eq!(h[0], ("RateLimit-Policy".into(), "\"burst\";q=2;w=3, \"daily\";q=100;w=86400".into()));
+        assert_eq!(
+            h[0],
+            (
+                "RateLimit-Policy".into(),
+                "\"burst\";q=2;w=3, \"daily\";q=100;w=86400".into()
+            )
+        );
         assert_eq!(h[1], ("RateLimit".into(), "\"burst\";r=1;t=4".into()));
         e.decide_now(&p, &r);
         let d = e.decide_now(&p, &r);
@@ -287,14 +335,34 @@ mod tests {
             window = "minute"
         "#;
         let p = policy::parse(src, "t.toml").unwrap();
-        let e = Engine::with_clock(MemoryStore::default(), ManualClock::new(Nanos::from_secs(600)));
-        let r = Request { account: "a", ..Request::new(p.default_plan, p.default_operation()) };
+        let e = Engine::with_clock(
+            MemoryStore::default(),
+            ManualClock::new(Nanos::from_secs(600)),
+        );
+        let r = Request {
+            account: "a",
+            ..Request::new(p.default_plan, p.default_operation())
+        };
         let d = e.decide_now(&p, &r);
-        let names: Vec<String> = collect(&p, &d, ResponseKind::Success, Some(20)).into_iter().map(|(n, v)| format!("{n}: {v}")).collect();
-        assert_eq!(names, ["X-V-Limit: 1", "X-V-Available: 0", "X-V-Reset: 60", "X-V-Credits: 20"]);
+        let names: Vec<String> = collect(&p, &d, ResponseKind::Success, Some(20))
+            .into_iter()
+            .map(|(n, v)| format!("{n}: {v}"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "X-V-Limit: 1",
+                "X-V-Available: 0",
+                "X-V-Reset: 60",
+                "X-V-Credits: 20"
+            ]
+        );
         assert!(collect(&p, &d, ResponseKind::Other, Some(20)).is_empty());
         let d = e.decide_now(&p, &r);
-        let names: Vec<String> = collect(&p, &d, ResponseKind::Rejected, Some(20)).into_iter().map(|(n, v)| format!("{n}: {v}")).collect();
+        let names: Vec<String> = collect(&p, &d, ResponseKind::Rejected, Some(20))
+            .into_iter()
+            .map(|(n, v)| format!("{n}: {v}"))
+            .collect();
         assert_eq!(names, ["Retry-After: 60", "X-V-Reset: 60"]);
     }
 }

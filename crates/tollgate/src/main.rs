@@ -36,17 +36,21 @@ fn main() -> ExitCode {
     }
 }
 
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 fn check_config(file: &std::path::Path, quiet: bool) -> ExitCode {
     match tollgate_core::policy::load(file) {
         Ok(policy) => {
             if !quiet {
                 println!(
-                    "{}: ok (policy `{}`: {} plans, {} operations, {} limits)",
+                    "{}: ok (policy `{}`: {}, {}, {})",
                     file.display(),
                     policy.name,
-                    policy.plans.len(),
-                    policy.operations.len() - 1,
-                    policy.limits.len()
+                    count(policy.plans.len(), "plan"),
+                    count(policy.operations.len() - 1, "operation"),
+                    count(policy.limits.len(), "limit")
                 );
             }
             ExitCode::SUCCESS
@@ -56,7 +60,11 @@ fn check_config(file: &std::path::Path, quiet: bool) -> ExitCode {
                 eprintln!("{e}");
             }
             let n = errors.0.len();
-            eprintln!("{}: {n} problem{} found", file.display(), if n == 1 { "" } else { "s" });
+            eprintln!(
+                "{}: {n} problem{} found",
+                file.display(),
+                if n == 1 { "" } else { "s" }
+            );
             ExitCode::FAILURE
         }
     }

@@ -59,7 +59,11 @@ impl Calendar {
     /// A calendar in `time_zone`.
     pub fn new(unit: CalendarUnit, time_zone: TimeZone) -> Calendar {
         let is_utc = time_zone == TimeZone::UTC;
-        Calendar { unit, time_zone, is_utc }
+        Calendar {
+            unit,
+            time_zone,
+            is_utc,
+        }
     }
 
     /// The window `[start, end)` containing `now`.
@@ -87,15 +91,28 @@ impl Calendar {
                 (start, end)
             }
             CalendarUnit::Hour | CalendarUnit::Minute => {
-                let unit = if self.unit == CalendarUnit::Hour { Unit::Hour } else { Unit::Minute };
-                let start = zoned.round(ZonedRound::new().smallest(unit).mode(RoundMode::Trunc)).ok()?;
-                let step = if self.unit == CalendarUnit::Hour { 1.hour() } else { 1.minute() };
+                let unit = if self.unit == CalendarUnit::Hour {
+                    Unit::Hour
+                } else {
+                    Unit::Minute
+                };
+                let start = zoned
+                    .round(ZonedRound::new().smallest(unit).mode(RoundMode::Trunc))
+                    .ok()?;
+                let step = if self.unit == CalendarUnit::Hour {
+                    1.hour()
+                } else {
+                    1.minute()
+                };
                 let end = start.checked_add(step).ok()?;
                 (start, end)
             }
         };
         let to_nanos = |t: Timestamp| u64::try_from(t.as_nanosecond()).ok();
-        Some((Nanos(to_nanos(start.timestamp())?), Nanos(to_nanos(end.timestamp())?)))
+        Some((
+            Nanos(to_nanos(start.timestamp())?),
+            Nanos(to_nanos(end.timestamp())?),
+        ))
     }
 }
 
@@ -129,11 +146,26 @@ pub fn evaluate(
         return (Evaluation::never(left, reset), state);
     }
     if cost <= left {
-        let next = CalendarState { end: state.end, count: state.count + cost };
-        let eval = Evaluation { admit: true, never: false, remaining: left - cost, reset, retry_after: Duration::ZERO };
+        let next = CalendarState {
+            end: state.end,
+            count: state.count + cost,
+        };
+        let eval = Evaluation {
+            admit: true,
+            never: false,
+            remaining: left - cost,
+            reset,
+            retry_after: Duration::ZERO,
+        };
         return (eval, next);
     }
-    let eval = Evaluation { admit: false, never: false, remaining: left, reset, retry_after: reset };
+    let eval = Evaluation {
+        admit: false,
+        never: false,
+        remaining: left,
+        reset,
+        retry_after: reset,
+    };
     (eval, state)
 }
 

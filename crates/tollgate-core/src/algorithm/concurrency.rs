@@ -35,7 +35,11 @@ pub struct LeaseSet {
 impl LeaseSet {
     /// Slots held by leases still live at `now`.
     pub fn in_use(&self, now: Nanos) -> u64 {
-        self.leases.iter().filter(|l| l.expires > now).map(|l| l.cost).sum()
+        self.leases
+            .iter()
+            .filter(|l| l.expires > now)
+            .map(|l| l.cost)
+            .sum()
     }
 
     /// Drops the lease `id`; returns whether it was held.
@@ -54,21 +58,53 @@ pub fn evaluate(set: &LeaseSet, now: Nanos, cost: u64, limit: u64) -> Evaluation
         return Evaluation::never(left, Duration::ZERO);
     }
     if cost <= left {
-        return Evaluation { admit: true, never: false, remaining: left - cost, reset: Duration::ZERO, retry_after: Duration::ZERO };
+        return Evaluation {
+            admit: true,
+            never: false,
+            remaining: left - cost,
+            reset: Duration::ZERO,
+            retry_after: Duration::ZERO,
+        };
     }
-    let earliest = set.leases.iter().filter(|l| l.expires > now).map(|l| l.expires).min().unwrap_or(now);
-    let retry_after = earliest.since(now).min(RETRY_HINT).max(Duration::from_nanos(1));
-    Evaluation { admit: false, never: false, remaining: left, reset: Duration::ZERO, retry_after }
+    let earliest = set
+        .leases
+        .iter()
+        .filter(|l| l.expires > now)
+        .map(|l| l.expires)
+        .min()
+        .unwrap_or(now);
+    let retry_after = earliest
+        .since(now)
+        .min(RETRY_HINT)
+        .max(Duration::from_nanos(1));
+    Evaluation {
+        admit: false,
+        never: false,
+        remaining: left,
+        reset: Duration::ZERO,
+        retry_after,
+    }
 }
 
 /// Tries to acquire a lease of `cost` slots with id `id` for `ttl` against
 /// `limit` slots, adding it to `set` only when admitted (expired leases are
 /// pruned either way).
-pub fn acquire(set: &mut LeaseSet, now: Nanos, cost: u64, limit: u64, ttl: Duration, id: u64) -> Evaluation {
+pub fn acquire(
+    set: &mut LeaseSet,
+    now: Nanos,
+    cost: u64,
+    limit: u64,
+    ttl: Duration,
+    id: u64,
+) -> Evaluation {
     set.leases.retain(|l| l.expires > now);
     let eval = evaluate(set, now, cost, limit);
     if eval.admit && cost > 0 {
-        set.leases.push(Lease { id, expires: now.plus(ttl), cost });
+        set.leases.push(Lease {
+            id,
+            expires: now.plus(ttl),
+            cost,
+        });
     }
     eval
 }

@@ -29,7 +29,10 @@ impl GcraRate {
     pub fn new(capacity: NonZeroU64, refill: NonZeroU64, per: Duration) -> GcraRate {
         let per = u128::from(duration_nanos(per).max(1));
         let interval = per.div_ceil(u128::from(refill.get()));
-        GcraRate { capacity: capacity.get(), interval: u64::try_from(interval).unwrap_or(u64::MAX) }
+        GcraRate {
+            capacity: capacity.get(),
+            interval: u64::try_from(interval).unwrap_or(u64::MAX),
+        }
     }
 
     /// The burst tolerance `B·I` in nanoseconds.

@@ -39,6 +39,12 @@ pub struct Evaluation {
 impl Evaluation {
     /// The evaluation of a cost that exceeds the capacity `limit`.
     pub fn never(remaining: u64, reset: Duration) -> Evaluation {
-        Evaluation { admit: false, never: true, remaining, reset, retry_after: Duration::ZERO }
+        Evaluation {
+            admit: false,
+            never: true,
+            remaining,
+            reset,
+            retry_after: Duration::ZERO,
+        }
     }
 }

@@ -39,7 +39,10 @@ impl SlidingWindow {
     /// (policy validation enforces it) and `window` must be non-zero.
     pub fn new(limit: u32, window: Duration) -> SlidingWindow {
         let t = duration_nanos(window).max(1);
-        SlidingWindow { limit: u64::from(limit), width: t.div_ceil(SLOTS_U64 - 1) }
+        SlidingWindow {
+            limit: u64::from(limit),
+            width: t.div_ceil(SLOTS_U64 - 1),
+        }
     }
 }
 
@@ -78,7 +81,9 @@ impl SlidingState {
 
     /// Index of the newest non-empty bucket.
     fn newest_used(&self) -> Option<u64> {
-        (0..SLOTS_U64).map(|back| self.head - back.min(self.head)).find(|&i| self.counts[slot(i)] > 0)
+        (0..SLOTS_U64)
+            .map(|back| self.head - back.min(self.head))
+            .find(|&i| self.counts[slot(i)] > 0)
     }
 }
 
@@ -96,7 +101,10 @@ pub fn evaluate(
     let cur = now.0 / window.width;
     let state = match state {
         Some(s) => s.rotated(cur),
-        None => SlidingState { head: cur, counts: [0; SLOTS] },
+        None => SlidingState {
+            head: cur,
+            counts: [0; SLOTS],
+        },
     };
     let used = state.sum();
     let reset = |s: &SlidingState| match s.newest_used() {
@@ -104,7 +112,10 @@ pub fn evaluate(
         None => Duration::ZERO,
     };
     if cost > window.limit {
-        return (Evaluation::never(window.limit.saturating_sub(used), reset(&state)), state);
+        return (
+            Evaluation::never(window.limit.saturating_sub(used), reset(&state)),
+            state,
+        );
     }
     if used + cost <= window.limit {
         let mut next = state;
@@ -190,10 +201,17 @@ mod tests {
             }
         }
         for (i, &t) in admitted.iter().enumerate() {
-            let in_window = admitted[i..].iter().take_while(|&&u| u < t + 1_000_000_000).count();
+            let in_window = admitted[i..]
+                .iter()
+                .take_while(|&&u| u < t + 1_000_000_000)
+                .count();
             assert!(in_window <= 10);
         }
-        assert!(admitted.len() > 600, "rate close to 10/s over 70 s: {}", admitted.len());
+        assert!(
+            admitted.len() > 600,
+            "rate close to 10/s over 70 s: {}",
+            admitted.len()
+        );
     }
 
     #[test]

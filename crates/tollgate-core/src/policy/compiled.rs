@@ -73,22 +73,34 @@ impl CompiledPolicy {
 
     /// A plan by name.
     pub fn plan(&self, name: &str) -> Option<PlanId> {
-        self.plans.iter().position(|p| p.name == name).map(|i| i as PlanId)
+        self.plans
+            .iter()
+            .position(|p| p.name == name)
+            .map(|i| i as PlanId)
     }
 
     /// A limit by name.
     pub fn limit(&self, name: &str) -> Option<LimitId> {
-        self.limits.iter().position(|l| l.name == name).map(|i| i as LimitId)
+        self.limits
+            .iter()
+            .position(|l| l.name == name)
+            .map(|i| i as LimitId)
     }
 
     /// An operation by name.
     pub fn operation(&self, name: &str) -> Option<OperationId> {
-        self.operations.iter().position(|o| o.name == name).map(|i| i as OperationId)
+        self.operations
+            .iter()
+            .position(|o| o.name == name)
+            .map(|i| i as OperationId)
     }
 
     /// An attribute by name.
     pub fn attribute(&self, name: &str) -> Option<AttributeId> {
-        self.attributes.iter().position(|a| a.name == name).map(|i| i as AttributeId)
+        self.attributes
+            .iter()
+            .position(|a| a.name == name)
+            .map(|i| i as AttributeId)
     }
 
     /// The limits that apply to `operation` under `plan`, with their costs.
@@ -167,7 +179,9 @@ impl Algorithm {
         match self {
             Algorithm::TokenBucket { rate, .. } => rate.capacity,
             Algorithm::SlidingWindow { window, .. } => window.limit,
-            Algorithm::CalendarWindow { limit, .. } | Algorithm::Concurrency { limit, .. } => *limit,
+            Algorithm::CalendarWindow { limit, .. } | Algorithm::Concurrency { limit, .. } => {
+                *limit
+            }
         }
     }
 
@@ -175,9 +189,9 @@ impl Algorithm {
     /// time to refill completely, the window length, the calendar unit.
     pub fn window_secs(&self) -> u64 {
         match self {
-            Algorithm::TokenBucket { rate, .. } => {
-                crate::clock::ceil_secs(Duration::from_nanos(rate.capacity.saturating_mul(rate.interval)))
-            }
+            Algorithm::TokenBucket { rate, .. } => crate::clock::ceil_secs(Duration::from_nanos(
+                rate.capacity.saturating_mul(rate.interval),
+            )),
             Algorithm::SlidingWindow { length, .. } => crate::clock::ceil_secs(*length),
             Algorithm::CalendarWindow { calendar, .. } => match calendar.unit {
                 crate::algorithm::calendar_window::CalendarUnit::Minute => 60,
@@ -193,13 +207,17 @@ impl Algorithm {
         let mut a = self.clone();
         match &mut a {
             Algorithm::TokenBucket { rate, refill, per } => {
-                let capacity = o.capacity.or(NonZeroU64::new(rate.capacity)).expect("validated capacity is non-zero");
+                let capacity = o
+                    .capacity
+                    .or(NonZeroU64::new(rate.capacity))
+                    .expect("validated capacity is non-zero");
                 *refill = o.refill.unwrap_or(*refill);
                 *rate = GcraRate::new(capacity, *refill, *per);
             }
             Algorithm::SlidingWindow { window, length } => {
                 if let Some(l) = o.limit {
-                    *window = SlidingWindow::new(u32::try_from(l.get()).unwrap_or(u32::MAX), *length);
+                    *window =
+                        SlidingWindow::new(u32::try_from(l.get()).unwrap_or(u32::MAX), *length);
                 }
             }
             Algorithm::CalendarWindow { limit, .. } | Algorithm::Concurrency { limit, .. } => {

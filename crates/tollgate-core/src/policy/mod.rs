@@ -25,7 +25,12 @@ use crate::error::{PolicyError, PolicyErrors};
 /// The file cannot be read, or every problem found in it.
 pub fn load(path: &Path) -> Result<CompiledPolicy, PolicyErrors> {
     let file = path.display().to_string();
-    let src = std::fs::read_to_string(path).map_err(|source| PolicyErrors(vec![PolicyError::Read { file: file.clone(), source }]))?;
+    let src = std::fs::read_to_string(path).map_err(|source| {
+        PolicyErrors(vec![PolicyError::Read {
+            file: file.clone(),
+            source,
+        }])
+    })?;
     parse(&src, &file)
 }
 
@@ -41,30 +46,55 @@ impl AccountOverrides {
     ///
     /// # Errors
     /// A plain-language message naming the first unknown limit or bad number.
-    pub fn parse(policy: &CompiledPolicy, raw: &BTreeMap<String, OverrideValues>) -> Result<AccountOverrides, String> {
+    pub fn parse(
+        policy: &CompiledPolicy,
+        raw: &BTreeMap<String, OverrideValues>,
+    ) -> Result<AccountOverrides, String> {
         let mut entries = Vec::new();
         for (name, v) in raw {
-            let id = policy.limit(name).ok_or_else(|| format!("unknown limit `{name}`"))?;
-            let is_bucket = matches!(policy.limits[usize::from(id)].algorithm, Algorithm::TokenBucket { .. });
+            let id = policy
+                .limit(name)
+                .ok_or_else(|| format!("unknown limit `{name}`"))?;
+            let is_bucket = matches!(
+                policy.limits[usize::from(id)].algorithm,
+                Algorithm::TokenBucket { .. }
+            );
             if is_bucket && v.limit.is_some() {
-                return Err(format!("limit `{name}` is a token bucket: override `capacity` and `refill`, not `limit`"));
+                return Err(format!(
+                    "limit `{name}` is a token bucket: override `capacity` and `refill`, not `limit`"
+                ));
             }
             if !is_bucket && (v.capacity.is_some() || v.refill.is_some()) {
-                return Err(format!("limit `{name}` takes `limit`, not `capacity` or `refill`"));
+                return Err(format!(
+                    "limit `{name}` takes `limit`, not `capacity` or `refill`"
+                ));
             }
             let nz = |x: Option<u64>, what: &str| match x {
                 None => Ok(None),
                 Some(n) if (1..=1 << 40).contains(&n) => Ok(std::num::NonZeroU64::new(n)),
-                Some(n) => Err(format!("`{what}` of `{name}` must be between 1 and {}, not {n}", 1u64 << 40)),
+                Some(n) => Err(format!(
+                    "`{what}` of `{name}` must be between 1 and {}, not {n}",
+                    1u64 << 40
+                )),
             };
-            entries.push((id, LimitOverride { limit: nz(v.limit, "limit")?, capacity: nz(v.capacity, "capacity")?, refill: nz(v.refill, "refill")? }));
+            entries.push((
+                id,
+                LimitOverride {
+                    limit: nz(v.limit, "limit")?,
+                    capacity: nz(v.capacity, "capacity")?,
+                    refill: nz(v.refill, "refill")?,
+                },
+            ));
         }
         Ok(AccountOverrides { entries })
     }
 
     /// The override for `limit`, if any.
     pub fn get(&self, limit: LimitId) -> Option<&LimitOverride> {
-        self.entries.iter().find(|(id, _)| *id == limit).map(|(_, o)| o)
+        self.entries
+            .iter()
+            .find(|(id, _)| *id == limit)
+            .map(|(_, o)| o)
     }
 
     /// Whether there is no override.

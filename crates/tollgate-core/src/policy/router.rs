@@ -74,7 +74,9 @@ pub(crate) fn parse_pattern(pattern: &str) -> Result<Vec<Segment>, String> {
         } else if part.starts_with('{') && part.ends_with('}') && part.len() > 2 {
             Segment::Param
         } else if part.is_empty() {
-            return Err(format!("path pattern `{pattern}` has an empty segment (`//`)"));
+            return Err(format!(
+                "path pattern `{pattern}` has an empty segment (`//`)"
+            ));
         } else if part.contains(['*', '{', '}', '?', '#']) {
             return Err(format!(
                 "segment `{part}` of `{pattern}` mixes text with `*`, `{{}}`, `?` or `#`; use a whole segment `*` or `{{name}}`"
@@ -89,7 +91,10 @@ pub(crate) fn parse_pattern(pattern: &str) -> Result<Vec<Segment>, String> {
 
 impl Route {
     fn ranks(&self) -> impl Iterator<Item = u8> + '_ {
-        self.segments.iter().map(Segment::rank).chain(std::iter::once(END))
+        self.segments
+            .iter()
+            .map(Segment::rank)
+            .chain(std::iter::once(END))
     }
 
     /// Precedence: `Less` means `self` is tried first.
@@ -144,7 +149,10 @@ impl Router {
     }
 
     pub fn find(&self, method: &str, path: &str) -> Option<OperationId> {
-        self.routes.iter().find(|r| r.matches(method, path)).map(|r| r.operation)
+        self.routes
+            .iter()
+            .find(|r| r.matches(method, path))
+            .map(|r| r.operation)
     }
 }
 
@@ -198,8 +206,16 @@ mod tests {
 
     #[test]
     fn bad_patterns_explained() {
-        assert!(parse_pattern("a/b").unwrap_err().contains("must start with"));
-        assert!(parse_pattern("/a/*/b").unwrap_err().contains("last segment"));
+        assert!(
+            parse_pattern("a/b")
+                .unwrap_err()
+                .contains("must start with")
+        );
+        assert!(
+            parse_pattern("/a/*/b")
+                .unwrap_err()
+                .contains("last segment")
+        );
         assert!(parse_pattern("/a/x*").unwrap_err().contains("mixes"));
     }
 }

@@ -38,14 +38,18 @@ pub fn parse(src: &str, file: &str) -> Result<CompiledPolicy, PolicyErrors> {
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
             let message = syntax_message(e.message());
-            return Err(PolicyErrors(vec![PolicyError::Syntax { at: ctx.loc(&span), message }]));
+            return Err(PolicyErrors(vec![PolicyError::Syntax {
+                at: ctx.loc(&span),
+                message,
+            }]));
         }
     };
     let compiled = ctx.compile(&raw);
     if ctx.errors.is_empty() {
         Ok(compiled.expect("no errors means a policy"))
     } else {
-        ctx.errors.sort_by_key(|e| location_of(e).map(|l| (l.line, l.column)));
+        ctx.errors
+            .sort_by_key(|e| location_of(e).map(|l| (l.line, l.column)));
         Err(PolicyErrors(ctx.errors))
     }
 }
@@ -79,7 +83,11 @@ struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     fn new(src: &'a str, file: &'a str) -> Ctx<'a> {
-        Ctx { file, src, errors: Vec::new() }
+        Ctx {
+            file,
+            src,
+            errors: Vec::new(),
+        }
     }
 
     fn loc(&self, span: &Range<usize>) -> Location {
@@ -88,7 +96,11 @@ impl<'a> Ctx<'a> {
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let column = self.src[line_start..start].chars().count() + 1;
-        Location { file: self.file.to_owned(), line, column }
+        Location {
+            file: self.file.to_owned(),
+            line,
+            column,
+        }
     }
 
     fn invalid(&mut self, span: &Range<usize>, message: String) {
@@ -98,20 +110,42 @@ impl<'a> Ctx<'a> {
 
     fn unknown(&mut self, span: &Range<usize>, kind: &'static str, name: &str, known: Vec<&str>) {
         let at = self.loc(span);
-        let known = if known.is_empty() { "(none)".to_owned() } else { known.join(", ") };
-        self.errors.push(PolicyError::UnknownReference { at, kind, name: name.to_owned(), known });
+        let known = if known.is_empty() {
+            "(none)".to_owned()
+        } else {
+            known.join(", ")
+        };
+        self.errors.push(PolicyError::UnknownReference {
+            at,
+            kind,
+            name: name.to_owned(),
+            known,
+        });
     }
 
     /// A positive number no larger than [`MAX_NUMBER`].
-    fn positive(&mut self, v: &Spanned<i64>, field: &'static str, fix: &'static str) -> Option<NonZeroU64> {
+    fn positive(
+        &mut self,
+        v: &Spanned<i64>,
+        field: &'static str,
+        fix: &'static str,
+    ) -> Option<NonZeroU64> {
         let n = *v.get_ref();
         if n <= 0 {
             let at = self.loc(&v.span());
-            self.errors.push(PolicyError::NotPositive { at, field, value: n, fix });
+            self.errors.push(PolicyError::NotPositive {
+                at,
+                field,
+                value: n,
+                fix,
+            });
             return None;
         }
         if n > MAX_NUMBER {
-            self.invalid(&v.span(), format!("`{field}` = {n} is larger than the maximum {MAX_NUMBER}"));
+            self.invalid(
+                &v.span(),
+                format!("`{field}` = {n} is larger than the maximum {MAX_NUMBER}"),
+            );
             return None;
         }
         NonZeroU64::new(n as u64)
@@ -121,7 +155,10 @@ impl<'a> Ctx<'a> {
     fn non_negative(&mut self, v: &Spanned<i64>, field: &str) -> Option<u64> {
         let n = *v.get_ref();
         if !(0..=MAX_NUMBER).contains(&n) {
-            self.invalid(&v.span(), format!("`{field}` must be between 0 and {MAX_NUMBER}, not {n}"));
+            self.invalid(
+                &v.span(),
+                format!("`{field}` must be between 0 and {MAX_NUMBER}, not {n}"),
+            );
             return None;
         }
         Some(n as u64)
@@ -144,12 +181,20 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn one_of<'v>(&mut self, v: &'v Spanned<String>, field: &str, allowed: &[&str]) -> Option<&'v str> {
+    fn one_of<'v>(
+        &mut self,
+        v: &'v Spanned<String>,
+        field: &str,
+        allowed: &[&str],
+    ) -> Option<&'v str> {
         let s = v.get_ref().as_str();
         if allowed.contains(&s) {
             Some(s)
         } else {
-            self.invalid(&v.span(), format!("`{field}` = \"{s}\" is not one of: {}", quoted(allowed)));
+            self.invalid(
+                &v.span(),
+                format!("`{field}` = \"{s}\" is not one of: {}", quoted(allowed)),
+            );
             None
         }
     }
@@ -169,11 +214,16 @@ impl<'a> Ctx<'a> {
 
     fn header_name(&mut self, v: &Spanned<String>, field: &str) -> Option<String> {
         let s = v.get_ref();
-        let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let ok = !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if ok {
             Some(s.clone())
         } else {
-            self.invalid(&v.span(), format!("`{field}` = \"{s}\" is not a valid HTTP header name"));
+            self.invalid(
+                &v.span(),
+                format!("`{field}` = \"{s}\" is not a valid HTTP header name"),
+            );
             None
         }
     }
@@ -183,7 +233,10 @@ impl<'a> Ctx<'a> {
         if (400..=599).contains(&n) {
             Some(n as u16)
         } else {
-            self.invalid(&v.span(), format!("`{field}` must be an error status between 400 and 599, not {n}"));
+            self.invalid(
+                &v.span(),
+                format!("`{field}` must be an error status between 400 and 599, not {n}"),
+            );
             None
         }
     }
@@ -191,9 +244,14 @@ impl<'a> Ctx<'a> {
     fn compile(&mut self, raw: &RawPolicy) -> Option<CompiledPolicy> {
         let meta_default = RawMeta::default();
         let meta = raw.policy.as_ref().map_or(&meta_default, |m| m.get_ref());
-        let name = meta.name.as_ref().map_or_else(|| "policy".to_owned(), |n| n.get_ref().clone());
+        let name = meta
+            .name
+            .as_ref()
+            .map_or_else(|| "policy".to_owned(), |n| n.get_ref().clone());
         let key_header = match &meta.key_header {
-            Some(h) => self.header_name(h, "key_header").map(|h| h.to_ascii_lowercase()),
+            Some(h) => self
+                .header_name(h, "key_header")
+                .map(|h| h.to_ascii_lowercase()),
             None => Some("x-api-key".to_owned()),
         };
         let unmatched = match &meta.unmatched {
@@ -222,7 +280,10 @@ impl<'a> Ctx<'a> {
         if !self.errors.is_empty() {
             return None;
         }
-        let limits: Vec<Limit> = limits.into_iter().map(|(l, _)| l.expect("no errors")).collect();
+        let limits: Vec<Limit> = limits
+            .into_iter()
+            .map(|(l, _)| l.expect("no errors"))
+            .collect();
         let plans = plans.into_iter().map(|p| p.plan).collect();
         Some(CompiledPolicy {
             name,
@@ -244,7 +305,12 @@ impl<'a> Ctx<'a> {
         let mut out = Vec::new();
         for (name, source) in &raw.attributes {
             if BUILTIN_SCOPES.contains(&name.as_str()) {
-                self.invalid(&source.span(), format!("attribute `{name}` has the name of a built-in scope; choose another name"));
+                self.invalid(
+                    &source.span(),
+                    format!(
+                        "attribute `{name}` has the name of a built-in scope; choose another name"
+                    ),
+                );
                 continue;
             }
             let src = self.attribute_source(source);
@@ -256,7 +322,9 @@ impl<'a> Ctx<'a> {
     fn attribute_source(&mut self, v: &Spanned<String>) -> Option<AttributeSource> {
         let s = v.get_ref();
         let parsed = match s.split_once(':') {
-            Some(("header", h)) if !h.is_empty() => Some(AttributeSource::Header(h.to_ascii_lowercase())),
+            Some(("header", h)) if !h.is_empty() => {
+                Some(AttributeSource::Header(h.to_ascii_lowercase()))
+            }
             Some(("query", q)) if !q.is_empty() => Some(AttributeSource::Query(q.to_owned())),
             Some(("json", f)) if !f.is_empty() => Some(AttributeSource::Json(f.to_owned())),
             Some(("multipart", "filename")) => Some(AttributeSource::MultipartFilename),
@@ -306,39 +374,59 @@ impl<'a> Ctx<'a> {
                 };
                 let patterns: Vec<&Spanned<String>> = match (&o.path, &o.paths) {
                     (Some(_), Some(_)) => {
-                        self.invalid(&op.span(), format!("operation `{name}` has both `path` and `paths`; keep one"));
+                        self.invalid(
+                            &op.span(),
+                            format!("operation `{name}` has both `path` and `paths`; keep one"),
+                        );
                         Vec::new()
                     }
                     (Some(p), None) => vec![p],
                     (None, Some(ps)) => ps.iter().collect(),
                     (None, None) => {
-                        self.invalid(&op.span(), format!("operation `{name}` needs a `path` (e.g. path = \"/v1/segment\")"));
+                        self.invalid(
+                            &op.span(),
+                            format!(
+                                "operation `{name}` needs a `path` (e.g. path = \"/v1/segment\")"
+                            ),
+                        );
                         Vec::new()
                     }
                 };
                 for p in patterns {
                     match parse_pattern(p.get_ref()) {
                         Ok(segments) => {
-                            routes.push(Route { method: method.clone(), segments, operation: id, pattern: p.get_ref().clone() });
+                            routes.push(Route {
+                                method: method.clone(),
+                                segments,
+                                operation: id,
+                                pattern: p.get_ref().clone(),
+                            });
                             spans.push(p.span());
                         }
                         Err(msg) => self.invalid(&p.span(), msg),
                     }
                 }
             }
-            let credits = o.credits.as_ref().and_then(|c| self.non_negative(c, "credits")).unwrap_or(0);
+            let credits = o
+                .credits
+                .as_ref()
+                .and_then(|c| self.non_negative(c, "credits"))
+                .unwrap_or(0);
             if let Some(c) = &o.cost {
                 self.non_negative(c, "cost");
             }
             for c in o.costs.values() {
                 self.non_negative(c, "costs");
             }
-            let respond = o.respond.as_ref().and_then(|r| match self.one_of(r, "respond", &["balance", "account"]) {
-                Some("balance") => Some(Respond::Balance),
-                Some(_) => Some(Respond::Account),
-                None => None,
+            let respond = o.respond.as_ref().and_then(|r| {
+                match self.one_of(r, "respond", &["balance", "account"]) {
+                    Some("balance") => Some(Respond::Balance),
+                    Some(_) => Some(Respond::Account),
+                    None => None,
+                }
             });
-            let mut sources: Vec<Option<AttributeSource>> = attributes.iter().map(|(_, s)| s.clone()).collect();
+            let mut sources: Vec<Option<AttributeSource>> =
+                attributes.iter().map(|(_, s)| s.clone()).collect();
             for (attr, src) in &o.attributes {
                 match attributes.iter().position(|(a, _)| &a.name == attr) {
                     Some(i) => sources[i] = self.attribute_source(src),
@@ -386,7 +474,11 @@ impl<'a> Ctx<'a> {
         let max_body = r.max_body.as_ref().and_then(|v| self.size(v, "max_body"));
         let mut formats = Vec::new();
         for f in r.formats.iter().flatten() {
-            match self.one_of(f, "formats", &["png", "jpeg", "jpg", "webp", "heic", "heif"]) {
+            match self.one_of(
+                f,
+                "formats",
+                &["png", "jpeg", "jpg", "webp", "heic", "heif"],
+            ) {
                 Some("png") => formats.push(ImageFormat::Png),
                 Some("jpeg" | "jpg") => formats.push(ImageFormat::Jpeg),
                 Some("webp") => formats.push(ImageFormat::Webp),
@@ -397,11 +489,26 @@ impl<'a> Ctx<'a> {
         let max_pixels = r
             .max_pixels
             .as_ref()
-            .and_then(|m| self.positive(m, "max_pixels", "write the largest side in pixels, e.g. 6000"))
+            .and_then(|m| {
+                self.positive(
+                    m,
+                    "max_pixels",
+                    "write the largest side in pixels, e.g. 6000",
+                )
+            })
             .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX));
-        let forward_oversize =
-            r.oversize.as_ref().and_then(|o| self.one_of(o, "oversize", &["reject", "forward"])) == Some("forward");
-        PayloadRules { max_body, formats, max_pixels, forward_oversize, single_file: r.single_file.unwrap_or(true) }
+        let forward_oversize = r
+            .oversize
+            .as_ref()
+            .and_then(|o| self.one_of(o, "oversize", &["reject", "forward"]))
+            == Some("forward");
+        PayloadRules {
+            max_body,
+            formats,
+            max_pixels,
+            forward_oversize,
+            single_file: r.single_file.unwrap_or(true),
+        }
     }
 
     /// A byte size: an integer, or a string with a unit (B, KB, MB, GB, KiB, MiB, GiB).
@@ -412,7 +519,10 @@ impl<'a> Ctx<'a> {
             _ => None,
         };
         if parsed.is_none() {
-            self.invalid(&v.span(), format!("`{field}` must be a positive size such as 1048576, \"50MB\" or \"30MiB\""));
+            self.invalid(
+                &v.span(),
+                format!("`{field}` must be a positive size such as 1048576, \"50MB\" or \"30MiB\""),
+            );
         }
         parsed
     }
@@ -445,19 +555,33 @@ impl<'a> Ctx<'a> {
                 }
                 set
             });
-            let mode = match r.mode.as_ref().and_then(|m| self.one_of(m, "mode", &["enforce", "soft", "shadow"])) {
+            let mode = match r
+                .mode
+                .as_ref()
+                .and_then(|m| self.one_of(m, "mode", &["enforce", "soft", "shadow"]))
+            {
                 Some("soft") => Mode::Soft,
                 Some("shadow") => Mode::Shadow,
                 _ => Mode::Enforce,
             };
-            let on_store_error = match r.on_store_error.as_ref().and_then(|m| self.one_of(m, "on_store_error", &["allow", "deny"])) {
+            let on_store_error = match r
+                .on_store_error
+                .as_ref()
+                .and_then(|m| self.one_of(m, "on_store_error", &["allow", "deny"]))
+            {
                 Some("allow") => FailMode::Allow,
                 _ => FailMode::Deny,
             };
-            let rollout_after = r.rollout_after.as_ref().and_then(|v| self.timestamp(v, "rollout_after"));
+            let rollout_after = r
+                .rollout_after
+                .as_ref()
+                .and_then(|v| self.timestamp(v, "rollout_after"));
             let on_exceed = match &r.on_exceed {
                 Some(a) => self.action(a),
-                None => Some(Action::Reject { status: 429, body: None }),
+                None => Some(Action::Reject {
+                    status: 429,
+                    body: None,
+                }),
             };
             let limit = match (algorithm, scope, on_exceed) {
                 (Some(algorithm), Some(scope), Some(on_exceed)) => Some(Limit {
@@ -495,9 +619,23 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn algorithm(&mut self, name: &str, l: &Spanned<RawLimit>, default_tz: &TimeZone) -> Option<Algorithm> {
+    fn algorithm(
+        &mut self,
+        name: &str,
+        l: &Spanned<RawLimit>,
+        default_tz: &TimeZone,
+    ) -> Option<Algorithm> {
         let r = l.get_ref();
-        let kind = self.one_of(&r.algorithm, "algorithm", &["token_bucket", "sliding_window", "calendar_window", "concurrency"])?;
+        let kind = self.one_of(
+            &r.algorithm,
+            "algorithm",
+            &[
+                "token_bucket",
+                "sliding_window",
+                "calendar_window",
+                "concurrency",
+            ],
+        )?;
         // Fields that belong to another algorithm are mistakes, not defaults.
         let present: [(&str, Option<Range<usize>>); 6] = [
             ("limit", r.limit.as_ref().map(Spanned::span)),
@@ -517,16 +655,28 @@ impl<'a> Ctx<'a> {
             if let Some(span) = span
                 && !allowed.contains(field)
             {
-                self.invalid(span, format!("`{field}` does not apply to a {kind} limit; it takes {}", quoted(allowed)));
+                self.invalid(
+                    span,
+                    format!(
+                        "`{field}` does not apply to a {kind} limit; it takes {}",
+                        quoted(allowed)
+                    ),
+                );
             }
         }
         if kind != "calendar_window"
             && let Some(tz) = &r.time_zone
         {
-            self.invalid(&tz.span(), "`time_zone` applies to calendar_window limits only".to_owned());
+            self.invalid(
+                &tz.span(),
+                "`time_zone` applies to calendar_window limits only".to_owned(),
+            );
         }
         let need = |ctx: &mut Self, field: &str| {
-            ctx.invalid(&l.span(), format!("limit `{name}` ({kind}) needs `{field}`"));
+            ctx.invalid(
+                &l.span(),
+                format!("limit `{name}` ({kind}) needs `{field}`"),
+            );
         };
         match kind {
             "token_bucket" => {
@@ -538,7 +688,11 @@ impl<'a> Ctx<'a> {
                     }
                 };
                 let refill = match &r.refill {
-                    Some(c) => self.positive(c, "refill", "a bucket must refill at least one token per period"),
+                    Some(c) => self.positive(
+                        c,
+                        "refill",
+                        "a bucket must refill at least one token per period",
+                    ),
                     None => {
                         need(self, "refill");
                         None
@@ -549,7 +703,11 @@ impl<'a> Ctx<'a> {
                     None => Some(Duration::from_secs(1)),
                 };
                 let (capacity, refill, per) = (capacity?, refill?, per?);
-                Some(Algorithm::TokenBucket { rate: GcraRate::new(capacity, refill, per), refill, per })
+                Some(Algorithm::TokenBucket {
+                    rate: GcraRate::new(capacity, refill, per),
+                    refill,
+                    per,
+                })
             }
             "sliding_window" => {
                 let limit = self.window_limit(name, l, kind)?;
@@ -561,10 +719,19 @@ impl<'a> Ctx<'a> {
                     }
                 };
                 let limit = u32::try_from(limit.get()).ok().or_else(|| {
-                    self.invalid(&l.span(), format!("sliding window `{name}` allows at most {} per window", u32::MAX));
+                    self.invalid(
+                        &l.span(),
+                        format!(
+                            "sliding window `{name}` allows at most {} per window",
+                            u32::MAX
+                        ),
+                    );
                     None
                 })?;
-                Some(Algorithm::SlidingWindow { window: SlidingWindow::new(limit, length), length })
+                Some(Algorithm::SlidingWindow {
+                    window: SlidingWindow::new(limit, length),
+                    length,
+                })
             }
             "calendar_window" => {
                 let limit = self.window_limit(name, l, kind);
@@ -585,7 +752,10 @@ impl<'a> Ctx<'a> {
                     None => Some(default_tz.clone()),
                 };
                 let (limit, unit, tz) = (limit?, unit?, tz?);
-                Some(Algorithm::CalendarWindow { limit: limit.get(), calendar: Calendar::new(unit, tz) })
+                Some(Algorithm::CalendarWindow {
+                    limit: limit.get(),
+                    calendar: Calendar::new(unit, tz),
+                })
             }
             _ => {
                 let limit = self.window_limit(name, l, kind)?;
@@ -593,14 +763,26 @@ impl<'a> Ctx<'a> {
                     Some(d) => self.duration(d, "lease_ttl")?,
                     None => Duration::from_secs(300),
                 };
-                Some(Algorithm::Concurrency { limit: limit.get(), ttl })
+                Some(Algorithm::Concurrency {
+                    limit: limit.get(),
+                    ttl,
+                })
             }
         }
     }
 
-    fn window_limit(&mut self, name: &str, l: &Spanned<RawLimit>, kind: &str) -> Option<NonZeroU64> {
+    fn window_limit(
+        &mut self,
+        name: &str,
+        l: &Spanned<RawLimit>,
+        kind: &str,
+    ) -> Option<NonZeroU64> {
         match &l.get_ref().limit {
-            Some(v) => self.positive(v, "limit", "a limit of zero refuses everything; remove the limit or raise it"),
+            Some(v) => self.positive(
+                v,
+                "limit",
+                "a limit of zero refuses everything; remove the limit or raise it",
+            ),
             None => {
                 self.invalid(&l.span(), format!("limit `{name}` ({kind}) needs `limit`"));
                 None
@@ -608,12 +790,20 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn scope(&mut self, l: &Spanned<RawLimit>, attributes: &[(Attribute, Option<AttributeSource>)]) -> Option<Vec<ScopePart>> {
+    fn scope(
+        &mut self,
+        l: &Spanned<RawLimit>,
+        attributes: &[(Attribute, Option<AttributeSource>)],
+    ) -> Option<Vec<ScopePart>> {
         let Some(parts) = &l.get_ref().scope else {
             return Some(vec![ScopePart::Account]);
         };
         if parts.get_ref().is_empty() {
-            self.invalid(&parts.span(), "`scope` is empty; name what the counter is keyed by, e.g. [\"account\"]".to_owned());
+            self.invalid(
+                &parts.span(),
+                "`scope` is empty; name what the counter is keyed by, e.g. [\"account\"]"
+                    .to_owned(),
+            );
             return None;
         }
         let mut out = Vec::new();
@@ -635,7 +825,10 @@ impl<'a> Ctx<'a> {
                             at,
                             kind: "scope",
                             name: other.to_owned(),
-                            known: format!("{} (declare others under [attributes])", known.join(", ")),
+                            known: format!(
+                                "{} (declare others under [attributes])",
+                                known.join(", ")
+                            ),
                         });
                         None
                     }
@@ -643,7 +836,10 @@ impl<'a> Ctx<'a> {
             };
             match part {
                 Some(part) if out.contains(&part) => {
-                    self.invalid(&p.span(), format!("scope part `{}` appears twice", p.get_ref()));
+                    self.invalid(
+                        &p.span(),
+                        format!("scope part `{}` appears twice", p.get_ref()),
+                    );
                     ok = false;
                 }
                 Some(part) => out.push(part),
@@ -670,13 +866,23 @@ impl<'a> Ctx<'a> {
             return Some(Action::Forward { header });
         }
         if let Some(h) = &r.header {
-            self.invalid(&h.span(), "`header` applies to `forward` actions only".to_owned());
+            self.invalid(
+                &h.span(),
+                "`header` applies to `forward` actions only".to_owned(),
+            );
         }
         let status = match &r.status {
             Some(s) => self.status(s, "status")?,
             None => 429,
         };
-        let body = r.body.clone().map(|b| (b, r.content_type.clone().unwrap_or_else(|| "application/json".to_owned())));
+        let body = r.body.clone().map(|b| {
+            (
+                b,
+                r.content_type
+                    .clone()
+                    .unwrap_or_else(|| "application/json".to_owned()),
+            )
+        });
         Some(Action::Reject { status, body })
     }
 
@@ -707,7 +913,10 @@ impl<'a> Ctx<'a> {
         let plans: Vec<(&str, Option<&Spanned<RawPlan>>)> = if raw.plans.is_empty() {
             vec![("default", None)]
         } else {
-            raw.plans.iter().map(|(n, p)| (n.as_str(), Some(p))).collect()
+            raw.plans
+                .iter()
+                .map(|(n, p)| (n.as_str(), Some(p)))
+                .collect()
         };
         let mut out = Vec::new();
         for (name, p) in plans {
@@ -715,13 +924,15 @@ impl<'a> Ctx<'a> {
             let chosen: Vec<usize> = match r.and_then(|r| r.limits.as_ref()) {
                 Some(names) => names
                     .iter()
-                    .filter_map(|n| match limit_names.iter().position(|l| l == n.get_ref()) {
-                        Some(i) => Some(i),
-                        None => {
-                            self.unknown(&n.span(), "limit", n.get_ref(), limit_names.clone());
-                            None
-                        }
-                    })
+                    .filter_map(
+                        |n| match limit_names.iter().position(|l| l == n.get_ref()) {
+                            Some(i) => Some(i),
+                            None => {
+                                self.unknown(&n.span(), "limit", n.get_ref(), limit_names.clone());
+                                None
+                            }
+                        },
+                    )
                     .collect(),
                 None => (0..limit_names.len()).collect(),
             };
@@ -735,14 +946,19 @@ impl<'a> Ctx<'a> {
                     self.invalid(&o.span(), format!("plan `{name}` overrides limit `{lname}` but does not list it in `limits`"));
                     continue;
                 }
-                if let Some(alg) = &limits[i].0 {
-                    if let Some(ov) = self.override_of(o.get_ref(), &alg.algorithm, &o.span()) {
-                        overrides.insert(i, ov);
-                    }
+                if let Some(alg) = &limits[i].0
+                    && let Some(ov) = self.override_of(o.get_ref(), &alg.algorithm, &o.span())
+                {
+                    overrides.insert(i, ov);
                 }
             }
-            let grant = r.and_then(|r| r.grant.as_ref()).and_then(|g| self.non_negative(g, "grant")).unwrap_or(0);
-            let allowance = r.and_then(|r| r.allowance.as_ref()).and_then(|a| self.non_negative(a, "allowance"));
+            let grant = r
+                .and_then(|r| r.grant.as_ref())
+                .and_then(|g| self.non_negative(g, "grant"))
+                .unwrap_or(0);
+            let allowance = r
+                .and_then(|r| r.allowance.as_ref())
+                .and_then(|a| self.non_negative(a, "allowance"));
             let every = match r.and_then(|r| r.allowance_every.as_ref()) {
                 Some(e) => match self.one_of(e, "allowance_every", &["day", "month"]) {
                     Some("day") => AllowancePeriod::Day,
@@ -750,12 +966,19 @@ impl<'a> Ctx<'a> {
                 },
                 None => AllowancePeriod::Month,
             };
-            let credits_low = r.and_then(|r| r.credits_low.as_ref()).and_then(|c| self.non_negative(c, "credits_low"));
+            let credits_low = r
+                .and_then(|r| r.credits_low.as_ref())
+                .and_then(|c| self.non_negative(c, "credits_low"));
             let mut by_operation = vec![Vec::new(); ops.len()];
             for (op_id, list) in by_operation.iter_mut().enumerate() {
                 for &i in &chosen {
-                    let (Some(limit), counted) = &limits[i] else { continue };
-                    if counted.as_ref().is_some_and(|set| !set.contains(&(op_id as OperationId))) {
+                    let (Some(limit), counted) = &limits[i] else {
+                        continue;
+                    };
+                    if counted
+                        .as_ref()
+                        .is_some_and(|set| !set.contains(&(op_id as OperationId)))
+                    {
                         continue;
                     }
                     let algorithm = match overrides.get(&i) {
@@ -763,7 +986,11 @@ impl<'a> Ctx<'a> {
                         None => limit.algorithm.clone(),
                     };
                     let cost = op_cost(raw, &ops[op_id].name, &limit.name);
-                    list.push(PlanLimit { limit: i as LimitId, algorithm, cost });
+                    list.push(PlanLimit {
+                        limit: i as LimitId,
+                        algorithm,
+                        cost,
+                    });
                 }
                 if list.len() > MAX_LIMITS_PER_REQUEST {
                     let span = p.map_or(0..0, Spanned::span);
@@ -791,14 +1018,25 @@ impl<'a> Ctx<'a> {
         out
     }
 
-    fn override_of(&mut self, o: &RawOverride, alg: &Algorithm, span: &Range<usize>) -> Option<LimitOverride> {
+    fn override_of(
+        &mut self,
+        o: &RawOverride,
+        alg: &Algorithm,
+        span: &Range<usize>,
+    ) -> Option<LimitOverride> {
         let is_bucket = matches!(alg, Algorithm::TokenBucket { .. });
         if is_bucket && o.limit.is_some() {
-            self.invalid(span, "a token_bucket override takes `capacity` and `refill`, not `limit`".to_owned());
+            self.invalid(
+                span,
+                "a token_bucket override takes `capacity` and `refill`, not `limit`".to_owned(),
+            );
             return None;
         }
         if !is_bucket && (o.capacity.is_some() || o.refill.is_some()) {
-            self.invalid(span, "this limit's override takes `limit`, not `capacity` or `refill`".to_owned());
+            self.invalid(
+                span,
+                "this limit's override takes `limit`, not `capacity` or `refill`".to_owned(),
+            );
             return None;
         }
         let fix = "an override of zero refuses everything";
@@ -834,8 +1072,13 @@ impl<'a> Ctx<'a> {
                         continue;
                     }
                     let op = &ops[op_id].name;
-                    let limit = limits[usize::from(pl.limit)].0.as_ref().map_or("", |l| l.name.as_str());
-                    let span = cost_span(raw, op, limit).or(plan.span.clone()).unwrap_or(0..0);
+                    let limit = limits[usize::from(pl.limit)]
+                        .0
+                        .as_ref()
+                        .map_or("", |l| l.name.as_str());
+                    let span = cost_span(raw, op, limit)
+                        .or(plan.span.clone())
+                        .unwrap_or(0..0);
                     let at = self.loc(&span);
                     self.errors.push(PolicyError::CostAboveCapacity {
                         at,
@@ -849,7 +1092,12 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn default_plan(&mut self, meta: &RawMeta, plans: &[PlanBuild], raw: &RawPolicy) -> Option<PlanId> {
+    fn default_plan(
+        &mut self,
+        meta: &RawMeta,
+        plans: &[PlanBuild],
+        raw: &RawPolicy,
+    ) -> Option<PlanId> {
         let names: Vec<&str> = plans.iter().map(|p| p.plan.name.as_str()).collect();
         match &meta.default_plan {
             Some(d) => match names.iter().position(|n| n == d.get_ref()) {
@@ -876,13 +1124,21 @@ impl<'a> Ctx<'a> {
     fn headers(&mut self, raw: &RawPolicy) -> Option<HeaderProfile> {
         let default = RawHeaders::default();
         let h = raw.headers.as_ref().map_or(&default, |h| h.get_ref());
-        let kind = match h.profile.as_ref().and_then(|p| self.one_of(p, "profile", &["ietf", "classic", "vendor", "none"])) {
+        let kind = match h
+            .profile
+            .as_ref()
+            .and_then(|p| self.one_of(p, "profile", &["ietf", "classic", "vendor", "none"]))
+        {
             Some("classic") => HeaderKind::Classic,
             Some("vendor") => HeaderKind::Vendor,
             Some("none") => HeaderKind::None,
             _ => HeaderKind::Ietf,
         };
-        let send_on = match h.send_on.as_ref().and_then(|s| self.one_of(s, "send_on", &["all", "success"])) {
+        let send_on = match h
+            .send_on
+            .as_ref()
+            .and_then(|s| self.one_of(s, "send_on", &["all", "success"]))
+        {
             Some("success") => SendOn::Success,
             _ => SendOn::All,
         };
@@ -900,23 +1156,46 @@ impl<'a> Ctx<'a> {
         }
         if kind != HeaderKind::Vendor && !names.is_empty() {
             let span = raw.headers.as_ref().map_or(0..0, Spanned::span);
-            self.invalid(&span, "[headers.names] applies to profile = \"vendor\" only".to_owned());
+            self.invalid(
+                &span,
+                "[headers.names] applies to profile = \"vendor\" only".to_owned(),
+            );
         }
         let fields = match &h.fields {
             Some(list) => list.iter().filter_map(|f| self.field(f)).collect(),
             None => match kind {
-                HeaderKind::Ietf => vec![HeaderField::Limit, HeaderField::Remaining, HeaderField::Reset],
-                HeaderKind::Classic => vec![HeaderField::Limit, HeaderField::Remaining, HeaderField::Reset, HeaderField::Cost],
+                HeaderKind::Ietf => vec![
+                    HeaderField::Limit,
+                    HeaderField::Remaining,
+                    HeaderField::Reset,
+                ],
+                HeaderKind::Classic => vec![
+                    HeaderField::Limit,
+                    HeaderField::Remaining,
+                    HeaderField::Reset,
+                    HeaderField::Cost,
+                ],
                 HeaderKind::Vendor => names.iter().map(|(f, _)| *f).collect(),
                 HeaderKind::None => Vec::new(),
             },
         };
         let on_reject = h.on_reject.iter().filter_map(|f| self.field(f)).collect();
-        Some(HeaderProfile { kind, send_on, fields, on_reject, problem_json: h.problem_json.unwrap_or(false), names })
+        Some(HeaderProfile {
+            kind,
+            send_on,
+            fields,
+            on_reject,
+            problem_json: h.problem_json.unwrap_or(false),
+            names,
+        })
     }
 
     fn field(&mut self, f: &Spanned<String>) -> Option<HeaderField> {
-        match self.one_of(f, "header field", &["limit", "remaining", "reset", "cost", "credits"])? {
+        match self.one_of(
+            f,
+            "header field",
+            &["limit", "remaining", "reset", "cost", "credits"],
+        )? {
             "limit" => Some(HeaderField::Limit),
             "remaining" => Some(HeaderField::Remaining),
             "reset" => Some(HeaderField::Reset),
@@ -932,7 +1211,10 @@ impl<'a> Ctx<'a> {
             Some(s) => self.status(s, "exhausted_status")?,
             None => 402,
         };
-        Some(CreditRules { exhausted_status, exhausted_body: c.exhausted_body.clone() })
+        Some(CreditRules {
+            exhausted_status,
+            exhausted_body: c.exhausted_body.clone(),
+        })
     }
 
     fn upstream(&mut self, raw: &RawPolicy) -> Option<UpstreamRetry> {
@@ -941,7 +1223,10 @@ impl<'a> Ctx<'a> {
         let retries = match &u.retries {
             Some(r) if (0..=10).contains(r.get_ref()) => *r.get_ref() as u32,
             Some(r) => {
-                self.invalid(&r.span(), format!("`retries` must be between 0 and 10, not {}", r.get_ref()));
+                self.invalid(
+                    &r.span(),
+                    format!("`retries` must be between 0 and 10, not {}", r.get_ref()),
+                );
                 0
             }
             None => 0,
@@ -957,11 +1242,34 @@ impl<'a> Ctx<'a> {
             }
             None => retry_on.extend([429, 502, 503, 504]),
         }
-        let backoff = u.backoff.as_ref().and_then(|d| self.duration(d, "backoff")).unwrap_or(Duration::from_millis(200));
-        let max_backoff = u.max_backoff.as_ref().and_then(|d| self.duration(d, "max_backoff")).unwrap_or(Duration::from_secs(5));
-        let timeout = u.timeout.as_ref().and_then(|d| self.duration(d, "timeout")).unwrap_or(Duration::from_secs(60));
-        let replay_body_max = u.replay_body_max.as_ref().and_then(|v| self.size(v, "replay_body_max")).unwrap_or(10_000_000);
-        Some(UpstreamRetry { retries, retry_on, backoff, max_backoff, replay_body_max, timeout })
+        let backoff = u
+            .backoff
+            .as_ref()
+            .and_then(|d| self.duration(d, "backoff"))
+            .unwrap_or(Duration::from_millis(200));
+        let max_backoff = u
+            .max_backoff
+            .as_ref()
+            .and_then(|d| self.duration(d, "max_backoff"))
+            .unwrap_or(Duration::from_secs(5));
+        let timeout = u
+            .timeout
+            .as_ref()
+            .and_then(|d| self.duration(d, "timeout"))
+            .unwrap_or(Duration::from_secs(60));
+        let replay_body_max = u
+            .replay_body_max
+            .as_ref()
+            .and_then(|v| self.size(v, "replay_body_max"))
+            .unwrap_or(10_000_000);
+        Some(UpstreamRetry {
+            retries,
+            retry_on,
+            backoff,
+            max_backoff,
+            replay_body_max,
+            timeout,
+        })
     }
 }
 
@@ -972,9 +1280,15 @@ struct PlanBuild {
 
 /// Cost of operation `op` for limit `limit`: `costs.LIMIT`, else `cost`, else 1.
 fn op_cost(raw: &RawPolicy, op: &str, limit: &str) -> u64 {
-    let Some(o) = raw.operations.get(op) else { return 1 };
+    let Some(o) = raw.operations.get(op) else {
+        return 1;
+    };
     let o = o.get_ref();
-    let v = o.costs.get(limit).or(o.cost.as_ref()).map_or(1, |c| *c.get_ref());
+    let v = o
+        .costs
+        .get(limit)
+        .or(o.cost.as_ref())
+        .map_or(1, |c| *c.get_ref());
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -984,7 +1298,11 @@ fn cost_span(raw: &RawPolicy, op: &str, limit: &str) -> Option<Range<usize>> {
 }
 
 fn quoted(items: &[&str]) -> String {
-    items.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Parses "50MB", "30MiB", "1024" into bytes (decimal and binary units).

@@ -33,28 +33,52 @@ fn bucket(capacity: u64, refill_per_s: u64) -> Params {
 
 async fn one<S: Store>(store: &S, now: Nanos, check: Check) -> (bool, Evaluation) {
     let mut out = [Evaluation::default(); 1];
-    let admitted = store.decide(now, &[check], 0, &mut out).await.expect("store decides");
+    let admitted = store
+        .decide(now, &[check], 0, &mut out)
+        .await
+        .expect("store decides");
     (admitted, out[0])
 }
 
 /// A rejected request takes nothing from any of its limits.
 pub async fn rejected_request_consumes_nothing<S: Store>(store: &S) {
-    let wide = Check { key: key(1, 1), params: bucket(100, 1), cost: 1, blocking: true };
-    let narrow = Check { key: key(1, 2), params: bucket(3, 1), cost: 1, blocking: true };
+    let wide = Check {
+        key: key(1, 1),
+        params: bucket(100, 1),
+        cost: 1,
+        blocking: true,
+    };
+    let narrow = Check {
+        key: key(1, 2),
+        params: bucket(3, 1),
+        cost: 1,
+        blocking: true,
+    };
     let mut out = [Evaluation::default(); 2];
     for i in 0..10 {
-        let admitted = store.decide(T0, &[wide, narrow], 0, &mut out).await.expect("store decides");
+        let admitted = store
+            .decide(T0, &[wide, narrow], 0, &mut out)
+            .await
+            .expect("store decides");
         assert_eq!(admitted, i < 3, "request {i}");
     }
     let (admitted, e) = one(store, T0, wide).await;
     assert!(admitted);
-    assert_eq!(e.remaining, 96, "only the 3 admitted requests took from the wide limit");
+    assert_eq!(
+        e.remaining, 96,
+        "only the 3 admitted requests took from the wide limit"
+    );
 }
 
 /// Non-blocking checks (soft, shadow, forward) never refuse, and take their
 /// cost only when they admit.
 pub async fn non_blocking_checks_never_refuse<S: Store>(store: &S) {
-    let soft = Check { key: key(2, 1), params: bucket(2, 1), cost: 1, blocking: false };
+    let soft = Check {
+        key: key(2, 1),
+        params: bucket(2, 1),
+        cost: 1,
+        blocking: false,
+    };
     let mut admitted_soft = 0;
     for _ in 0..5 {
         let (admitted, e) = one(store, T0, soft).await;
@@ -66,7 +90,12 @@ pub async fn non_blocking_checks_never_refuse<S: Store>(store: &S) {
 
 /// `retry_after` is exact: refused 1 ns before it, admitted at it.
 pub async fn retry_after_is_exact<S: Store>(store: &S) {
-    let c = Check { key: key(3, 1), params: bucket(2, 1), cost: 2, blocking: true };
+    let c = Check {
+        key: key(3, 1),
+        params: bucket(2, 1),
+        cost: 2,
+        blocking: true,
+    };
     assert!(one(store, T0, c).await.0);
     let (admitted, e) = one(store, T0, c).await;
     assert!(!admitted);
@@ -75,7 +104,12 @@ pub async fn retry_after_is_exact<S: Store>(store: &S) {
     assert!(!one(store, Nanos(at.0 - 1), c).await.0);
     assert!(one(store, at, c).await.0);
 
-    let w = Check { key: key(3, 2), params: Params::Sliding(SlidingWindow::new(2, Duration::from_secs(3))), cost: 1, blocking: true };
+    let w = Check {
+        key: key(3, 2),
+        params: Params::Sliding(SlidingWindow::new(2, Duration::from_secs(3))),
+        cost: 1,
+        blocking: true,
+    };
     assert!(one(store, T0, w).await.0);
     assert!(one(store, T0, w).await.0);
     let (admitted, e) = one(store, T0, w).await;
@@ -88,27 +122,52 @@ pub async fn retry_after_is_exact<S: Store>(store: &S) {
 /// A calendar window resets exactly at its end.
 pub async fn calendar_window_resets_at_its_end<S: Store>(store: &S) {
     let end = T0.plus(Duration::from_secs(60));
-    let c = Check { key: key(4, 1), params: Params::Calendar { limit: 2, end }, cost: 1, blocking: true };
+    let c = Check {
+        key: key(4, 1),
+        params: Params::Calendar { limit: 2, end },
+        cost: 1,
+        blocking: true,
+    };
     assert!(one(store, T0, c).await.0);
     assert!(one(store, T0, c).await.0);
     let (admitted, e) = one(store, Nanos(end.0 - 1), c).await;
     assert!(!admitted);
     assert_eq!(e.retry_after, Duration::from_nanos(1));
-    let next = Check { params: Params::Calendar { limit: 2, end: end.plus(Duration::from_secs(60)) }, ..c };
+    let next = Check {
+        params: Params::Calendar {
+            limit: 2,
+            end: end.plus(Duration::from_secs(60)),
+        },
+        ..c
+    };
     assert!(one(store, end, next).await.0);
 }
 
 /// Leases hold a slot until released or expired.
 pub async fn leases_hold_until_released<S: Store>(store: &S) {
-    let params = Params::Concurrency { limit: 1, ttl: Duration::from_secs(30) };
-    let c = Check { key: key(5, 1), params, cost: 1, blocking: true };
+    let params = Params::Concurrency {
+        limit: 1,
+        ttl: Duration::from_secs(30),
+    };
+    let c = Check {
+        key: key(5, 1),
+        params,
+        cost: 1,
+        blocking: true,
+    };
     let mut out = [Evaluation::default(); 1];
     assert!(store.decide(T0, &[c], 7, &mut out).await.expect("decides"));
     assert!(!store.decide(T0, &[c], 8, &mut out).await.expect("decides"));
     store.release(T0, &[c.key], 7).await.expect("releases");
     assert!(store.decide(T0, &[c], 9, &mut out).await.expect("decides"));
     let expired = T0.plus(Duration::from_secs(30));
-    assert!(store.decide(expired, &[c], 10, &mut out).await.expect("decides"), "an unreleased lease expires after its TTL");
+    assert!(
+        store
+            .decide(expired, &[c], 10, &mut out)
+            .await
+            .expect("decides"),
+        "an unreleased lease expires after its TTL"
+    );
 }
 
 /// Runs a future whose store answers without waiting on I/O (the in-memory

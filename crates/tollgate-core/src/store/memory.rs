@@ -33,10 +33,10 @@ use crate::error::StoreError;
 use crate::policy::MAX_LIMITS_PER_REQUEST;
 use crate::store::{Check, CounterKey, Params, Store};
 
-#[cfg(not(tollgate_loom))]
-use std::sync::{Mutex, MutexGuard};
 #[cfg(tollgate_loom)]
 use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(tollgate_loom))]
+use std::sync::{Mutex, MutexGuard};
 
 /// Default cap on live counters (about 100 MB at ~100 bytes each).
 pub const DEFAULT_MAX_COUNTERS: usize = 1_000_000;
@@ -74,7 +74,9 @@ impl Slot {
     fn lock(&self) -> MutexGuard<'_, SlotState> {
         // A panic while holding the lock cannot leave a half-written state
         // (every write is one assignment), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -124,8 +126,15 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// A store holding at most `max_counters` live counters.
     pub fn new(max_counters: usize) -> MemoryStore {
-        let map = papaya::HashMap::builder().hasher(KeyHasher(0)).resize_mode(papaya::ResizeMode::Blocking).build();
-        MemoryStore { map, max_counters: max_counters.max(1), last_sweep: AtomicU64::new(0) }
+        let map = papaya::HashMap::builder()
+            .hasher(KeyHasher(0))
+            .resize_mode(papaya::ResizeMode::Blocking)
+            .build();
+        MemoryStore {
+            map,
+            max_counters: max_counters.max(1),
+            last_sweep: AtomicU64::new(0),
+        }
     }
 
     /// Number of live counters.
@@ -161,19 +170,29 @@ impl MemoryStore {
         dropped
     }
 
-    fn slot<'g>(&self, key: CounterKey, now: Nanos, guard: &'g impl papaya::Guard) -> Result<&'g Slot, StoreError> {
+    fn slot<'g>(
+        &self,
+        key: CounterKey,
+        now: Nanos,
+        guard: &'g impl papaya::Guard,
+    ) -> Result<&'g Slot, StoreError> {
         if let Some(s) = self.map.get(&key, guard) {
             return Ok(s);
         }
         if self.map.len() >= self.max_counters {
             let last = self.last_sweep.load(Ordering::Relaxed);
             if now.0.saturating_sub(last) >= SWEEP_INTERVAL_NS
-                && self.last_sweep.compare_exchange(last, now.0, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+                && self
+                    .last_sweep
+                    .compare_exchange(last, now.0, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
             {
                 self.sweep(now);
             }
             if self.map.len() >= self.max_counters {
-                return Err(StoreError::CounterCapReached { cap: self.max_counters });
+                return Err(StoreError::CounterCapReached {
+                    cap: self.max_counters,
+                });
             }
         }
         Ok(self.map.get_or_insert_with(key, Slot::default, guard))
@@ -183,7 +202,13 @@ impl MemoryStore {
     ///
     /// # Errors
     /// [`StoreError::CounterCapReached`] when a new counter does not fit.
-    pub fn decide_now(&self, now: Nanos, checks: &[Check], lease: u64, out: &mut [Evaluation]) -> Result<bool, StoreError> {
+    pub fn decide_now(
+        &self,
+        now: Nanos,
+        checks: &[Check],
+        lease: u64,
+        out: &mut [Evaluation],
+    ) -> Result<bool, StoreError> {
         let n = checks.len().min(MAX_LIMITS_PER_REQUEST);
         let checks = &checks[..n];
         let guard = self.map.guard();
@@ -197,7 +222,11 @@ impl MemoryStore {
         let mut owner = [0u8; MAX_LIMITS_PER_REQUEST];
         for j in 0..n {
             let i = usize::from(order[j]);
-            owner[i] = if j > 0 && checks[usize::from(order[j - 1])].key == checks[i].key { owner[usize::from(order[j - 1])] } else { i as u8 };
+            owner[i] = if j > 0 && checks[usize::from(order[j - 1])].key == checks[i].key {
+                owner[usize::from(order[j - 1])]
+            } else {
+                i as u8
+            };
         }
         loop {
             let mut slots: [Option<&Slot>; MAX_LIMITS_PER_REQUEST] = [None; MAX_LIMITS_PER_REQUEST];
@@ -206,7 +235,9 @@ impl MemoryStore {
                     slots[i] = Some(self.slot(c.key, now, &guard)?);
                 }
             }
-            if let Some(admitted) = decide_locked(now, checks, lease, out, &slots, &order[..n], &owner) {
+            if let Some(admitted) =
+                decide_locked(now, checks, lease, out, &slots, &order[..n], &owner)
+            {
                 return Ok(admitted);
             }
             // A sweep removed one of the counters between lookup and lock: look up again.
@@ -239,7 +270,8 @@ pub(crate) fn decide_locked(
     order: &[u8],
     owner: &[u8],
 ) -> Option<bool> {
-    let mut locks: [Option<MutexGuard<'_, SlotState>>; MAX_LIMITS_PER_REQUEST] = std::array::from_fn(|_| None);
+    let mut locks: [Option<MutexGuard<'_, SlotState>>; MAX_LIMITS_PER_REQUEST] =
+        std::array::from_fn(|_| None);
     for &i in order {
         let i = usize::from(i);
         if let Some(slot) = slots[i] {
@@ -252,7 +284,9 @@ pub(crate) fn decide_locked(
     }
     let mut admitted = true;
     for (i, check) in checks.iter().enumerate() {
-        let state = locks[usize::from(owner[i])].as_mut().expect("every owner is locked");
+        let state = locks[usize::from(owner[i])]
+            .as_mut()
+            .expect("every owner is locked");
         out[i] = apply(state, check, now, lease, false);
         if check.blocking && !out[i].admit {
             admitted = false;
@@ -261,12 +295,42 @@ pub(crate) fn decide_locked(
     if admitted {
         for (i, check) in checks.iter().enumerate() {
             if out[i].admit {
-                let state = locks[usize::from(owner[i])].as_mut().expect("every owner is locked");
+                let state = locks[usize::from(owner[i])]
+                    .as_mut()
+                    .expect("every owner is locked");
                 apply(state, check, now, lease, true);
             }
         }
     }
     Some(admitted)
+}
+
+/// Test hook for loom models (A4): a counter outside the map, decided through
+/// the same locking path as [`MemoryStore::decide_now`] (papaya cannot run
+/// under loom). Only built with `--cfg tollgate_loom`.
+#[cfg(tollgate_loom)]
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct LoomSlot(Slot);
+
+#[cfg(tollgate_loom)]
+impl LoomSlot {
+    /// Decides `checks` (distinct keys) against `slots`, one per check, with
+    /// `decide_locked`; `None` if a slot was dead.
+    #[doc(hidden)]
+    pub fn decide(
+        now: Nanos,
+        checks: &[Check],
+        slots: &[&LoomSlot],
+        out: &mut [Evaluation],
+    ) -> Option<bool> {
+        let n = checks.len().min(MAX_LIMITS_PER_REQUEST);
+        let mut order: Vec<u8> = (0..n as u8).collect();
+        order.sort_unstable_by_key(|&i| checks[usize::from(i)].key);
+        let owner: Vec<u8> = (0..n as u8).collect();
+        let slots: Vec<Option<&Slot>> = slots.iter().map(|s| Some(&s.0)).collect();
+        decide_locked(now, &checks[..n], 0, out, &slots, &order, &owner)
+    }
 }
 
 /// Evaluates one check against its counter; with `commit`, writes the new state.
@@ -322,9 +386,17 @@ fn apply(s: &mut SlotState, check: &Check, now: Nanos, lease: u64, commit: bool)
             if !matches!(s.counter, Counter::Leases(_)) {
                 s.counter = Counter::Leases(Box::default());
             }
-            let Counter::Leases(set) = &mut s.counter else { unreachable!("set just above") };
+            let Counter::Leases(set) = &mut s.counter else {
+                unreachable!("set just above")
+            };
             let e = concurrency::acquire(set, now, cost, limit, ttl, lease);
-            s.fresh_at = set.leases.iter().map(|l: &Lease| l.expires).max().unwrap_or(now).max(s.fresh_at);
+            s.fresh_at = set
+                .leases
+                .iter()
+                .map(|l: &Lease| l.expires)
+                .max()
+                .unwrap_or(now)
+                .max(s.fresh_at);
             e
         }
     }
@@ -341,7 +413,12 @@ impl Store for MemoryStore {
         std::future::ready(self.decide_now(now, checks, lease, out))
     }
 
-    fn release(&self, now: Nanos, keys: &[CounterKey], lease: u64) -> impl std::future::Future<Output = Result<(), StoreError>> + Send {
+    fn release(
+        &self,
+        now: Nanos,
+        keys: &[CounterKey],
+        lease: u64,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send {
         self.release_now(now, keys, lease);
         std::future::ready(Ok(()))
     }
@@ -357,15 +434,29 @@ mod tests {
     use crate::algorithm::sliding_window::SlidingWindow;
 
     fn bucket(cap: u64) -> Params {
-        Params::Gcra(GcraRate::new(NonZeroU64::new(cap).unwrap(), NonZeroU64::new(1).unwrap(), Duration::from_secs(1)))
+        Params::Gcra(GcraRate::new(
+            NonZeroU64::new(cap).unwrap(),
+            NonZeroU64::new(1).unwrap(),
+            Duration::from_secs(1),
+        ))
     }
 
     #[test]
     fn rejected_request_consumes_nothing_from_other_limits() {
         let store = MemoryStore::default();
         let now = Nanos::from_secs(100);
-        let big = Check { key: CounterKey(1), params: bucket(100), cost: 1, blocking: true };
-        let small = Check { key: CounterKey(2), params: bucket(2), cost: 1, blocking: true };
+        let big = Check {
+            key: CounterKey(1),
+            params: bucket(100),
+            cost: 1,
+            blocking: true,
+        };
+        let small = Check {
+            key: CounterKey(2),
+            params: bucket(2),
+            cost: 1,
+            blocking: true,
+        };
         let mut out = [Evaluation::default(); 2];
         assert!(store.decide_now(now, &[big, small], 0, &mut out).unwrap());
         assert!(store.decide_now(now, &[big, small], 0, &mut out).unwrap());
@@ -375,7 +466,10 @@ mod tests {
         // The big bucket admitted 2; rejected requests took nothing, so one more leaves 97.
         let mut one = [Evaluation::default(); 1];
         assert!(store.decide_now(now, &[big], 0, &mut one).unwrap());
-        assert_eq!(one[0].remaining, 97, "the big bucket lost nothing to rejected requests");
+        assert_eq!(
+            one[0].remaining, 97,
+            "the big bucket lost nothing to rejected requests"
+        );
     }
 
     #[test]
@@ -385,7 +479,19 @@ mod tests {
         let w = Params::Sliding(SlidingWindow::new(5, Duration::from_secs(3)));
         let mut out = [Evaluation::default(); 1];
         for k in 0..100u128 {
-            store.decide_now(now, &[Check { key: CounterKey(k), params: w, cost: 1, blocking: true }], 0, &mut out).unwrap();
+            store
+                .decide_now(
+                    now,
+                    &[Check {
+                        key: CounterKey(k),
+                        params: w,
+                        cost: 1,
+                        blocking: true,
+                    }],
+                    0,
+                    &mut out,
+                )
+                .unwrap();
         }
         assert_eq!(store.len(), 100);
         assert_eq!(store.sweep(now.plus(Duration::from_secs(1))), 0);
@@ -398,10 +504,18 @@ mod tests {
         let store = MemoryStore::new(2);
         let now = Nanos::from_secs(100);
         let mut out = [Evaluation::default(); 1];
-        let c = |k| Check { key: CounterKey(k), params: bucket(1), cost: 1, blocking: true };
+        let c = |k| Check {
+            key: CounterKey(k),
+            params: bucket(1),
+            cost: 1,
+            blocking: true,
+        };
         assert!(store.decide_now(now, &[c(1)], 0, &mut out).unwrap());
         assert!(store.decide_now(now, &[c(2)], 0, &mut out).unwrap());
-        assert_eq!(store.decide_now(now, &[c(3)], 0, &mut out), Err(StoreError::CounterCapReached { cap: 2 }));
+        assert_eq!(
+            store.decide_now(now, &[c(3)], 0, &mut out),
+            Err(StoreError::CounterCapReached { cap: 2 })
+        );
         // key 1 is still blocked: it was not evicted to make room
         assert!(!store.decide_now(now, &[c(1)], 0, &mut out).unwrap());
         // once its bucket refills, a sweep frees room

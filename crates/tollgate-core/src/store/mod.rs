@@ -92,5 +92,10 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     /// The store cannot be reached; the leases then expire by their TTL.
-    fn release(&self, now: Nanos, keys: &[CounterKey], lease: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn release(
+        &self,
+        now: Nanos,
+        keys: &[CounterKey],
+        lease: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

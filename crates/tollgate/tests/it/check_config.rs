@@ -15,8 +15,17 @@ fn repo() -> PathBuf {
 /// Runs check-config from the crate directory on a relative path, so messages
 /// name the file as the user typed it.
 fn check(rel: &str) -> (i32, String, String) {
-    let out = tollgate().arg("check-config").arg(rel).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("run tollgate");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = tollgate()
+        .arg("check-config")
+        .arg(rel)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run tollgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -44,12 +53,16 @@ fn broken_files_report_every_problem_with_line_and_column() {
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        let name = path.file_name().and_then(|f| f.to_str()).expect("file name");
+        let name = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .expect("file name");
         let rel = format!("tests/broken/{name}");
         let (code, stdout, stderr) = check(&rel);
         assert_eq!(code, 1, "{rel} must be refused; stdout: {stdout}");
         let expected_path = path.with_extension("expected");
-        let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| panic!("{} missing; got:\n{stderr}", expected_path.display()));
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|_| panic!("{} missing; got:\n{stderr}", expected_path.display()));
         assert_eq!(stderr.trim_end(), expected.trim_end(), "messages for {rel}");
         n += 1;
     }
@@ -60,7 +73,10 @@ fn broken_files_report_every_problem_with_line_and_column() {
 fn missing_file_is_a_clear_error() {
     let (code, _, stderr) = check("no/such/policy.toml");
     assert_eq!(code, 1);
-    assert!(stderr.contains("no/such/policy.toml: cannot read the policy file"), "{stderr}");
+    assert!(
+        stderr.contains("no/such/policy.toml: cannot read the policy file"),
+        "{stderr}"
+    );
 }
 
 #[test]
