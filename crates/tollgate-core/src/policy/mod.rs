@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use compiled::*;
-pub use validate::parse;
+pub use validate::{parse, parse_size};
 
 use crate::error::{PolicyError, PolicyErrors};
 

@@ -37,6 +37,10 @@ pub struct RawPolicy {
     /// `[plans.NAME]`.
     #[serde(default)]
     pub plans: BTreeMap<String, Spanned<RawPlan>>,
+    /// `[server]`: listeners, upstream, stores. Validated by the server crate,
+    /// not here (the core knows nothing of sockets).
+    #[serde(default)]
+    pub server: Option<toml::Table>,
 }
 
 /// `[policy]`.

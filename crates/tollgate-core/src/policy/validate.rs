@@ -1306,7 +1306,7 @@ fn quoted(items: &[&str]) -> String {
 }
 
 /// Parses "50MB", "30MiB", "1024" into bytes (decimal and binary units).
-pub(crate) fn parse_size(s: &str) -> Option<u64> {
+pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);

@@ -1,0 +1,1215 @@
+//! [`Ledger`]: every operation on the durable state.
+//!
+//! Credits are an append-only journal (`credit_journal`) plus a materialised
+//! balance (`accounts.balance`) changed in the same transaction as the journal row.
+//! A reservation takes credits with one conditional statement,
+//! `UPDATE accounts SET balance = balance - $2 WHERE id = $1 AND balance >= $2
+//! RETURNING balance`, so the "never below zero" rule is stated in SQL and holds at
+//! PostgreSQL's READ COMMITTED as well as under SQLite's single writer. Settling a
+//! reservation (commit, release, expiry) is `UPDATE reservations … WHERE state =
+//! 'open'`: exactly one of racing settlements wins, a unique index on the journal
+//! backs it up.
+//!
+//! Idempotency: the `(account, key)` record is inserted in the reservation's own
+//! transaction, so a reservation and its record exist together or not at all. Same
+//! key + different fingerprint → [`ReserveOutcome::Mismatch`]; while reserved →
+//! [`ReserveOutcome::InProgress`]; once committed → [`ReserveOutcome::Completed`]
+//! with the stored response; a release (or expiry) deletes the record, so the key
+//! may reserve again. A key is therefore charged at most once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Connection};
+
+use crate::backend::{ATTEMPTS, Backend, read, write_tx};
+use crate::key;
+use crate::{
+    Account, AccountChange, Audit, CreatedKey, Event, GrantKind, Idempotency, KeyCheck,
+    KeyIdentity, KeyInfo, LedgerError, NewAccount, NewEvent, ReservationId, ReserveOutcome,
+    StoredResponse,
+};
+
+/// How long a verified key (or a known-unknown id) is cached in memory. A revoked
+/// key stops working on every replica at most this long after `revoke_key`
+/// returns (immediately on the replica that revoked it); plan and override changes
+/// reach cached identities within the same bound.
+pub const REVOCATION_BOUND: Duration = Duration::from_secs(2);
+
+/// Largest amount of one grant, reservation or commit (10^12 credits).
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
+
+/// Cached key lookups (entries, ≈ 300 B each).
+const KEY_CACHE_CAPACITY: u64 = 100_000;
+/// SQLite waits this long for the write lock before giving up.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+const SQLITE_MAX_CONNECTIONS: u32 = 8;
+const PG_MAX_CONNECTIONS: u32 = 10;
+/// Reservations settled per `expire_reservations` batch.
+const EXPIRY_BATCH: i64 = 500;
+const MAX_ID_LEN: usize = 128;
+/// Idempotency record and journal row of the one-time grant made at account creation.
+const CREATION_GRANT_KEY: &str = "account-created";
+
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Handle to the ledger database; cheap to clone (an `Arc` inside), `Send + Sync`.
+#[derive(Clone)]
+pub struct Ledger {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) backend: Backend,
+    keys: Cache<String, CachedKey>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("backend", &self.inner.backend.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the key cache holds for a key id.
+#[derive(Clone)]
+enum CachedKey {
+    /// No key with this id.
+    Missing,
+    Known {
+        secret_sha256: [u8; 32],
+        revoked: bool,
+        identity: Arc<KeyIdentity>,
+    },
+}
+
+/// Write transactions start with `BEGIN IMMEDIATE` on SQLite.
+const IMMEDIATE: &str = "BEGIN IMMEDIATE";
+/// Deliberately wrong: a deferred SQLite transaction (teeth of test C5).
+const DEFERRED: &str = "BEGIN";
+
+fn now_us() -> i64 {
+    jiff::Timestamp::now().as_microsecond()
+}
+
+fn ts(us: i64) -> jiff::Timestamp {
+    // Every stored time was written from a valid Timestamp.
+    jiff::Timestamp::from_microsecond(us).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+}
+
+fn check_amount(amount: i64) -> Result<(), LedgerError> {
+    if amount <= 0 || amount > MAX_AMOUNT {
+        return Err(LedgerError::InvalidAmount { amount });
+    }
+    Ok(())
+}
+
+fn check_id(what: &'static str, id: &str) -> Result<(), LedgerError> {
+    if id.is_empty() {
+        return Err(LedgerError::InvalidInput {
+            what,
+            reason: "must not be empty",
+        });
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(LedgerError::InvalidInput {
+            what,
+            reason: "must be at most 128 bytes",
+        });
+    }
+    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(LedgerError::InvalidInput {
+            what,
+            reason: "must not contain whitespace or control characters",
+        });
+    }
+    Ok(())
+}
+
+fn not_found(what: &'static str, id: &str) -> LedgerError {
+    LedgerError::NotFound {
+        what,
+        id: redact(id),
+    }
+}
+
+/// An id echoed in an error, unless it looks like a whole key (a caller passed a
+/// key where an id belongs): then only its public prefix.
+fn redact(id: &str) -> String {
+    let prefix_len = key::KEY_PREFIX.len() + key::ID_LEN;
+    if id.starts_with(key::KEY_PREFIX) && id.len() > prefix_len {
+        format!("{}***", id.get(..prefix_len).unwrap_or(key::KEY_PREFIX))
+    } else {
+        id.to_owned()
+    }
+}
+
+fn parse_json(what: &'static str, text: &str) -> Result<serde_json::Value, LedgerError> {
+    serde_json::from_str(text).map_err(|source| LedgerError::Corrupt { what, source })
+}
+
+type AccountRow = (String, String, String, i64, String, i64);
+
+fn account_from_row(row: AccountRow) -> Result<Account, LedgerError> {
+    let (id, plan, org, created_at_us, overrides, balance) = row;
+    Ok(Account {
+        id,
+        plan,
+        org,
+        created_at: ts(created_at_us),
+        overrides: parse_json("overrides", &overrides)?,
+        balance,
+    })
+}
+
+type KeyRow = (String, String, String, i64, Option<i64>);
+
+fn key_info_from_row(row: KeyRow) -> KeyInfo {
+    let (id, account, app, created_at_us, revoked_at_us) = row;
+    KeyInfo {
+        prefix: format!("{}{id}", key::KEY_PREFIX),
+        id,
+        account,
+        app,
+        created_at: ts(created_at_us),
+        revoked: revoked_at_us.is_some(),
+    }
+}
+
+fn is_schema_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && s.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// How a settlement ends a reservation.
+#[derive(Clone, Copy)]
+enum Release {
+    Released,
+    Expired,
+}
+
+impl Release {
+    fn state(self) -> &'static str {
+        match self {
+            Release::Released => "released",
+            Release::Expired => "expired",
+        }
+    }
+    fn journal_kind(self) -> &'static str {
+        match self {
+            Release::Released => "release",
+            Release::Expired => "expire",
+        }
+    }
+}
+
+impl Ledger {
+    fn from_backend(backend: Backend) -> Ledger {
+        let keys = Cache::builder()
+            .max_capacity(KEY_CACHE_CAPACITY)
+            .time_to_live(REVOCATION_BOUND)
+            .support_invalidation_closures()
+            .build();
+        Ledger {
+            inner: Arc::new(Inner { backend, keys }),
+        }
+    }
+
+    /// Opens (and migrates) a ledger. `postgres://…`/`postgresql://…` → PostgreSQL;
+    /// `sqlite://PATH`, `sqlite:PATH` or a plain path → an SQLite file, created if
+    /// missing, in WAL mode with `synchronous=FULL`, a 30 s busy timeout and
+    /// `BEGIN IMMEDIATE` for every write.
+    ///
+    /// # Errors
+    /// [`LedgerError::InvalidDatabase`] for an unusable location (never echoed),
+    /// [`LedgerError::Database`] when it cannot be reached, [`LedgerError::Migrate`].
+    pub async fn open(database: &str) -> Result<Ledger, LedgerError> {
+        if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+            let options: PgConnectOptions =
+                database.parse().map_err(|_| LedgerError::InvalidDatabase {
+                    reason: "not a valid postgres:// URL",
+                })?;
+            return Self::open_pg(options).await;
+        }
+        let path = database
+            .strip_prefix("sqlite://")
+            .or_else(|| database.strip_prefix("sqlite:"))
+            .unwrap_or(database);
+        if path.is_empty() || path.starts_with(":memory:") {
+            return Err(LedgerError::InvalidDatabase {
+                reason: "SQLite needs a file path (in-memory databases are not shared between connections)",
+            });
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(SQLITE_MAX_CONNECTIONS)
+            .connect_with(options)
+            .await?;
+        SQLITE_MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(LedgerError::Migrate)?;
+        Ok(Self::from_backend(Backend::Sqlite(pool)))
+    }
+
+    /// Opens (and migrates) a ledger in PostgreSQL schema `schema` (created if
+    /// missing; lowercase letters, digits and `_`). Tests use a unique schema each.
+    ///
+    /// # Errors
+    /// As [`Ledger::open`]; [`LedgerError::InvalidInput`] for a bad schema name.
+    pub async fn open_postgres_schema(url: &str, schema: &str) -> Result<Ledger, LedgerError> {
+        if !is_schema_name(schema) {
+            return Err(LedgerError::InvalidInput {
+                what: "schema",
+                reason: "use 1-63 lowercase letters, digits or _, not starting with a digit",
+            });
+        }
+        let options: PgConnectOptions = url.parse().map_err(|_| LedgerError::InvalidDatabase {
+            reason: "not a valid postgres:// URL",
+        })?;
+        let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+        )))
+        .execute(&mut conn)
+        .await?;
+        conn.close().await?;
+        Self::open_pg(options.options([("search_path", schema)])).await
+    }
+
+    async fn open_pg(options: PgConnectOptions) -> Result<Ledger, LedgerError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(PG_MAX_CONNECTIONS)
+            .connect_with(options)
+            .await?;
+        PG_MIGRATOR.run(&pool).await.map_err(LedgerError::Migrate)?;
+        Ok(Self::from_backend(Backend::Postgres(pool)))
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// Closes the pool; later calls fail with an unavailable error.
+    pub async fn close(&self) {
+        match &self.inner.backend {
+            Backend::Sqlite(p) => p.close().await,
+            Backend::Postgres(p) => p.close().await,
+        }
+    }
+
+    // ----- accounts -----------------------------------------------------------
+
+    /// Creates an account (and its org if new). A `grant > 0` is booked as a
+    /// [`GrantKind::Free`] grant in the same transaction.
+    ///
+    /// # Errors
+    /// [`LedgerError::AlreadyExists`], [`LedgerError::InvalidInput`],
+    /// [`LedgerError::InvalidAmount`] (grant < 0 or > 10^12), database errors.
+    pub async fn create_account(&self, new: &NewAccount) -> Result<Account, LedgerError> {
+        check_id("account id", &new.id)?;
+        check_id("plan", &new.plan)?;
+        let org = new.org.clone().unwrap_or_else(|| new.id.clone());
+        check_id("org", &org)?;
+        if new.grant != 0 {
+            check_amount(new.grant)?;
+        }
+        let now = now_us();
+        let created_at_us = new.created_at.map_or(now, |t| t.as_microsecond());
+        write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            sqlx::query(
+                "INSERT INTO orgs (id, created_at_us) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&org)
+            .bind(created_at_us)
+            .execute(&mut *tx)
+            .await?;
+            let row: Option<AccountRow> = sqlx::query_as(
+                "INSERT INTO accounts (id, org, plan, overrides, created_at_us, balance) \
+                 VALUES ($1, $2, $3, '{}', $4, $5) ON CONFLICT (id) DO NOTHING \
+                 RETURNING id, plan, org, created_at_us, overrides, balance",
+            )
+            .bind(&new.id)
+            .bind(&org)
+            .bind(&new.plan)
+            .bind(created_at_us)
+            .bind(new.grant)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                return Err(LedgerError::AlreadyExists {
+                    what: "account",
+                    id: redact(&new.id),
+                });
+            };
+            if new.grant > 0 {
+                sqlx::query(
+                    "INSERT INTO credit_journal (id, account, kind, amount, grant_kind, reason, idempotency_key, at_us) \
+                     VALUES ($1, $2, 'grant', $3, $4, $5, $6, $7)",
+                )
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(&new.id)
+                .bind(new.grant)
+                .bind(GrantKind::Free.as_str())
+                .bind("plan grant at account creation")
+                .bind(CREATION_GRANT_KEY)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            account_from_row(row)
+        })
+    }
+
+    /// The account, or `None`.
+    ///
+    /// # Errors
+    /// Database errors; [`LedgerError::Corrupt`] for undecodable overrides.
+    pub async fn account(&self, id: &str) -> Result<Option<Account>, LedgerError> {
+        let row: Option<AccountRow> = read!(self, |db| {
+            Ok(sqlx::query_as(
+                "SELECT id, plan, org, created_at_us, overrides, balance FROM accounts WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(db)
+            .await?)
+        })?;
+        row.map(account_from_row).transpose()
+    }
+
+    /// Changes plan and/or overrides. Cached keys of the account on this replica
+    /// see the change at once, other replicas within [`REVOCATION_BOUND`].
+    ///
+    /// # Errors
+    /// [`LedgerError::NotFound`], [`LedgerError::InvalidInput`] (overrides not an
+    /// object, bad plan), database errors.
+    pub async fn update_account(
+        &self,
+        id: &str,
+        change: &AccountChange,
+    ) -> Result<Account, LedgerError> {
+        if let Some(plan) = &change.plan {
+            check_id("plan", plan)?;
+        }
+        let overrides = match &change.overrides {
+            Some(v) if !v.is_object() => {
+                return Err(LedgerError::InvalidInput {
+                    what: "overrides",
+                    reason: "must be a JSON object",
+                });
+            }
+            Some(v) => Some(v.to_string()),
+            None => None,
+        };
+        let row: Option<AccountRow> = write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            let row = sqlx::query_as(
+                "UPDATE accounts SET plan = COALESCE($2, plan), overrides = COALESCE($3, overrides) \
+                 WHERE id = $1 RETURNING id, plan, org, created_at_us, overrides, balance",
+            )
+            .bind(id)
+            .bind(change.plan.as_deref())
+            .bind(overrides.as_deref())
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(row)
+        })?;
+        let account = account_from_row(row.ok_or_else(|| not_found("account", id))?)?;
+        let owner = account.id.clone();
+        // Only fails when invalidation closures are not enabled, and they are.
+        let _ = self.inner.keys.invalidate_entries_if(
+            move |_, v| matches!(v, CachedKey::Known { identity, .. } if identity.account == owner),
+        );
+        Ok(account)
+    }
+
+    // ----- keys ---------------------------------------------------------------
+
+    /// Creates a key for an app of the account (`"default"` when `app` is `None`;
+    /// the app is created on first use). The returned key is the only copy.
+    ///
+    /// # Errors
+    /// [`LedgerError::NotFound`] (account), [`LedgerError::InvalidInput`] (app
+    /// name), [`LedgerError::Random`], database errors.
+    pub async fn create_key(
+        &self,
+        account: &str,
+        app: Option<&str>,
+    ) -> Result<CreatedKey, LedgerError> {
+        let app = app.unwrap_or("default");
+        check_id("app", app)?;
+        let generated = key::generate()?;
+        let now = now_us();
+        write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM accounts WHERE id = $1")
+                .bind(account)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(not_found("account", account));
+            }
+            sqlx::query(
+                "INSERT INTO apps (account, name, created_at_us) VALUES ($1, $2, $3) \
+                 ON CONFLICT (account, name) DO NOTHING",
+            )
+            .bind(account)
+            .bind(app)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO api_keys (id, account, app, secret_sha256, created_at_us) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&generated.id)
+            .bind(account)
+            .bind(app)
+            .bind(&generated.secret_sha256)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })?;
+        // A cached "missing" entry for this id (astronomically unlikely) must go.
+        self.inner.keys.invalidate(&generated.id).await;
+        Ok(CreatedKey {
+            prefix: format!("{}{}", key::KEY_PREFIX, generated.id),
+            id: generated.id,
+            key: generated.key,
+        })
+    }
+
+    /// Keys of an account, oldest first (never the keys themselves).
+    ///
+    /// # Errors
+    /// [`LedgerError::NotFound`] (account), database errors.
+    pub async fn list_keys(&self, account: &str) -> Result<Vec<KeyInfo>, LedgerError> {
+        let (exists, rows): (Option<(String,)>, Vec<KeyRow>) = read!(self, |db| {
+            let exists = sqlx::query_as("SELECT id FROM accounts WHERE id = $1")
+                .bind(account)
+                .fetch_optional(db)
+                .await?;
+            let rows = sqlx::query_as(
+                "SELECT id, account, app, created_at_us, revoked_at_us FROM api_keys \
+                 WHERE account = $1 ORDER BY created_at_us, id",
+            )
+            .bind(account)
+            .fetch_all(db)
+            .await?;
+            Ok((exists, rows))
+        })?;
+        if exists.is_none() {
+            return Err(not_found("account", account));
+        }
+        Ok(rows.into_iter().map(key_info_from_row).collect())
+    }
+
+    /// Revokes a key (idempotent: revoking twice keeps the first time). Effective at
+    /// once on this replica, within [`REVOCATION_BOUND`] on the others.
+    ///
+    /// # Errors
+    /// [`LedgerError::NotFound`], database errors.
+    pub async fn revoke_key(&self, key_id: &str) -> Result<KeyInfo, LedgerError> {
+        let now = now_us();
+        let row: Option<KeyRow> = write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            let row = sqlx::query_as(
+                "UPDATE api_keys SET revoked_at_us = COALESCE(revoked_at_us, $2) WHERE id = $1 \
+                 RETURNING id, account, app, created_at_us, revoked_at_us",
+            )
+            .bind(key_id)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(row)
+        })?;
+        self.inner.keys.invalidate(key_id).await;
+        row.map(key_info_from_row)
+            .ok_or_else(|| not_found("key", key_id))
+    }
+
+    /// Checks a presented API key. Malformed keys and bad checksums are refused
+    /// without touching the database; lookups (including "no such id") are cached
+    /// for [`REVOCATION_BOUND`] in a bounded cache keyed by the public id; the
+    /// secret's SHA-256 is compared in constant time.
+    ///
+    /// # Errors
+    /// Database errors only (an unknown key is `Ok(KeyCheck::Unknown)`).
+    pub async fn verify_key(&self, presented: &str) -> Result<KeyCheck, LedgerError> {
+        let Some(parsed) = key::parse(presented) else {
+            return Ok(KeyCheck::Unknown);
+        };
+        let cached = match self.inner.keys.get(parsed.id).await {
+            Some(c) => c,
+            None => {
+                let loaded = self.load_key(parsed.id).await?;
+                self.inner
+                    .keys
+                    .insert(parsed.id.to_owned(), loaded.clone())
+                    .await;
+                loaded
+            }
+        };
+        Ok(match cached {
+            CachedKey::Missing => KeyCheck::Unknown,
+            CachedKey::Known {
+                secret_sha256,
+                revoked,
+                identity,
+            } => {
+                if !key::hash_matches(&parsed.secret_sha256, &secret_sha256) {
+                    KeyCheck::Unknown
+                } else if revoked {
+                    KeyCheck::Revoked {
+                        key_id: identity.key_id.clone(),
+                    }
+                } else {
+                    KeyCheck::Valid((*identity).clone())
+                }
+            }
+        })
+    }
+
+    async fn load_key(&self, id: &str) -> Result<CachedKey, LedgerError> {
+        type Row = (
+            String,
+            Option<i64>,
+            String,
+            String,
+            String,
+            String,
+            i64,
+            String,
+        );
+        let row: Option<Row> = read!(self, |db| {
+            Ok(sqlx::query_as(
+                "SELECT k.secret_sha256, k.revoked_at_us, k.account, k.app, a.org, a.plan, \
+                 a.created_at_us, a.overrides \
+                 FROM api_keys k JOIN accounts a ON a.id = k.account WHERE k.id = $1",
+            )
+            .bind(id)
+            .fetch_optional(db)
+            .await?)
+        })?;
+        let Some((hash, revoked_at, account, app, org, plan, created_at_us, overrides)) = row
+        else {
+            return Ok(CachedKey::Missing);
+        };
+        let Some(secret_sha256) = key::decode_stored(&hash) else {
+            return Ok(CachedKey::Missing);
+        };
+        Ok(CachedKey::Known {
+            secret_sha256,
+            revoked: revoked_at.is_some(),
+            identity: Arc::new(KeyIdentity {
+                key_id: id.to_owned(),
+                account,
+                org,
+                app,
+                plan,
+                account_created_at: ts(created_at_us),
+                overrides: parse_json("overrides", &overrides)?,
+            }),
+        })
+    }
+
+    // ----- credits ------------------------------------------------------------
+
+    /// Grants credits. The same `idempotency_key` (per account) grants once: a
+    /// repeat changes nothing and returns the current balance.
+    ///
+    /// # Errors
+    /// [`LedgerError::InvalidAmount`], [`LedgerError::NotFound`],
+    /// [`LedgerError::InvalidInput`] (empty idempotency key), database errors.
+    pub async fn grant(
+        &self,
+        account: &str,
+        amount: i64,
+        kind: GrantKind,
+        reason: &str,
+        idempotency_key: &str,
+    ) -> Result<i64, LedgerError> {
+        check_amount(amount)?;
+        check_id("idempotency key", idempotency_key)?;
+        let now = now_us();
+        write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            let exists: Option<(i64,)> =
+                sqlx::query_as("SELECT balance FROM accounts WHERE id = $1")
+                    .bind(account)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if exists.is_none() {
+                return Err(not_found("account", account));
+            }
+            let inserted: Option<(String,)> = sqlx::query_as(
+                "INSERT INTO credit_journal (id, account, kind, amount, grant_kind, reason, idempotency_key, at_us) \
+                 VALUES ($1, $2, 'grant', $3, $4, $5, $6, $7) \
+                 ON CONFLICT (account, idempotency_key) WHERE kind = 'grant' DO NOTHING RETURNING id",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(account)
+            .bind(amount)
+            .bind(kind.as_str())
+            .bind(reason)
+            .bind(idempotency_key)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let (balance,): (i64,) = if inserted.is_some() {
+                sqlx::query_as(
+                    "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance",
+                )
+                .bind(account)
+                .bind(amount)
+                .fetch_one(&mut *tx)
+                .await?
+            } else {
+                sqlx::query_as("SELECT balance FROM accounts WHERE id = $1")
+                    .bind(account)
+                    .fetch_one(&mut *tx)
+                    .await?
+            };
+            tx.commit().await?;
+            Ok(balance)
+        })
+    }
+
+    /// Holds `amount` credits for at most `ttl` (then
+    /// [`expire_reservations`](Ledger::expire_reservations) releases them). With an
+    /// idempotency key, see the module docs for replays.
+    ///
+    /// # Errors
+    /// [`LedgerError::InvalidAmount`], [`LedgerError::NotFound`] (account),
+    /// [`LedgerError::InvalidInput`] (empty idempotency key), database errors.
+    /// Not enough credits is `Ok(ReserveOutcome::Insufficient)`.
+    pub async fn reserve(
+        &self,
+        account: &str,
+        amount: i64,
+        idempotency: Option<&Idempotency>,
+        ttl: Duration,
+    ) -> Result<ReserveOutcome, LedgerError> {
+        self.reserve_with(account, amount, idempotency, ttl, IMMEDIATE, ATTEMPTS)
+            .await
+    }
+
+    /// Teeth of test C5: [`Ledger::reserve`] with a *deferred* SQLite transaction and
+    /// no retries, which surfaces `SQLITE_BUSY` under concurrent writers. Never use.
+    #[doc(hidden)]
+    pub async fn reserve_deferred_for_test(
+        &self,
+        account: &str,
+        amount: i64,
+        ttl: Duration,
+    ) -> Result<ReserveOutcome, LedgerError> {
+        self.reserve_with(account, amount, None, ttl, DEFERRED, 1)
+            .await
+    }
+
+    async fn reserve_with(
+        &self,
+        account: &str,
+        amount: i64,
+        idempotency: Option<&Idempotency>,
+        ttl: Duration,
+        sqlite_begin: &'static str,
+        attempts: u32,
+    ) -> Result<ReserveOutcome, LedgerError> {
+        check_amount(amount)?;
+        if let Some(idem) = idempotency {
+            check_id("idempotency key", &idem.key)?;
+        }
+        let ttl_us = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX / 4);
+        write_tx!(self, sqlite_begin, attempts, |tx| {
+            let now = now_us();
+            let reservation = uuid::Uuid::now_v7().to_string();
+            // Existence only; the balance check is the conditional UPDATE below.
+            let exists: Option<(i64,)> =
+                sqlx::query_as("SELECT balance FROM accounts WHERE id = $1")
+                    .bind(account)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if exists.is_none() {
+                return Err(not_found("account", account));
+            }
+            if let Some(idem) = idempotency {
+                // First statement that writes: a concurrent holder of the same key
+                // makes PostgreSQL wait here (holding no other lock) until it ends.
+                let inserted: Option<(String,)> = sqlx::query_as(
+                    "INSERT INTO idempotency (account, key, fingerprint, reservation, state, created_at_us) \
+                     VALUES ($1, $2, $3, $4, 'reserved', $5) ON CONFLICT (account, key) DO NOTHING RETURNING key",
+                )
+                .bind(account)
+                .bind(&idem.key)
+                .bind(&idem.fingerprint)
+                .bind(&reservation)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if inserted.is_none() {
+                    type Row = (String, String, Option<i64>, Option<String>, Option<Vec<u8>>);
+                    let existing: Option<Row> = sqlx::query_as(
+                        "SELECT fingerprint, state, status, content_type, body FROM idempotency \
+                         WHERE account = $1 AND key = $2",
+                    )
+                    .bind(account)
+                    .bind(&idem.key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    return Ok(match existing {
+                        // Released between our insert and this read: the caller retries.
+                        None => ReserveOutcome::InProgress,
+                        Some((fingerprint, ..)) if fingerprint != idem.fingerprint => {
+                            ReserveOutcome::Mismatch
+                        }
+                        Some((_, state, status, content_type, body)) if state == "completed" => {
+                            ReserveOutcome::Completed(StoredResponse {
+                                status: status.and_then(|s| u16::try_from(s).ok()).unwrap_or(200),
+                                content_type,
+                                body: body.unwrap_or_default(),
+                            })
+                        }
+                        Some(_) => ReserveOutcome::InProgress,
+                    });
+                }
+            }
+            let updated: Option<(i64,)> = sqlx::query_as(
+                "UPDATE accounts SET balance = balance - $2 WHERE id = $1 AND balance >= $2 RETURNING balance",
+            )
+            .bind(account)
+            .bind(amount)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((balance,)) = updated else {
+                let (balance,): (i64,) =
+                    sqlx::query_as("SELECT balance FROM accounts WHERE id = $1")
+                        .bind(account)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                // Dropping the transaction rolls back the idempotency record.
+                return Ok(ReserveOutcome::Insufficient { balance });
+            };
+            let idem_key = idempotency.map(|i| i.key.as_str());
+            sqlx::query(
+                "INSERT INTO reservations (id, account, amount, state, idempotency_key, created_at_us, expires_at_us) \
+                 VALUES ($1, $2, $3, 'open', $4, $5, $6)",
+            )
+            .bind(&reservation)
+            .bind(account)
+            .bind(amount)
+            .bind(idem_key)
+            .bind(now)
+            .bind(now.saturating_add(ttl_us))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO credit_journal (id, account, kind, amount, reservation, idempotency_key, at_us) \
+                 VALUES ($1, $2, 'reserve', $3, $4, $5, $6)",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(account)
+            .bind(amount)
+            .bind(&reservation)
+            .bind(idem_key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(ReserveOutcome::Reserved {
+                id: ReservationId(reservation),
+                balance,
+            })
+        })
+    }
+
+    /// Teeth of tests C1 and C9: a deliberately wrong reservation that reads the
+    /// balance, then writes `balance = read - amount` (read-modify-write). Under
+    /// concurrency it loses updates and over-spends. Never use.
+    #[doc(hidden)]
+    pub async fn reserve_read_modify_write_for_test(
+        &self,
+        account: &str,
+        amount: i64,
+        ttl: Duration,
+    ) -> Result<ReserveOutcome, LedgerError> {
+        check_amount(amount)?;
+        let (read_balance,): (i64,) = read!(self, |db| {
+            Ok(sqlx::query_as("SELECT balance FROM accounts WHERE id = $1")
+                .bind(account)
+                .fetch_one(db)
+                .await?)
+        })?;
+        if read_balance < amount {
+            return Ok(ReserveOutcome::Insufficient {
+                balance: read_balance,
+            });
+        }
+        tokio::task::yield_now().await;
+        let ttl_us = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX / 4);
+        write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            let now = now_us();
+            let reservation = uuid::Uuid::now_v7().to_string();
+            sqlx::query("UPDATE accounts SET balance = $2 WHERE id = $1")
+                .bind(account)
+                .bind(read_balance - amount)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO reservations (id, account, amount, state, created_at_us, expires_at_us) \
+                 VALUES ($1, $2, $3, 'open', $4, $5)",
+            )
+            .bind(&reservation)
+            .bind(account)
+            .bind(amount)
+            .bind(now)
+            .bind(now.saturating_add(ttl_us))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO credit_journal (id, account, kind, amount, reservation, at_us) \
+                 VALUES ($1, $2, 'reserve', $3, $4, $5)",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(account)
+            .bind(amount)
+            .bind(&reservation)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(ReserveOutcome::Reserved {
+                id: ReservationId(reservation.clone()),
+                balance: read_balance - amount,
+            })
+        })
+    }
+
+    /// Charges `amount` (`0..=reserved`) of a reservation and returns the rest to
+    /// the balance; stores `response` for idempotent replay. Returns the balance.
+    ///
+    /// # Errors
+    /// [`LedgerError::CommitAboveReservation`], [`LedgerError::InvalidAmount`]
+    /// (negative), [`LedgerError::ReservationSettled`], [`LedgerError::NotFound`],
+    /// database errors. On any error nothing changed.
+    pub async fn commit(
+        &self,
+        reservation: ReservationId,
+        amount: i64,
+        response: Option<&StoredResponse>,
+    ) -> Result<i64, LedgerError> {
+        if !(0..=MAX_AMOUNT).contains(&amount) {
+            return Err(LedgerError::InvalidAmount { amount });
+        }
+        let id = reservation.0.as_str();
+        write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            let now = now_us();
+            let row: Option<(String, i64, String, Option<String>)> = sqlx::query_as(
+                "SELECT account, amount, state, idempotency_key FROM reservations WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((account, reserved, _, idem_key)) = row else {
+                return Err(not_found("reservation", id));
+            };
+            if amount > reserved {
+                return Err(LedgerError::CommitAboveReservation { reserved, amount });
+            }
+            let settled: Option<(i64,)> = sqlx::query_as(
+                "UPDATE reservations SET state = 'committed', committed = $2, settled_at_us = $3 \
+                 WHERE id = $1 AND state = 'open' RETURNING amount",
+            )
+            .bind(id)
+            .bind(amount)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if settled.is_none() {
+                return Err(LedgerError::ReservationSettled);
+            }
+            let refund = reserved - amount;
+            let (balance,): (i64,) = sqlx::query_as(
+                "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance",
+            )
+            .bind(&account)
+            .bind(refund)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO credit_journal (id, account, kind, amount, refund, reservation, idempotency_key, at_us) \
+                 VALUES ($1, $2, 'commit', $3, $4, $5, $6, $7)",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&account)
+            .bind(amount)
+            .bind(refund)
+            .bind(id)
+            .bind(idem_key.as_deref())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if idem_key.is_some() {
+                sqlx::query(
+                    "UPDATE idempotency SET state = 'completed', status = $2, content_type = $3, body = $4 \
+                     WHERE reservation = $1",
+                )
+                .bind(id)
+                .bind(response.map(|r| i64::from(r.status)))
+                .bind(response.and_then(|r| r.content_type.as_deref()))
+                .bind(response.map(|r| r.body.as_slice()))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(balance)
+        })
+    }
+
+    /// Returns a reservation's credits to the balance; its idempotency key (if
+    /// any) may reserve again. Returns the balance.
+    ///
+    /// # Errors
+    /// [`LedgerError::ReservationSettled`], [`LedgerError::NotFound`], database
+    /// errors.
+    pub async fn release(&self, reservation: ReservationId) -> Result<i64, LedgerError> {
+        self.settle_release(&reservation.0, Release::Released).await
+    }
+
+    async fn settle_release(&self, id: &str, how: Release) -> Result<i64, LedgerError> {
+        write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            let now = now_us();
+            let settled: Option<(String, i64, Option<String>)> = sqlx::query_as(
+                "UPDATE reservations SET state = $2, settled_at_us = $3 \
+                 WHERE id = $1 AND state = 'open' RETURNING account, amount, idempotency_key",
+            )
+            .bind(id)
+            .bind(how.state())
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((account, amount, idem_key)) = settled else {
+                let exists: Option<(String,)> =
+                    sqlx::query_as("SELECT id FROM reservations WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                return Err(match exists {
+                    Some(_) => LedgerError::ReservationSettled,
+                    None => not_found("reservation", id),
+                });
+            };
+            let (balance,): (i64,) = sqlx::query_as(
+                "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance",
+            )
+            .bind(&account)
+            .bind(amount)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO credit_journal (id, account, kind, amount, reservation, idempotency_key, at_us) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&account)
+            .bind(how.journal_kind())
+            .bind(amount)
+            .bind(id)
+            .bind(idem_key.as_deref())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if idem_key.is_some() {
+                sqlx::query("DELETE FROM idempotency WHERE reservation = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(balance)
+        })
+    }
+
+    /// Releases every open reservation whose TTL has passed; returns how many.
+    /// Run it periodically (the server does, every second or so).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn expire_reservations(&self) -> Result<u64, LedgerError> {
+        let mut expired = 0u64;
+        loop {
+            let now = now_us();
+            let due: Vec<(String,)> = read!(self, |db| {
+                Ok(sqlx::query_as(
+                    "SELECT id FROM reservations WHERE state = 'open' AND expires_at_us <= $1 \
+                     ORDER BY expires_at_us LIMIT $2",
+                )
+                .bind(now)
+                .bind(EXPIRY_BATCH)
+                .fetch_all(db)
+                .await?)
+            })?;
+            let batch = due.len();
+            for (id,) in due {
+                match self.settle_release(&id, Release::Expired).await {
+                    Ok(_) => expired += 1,
+                    // Committed or released meanwhile: that outcome stands.
+                    Err(LedgerError::ReservationSettled) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if (batch as i64) < EXPIRY_BATCH {
+                return Ok(expired);
+            }
+        }
+    }
+
+    /// The stored balance.
+    ///
+    /// # Errors
+    /// [`LedgerError::NotFound`], database errors.
+    pub async fn balance(&self, account: &str) -> Result<i64, LedgerError> {
+        let row: Option<(i64,)> = read!(self, |db| {
+            Ok(sqlx::query_as("SELECT balance FROM accounts WHERE id = $1")
+                .bind(account)
+                .fetch_optional(db)
+                .await?)
+        })?;
+        row.map(|(b,)| b)
+            .ok_or_else(|| not_found("account", account))
+    }
+
+    /// Recomputes the account's credits from the journal rows (one statement, one
+    /// snapshot) beside the stored balance; see [`Audit::is_consistent`].
+    ///
+    /// # Errors
+    /// [`LedgerError::NotFound`], database errors.
+    pub async fn audit(&self, account: &str) -> Result<Audit, LedgerError> {
+        type Row = (i64, i64, i64, i64, i64, i64);
+        let row: Option<Row> = read!(self, |db| {
+            Ok(sqlx::query_as(
+                "SELECT a.balance, \
+                 CAST(COALESCE((SELECT SUM(amount) FROM credit_journal WHERE account = $1 AND kind = 'grant'), 0) AS BIGINT), \
+                 CAST(COALESCE((SELECT SUM(amount) FROM credit_journal WHERE account = $1 AND kind = 'commit'), 0) AS BIGINT), \
+                 CAST(COALESCE((SELECT SUM(amount) FROM credit_journal WHERE account = $1 AND kind = 'reserve'), 0) AS BIGINT), \
+                 CAST(COALESCE((SELECT SUM(amount + refund) FROM credit_journal WHERE account = $1 \
+                                AND kind IN ('commit', 'release', 'expire')), 0) AS BIGINT), \
+                 CAST(COALESCE((SELECT SUM(amount) FROM reservations WHERE account = $1 AND state = 'open'), 0) AS BIGINT) \
+                 FROM accounts a WHERE a.id = $1",
+            )
+            .bind(account)
+            .fetch_optional(db)
+            .await?)
+        })?;
+        let (balance, grants, committed, reserved, settled, open_table) =
+            row.ok_or_else(|| not_found("account", account))?;
+        Ok(Audit {
+            grants,
+            balance,
+            committed,
+            open_reserved: reserved - settled,
+            open_reservations_table: open_table,
+        })
+    }
+
+    // ----- events -------------------------------------------------------------
+
+    /// Appends an event to the outbox.
+    ///
+    /// # Errors
+    /// [`LedgerError::InvalidInput`] (empty kind), database errors.
+    pub async fn record_event(&self, event: &NewEvent) -> Result<(), LedgerError> {
+        check_id("event kind", &event.kind)?;
+        let data = event.data.to_string();
+        write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            sqlx::query(
+                "INSERT INTO events (id, at_us, account, kind, data) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(now_us())
+            .bind(event.account.as_deref())
+            .bind(&event.kind)
+            .bind(&data)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Events, oldest first, optionally of one account and at or after `since`;
+    /// at most `limit` (capped at 1000).
+    ///
+    /// # Errors
+    /// Database errors, [`LedgerError::Corrupt`].
+    pub async fn events(
+        &self,
+        account: Option<&str>,
+        since: Option<jiff::Timestamp>,
+        limit: u32,
+    ) -> Result<Vec<Event>, LedgerError> {
+        let since_us = since.map_or(i64::MIN, |t| t.as_microsecond());
+        let limit = i64::from(limit.min(1000));
+        let rows: Vec<(String, i64, Option<String>, String, String)> = read!(self, |db| {
+            Ok(sqlx::query_as(
+                "SELECT id, at_us, account, kind, data FROM events \
+                 WHERE ($1 IS NULL OR account = $1) AND at_us >= $2 ORDER BY at_us, id LIMIT $3",
+            )
+            .bind(account)
+            .bind(since_us)
+            .bind(limit)
+            .fetch_all(db)
+            .await?)
+        })?;
+        rows.into_iter()
+            .map(|(id, at_us, account, kind, data)| {
+                Ok(Event {
+                    id,
+                    at: ts(at_us),
+                    account,
+                    kind,
+                    data: parse_json("event data", &data)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs a statement directly (tests: dumps, integrity checks, fault injection).
+    #[doc(hidden)]
+    pub async fn execute_for_test(&self, sql: &str) -> Result<u64, LedgerError> {
+        let sql = sql.to_owned();
+        read!(self, |db| {
+            Ok(sqlx::query(AssertSqlSafe(sql.clone()))
+                .execute(db)
+                .await?
+                .rows_affected())
+        })
+    }
+
+    /// Runs a query returning one text column per row (tests: dumps, checks).
+    #[doc(hidden)]
+    pub async fn query_strings_for_test(&self, sql: &str) -> Result<Vec<String>, LedgerError> {
+        let sql = sql.to_owned();
+        let rows: Vec<(String,)> = read!(self, |db| {
+            Ok(sqlx::query_as(AssertSqlSafe(sql.clone()))
+                .fetch_all(db)
+                .await?)
+        })?;
+        Ok(rows.into_iter().map(|(s,)| s).collect())
+    }
+}

@@ -1,0 +1,228 @@
+//! Server settings: the `[server]` section of the policy file, overridden by
+//! command-line flags. Only secrets come from the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The built-in default policy, used when no `--config` is given.
+pub const DEFAULT_POLICY: &str = include_str!("default-policy.toml");
+
+/// The admin bearer token. Its `Debug` prints `***`.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// A token; empty strings are refused (`None`).
+    pub fn new(token: String) -> Option<AdminToken> {
+        (!token.trim().is_empty()).then_some(AdminToken(token))
+    }
+
+    /// Constant-time comparison with a presented token.
+    pub fn matches(&self, presented: &str) -> bool {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        // Hash both sides so the comparison is constant-time whatever the lengths.
+        let a = sha2::Sha256::digest(self.0.as_bytes());
+        let b = sha2::Sha256::digest(presented.as_bytes());
+        a.ct_eq(&b).into()
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `[server]` as written in the policy file. Every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Proxy listener (default `127.0.0.1:8080`).
+    pub listen: Option<SocketAddr>,
+    /// Admin listener (default `127.0.0.1:8081`).
+    pub admin_listen: Option<SocketAddr>,
+    /// Upstream base URL (default: a built-in echo server).
+    pub upstream: Option<String>,
+    /// Directory of the SQLite database (default `./tollgate-data`).
+    pub data_dir: Option<PathBuf>,
+    /// `postgres://…`, or an SQLite file path (default `DATA_DIR/tollgate.db`).
+    pub database: Option<String>,
+    /// Counter store: `memory` (default).
+    pub store: Option<String>,
+    /// Proxies whose `X-Forwarded-For` is believed (CIDRs). Default none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Time to read a request's headers (default `10s`).
+    pub header_read_timeout: Option<String>,
+    /// Time for a whole request (default `120s`).
+    pub request_timeout: Option<String>,
+    /// Most live counters in memory (default 1,000,000).
+    pub max_counters: Option<usize>,
+    /// Largest body read to inspect it when an operation has no `max_body` (default `64MB`).
+    pub inspect_body_max: Option<String>,
+}
+
+/// Resolved server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Proxy listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Upstream base URL; `None` starts the built-in echo upstream.
+    pub upstream: Option<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Database URL or path; `None` = SQLite under `data_dir`.
+    pub database: Option<String>,
+    /// Counter store URL.
+    pub store: String,
+    /// Trusted proxies.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Header read timeout.
+    pub header_read_timeout: Duration,
+    /// Whole-request timeout.
+    pub request_timeout: Duration,
+    /// Live counter cap.
+    pub max_counters: usize,
+    /// Inspection cap for bodies.
+    pub inspect_body_max: u64,
+    /// Admin token; `None` refuses every admin call.
+    pub admin_token: Option<AdminToken>,
+    /// The policy file, watched for reloads; `None` = built-in policy.
+    pub policy_path: Option<PathBuf>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            upstream: None,
+            data_dir: PathBuf::from("tollgate-data"),
+            database: None,
+            store: "memory".to_owned(),
+            trusted_proxies: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(120),
+            max_counters: tollgate_core::store::memory::DEFAULT_MAX_COUNTERS,
+            inspect_body_max: 64_000_000,
+            admin_token: None,
+            policy_path: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Applies a `[server]` section over the defaults.
+    ///
+    /// # Errors
+    /// A message per bad value.
+    pub fn apply(&mut self, s: &ServerSection) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        if let Some(v) = s.listen {
+            self.listen = v;
+        }
+        if let Some(v) = s.admin_listen {
+            self.admin_listen = v;
+        }
+        if let Some(v) = &s.upstream {
+            match v.parse::<http::Uri>() {
+                Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => self.upstream = Some(v.clone()),
+                _ => errors.push(format!("[server] upstream = \"{v}\" must be an http:// URL such as \"http://127.0.0.1:9000\"")),
+            }
+        }
+        if let Some(v) = &s.data_dir {
+            self.data_dir = v.clone();
+        }
+        if let Some(v) = &s.database {
+            self.database = Some(v.clone());
+        }
+        if let Some(v) = &s.store {
+            if v == "memory" {
+                self.store = v.clone();
+            } else {
+                errors.push(format!(
+                    "[server] store = \"{v}\": only \"memory\" is available in this build"
+                ));
+            }
+        }
+        self.trusted_proxies.clear();
+        for p in &s.trusted_proxies {
+            match p
+                .parse::<IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+            {
+                Ok(n) => self.trusted_proxies.push(n),
+                Err(_) => errors.push(format!(
+                    "[server] trusted_proxies: \"{p}\" is not an IP address or CIDR"
+                )),
+            }
+        }
+        for (field, value, slot) in [
+            (
+                "header_read_timeout",
+                &s.header_read_timeout,
+                &mut self.header_read_timeout,
+            ),
+            (
+                "request_timeout",
+                &s.request_timeout,
+                &mut self.request_timeout,
+            ),
+        ] {
+            if let Some(v) = value {
+                match humantime::parse_duration(v) {
+                    Ok(d) if !d.is_zero() => *slot = d,
+                    _ => errors.push(format!(
+                        "[server] {field} = \"{v}\" is not a duration such as \"10s\""
+                    )),
+                }
+            }
+        }
+        if let Some(v) = s.max_counters {
+            self.max_counters = v.max(1);
+        }
+        if let Some(v) = &s.inspect_body_max {
+            match tollgate_core::policy::parse_size(v) {
+                Some(n) => self.inspect_body_max = n,
+                None => errors.push(format!(
+                    "[server] inspect_body_max = \"{v}\" is not a size such as \"64MB\""
+                )),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The database to open: the URL given, or the SQLite file under `data_dir`.
+    pub fn database_url(&self) -> String {
+        match &self.database {
+            Some(d) => d.clone(),
+            None => self.data_dir.join("tollgate.db").display().to_string(),
+        }
+    }
+}
+
+/// Reads the `[server]` section of a policy file's text.
+///
+/// # Errors
+/// The section does not parse (unknown field, wrong type).
+pub fn server_section(src: &str) -> Result<ServerSection, String> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        server: Option<ServerSection>,
+    }
+    toml::from_str::<File>(src)
+        .map(|f| f.server.unwrap_or_default())
+        .map_err(|e| format!("[server]: {}", e.message()))
+}

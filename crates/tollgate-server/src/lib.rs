@@ -1,0 +1,446 @@
+//! # tollgate-server
+//!
+//! tollgate's server as a library: the proxy (every route not tollgate's
+//! own), the decision API (`POST /v1/check`), `GET /v1/account`, health
+//! endpoints, and — on a separate listener — the admin API and `/metrics`.
+//! Tests start it in-process on `127.0.0.1:0` with [`start`]; the `tollgate`
+//! binary calls [`start`] and waits for a signal.
+//!
+//! Connections are served by hyper with a header-read timeout (the timer is
+//! wired, so slow-header clients are cut off), a bounded header buffer (431
+//! beyond it), at most 200 concurrent HTTP/2 streams, and a whole-request
+//! timeout.
+
+pub mod account;
+pub mod admin;
+pub mod check;
+pub mod client_ip;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod payload;
+pub mod proxy;
+pub mod state;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tollgate_core::policy::CompiledPolicy;
+use tollgate_core::{Clock, Engine, MemoryStore};
+use tollgate_ledger::Ledger;
+use tower::ServiceExt;
+
+pub use config::{AdminToken, ServerConfig};
+use state::{AppState, Shared};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be opened.
+    #[error("cannot open the database: {0}")]
+    Database(#[source] tollgate_ledger::LedgerError),
+    /// A setting is invalid.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    /// Bound proxy address.
+    pub addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    /// The echo upstream's address, when the built-in one runs.
+    pub echo_addr: Option<SocketAddr>,
+    /// Shared state (tests inspect it).
+    pub state: Shared,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (at most 10 s), returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+/// Opens the database, binds both listeners and serves until [`Running::shutdown`].
+///
+/// # Errors
+/// A listener cannot bind, the database cannot be opened, or a setting is invalid.
+pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Running, ServerError> {
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut echo_addr = None;
+    let upstream = match &config.upstream {
+        Some(u) => u
+            .parse::<http::Uri>()
+            .map_err(|_| ServerError::Config(format!("upstream `{u}` is not a URL")))?,
+        None => {
+            let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+            let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+            echo_addr = Some(addr);
+            tasks.push(tokio::spawn(serve(
+                listener,
+                echo_router(),
+                rx.clone(),
+                limits(&config),
+            )));
+            format!("http://{addr}")
+                .parse()
+                .map_err(|_| ServerError::Config("echo address".into()))?
+        }
+    };
+    let database = config.database_url();
+    if config.database.is_none() {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            ServerError::Config(format!(
+                "cannot create data dir {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+    }
+    let ledger = Ledger::open(&database)
+        .await
+        .map_err(ServerError::Database)?;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(http);
+    let state = Arc::new(AppState {
+        policy: ArcSwap::from_pointee(policy),
+        engine: Engine::new(MemoryStore::new(config.max_counters)),
+        ledger,
+        client,
+        upstream,
+        metrics: metrics::Metrics::new(),
+        config: config.clone(),
+        events: events::Events::default(),
+    });
+    let proxy_listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let addr = proxy_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+    tasks.push(tokio::spawn(serve(
+        proxy_listener,
+        proxy_router(state.clone()),
+        rx.clone(),
+        limits(&config),
+    )));
+    tasks.push(tokio::spawn(serve(
+        admin_listener,
+        admin::router(state.clone()),
+        rx.clone(),
+        limits(&config),
+    )));
+    tasks.push(tokio::spawn(housekeeping(state.clone(), rx.clone())));
+    tasks.push(tokio::spawn(watch_reloads(state.clone(), rx)));
+    tracing::info!(%addr, %admin_addr, upstream = %state.upstream, database = %redact_url(&database), "tollgate serving");
+    Ok(Running {
+        addr,
+        admin_addr,
+        echo_addr,
+        state,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// The proxy listener's routes.
+pub fn proxy_router(st: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/check", post(check::check))
+        .route("/v1/check/release", post(check::release))
+        .route("/v1/account", get(account::get))
+        .fallback(any(proxy::handle))
+        .with_state(st)
+}
+
+/// `GET /readyz`: 200 when the database answers, 503 otherwise.
+pub async fn readyz(State(st): State<Shared>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(1), st.ledger.balance("readyz-probe")).await {
+        Ok(Ok(_)) | Ok(Err(tollgate_ledger::LedgerError::NotFound { .. })) => {
+            "ready".into_response()
+        }
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response(),
+    }
+}
+
+/// Accepts connections until shutdown, serving each with hyper's limits.
+/// Timeouts of a listener: (header read, whole request).
+fn limits(config: &ServerConfig) -> (Duration, Duration) {
+    (config.header_read_timeout, config.request_timeout)
+}
+
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+    (header_timeout, request_timeout): (Duration, Duration),
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let router = router.clone();
+                async move {
+                    let req = req.map(Body::new);
+                    let resp =
+                        match tokio::time::timeout(request_timeout, router.oneshot(req)).await {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(never)) => match never {},
+                            Err(_) => error::ApiError::new(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "request_timeout",
+                                "the request took too long",
+                            )
+                            .into_response(),
+                        };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(200)
+            .max_header_list_size(64 * 1024);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+}
+
+/// The built-in upstream used when none is configured: answers 200 with
+/// what it received (method, path, body size), never the body itself.
+fn echo_router() -> Router {
+    Router::new().fallback(|req: axum::extract::Request| async move {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_owned();
+        let account = req.headers().get("tollgate-account").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let bytes = http_body_util::BodyExt::collect(req.into_body()).await.map(|b| b.to_bytes().len()).unwrap_or(0);
+        error::json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "echo": true, "method": method, "path": path, "account": account, "received_bytes": bytes }),
+        )
+    })
+}
+
+/// Sweeps idle counters, expires unsettled reservations, flushes events.
+async fn housekeeping(st: Shared, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let now = st.engine.clock().now();
+        st.engine.store().sweep(now);
+        st.metrics
+            .live_counters
+            .set(i64::try_from(st.engine.store().len()).unwrap_or(i64::MAX));
+        if let Err(e) = st.ledger.expire_reservations().await {
+            tracing::warn!(error = %e, "could not expire reservations");
+        }
+        st.events.flush(&st.ledger, now).await;
+    }
+    st.events.flush(&st.ledger, st.engine.clock().now()).await;
+}
+
+/// Reloads the policy file; the old policy keeps serving if the new one is invalid.
+///
+/// # Errors
+/// Every problem of the new file (also logged).
+pub fn reload_policy(st: &Shared) -> Result<String, Vec<String>> {
+    let Some(path) = &st.config.policy_path else {
+        return Err(vec![
+            "tollgate runs the built-in policy; start it with --config FILE to reload".to_owned(),
+        ]);
+    };
+    match tollgate_core::policy::load(path) {
+        Ok(p) => {
+            let name = p.name.clone();
+            st.policy.store(Arc::new(p));
+            st.metrics
+                .reloads
+                .get_or_create(&metrics::UpstreamLabels { class: "ok".into() })
+                .inc();
+            tracing::info!(policy = %name, "policy reloaded");
+            Ok(name)
+        }
+        Err(errors) => {
+            st.metrics
+                .reloads
+                .get_or_create(&metrics::UpstreamLabels {
+                    class: "invalid".into(),
+                })
+                .inc();
+            let problems: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+            for p in &problems {
+                tracing::error!(problem = %p, "new policy refused; the previous one keeps serving");
+            }
+            Err(problems)
+        }
+    }
+}
+
+/// Reloads on SIGHUP and when the policy file changes.
+async fn watch_reloads(st: Shared, mut shutdown: watch::Receiver<bool>) {
+    let Some(path) = st.config.policy_path.clone() else {
+        return;
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(4);
+    let _watcher = file_watcher(&path, tx.clone());
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fut = std::future::pending::<()>();
+        tokio::select! {
+            _ = hup_fut => {}
+            Some(()) = rx.recv() => {}
+            _ = shutdown.changed() => break,
+        }
+        let _ = reload_policy(&st);
+    }
+}
+
+fn file_watcher(
+    path: &Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<Box<dyn std::any::Any + Send>> {
+    let target = path.canonicalize().ok()?;
+    let dir = target.parent()?.to_path_buf();
+    let mut debouncer = notify_debouncer_full::new_debouncer(
+        Duration::from_millis(200),
+        None,
+        move |res: notify_debouncer_full::DebounceEventResult| {
+            if let Ok(events) = res
+                && events.iter().any(|e| e.paths.iter().any(|p| p == &target))
+            {
+                let _ = tx.try_send(());
+            }
+        },
+    )
+    .ok()?;
+    debouncer
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .ok()?;
+    Some(Box::new(debouncer))
+}
+
+/// A database URL with any password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            redact_url("tollgate-data/tollgate.db"),
+            "tollgate-data/tollgate.db"
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! Prometheus metrics, served on the admin listener at `/metrics`.
+//!
+//! Labels are bounded: plan, operation and limit names come from the policy,
+//! outcome and status class from small fixed sets. Never a key, an IP, an
+//! account or a file name.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a decision.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// Plan name.
+    pub plan: String,
+    /// Operation name.
+    pub operation: String,
+    /// `allowed`, `rejected`, `forwarded`, `store_unavailable`, `cost_above_capacity`.
+    pub outcome: String,
+}
+
+/// Labels of one limit's result.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Limit name.
+    pub limit: String,
+    /// `within`, `over` (enforced and over), `soft` (soft crossing), `shadow` (shadow would-reject).
+    pub result: String,
+}
+
+/// Labels of an upstream answer.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// `2xx`, `3xx`, `4xx`, `5xx`, `error`, `timeout`.
+    pub class: String,
+}
+
+/// Every metric tollgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Decisions by plan, operation, outcome.
+    pub decisions: Family<DecisionLabels, Counter>,
+    /// Per-limit results.
+    pub limits: Family<LimitLabels, Counter>,
+    /// Decision latency, seconds.
+    pub decision_seconds: Histogram,
+    /// Upstream answers by status class.
+    pub upstream: Family<UpstreamLabels, Counter>,
+    /// Upstream latency, seconds.
+    pub upstream_seconds: Histogram,
+    /// Upstream retries made.
+    pub upstream_retries: Counter,
+    /// Store errors.
+    pub store_errors: Counter,
+    /// Requests admitted because a store error met a fail-open limit.
+    pub fail_open: Counter,
+    /// Credits committed.
+    pub credits_charged: Counter,
+    /// Live counters in the in-memory store.
+    pub live_counters: Gauge,
+    /// Policy reloads by result.
+    pub reloads: Family<UpstreamLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tollgate");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Decisions by plan, operation and outcome",
+            decisions.clone(),
+        );
+        let limits = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limit_results",
+            "Per-limit results: within, over, soft crossing, shadow would-reject",
+            limits.clone(),
+        );
+        let decision_seconds = Histogram::new(exponential_buckets(0.000_001, 4.0, 12));
+        registry.register(
+            "decision_seconds",
+            "Time to decide a request",
+            decision_seconds.clone(),
+        );
+        let upstream = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_responses",
+            "Upstream answers by status class",
+            upstream.clone(),
+        );
+        let upstream_seconds = Histogram::new(exponential_buckets(0.000_1, 4.0, 12));
+        registry.register(
+            "upstream_seconds",
+            "Upstream latency per attempt",
+            upstream_seconds.clone(),
+        );
+        let upstream_retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream attempts repeated after a retryable answer",
+            upstream_retries.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register("store_errors", "Counter store errors", store_errors.clone());
+        let fail_open = Counter::default();
+        registry.register(
+            "fail_open",
+            "Requests admitted because the store failed and the limits fail open",
+            fail_open.clone(),
+        );
+        let credits_charged = Counter::default();
+        registry.register(
+            "credits_charged",
+            "Credits committed",
+            credits_charged.clone(),
+        );
+        let live_counters = Gauge::default();
+        registry.register(
+            "live_counters",
+            "Live counters in the in-memory store",
+            live_counters.clone(),
+        );
+        let reloads = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads by result (ok, invalid)",
+            reloads.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            limits,
+            decision_seconds,
+            upstream,
+            upstream_seconds,
+            upstream_retries,
+            store_errors,
+            fail_open,
+            credits_charged,
+            live_counters,
+            reloads,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The status class label of an HTTP status.
+pub fn class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,842 @@
+//! The proxy: identify → operation → payload rules → credits → limits →
+//! forward (with bounded retries) → settle credits → headers.
+//!
+//! Order matters for "a rejected request consumes nothing": credits are
+//! reserved first and released if a limit refuses; limits take their cost
+//! only when every enforced limit admits. A body is buffered only when the
+//! operation needs to look at it (payload rules, a body attribute) or when a
+//! retry may need to replay it, and never beyond its cap; otherwise it
+//! streams straight through. Early answers (401/413/429/402…) are sent
+//! without reading the rest of the body, and hyper then closes the
+//! connection instead of reusing it, so nothing left in the socket can be
+//! read as a next request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Limited};
+use serde_json::json;
+use sha2::Digest;
+use tollgate_core::headers::{self, ResponseKind};
+use tollgate_core::policy::{Action, AttributeSource, CompiledPolicy, Mode, Operation, Respond};
+use tollgate_core::{Clock, Decision, Outcome};
+use tollgate_ledger::{Idempotency, ReservationId, ReserveOutcome, StoredResponse};
+
+use crate::client_ip::client_ip;
+use crate::error::{ApiError, json_response};
+use crate::events;
+use crate::metrics::{DecisionLabels, LimitLabels, UpstreamLabels, class};
+use crate::payload;
+use crate::state::{Caller, Shared};
+
+/// Longest idempotent response body kept for replay.
+pub const STORED_BODY_MAX: u64 = 64 * 1024;
+/// How long a credit reservation lives if never settled (caller crashed).
+pub const RESERVATION_TTL: Duration = Duration::from_secs(300);
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Every route that is not tollgate's own goes through here.
+pub async fn handle(
+    State(st): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    match proxy(&st, peer, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, ApiError> {
+    let policy = st.policy.load_full();
+    let (parts, body) = req.into_parts();
+    let caller = st.authenticate(&parts.headers, &policy).await?;
+    let op_id = policy
+        .operation_for(parts.method.as_str(), parts.uri.path())
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no operation matches {} {}",
+                parts.method,
+                parts.uri.path()
+            ))
+        })?;
+    let op = &policy.operations[usize::from(op_id)];
+
+    // Body: buffered only when needed, never beyond its cap.
+    let length = content_length(&parts.headers);
+    let max_body = op.payload.as_ref().and_then(|p| p.max_body);
+    if let (Some(max), Some(len)) = (max_body, length)
+        && len > max
+    {
+        return Err(payload::too_large(max));
+    }
+    let needs_body = op.payload.is_some()
+        || op.attribute_sources.iter().flatten().any(|s| {
+            matches!(
+                s,
+                AttributeSource::Json(_) | AttributeSource::MultipartFilename
+            )
+        });
+    let may_retry = op.retry && policy.upstream.retries > 0;
+    let replayable = may_retry && length.unwrap_or(0) <= policy.upstream.replay_body_max;
+    let (buffered, body) = if needs_body || replayable {
+        let cap = if needs_body {
+            max_body.unwrap_or(st.config.inspect_body_max)
+        } else {
+            policy.upstream.replay_body_max
+        };
+        (Some(read_body(body, cap).await?), None)
+    } else {
+        (None, Some(body))
+    };
+    let inspection = match (&buffered, needs_body) {
+        (Some(b), true) => {
+            payload::inspect(header_str(&parts.headers, header::CONTENT_TYPE), b.clone()).await?
+        }
+        _ => payload::Inspection::default(),
+    };
+    if let Some(rules) = &op.payload {
+        payload::check(rules, &inspection)?;
+    }
+
+    // Credits first, so a refused request can give them back.
+    let reservation = reserve(st, &policy, op, &caller, &parts, buffered.as_ref()).await?;
+    let reservation = match reservation {
+        Reserved::Ready(r) => r,
+        Reserved::Answer(resp) => return Ok(resp),
+    };
+
+    // Limits.
+    let ip = client_ip(peer.ip(), &parts.headers, &st.config.trusted_proxies).to_string();
+    let attrs = attribute_values(&policy, op, &parts, &inspection);
+    let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
+    let decision = decide(st, &policy, op_id, &caller, &ip, &attr_refs).await;
+    match decision.outcome {
+        Outcome::Admitted | Outcome::Forwarded { .. } => {}
+        _ => {
+            if let Some((id, _)) = &reservation {
+                let _ = st.ledger.release(id.clone()).await;
+            }
+            return Ok(refusal(st, &policy, &decision, &caller));
+        }
+    }
+
+    // Answered by tollgate itself.
+    if let Some(respond) = op.respond {
+        if let Some((id, _)) = &reservation {
+            let _ = st.ledger.release(id.clone()).await;
+        }
+        let balance = st.ledger.balance(&caller.identity.account).await?;
+        let body = match respond {
+            Respond::Balance => json!({ "credits": { "available": balance } }),
+            Respond::Account => crate::account::account_json(st, &policy, &caller, balance).await,
+        };
+        let mut resp = json_response(StatusCode::OK, &body);
+        add_rate_headers(
+            &policy,
+            &decision,
+            ResponseKind::Success,
+            Some(balance),
+            resp.headers_mut(),
+        );
+        return Ok(with_lease(st, resp, decision));
+    }
+
+    // Forward.
+    let marker = match decision.outcome {
+        Outcome::Forwarded { limit } => match &policy.limits[usize::from(limit)].on_exceed {
+            Action::Forward { header } => Some((
+                header.clone(),
+                policy.limits[usize::from(limit)].name.clone(),
+            )),
+            Action::Reject { .. } => None,
+        },
+        _ => None,
+    };
+    let upstream_req = UpstreamRequest {
+        parts: &parts,
+        caller: &caller,
+        marker: marker.as_ref(),
+        peer,
+        key_header: &policy.key_header,
+    };
+    let attempts = if may_retry && body.is_none() {
+        policy.upstream.retries
+    } else {
+        0
+    };
+    let result = send_with_retries(st, &policy, &upstream_req, buffered, body, attempts).await;
+    let upstream = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some((id, _)) = &reservation {
+                let _ = st.ledger.release(id.clone()).await;
+            }
+            return Err(e);
+        }
+    };
+
+    // Settle credits on the upstream's status.
+    let status = upstream.status();
+    let (mut resp_parts, resp_body) = upstream.into_parts();
+    let mut resp_body = Body::new(resp_body);
+    let mut balance = None;
+    if let Some((id, amount)) = reservation {
+        if status.is_success() {
+            let stored = if has_idempotency_key(&parts.headers) {
+                let ct = header_str(&resp_parts.headers, header::CONTENT_TYPE).map(str::to_owned);
+                let small =
+                    content_length(&resp_parts.headers).is_some_and(|l| l <= STORED_BODY_MAX);
+                let bytes = if small {
+                    read_body(resp_body, STORED_BODY_MAX)
+                        .await
+                        .unwrap_or_default()
+                } else {
+                    Bytes::new()
+                };
+                resp_body = Body::from(bytes.clone());
+                Some(StoredResponse {
+                    status: status.as_u16(),
+                    content_type: ct,
+                    body: bytes.to_vec(),
+                })
+            } else {
+                None
+            };
+            let after = st.ledger.commit(id, amount, stored.as_ref()).await?;
+            st.metrics
+                .credits_charged
+                .inc_by(u64::try_from(amount).unwrap_or(0));
+            credits_low(st, &policy, &caller, after, amount).await;
+            balance = Some(after);
+        } else {
+            balance = Some(st.ledger.release(id).await?);
+        }
+    } else if policy
+        .headers
+        .fields
+        .contains(&tollgate_core::policy::HeaderField::Credits)
+        && status.is_success()
+    {
+        balance = st.ledger.balance(&caller.identity.account).await.ok();
+    }
+    strip_hop_by_hop(&mut resp_parts.headers);
+    let kind = if status.is_success() {
+        ResponseKind::Success
+    } else {
+        ResponseKind::Other
+    };
+    add_rate_headers(&policy, &decision, kind, balance, &mut resp_parts.headers);
+    Ok(with_lease(
+        st,
+        Response::from_parts(resp_parts, resp_body),
+        decision,
+    ))
+}
+
+enum Reserved {
+    /// The reservation (if the operation costs credits) and its amount.
+    Ready(Option<(ReservationId, i64)>),
+    /// Answer now (402, idempotent replay, conflict).
+    Answer(Response),
+}
+
+async fn reserve(
+    st: &Shared,
+    policy: &CompiledPolicy,
+    op: &Operation,
+    caller: &Caller,
+    parts: &Parts,
+    body: Option<&Bytes>,
+) -> Result<Reserved, ApiError> {
+    if op.credits == 0 {
+        return Ok(Reserved::Ready(None));
+    }
+    let amount = i64::try_from(op.credits).unwrap_or(i64::MAX);
+    let idem = header_str(&parts.headers, "idempotency-key")
+        .filter(|k| !k.is_empty())
+        .map(|key| {
+            let mut h = sha2::Sha256::new();
+            h.update(parts.method.as_str().as_bytes());
+            h.update(b" ");
+            h.update(parts.uri.path().as_bytes());
+            h.update(b"\n");
+            match body {
+                Some(b) => h.update(b),
+                None => h.update(content_length(&parts.headers).unwrap_or(0).to_le_bytes()),
+            }
+            let fingerprint: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            Idempotency {
+                key: key.chars().take(255).collect(),
+                fingerprint,
+            }
+        });
+    match st
+        .ledger
+        .reserve(
+            &caller.identity.account,
+            amount,
+            idem.as_ref(),
+            RESERVATION_TTL,
+        )
+        .await?
+    {
+        ReserveOutcome::Reserved { id, .. } => Ok(Reserved::Ready(Some((id, amount)))),
+        ReserveOutcome::Insufficient { balance } => {
+            events::record(
+                &st.ledger,
+                &caller.identity.account,
+                "credits_exhausted",
+                json!({ "balance": balance, "needed": amount }),
+            )
+            .await;
+            let status = StatusCode::from_u16(policy.credits.exhausted_status)
+                .unwrap_or(StatusCode::PAYMENT_REQUIRED);
+            let mut resp = match &policy.credits.exhausted_body {
+                Some(body) => {
+                    let mut r = (status, body.clone()).into_response();
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
+                None => ApiError::new(
+                    status,
+                    "insufficient_credits",
+                    format!("this request costs {amount} credits; the balance is {balance}"),
+                )
+                .with("balance", balance)
+                .with("cost", amount)
+                .into_response(),
+            };
+            resp.headers_mut()
+                .insert("x-credits-remaining", HeaderValue::from(balance));
+            Ok(Reserved::Answer(resp))
+        }
+        ReserveOutcome::InProgress => Ok(Reserved::Answer(
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_in_progress",
+                "a request with this Idempotency-Key is still being processed; retry shortly",
+            )
+            .into_response(),
+        )),
+        ReserveOutcome::Mismatch => Ok(Reserved::Answer(
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_mismatch",
+                "this Idempotency-Key was used for a different request",
+            )
+            .into_response(),
+        )),
+        ReserveOutcome::Completed(stored) => {
+            let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+            let mut resp = (status, stored.body).into_response();
+            if let Some(ct) = stored
+                .content_type
+                .and_then(|c| HeaderValue::from_str(&c).ok())
+            {
+                resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            resp.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            Ok(Reserved::Answer(resp))
+        }
+    }
+}
+
+/// Decides the request and records metrics and events.
+pub async fn decide(
+    st: &Shared,
+    policy: &CompiledPolicy,
+    op: tollgate_core::policy::OperationId,
+    caller: &Caller,
+    ip: &str,
+    attrs: &[Option<&str>],
+) -> Decision {
+    let id = &caller.identity;
+    let req = tollgate_core::Request {
+        org: &id.org,
+        account: &id.account,
+        app: &id.app,
+        key: &id.key_id,
+        ip,
+        attributes: attrs,
+        account_created_at: Some(caller.created_at),
+        overrides: caller.overrides.as_ref(),
+        ..tollgate_core::Request::new(caller.plan, op)
+    };
+    let started = st.engine.clock().now();
+    let decision = st.engine.decide(policy, &req).await;
+    let elapsed = st.engine.clock().now().0.saturating_sub(started.0);
+    st.metrics.decision_seconds.observe(elapsed as f64 / 1e9);
+    record_decision(st, policy, op, caller.plan, &decision, Some(&id.account)).await;
+    decision
+}
+
+/// Metrics and events of one decision.
+pub async fn record_decision(
+    st: &Shared,
+    policy: &CompiledPolicy,
+    op: tollgate_core::policy::OperationId,
+    plan: tollgate_core::policy::PlanId,
+    d: &Decision,
+    account: Option<&str>,
+) {
+    let outcome = match d.outcome {
+        Outcome::Admitted => "allowed",
+        Outcome::Forwarded { .. } => "forwarded",
+        Outcome::Rejected { .. } => "rejected",
+        Outcome::CostAboveCapacity { .. } => "cost_above_capacity",
+        Outcome::StoreUnavailable => "store_unavailable",
+    };
+    st.metrics
+        .decisions
+        .get_or_create(&DecisionLabels {
+            plan: policy.plans[usize::from(plan)].name.clone(),
+            operation: policy.operations[usize::from(op)].name.clone(),
+            outcome: outcome.to_owned(),
+        })
+        .inc();
+    for r in d.results() {
+        let name = &policy.limits[usize::from(r.limit)].name;
+        let result = match (r.exceeded(), r.mode) {
+            (false, _) => "within",
+            (true, Mode::Enforce) => "over",
+            (true, Mode::Soft) => "soft",
+            (true, Mode::Shadow) => "shadow",
+        };
+        st.metrics
+            .limits
+            .get_or_create(&LimitLabels {
+                limit: name.clone(),
+                result: result.to_owned(),
+            })
+            .inc();
+        let Some(account) = account else { continue };
+        if r.exceeded() && r.mode == Mode::Soft && st.events.soft_crossed(account, name, d.now) {
+            events::record(
+                &st.ledger,
+                account,
+                "soft_limit_crossed",
+                json!({ "limit": name, "quota": r.quota }),
+            )
+            .await;
+        }
+    }
+    if let (Outcome::Rejected { limit }, Some(account)) = (d.outcome, account) {
+        st.events
+            .rejected(account, &policy.limits[usize::from(limit)].name);
+    }
+}
+
+/// The answer to a refused decision.
+pub fn refusal(st: &Shared, policy: &CompiledPolicy, d: &Decision, caller: &Caller) -> Response {
+    let _ = caller;
+    match d.outcome {
+        Outcome::StoreUnavailable => {
+            st.metrics.store_errors.inc();
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the counter store is unavailable; try again shortly",
+            )
+            .into_response()
+        }
+        Outcome::CostAboveCapacity { limit } => {
+            let name = &policy.limits[usize::from(limit)].name;
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "cost_exceeds_limit",
+                format!("this request costs more than limit `{name}` can ever hold"),
+            )
+            .with("limit", name.as_str())
+            .into_response()
+        }
+        Outcome::Rejected { limit } => {
+            let l = &policy.limits[usize::from(limit)];
+            let retry = tollgate_core::clock::ceil_secs(d.retry_after()).max(1);
+            let mut resp = match &l.on_exceed {
+                Action::Reject {
+                    status,
+                    body: Some((body, ct)),
+                } => {
+                    let mut r = (
+                        StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+                        body.clone(),
+                    )
+                        .into_response();
+                    if let Ok(v) = HeaderValue::from_str(ct) {
+                        r.headers_mut().insert(header::CONTENT_TYPE, v);
+                    }
+                    r
+                }
+                Action::Reject { status, body: None } if policy.headers.problem_json => {
+                    let mut r = (
+                        StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+                        headers::problem_details(policy, d),
+                    )
+                        .into_response();
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/problem+json"),
+                    );
+                    r
+                }
+                Action::Reject { status, .. } => ApiError::new(
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+                    "rate_limited",
+                    format!("limit `{}` exceeded; retry after {retry} s", l.name),
+                )
+                .with("limit", l.name.as_str())
+                .with("retry_after_s", retry)
+                .into_response(),
+                Action::Forward { .. } => StatusCode::TOO_MANY_REQUESTS.into_response(),
+            };
+            add_rate_headers(policy, d, ResponseKind::Rejected, None, resp.headers_mut());
+            resp
+        }
+        Outcome::Admitted | Outcome::Forwarded { .. } => StatusCode::OK.into_response(),
+    }
+}
+
+/// Adds the policy's rate-limit headers.
+pub fn add_rate_headers(
+    policy: &CompiledPolicy,
+    d: &Decision,
+    kind: ResponseKind,
+    credits: Option<i64>,
+    out: &mut HeaderMap,
+) {
+    headers::render(policy, d, kind, credits, &mut |name, value| {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            out.insert(n, v);
+        }
+    });
+}
+
+/// Holds the decision's concurrency leases until the response body ends or
+/// the client goes away.
+fn with_lease(st: &Shared, resp: Response, decision: Decision) -> Response {
+    if decision.lease.is_none() {
+        return resp;
+    }
+    let guard = LeaseGuard {
+        st: Arc::clone(st),
+        decision,
+    };
+    let (parts, body) = resp.into_parts();
+    let stream = body.into_data_stream().map(move |chunk| {
+        let _held = &guard;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+struct LeaseGuard {
+    st: Shared,
+    decision: Decision,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.st.engine.release_now(&self.decision);
+    }
+}
+
+fn attribute_values(
+    policy: &CompiledPolicy,
+    op: &Operation,
+    parts: &Parts,
+    ins: &payload::Inspection,
+) -> Vec<Option<String>> {
+    (0..policy.attributes.len())
+        .map(
+            |i| match op.attribute_sources.get(i).and_then(Option::as_ref)? {
+                AttributeSource::Header(h) => {
+                    header_str(&parts.headers, h.as_str()).map(str::to_owned)
+                }
+                AttributeSource::Query(q) => query_param(parts.uri.query().unwrap_or(""), q),
+                AttributeSource::Json(f) => ins.json_field(f).map(str::to_owned),
+                AttributeSource::MultipartFilename => ins.file_name.clone(),
+            },
+        )
+        .collect()
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+struct UpstreamRequest<'a> {
+    parts: &'a Parts,
+    caller: &'a Caller,
+    marker: Option<&'a (String, String)>,
+    peer: SocketAddr,
+    key_header: &'a str,
+}
+
+enum Attempt {
+    /// A retryable status; the upstream's Retry-After, if any.
+    Status(Response<hyper::body::Incoming>, Option<Duration>),
+    /// No answer.
+    Failed(ApiError, bool),
+}
+
+async fn send_with_retries(
+    st: &Shared,
+    policy: &CompiledPolicy,
+    req: &UpstreamRequest<'_>,
+    buffered: Option<Bytes>,
+    streaming: Option<Body>,
+    retries: u32,
+) -> Result<Response<hyper::body::Incoming>, ApiError> {
+    let retry_on = &policy.upstream.retry_on;
+    let timeout = policy.upstream.timeout;
+    if let Some(body) = streaming {
+        return match attempt(st, req, body, timeout, retry_on).await {
+            Ok(r) | Err(Attempt::Status(r, _)) => Ok(r),
+            Err(Attempt::Failed(e, _)) => Err(e),
+        };
+    }
+    let bytes = buffered.unwrap_or_default();
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(policy.upstream.backoff)
+        .with_max_delay(policy.upstream.max_backoff)
+        .with_max_times(retries as usize)
+        .with_jitter();
+    let max_backoff = policy.upstream.max_backoff;
+    let result = (|| attempt(st, req, Body::from(bytes.clone()), timeout, retry_on))
+        .retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(|e| match e {
+            Attempt::Status(..) => true,
+            Attempt::Failed(_, retryable) => *retryable,
+        })
+        .adjust(move |e, d| match e {
+            Attempt::Status(_, Some(wait)) => d.map(|d| d.max((*wait).min(max_backoff))),
+            _ => d,
+        })
+        .notify(|_, _| {
+            st.metrics.upstream_retries.inc();
+        })
+        .await;
+    match result {
+        Ok(r) | Err(Attempt::Status(r, _)) => Ok(r),
+        Err(Attempt::Failed(e, _)) => Err(e),
+    }
+}
+
+async fn attempt(
+    st: &Shared,
+    req: &UpstreamRequest<'_>,
+    body: Body,
+    timeout: Duration,
+    retry_on: &[u16],
+) -> Result<Response<hyper::body::Incoming>, Attempt> {
+    let upstream_req = build_request(st, req, body).map_err(|e| Attempt::Failed(e, false))?;
+    let started = st.engine.clock().now();
+    let sent = tokio::time::timeout(timeout, st.client.request(upstream_req)).await;
+    st.metrics
+        .upstream_seconds
+        .observe(st.engine.clock().now().0.saturating_sub(started.0) as f64 / 1e9);
+    let resp = match sent {
+        Err(_) => {
+            st.metrics
+                .upstream
+                .get_or_create(&UpstreamLabels {
+                    class: "timeout".into(),
+                })
+                .inc();
+            let e = ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the upstream did not answer in time",
+            );
+            return Err(Attempt::Failed(e, retry_on.contains(&504)));
+        }
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "upstream request failed");
+            st.metrics
+                .upstream
+                .get_or_create(&UpstreamLabels {
+                    class: "error".into(),
+                })
+                .inc();
+            let e = ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                "the upstream could not be reached",
+            );
+            return Err(Attempt::Failed(e, retry_on.contains(&502)));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status().as_u16();
+    st.metrics
+        .upstream
+        .get_or_create(&UpstreamLabels {
+            class: class(status).into(),
+        })
+        .inc();
+    if retry_on.contains(&status) {
+        let wait = header_str(resp.headers(), header::RETRY_AFTER)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        return Err(Attempt::Status(resp, wait));
+    }
+    Ok(resp)
+}
+
+fn build_request(
+    st: &Shared,
+    req: &UpstreamRequest<'_>,
+    body: Body,
+) -> Result<http::Request<Body>, ApiError> {
+    let base = &st.upstream;
+    let prefix = base.path().trim_end_matches('/');
+    let pq = req.parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = http::Uri::builder()
+        .scheme(base.scheme_str().unwrap_or("http"))
+        .authority(base.authority().map_or("127.0.0.1", |a| a.as_str()))
+        .path_and_query(format!("{prefix}{pq}"))
+        .build()
+        .map_err(|_| ApiError::bad_request("request path cannot be forwarded"))?;
+    let mut out = http::Request::builder()
+        .method(req.parts.method.clone())
+        .uri(uri)
+        .body(body)
+        .map_err(|_| ApiError::bad_request("bad request"))?;
+    let h = out.headers_mut();
+    for (name, value) in &req.parts.headers {
+        let n = name.as_str();
+        if n == "host"
+            || n == req.key_header
+            || n == "authorization"
+            || n == "x-forwarded-for"
+            || HOP_BY_HOP.contains(&n)
+        {
+            continue;
+        }
+        h.append(name.clone(), value.clone());
+    }
+    // X-Forwarded-For: the chain is kept only from trusted proxies.
+    let peer = req.peer.ip();
+    let trusted = st.config.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let chain = if trusted {
+        let prior: Vec<&str> = req
+            .parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            peer.to_string()
+        } else {
+            format!("{}, {peer}", prior.join(", "))
+        }
+    } else {
+        peer.to_string()
+    };
+    if let Ok(v) = HeaderValue::from_str(&chain) {
+        h.insert("x-forwarded-for", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&req.caller.identity.account) {
+        h.insert("tollgate-account", v);
+    }
+    if let Some((name, limit)) = req.marker
+        && let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(limit),
+        )
+    {
+        h.insert(n, v);
+    }
+    Ok(out)
+}
+
+async fn credits_low(
+    st: &Shared,
+    policy: &CompiledPolicy,
+    caller: &Caller,
+    after: i64,
+    amount: i64,
+) {
+    let Some(threshold) = policy.plans[usize::from(caller.plan)].credits_low else {
+        return;
+    };
+    let threshold = i64::try_from(threshold).unwrap_or(i64::MAX);
+    if after < threshold && after + amount >= threshold {
+        events::record(
+            &st.ledger,
+            &caller.identity.account,
+            "credits_low",
+            json!({ "balance": after, "threshold": threshold }),
+        )
+        .await;
+    }
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+fn has_idempotency_key(h: &HeaderMap) -> bool {
+    h.contains_key("idempotency-key")
+}
+
+fn header_str<K: axum::http::header::AsHeaderName>(h: &HeaderMap, name: K) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    header_str(h, header::CONTENT_LENGTH).and_then(|v| v.trim().parse().ok())
+}
+
+/// Reads a body into memory, refusing with 413 past `cap` bytes.
+pub async fn read_body(body: Body, cap: u64) -> Result<Bytes, ApiError> {
+    match Limited::new(body, usize::try_from(cap).unwrap_or(usize::MAX))
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(payload::too_large(cap))
+        }
+        Err(_) => Err(ApiError::bad_request(
+            "the request body could not be read (truncated or malformed)",
+        )),
+    }
+}

@@ -1,0 +1,145 @@
+//! Shared server state and caller identification.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tollgate_core::policy::{AccountOverrides, CompiledPolicy, OverrideValues, PlanId};
+use tollgate_core::{Engine, MemoryStore, Nanos};
+use tollgate_ledger::{KeyCheck, KeyIdentity, Ledger};
+
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+use crate::events::Events;
+use crate::metrics::Metrics;
+
+/// Everything a handler needs.
+pub struct AppState {
+    /// The policy in force; swapped atomically on reload.
+    pub policy: ArcSwap<CompiledPolicy>,
+    /// Decision engine over the counter store.
+    pub engine: Engine<MemoryStore>,
+    /// Accounts, keys, credits, events.
+    pub ledger: Ledger,
+    /// Pooled upstream client.
+    pub client: Client<HttpConnector, Body>,
+    /// Upstream base (scheme and authority, optional path prefix).
+    pub upstream: http::Uri,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub config: ServerConfig,
+    /// Event bookkeeping.
+    pub events: Events,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shared state handle.
+pub type Shared = Arc<AppState>;
+
+/// An authenticated caller.
+#[derive(Debug)]
+pub struct Caller {
+    /// Who, from the ledger.
+    pub identity: KeyIdentity,
+    /// Plan in the current policy.
+    pub plan: PlanId,
+    /// Per-account overrides valid in the current policy.
+    pub overrides: Option<AccountOverrides>,
+    /// Account creation, for rollouts.
+    pub created_at: Nanos,
+}
+
+impl AppState {
+    /// Identifies the caller by the policy's key header (or `Authorization: Bearer`).
+    ///
+    /// # Errors
+    /// 401 without a key or with an unknown one, 403 for a revoked key, 503 if
+    /// the database is down.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        policy: &CompiledPolicy,
+    ) -> Result<Caller, ApiError> {
+        let key = presented_key(headers, &policy.key_header).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing_key",
+                format!("send your API key in the `{}` header", policy.key_header),
+            )
+        })?;
+        match self.ledger.verify_key(key).await? {
+            KeyCheck::Valid(identity) => Ok(self.caller(identity, policy)),
+            KeyCheck::Revoked { .. } => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "revoked_key",
+                "this API key has been revoked",
+            )),
+            KeyCheck::Unknown => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unknown_key",
+                "this API key is not valid",
+            )),
+        }
+    }
+
+    /// The caller for an identity under `policy` (unknown plans fall back to the default plan).
+    pub fn caller(&self, identity: KeyIdentity, policy: &CompiledPolicy) -> Caller {
+        let plan = policy.plan(&identity.plan).unwrap_or_else(|| {
+            tracing::warn!(plan = %identity.plan, "account plan not in the policy; using the default plan");
+            policy.default_plan
+        });
+        let overrides = overrides_of(policy, &identity.overrides);
+        let created_at =
+            Nanos(u64::try_from(identity.account_created_at.as_nanosecond()).unwrap_or(0));
+        Caller {
+            identity,
+            plan,
+            overrides,
+            created_at,
+        }
+    }
+}
+
+/// Account overrides from their stored JSON; ignored (with a warning) if they
+/// no longer fit the policy.
+pub fn overrides_of(policy: &CompiledPolicy, json: &serde_json::Value) -> Option<AccountOverrides> {
+    let obj = json.as_object().filter(|o| !o.is_empty())?;
+    let raw: std::collections::BTreeMap<String, OverrideValues> =
+        serde_json::from_value(serde_json::Value::Object(obj.clone())).ok()?;
+    match AccountOverrides::parse(policy, &raw) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!(error = %e, "account overrides do not fit the policy; ignored");
+            None
+        }
+    }
+}
+
+/// The API key a request presents.
+pub fn presented_key<'h>(headers: &'h HeaderMap, key_header: &str) -> Option<&'h str> {
+    if let Some(v) = headers
+        .get(key_header)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        return Some(v);
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+        .filter(|t| !t.is_empty())
+}
