@@ -96,7 +96,13 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
             )
         });
     let may_retry = op.retry && policy.upstream.retries > 0;
-    let replayable = may_retry && length.unwrap_or(0) <= policy.upstream.replay_body_max;
+    // Replayable: a body of known size within the replay cap, or no body at all.
+    // A chunked body of unknown size streams through and is not retried.
+    let replayable = may_retry
+        && match length {
+            Some(len) => len <= policy.upstream.replay_body_max,
+            None => !parts.headers.contains_key(header::TRANSFER_ENCODING),
+        };
     let (buffered, body) = if needs_body || replayable {
         let cap = if needs_body {
             max_body.unwrap_or(st.config.inspect_body_max)

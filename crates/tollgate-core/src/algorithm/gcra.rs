@@ -15,6 +15,9 @@ use std::time::Duration;
 use super::Evaluation;
 use crate::clock::{Nanos, duration_nanos};
 
+/// Longest time a bucket may take to fill: 100 years.
+pub const MAX_FILL_TIME_NS: u128 = 100 * 365 * 86_400 * 1_000_000_000;
+
 /// The numbers of a token bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GcraRate {
@@ -33,6 +36,18 @@ impl GcraRate {
             capacity: capacity.get(),
             interval: u64::try_from(interval).unwrap_or(u64::MAX),
         }
+    }
+
+    /// Time for an empty bucket to fill, in nanoseconds.
+    pub fn fill_time(&self) -> u128 {
+        self.tau()
+    }
+
+    /// Whether the bucket fills within [`MAX_FILL_TIME_NS`]: states are
+    /// instants in `u64` nanoseconds, so a bucket that takes centuries to fill
+    /// could not be represented (policy validation refuses such buckets).
+    pub fn is_representable(&self) -> bool {
+        self.fill_time() <= MAX_FILL_TIME_NS
     }
 
     /// The burst tolerance `B·I` in nanoseconds.

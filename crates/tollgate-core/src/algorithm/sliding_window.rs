@@ -52,11 +52,50 @@ impl SlidingWindow {
 pub struct SlidingState {
     /// Index (time / width) of the newest bucket.
     pub head: u64,
+    /// Sub-bucket width the indexes are in (0: unknown, taken as the current one).
+    pub width: u64,
     /// Cost admitted per bucket.
     pub counts: [u32; SLOTS],
 }
 
 impl SlidingState {
+    /// The state re-expressed in buckets of `width` (the window's length
+    /// changed, e.g. on a policy reload). Each old bucket's cost moves to the
+    /// new bucket holding the old bucket's *last* instant, so cost is never
+    /// taken as older than it is: nothing is handed out twice. Cost whose
+    /// latest possible instant has left the new window is dropped.
+    fn rebucketed(&self, width: u64, cur: u64) -> SlidingState {
+        if self.width == 0 || self.width == width {
+            return SlidingState { width, ..*self };
+        }
+        let mut moved = [(0u64, 0u32); SLOTS];
+        let mut newest = cur;
+        for (back, slot_moved) in moved.iter_mut().enumerate() {
+            let Some(i) = self.head.checked_sub(back as u64) else {
+                break;
+            };
+            let count = self.counts[slot(i)];
+            if count == 0 {
+                continue;
+            }
+            let last_instant = (i + 1).saturating_mul(self.width).saturating_sub(1);
+            let ni = last_instant / width;
+            newest = newest.max(ni);
+            *slot_moved = (ni, count);
+        }
+        let mut next = SlidingState {
+            head: newest,
+            width,
+            counts: [0; SLOTS],
+        };
+        for (ni, count) in moved {
+            if count > 0 && ni + SLOTS_U64 > newest {
+                next.counts[slot(ni)] = next.counts[slot(ni)].saturating_add(count);
+            }
+        }
+        next
+    }
+
     /// The state moved forward to bucket `cur` (buckets that left the window zeroed).
     fn rotated(&self, cur: u64) -> SlidingState {
         if cur <= self.head {
@@ -100,9 +139,10 @@ pub fn evaluate(
 ) -> (Evaluation, SlidingState) {
     let cur = now.0 / window.width;
     let state = match state {
-        Some(s) => s.rotated(cur),
+        Some(s) => s.rebucketed(window.width, cur).rotated(cur),
         None => SlidingState {
             head: cur,
+            width: window.width,
             counts: [0; SLOTS],
         },
     };
@@ -155,7 +195,8 @@ pub fn evaluate(
 
 /// Whether a stored state holds nothing that still counts at `now` (safe to drop).
 pub fn is_fresh(state: &SlidingState, now: Nanos, window: &SlidingWindow) -> bool {
-    state.rotated(now.0 / window.width).sum() == 0
+    let cur = now.0 / window.width;
+    state.rebucketed(window.width, cur).rotated(cur).sum() == 0
 }
 
 fn until(now: Nanos, at: u64) -> Duration {
@@ -219,6 +260,40 @@ mod tests {
         let w = SlidingWindow::new(5, Duration::from_secs(1));
         let (e, _) = evaluate(None, Nanos(0), 6, &w);
         assert!(e.never && !e.admit);
+    }
+
+    #[test]
+    fn changing_the_window_length_never_hands_out_capacity_twice() {
+        let now = Nanos::from_secs(100);
+        let short = SlidingWindow::new(5, Duration::from_secs(3));
+        let (_, s) = evaluate(None, now, 5, &short);
+        // Longer window: the 5 still count, and come back within the new T + w.
+        let long = SlidingWindow::new(5, Duration::from_secs(6));
+        let (e, _) = evaluate(Some(&s), now, 1, &long);
+        assert!(!e.admit);
+        assert!(e.retry_after <= Duration::from_millis(6_400));
+        assert!(
+            evaluate(Some(&s), now.plus(e.retry_after), 1, &long)
+                .0
+                .admit
+        );
+        // Shorter window: still counted until the shorter window has passed.
+        let shorter = SlidingWindow::new(5, Duration::from_secs(1));
+        assert!(
+            !evaluate(Some(&s), now.plus(Duration::from_millis(500)), 1, &shorter)
+                .0
+                .admit
+        );
+        assert!(
+            evaluate(
+                Some(&s),
+                now.plus(Duration::from_millis(1_300)),
+                1,
+                &shorter
+            )
+            .0
+            .admit
+        );
     }
 
     #[test]

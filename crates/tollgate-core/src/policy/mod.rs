@@ -77,14 +77,20 @@ impl AccountOverrides {
                     1u64 << 40
                 )),
             };
-            entries.push((
-                id,
-                LimitOverride {
-                    limit: nz(v.limit, "limit")?,
-                    capacity: nz(v.capacity, "capacity")?,
-                    refill: nz(v.refill, "refill")?,
-                },
-            ));
+            let ov = LimitOverride {
+                limit: nz(v.limit, "limit")?,
+                capacity: nz(v.capacity, "capacity")?,
+                refill: nz(v.refill, "refill")?,
+            };
+            if let Algorithm::TokenBucket { rate, .. } =
+                policy.limits[usize::from(id)].algorithm.with_override(&ov)
+                && !rate.is_representable()
+            {
+                return Err(format!(
+                    "limit `{name}`: the overridden bucket takes more than 100 years to fill; raise `refill` or lower `capacity`"
+                ));
+            }
+            entries.push((id, ov));
         }
         Ok(AccountOverrides { entries })
     }

@@ -703,11 +703,17 @@ impl<'a> Ctx<'a> {
                     None => Some(Duration::from_secs(1)),
                 };
                 let (capacity, refill, per) = (capacity?, refill?, per?);
-                Some(Algorithm::TokenBucket {
-                    rate: GcraRate::new(capacity, refill, per),
-                    refill,
-                    per,
-                })
+                let rate = GcraRate::new(capacity, refill, per);
+                if !rate.is_representable() {
+                    self.invalid(
+                        &l.span(),
+                        format!(
+                            "limit `{name}`: a bucket of {capacity} tokens refilling {refill} per {per:?} takes more than 100 years to fill; raise `refill` or lower `capacity`"
+                        ),
+                    );
+                    return None;
+                }
+                Some(Algorithm::TokenBucket { rate, refill, per })
             }
             "sliding_window" => {
                 let limit = self.window_limit(name, l, kind)?;

@@ -1,0 +1,226 @@
+//! Credits and leases end to end through the proxy (RELIABILITY-PLAN C1, C2,
+//! E7 and A14 at small sizes).
+
+use std::sync::Arc;
+
+use crate::support::{Server, TOKEN, Upstream};
+
+const POLICY: &str = r#"
+[policy]
+name = "credits-test"
+
+[operations.charge]
+method = "POST"
+path = "/charge"
+credits = 1
+
+[operations.fail]
+method = "POST"
+path = "/status/{code}"
+credits = 1
+
+[operations.slow]
+method = "GET"
+path = "/slow"
+
+[limits.inflight]
+algorithm = "concurrency"
+limit = 2
+lease_ttl = "30s"
+operations = ["slow"]
+
+[upstream]
+retries = 2
+backoff = "10ms"
+max_backoff = "20ms"
+
+[plans.default]
+"#;
+
+async fn server() -> (Server, Upstream) {
+    let up = Upstream::start().await;
+    let s = Server::with_upstream(Some(TOKEN), POLICY, Some(up.addr)).await;
+    (s, up)
+}
+
+/// C1 (CI size 64 clients × 200 attempts, balance 100): exactly as many
+/// successes as credits, then 402s; the balance never goes negative.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_charges_never_overspend() {
+    let (s, up) = server().await;
+    let key = s.account_with_key("acme", "default").await;
+    let g = s
+        .admin(
+            "POST",
+            "/admin/v1/accounts/acme/credits",
+            r#"{"amount":100,"idempotency_key":"seed"}"#,
+        )
+        .await;
+    assert_eq!(g.status, 200);
+    let s = Arc::new(s);
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (s, key) = (s.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for _ in 0..4 {
+                codes.push(
+                    s.call(false, "POST", "/charge", &[("x-api-key", &key)], "{}")
+                        .await
+                        .status,
+                );
+            }
+            codes
+        }));
+    }
+    let mut ok = 0;
+    let mut paid = 0;
+    for t in tasks {
+        for c in t.await.unwrap() {
+            match c {
+                200 => ok += 1,
+                402 => paid += 1,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    }
+    assert_eq!(ok, 100, "successes = credits");
+    assert_eq!(paid, 156);
+    assert_eq!(up.hits(), 100, "the upstream never saw an unpaid request");
+    let a = s.admin("GET", "/admin/v1/accounts/acme", "").await;
+    assert_eq!(a.body["credits"]["available"], 0);
+}
+
+/// C2: concurrent identical requests with one Idempotency-Key run once and charge once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_charges_once() {
+    let (s, up) = server().await;
+    let key = s.account_with_key("acme", "default").await;
+    s.admin(
+        "POST",
+        "/admin/v1/accounts/acme/credits",
+        r#"{"amount":10,"idempotency_key":"seed"}"#,
+    )
+    .await;
+    let s = Arc::new(s);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (s, key) = (s.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            s.call(
+                false,
+                "POST",
+                "/charge",
+                &[("x-api-key", &key), ("idempotency-key", "job-1")],
+                "{}",
+            )
+            .await
+            .status
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert!(codes.iter().all(|c| *c == 200 || *c == 409), "{codes:?}");
+    // Once settled, every replay gets the stored answer.
+    let replay = s
+        .call(
+            false,
+            "POST",
+            "/charge",
+            &[("x-api-key", &key), ("idempotency-key", "job-1")],
+            "{}",
+        )
+        .await;
+    assert_eq!(replay.status, 200);
+    assert_eq!(
+        replay
+            .headers
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap()),
+        Some("true")
+    );
+    assert_eq!(
+        replay.body["hit"], 1,
+        "the stored response of the one execution"
+    );
+    assert_eq!(up.hits(), 1, "the upstream ran the request once");
+    let other = s
+        .call(
+            false,
+            "POST",
+            "/charge",
+            &[("x-api-key", &key), ("idempotency-key", "job-1")],
+            "{\"different\":1}",
+        )
+        .await;
+    assert_eq!(
+        other.status, 422,
+        "same key, different request: {}",
+        other.text
+    );
+    let a = s.admin("GET", "/admin/v1/accounts/acme", "").await;
+    assert_eq!(a.body["credits"]["available"], 9, "charged exactly once");
+}
+
+/// E7: a retryable upstream failure is retried the configured number of
+/// times, then returned; its credits are released.
+#[tokio::test]
+async fn upstream_failures_are_retried_then_released() {
+    let (s, up) = server().await;
+    let key = s.account_with_key("acme", "default").await;
+    s.admin(
+        "POST",
+        "/admin/v1/accounts/acme/credits",
+        r#"{"amount":5,"idempotency_key":"seed"}"#,
+    )
+    .await;
+    let r = s
+        .call(false, "POST", "/status/503", &[("x-api-key", &key)], "{}")
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(up.hits(), 3, "one attempt and two retries");
+    let r = s
+        .call(false, "POST", "/status/400", &[("x-api-key", &key)], "{}")
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(up.hits(), 4, "a 400 is not retried");
+    let a = s.admin("GET", "/admin/v1/accounts/acme", "").await;
+    assert_eq!(
+        a.body["credits"]["available"], 5,
+        "failed requests are not charged"
+    );
+}
+
+/// A14: at most `limit` requests in flight; leases end with the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_leases_last_as_long_as_the_response() {
+    let (s, _up) = server().await;
+    let key = s.account_with_key("acme", "default").await;
+    let s = Arc::new(s);
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (s, key) = (s.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            s.call(false, "GET", "/slow", &[("x-api-key", &key)], "")
+                .await
+                .status
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 2, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 429).count(), 4, "{codes:?}");
+    // Every lease was released when its response ended.
+    for _ in 0..2 {
+        assert_eq!(
+            s.call(false, "GET", "/slow", &[("x-api-key", &key)], "")
+                .await
+                .status,
+            200
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! In-process tests of tollgate-server: the server starts on 127.0.0.1:0
+//! with a temporary SQLite database and the built-in echo upstream.
+
+mod admin;
+mod credits;
+mod support;

@@ -1,0 +1,171 @@
+//! A server per test and a small HTTP client.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tollgate_server::config::{AdminToken, DEFAULT_POLICY, ServerConfig};
+use tollgate_server::{Running, start};
+
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+pub struct Server {
+    pub running: Running,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: serde_json::Value,
+    pub text: String,
+}
+
+impl Server {
+    pub async fn start(token: Option<&str>) -> Server {
+        Server::with_policy(token, DEFAULT_POLICY).await
+    }
+
+    pub async fn with_policy(token: Option<&str>, policy: &str) -> Server {
+        Server::with_upstream(token, policy, None).await
+    }
+
+    pub async fn with_upstream(
+        token: Option<&str>,
+        policy: &str,
+        upstream: Option<SocketAddr>,
+    ) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = ServerConfig {
+            upstream: upstream.map(|a| format!("http://{a}")),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.path().to_path_buf(),
+            admin_token: token.and_then(|t| AdminToken::new(t.to_owned())),
+            ..ServerConfig::default()
+        };
+        let policy = tollgate_core::policy::parse(policy, "test.toml").expect("valid policy");
+        let running = start(config, policy).await.expect("server starts");
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Server {
+            running,
+            client,
+            _dir: dir,
+        }
+    }
+
+    pub async fn call(
+        &self,
+        admin: bool,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Answer {
+        let addr = if admin {
+            self.running.admin_addr
+        } else {
+            self.running.addr
+        };
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        let resp = self
+            .client
+            .request(
+                req.body(Full::new(Bytes::from(body.to_owned())))
+                    .expect("request"),
+            )
+            .await
+            .expect("answer");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    pub async fn admin(&self, method: &str, path: &str, body: &str) -> Answer {
+        let auth = format!("Bearer {TOKEN}");
+        self.call(true, method, path, &[("authorization", &auth)], body)
+            .await
+    }
+
+    /// Creates an account on `plan` and returns a fresh API key for it.
+    pub async fn account_with_key(&self, id: &str, plan: &str) -> String {
+        let a = self
+            .admin(
+                "POST",
+                "/admin/v1/accounts",
+                &format!(r#"{{"id":"{id}","plan":"{plan}"}}"#),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{}", a.text);
+        let k = self
+            .admin("POST", &format!("/admin/v1/accounts/{id}/keys"), "")
+            .await;
+        assert_eq!(k.status, 201, "{}", k.text);
+        k.body["key"].as_str().expect("key").to_owned()
+    }
+}
+
+/// A scripted upstream: counts requests; `/slow` waits 1 s, `/status/N`
+/// answers N, anything else 200 with the request count.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        use std::sync::atomic::Ordering;
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().fallback(move |uri: http::Uri| {
+            let counter = counter.clone();
+            async move {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let path = uri.path().to_owned();
+                if path == "/slow" {
+                    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+                }
+                let status = path
+                    .strip_prefix("/status/")
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .unwrap_or(200);
+                (
+                    http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK),
+                    format!("{{\"hit\":{n}}}"),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Upstream { addr, hits }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
