@@ -73,7 +73,7 @@ async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Re
 async fn metrics(State(st): State<Shared>) -> Response {
     st.metrics
         .live_counters
-        .set(i64::try_from(st.engine.store().len()).unwrap_or(i64::MAX));
+        .set(i64::try_from(st.engine.store().live_counters()).unwrap_or(i64::MAX));
     let mut r = st.metrics.encode().into_response();
     if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
         r.headers_mut().insert(header::CONTENT_TYPE, v);

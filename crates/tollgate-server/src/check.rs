@@ -239,8 +239,9 @@ pub async fn release(
     if keys.is_empty() {
         return Err(bad());
     }
-    st.engine
-        .store()
-        .release_now(tollgate_core::Clock::now(st.engine.clock()), &keys, lease);
+    let now = tollgate_core::Clock::now(st.engine.clock());
+    if let Err(e) = tollgate_core::Store::release(st.engine.store(), now, &keys, lease).await {
+        tracing::warn!(error = %e, "lease release failed; it expires by its TTL");
+    }
     Ok(json_response(StatusCode::OK, &json!({ "released": true })))
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod payload;
 pub mod proxy;
 pub mod state;
+pub mod store;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,6 +38,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use store::AnyStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tollgate_core::policy::CompiledPolicy;
@@ -143,7 +145,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
         .build(http);
     let state = Arc::new(AppState {
         policy: ArcSwap::from_pointee(policy),
-        engine: Engine::new(MemoryStore::new(config.max_counters)),
+        engine: Engine::new(AnyStore::Memory(MemoryStore::new(config.max_counters))),
         ledger,
         client,
         upstream,
@@ -314,7 +316,7 @@ async fn housekeeping(st: Shared, mut shutdown: watch::Receiver<bool>) {
         st.engine.store().sweep(now);
         st.metrics
             .live_counters
-            .set(i64::try_from(st.engine.store().len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(st.engine.store().live_counters()).unwrap_or(i64::MAX));
         if let Err(e) = st.ledger.expire_reservations().await {
             tracing::warn!(error = %e, "could not expire reservations");
         }

@@ -568,7 +568,17 @@ struct LeaseGuard {
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        self.st.engine.release_now(&self.decision);
+        // Release off the dropping thread: a remote store needs a round trip.
+        // If no runtime is left (shutdown), the lease expires by its TTL.
+        let st = Arc::clone(&self.st);
+        let decision = self.decision.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = st.engine.release(&decision).await {
+                    tracing::warn!(error = %e, "lease release failed; it expires by its TTL");
+                }
+            });
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tollgate_core::policy::{AccountOverrides, CompiledPolicy, OverrideValues, PlanId};
-use tollgate_core::{Engine, MemoryStore, Nanos};
+use tollgate_core::{Engine, Nanos};
 use tollgate_ledger::{KeyCheck, KeyIdentity, Ledger};
 
 use crate::config::ServerConfig;
@@ -21,7 +21,7 @@ pub struct AppState {
     /// The policy in force; swapped atomically on reload.
     pub policy: ArcSwap<CompiledPolicy>,
     /// Decision engine over the counter store.
-    pub engine: Engine<MemoryStore>,
+    pub engine: Engine<crate::store::AnyStore>,
     /// Accounts, keys, credits, events.
     pub ledger: Ledger,
     /// Pooled upstream client.
