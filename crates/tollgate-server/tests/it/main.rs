@@ -3,4 +3,5 @@
 
 mod admin;
 mod credits;
+mod secrets;
 mod support;
