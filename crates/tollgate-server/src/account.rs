@@ -44,19 +44,10 @@ pub async fn account_json(
 pub async fn usage(st: &Shared, policy: &CompiledPolicy, caller: &Caller, ip: &str) -> Vec<Value> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
-    let id = &caller.identity;
     for op in 0..policy.operations.len() {
-        let op = op as u16;
         let req = tollgate_core::Request {
-            org: &id.org,
-            account: &id.account,
-            app: &id.app,
-            key: &id.key_id,
-            ip,
             cost: Some(0),
-            account_created_at: Some(caller.created_at),
-            overrides: caller.overrides.as_ref(),
-            ..tollgate_core::Request::new(caller.plan, op)
+            ..caller.request(op as u16, ip, &[])
         };
         let d = st.engine.decide(policy, &req).await;
         for r in d.results() {

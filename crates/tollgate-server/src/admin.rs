@@ -173,16 +173,7 @@ async fn get_account(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("unknown account `{id}`")))?;
     let policy = st.policy.load_full();
-    let identity = tollgate_ledger::KeyIdentity {
-        key_id: String::new(),
-        account: a.id.clone(),
-        org: a.org.clone(),
-        app: "default".to_owned(),
-        plan: a.plan.clone(),
-        account_created_at: a.created_at,
-        overrides: a.overrides.clone(),
-    };
-    let caller = st.caller(identity, &policy);
+    let caller = st.account_caller(&a, &policy);
     let mut doc = account_doc(&a);
     doc["usage"] = Value::from(crate::account::usage(&st, &policy, &caller, "").await);
     Ok(json_response(StatusCode::OK, &doc))

@@ -92,16 +92,8 @@ pub async fn check(
     }
     let id = &caller.identity;
     let core_req = tollgate_core::Request {
-        org: &id.org,
-        account: &id.account,
-        app: &id.app,
-        key: &id.key_id,
-        ip: req.ip.as_deref().unwrap_or(""),
-        attributes: &attrs,
-        account_created_at: Some(caller.created_at),
         cost,
-        overrides: caller.overrides.as_ref(),
-        ..tollgate_core::Request::new(caller.plan, op)
+        ..caller.request(op, req.ip.as_deref().unwrap_or(""), &attrs)
     };
     let d = st.engine.decide(&policy, &core_req).await;
     crate::proxy::record_decision(&st, &policy, op, caller.plan, &d, Some(&id.account)).await;
@@ -196,16 +188,7 @@ async fn resolve(
                 .account(account)
                 .await?
                 .ok_or_else(|| ApiError::not_found(format!("unknown account `{account}`")))?;
-            let identity = tollgate_ledger::KeyIdentity {
-                key_id: String::new(),
-                account: a.id.clone(),
-                org: a.org.clone(),
-                app: "default".to_owned(),
-                plan: a.plan.clone(),
-                account_created_at: a.created_at,
-                overrides: a.overrides.clone(),
-            };
-            Ok(st.caller(identity, policy))
+            Ok(st.account_caller(&a, policy))
         }
         (None, None) => Err(ApiError::bad_request(
             "name the caller with `key` or `account`",

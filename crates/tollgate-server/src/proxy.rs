@@ -380,17 +380,7 @@ pub async fn decide(
     attrs: &[Option<&str>],
 ) -> Decision {
     let id = &caller.identity;
-    let req = tollgate_core::Request {
-        org: &id.org,
-        account: &id.account,
-        app: &id.app,
-        key: &id.key_id,
-        ip,
-        attributes: attrs,
-        account_created_at: Some(caller.created_at),
-        overrides: caller.overrides.as_ref(),
-        ..tollgate_core::Request::new(caller.plan, op)
-    };
+    let req = caller.request(op, ip, attrs);
     let started = st.engine.clock().now();
     let decision = st.engine.decide(policy, &req).await;
     let elapsed = st.engine.clock().now().0.saturating_sub(started.0);

@@ -7,7 +7,9 @@ use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use tollgate_core::policy::{AccountOverrides, CompiledPolicy, OverrideValues, PlanId};
+use tollgate_core::policy::{
+    AccountOverrides, CompiledPolicy, OperationId, OverrideValues, PlanId,
+};
 use tollgate_core::{Engine, Nanos};
 use tollgate_ledger::{KeyCheck, KeyIdentity, Ledger};
 
@@ -93,6 +95,21 @@ impl AppState {
         }
     }
 
+    /// The caller for an account itself (no key: the decision API by
+    /// account, the admin API's usage view); its app is `default`.
+    pub fn account_caller(&self, a: &tollgate_ledger::Account, policy: &CompiledPolicy) -> Caller {
+        let identity = KeyIdentity {
+            key_id: String::new(),
+            account: a.id.clone(),
+            org: a.org.clone(),
+            app: "default".to_owned(),
+            plan: a.plan.clone(),
+            account_created_at: a.created_at,
+            overrides: a.overrides.clone(),
+        };
+        self.caller(identity, policy)
+    }
+
     /// The caller for an identity under `policy` (unknown plans fall back to the default plan).
     pub fn caller(&self, identity: KeyIdentity, policy: &CompiledPolicy) -> Caller {
         let plan = policy.plan(&identity.plan).unwrap_or_else(|| {
@@ -107,6 +124,29 @@ impl AppState {
             plan,
             overrides,
             created_at,
+        }
+    }
+}
+
+impl Caller {
+    /// The engine's view of this caller's request for operation `op`.
+    pub fn request<'a>(
+        &'a self,
+        op: OperationId,
+        ip: &'a str,
+        attributes: &'a [Option<&'a str>],
+    ) -> tollgate_core::Request<'a> {
+        let id = &self.identity;
+        tollgate_core::Request {
+            org: &id.org,
+            account: &id.account,
+            app: &id.app,
+            key: &id.key_id,
+            ip,
+            attributes,
+            account_created_at: Some(self.created_at),
+            overrides: self.overrides.as_ref(),
+            ..tollgate_core::Request::new(self.plan, op)
         }
     }
 }
