@@ -72,12 +72,10 @@ pub async fn inspect(content_type: Option<&str>, body: Bytes) -> Result<Inspecti
     } else if ct.starts_with("image/") {
         out.files = 1;
         out.image = Some(body);
-    } else if ct.starts_with("application/json") || ct.ends_with("+json") {
-        if !body.is_empty() {
-            let v = serde_json::from_slice(&body)
-                .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
-            out.json = Some(v);
-        }
+    } else if (ct.starts_with("application/json") || ct.ends_with("+json")) && !body.is_empty() {
+        let v = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+        out.json = Some(v);
     }
     Ok(out)
 }
