@@ -62,6 +62,7 @@ impl LimitResult {
     }
 }
 
+/// All zero bits, so that a new decision's results are one `memset`.
 const EMPTY: LimitResult = LimitResult {
     limit: 0,
     mode: Mode::Enforce,
@@ -69,7 +70,7 @@ const EMPTY: LimitResult = LimitResult {
     window_secs: 0,
     cost: 0,
     eval: Evaluation {
-        admit: true,
+        admit: false,
         never: false,
         remaining: 0,
         reset: Duration::ZERO,

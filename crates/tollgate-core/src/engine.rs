@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use xxhash_rust::xxh3::{Xxh3, xxh3_128_with_seed};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed, xxh3_128_with_seed};
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::gcra::GcraRate;
@@ -193,13 +193,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
         policy: &CompiledPolicy,
         req: &Request<'_>,
         now: Nanos,
-        checks: &mut [Check; MAX_LIMITS_PER_REQUEST],
+        checks: &mut [Check],
         decision: &mut Decision,
     ) -> usize {
         let mut n = 0;
+        let mut last = None;
         for pl in policy.applicable(req.plan, req.operation) {
             let limit = &policy.limits[usize::from(pl.limit)];
-            let Some(key) = self.counter_key(&limit.name, &limit.scope, req) else {
+            let Some(key) = self.counter_key(&limit.name, &limit.scope, req, &mut last) else {
                 continue;
             };
             let ov = req.overrides.and_then(|o| o.get(pl.limit));
@@ -233,32 +234,52 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 is_lease: matches!(params, Params::Concurrency { .. }),
             });
             n += 1;
-            if n == MAX_LIMITS_PER_REQUEST {
+            if n == checks.len() {
                 break;
             }
         }
         n
     }
 
-    /// Hash of the limit name and each scope value, length-prefixed so that
-    /// no two different scope tuples can be spelled the same way.
+    /// The counter key of limit `name` for `req`: the high 64 bits hash the
+    /// scope values (length-prefixed, so that no two different scope tuples
+    /// can be spelled the same way), the low 64 bits mix the rest of that
+    /// 128-bit hash with a hash of the limit name. Limits whose scopes have
+    /// the same values therefore share the high half, and the in-memory store
+    /// keeps them in one entry (one lookup, one lock). `None` when a scope
+    /// value is unknown (the limit does not apply).
     ///
-    /// The bytes are laid out in a stack buffer and hashed in one shot: the
-    /// streaming hasher derives a seeded secret and keeps a 0.5 KB state per
-    /// call, which cost more than the rest of a one-limit decision. Keys too
-    /// long for the buffer go through the streaming hasher, which gives the
-    /// same hash for the same bytes.
-    fn counter_key(
+    /// `last` caches the scope hash of the previous limit: the limits of one
+    /// request usually share their scope, and then the values are hashed once.
+    fn counter_key<'p>(
         &self,
         name: &str,
-        scope: &[ScopePart],
+        scope: &'p [ScopePart],
         req: &Request<'_>,
+        last: &mut Option<(&'p [ScopePart], Option<u128>)>,
     ) -> Option<CounterKey> {
+        let values = match *last {
+            Some((s, h)) if s == scope => h,
+            _ => {
+                let h = self.scope_hash(scope, req);
+                *last = Some((scope, h));
+                h
+            }
+        }?;
+        let name = xxh3_64_with_seed(name.as_bytes(), self.seed);
+        Some(CounterKey(values ^ u128::from(name)))
+    }
+
+    /// 128-bit hash of the scope values, laid out in a stack buffer and hashed
+    /// in one shot (the streaming hasher derives a seeded secret and keeps a
+    /// 0.5 KB state per call). Values too long for the buffer go through the
+    /// streaming hasher, which gives the same hash for the same bytes.
+    fn scope_hash(&self, scope: &[ScopePart], req: &Request<'_>) -> Option<u128> {
         let mut buf = [0u8; KEY_BUFFER];
         let mut len = 0;
         let mut fits = true;
-        for part in std::iter::once(name).chain(scope.iter().map(|&p| req.part(p))) {
-            if part.is_empty() && len > 0 {
+        for part in scope.iter().map(|&p| req.part(p)) {
+            if part.is_empty() {
                 return None;
             }
             let end = len + 4 + part.len();
@@ -271,16 +292,19 @@ impl<S: Store, C: Clock> Engine<S, C> {
             len = end;
         }
         if fits {
-            return Some(CounterKey(xxh3_128_with_seed(&buf[..len], self.seed)));
+            return Some(xxh3_128_with_seed(&buf[..len], self.seed));
         }
         let mut h = Xxh3::with_seed(self.seed);
-        for part in std::iter::once(name).chain(scope.iter().map(|&p| req.part(p))) {
+        for part in scope.iter().map(|&p| req.part(p)) {
             h.update(&(part.len() as u32).to_le_bytes());
             h.update(part.as_bytes());
         }
-        Some(CounterKey(h.digest128()))
+        Some(h.digest128())
     }
 }
+
+/// Limits per request that [`Engine::decide_now`] sizes its arrays for.
+const FEW_LIMITS: usize = 4;
 
 /// Bytes of a counter key laid out on the stack before hashing.
 const KEY_BUFFER: usize = 256;
@@ -289,18 +313,35 @@ impl<C: Clock> Engine<MemoryStore, C> {
     /// [`Engine::decide`] without a future, for the in-memory store (which never waits).
     pub fn decide_now(&self, policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
         let now = self.clock.now();
-        let mut checks = [EMPTY_CHECK; MAX_LIMITS_PER_REQUEST];
         let mut decision = Decision::new(now);
-        let n = self.prepare(policy, req, now, &mut checks, &mut decision);
-        let lease = self.lease_id(&decision);
-        let mut evals = [Evaluation::default(); MAX_LIMITS_PER_REQUEST];
+        // Most requests meet a few limits: size the check and evaluation
+        // arrays for them, so each decision sets up 0.5 KB of stack, not 2 KB.
+        if policy.applicable(req.plan, req.operation).len() <= FEW_LIMITS {
+            self.decide_into::<FEW_LIMITS>(policy, req, now, &mut decision);
+        } else {
+            self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, req, now, &mut decision);
+        }
+        decision
+    }
+
+    fn decide_into<const N: usize>(
+        &self,
+        policy: &CompiledPolicy,
+        req: &Request<'_>,
+        now: Nanos,
+        decision: &mut Decision,
+    ) {
+        let mut checks = [EMPTY_CHECK; N];
+        let n = self.prepare(policy, req, now, &mut checks, decision);
+        let lease = self.lease_id(decision);
+        let mut evals = [Evaluation::default(); N];
         let result = if n == 0 {
             Ok(true)
         } else {
-            self.store.decide_now(now, &checks[..n], lease, &mut evals)
+            self.store
+                .decide_now(now, &checks[..n], lease, &mut evals[..n])
         };
-        finish(policy, &mut decision, result, &evals, lease);
-        decision
+        finish(policy, decision, result, &evals[..n], lease);
     }
 
     /// [`Engine::release`] without a future.

@@ -40,7 +40,7 @@ pub fn router(st: Shared) -> Router {
         .route("/admin/v1/events", get(events))
         .route("/admin/v1/reload", post(reload))
         .fallback(|| async { ApiError::not_found("no such admin route") })
-        .route_layer(middleware::from_fn_with_state(st.clone(), require_token));
+        .layer(middleware::from_fn_with_state(st.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))

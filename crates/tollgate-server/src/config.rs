@@ -144,11 +144,11 @@ impl ServerConfig {
             self.database = Some(v.clone());
         }
         if let Some(v) = &s.store {
-            if v == "memory" {
+            if v == "memory" || v.starts_with("redis://") || v.starts_with("redis-cluster://") {
                 self.store = v.clone();
             } else {
                 errors.push(format!(
-                    "[server] store = \"{v}\": only \"memory\" is available in this build"
+                    "[server] store = \"{v}\" must be \"memory\", \"redis://host:port/db\" or \"redis-cluster://host:port,host:port\""
                 ));
             }
         }

@@ -143,9 +143,19 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(http);
+    let engine = if config.store == "memory" {
+        Engine::new(AnyStore::Memory(MemoryStore::new(config.max_counters)))
+    } else {
+        let redis = tollgate_redis::RedisStore::connect(&config.store)
+            .await
+            .map_err(|e| {
+                ServerError::Config(format!("store {}: {e}", redact_url(&config.store)))
+            })?;
+        Engine::new(AnyStore::Redis(redis)).with_key_seed(store::SHARED_KEY_SEED)
+    };
     let state = Arc::new(AppState {
         policy: ArcSwap::from_pointee(policy),
-        engine: Engine::new(AnyStore::Memory(MemoryStore::new(config.max_counters))),
+        engine,
         ledger,
         client,
         upstream,
@@ -210,8 +220,11 @@ pub fn proxy_router(st: Shared) -> Router {
         .with_state(st)
 }
 
-/// `GET /readyz`: 200 when the database answers, 503 otherwise.
+/// `GET /readyz`: 200 when the counter store and the database answer, 503 otherwise.
 pub async fn readyz(State(st): State<Shared>) -> Response {
+    if !st.engine.store().is_ready().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, "counter store unavailable").into_response();
+    }
     match tokio::time::timeout(Duration::from_secs(1), st.ledger.balance("readyz-probe")).await {
         Ok(Ok(_)) | Ok(Err(tollgate_ledger::LedgerError::NotFound { .. })) => {
             "ready".into_response()

@@ -13,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -626,8 +627,21 @@ async fn send_with_retries(
     let retry_on = &policy.upstream.retry_on;
     let timeout = policy.upstream.timeout;
     if let Some(body) = streaming {
+        // A request body that breaks while streaming (truncated, malformed
+        // chunking) is the client's fault: 400, not 502 for the upstream.
+        let broken = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&broken);
+        let body = Body::new(body.map_err(move |e| {
+            flag.store(true, Ordering::Relaxed);
+            e
+        }));
         return match attempt(st, req, body, timeout, retry_on).await {
             Ok(r) | Err(Attempt::Status(r, _)) => Ok(r),
+            Err(Attempt::Failed(_, _)) if broken.load(Ordering::Relaxed) => {
+                Err(ApiError::bad_request(
+                    "the request body could not be read (truncated or malformed)",
+                ))
+            }
             Err(Attempt::Failed(e, _)) => Err(e),
         };
     }

@@ -11,7 +11,13 @@ use tollgate_core::{Check, CounterKey, MemoryStore, Nanos, Store, StoreError};
 pub enum AnyStore {
     /// In process memory (one replica).
     Memory(MemoryStore),
+    /// Redis or Redis Cluster, shared by replicas.
+    Redis(tollgate_redis::RedisStore),
 }
+
+/// Seed of counter-key hashing when replicas share a store: every replica
+/// must derive the same Redis key for the same counter (ASCII of tollgate).
+pub const SHARED_KEY_SEED: u64 = 0x746f_6c6c_6761_7465;
 
 impl AnyStore {
     /// Drops idle counters (in-memory store only; Redis keys expire by TTL).
@@ -20,6 +26,15 @@ impl AnyStore {
             AnyStore::Memory(m) => {
                 m.sweep(now);
             }
+            AnyStore::Redis(_) => {}
+        }
+    }
+
+    /// Whether the store answers (always, in memory).
+    pub async fn is_ready(&self) -> bool {
+        match self {
+            AnyStore::Memory(_) => true,
+            AnyStore::Redis(r) => r.is_ready().await,
         }
     }
 
@@ -27,6 +42,7 @@ impl AnyStore {
     pub fn live_counters(&self) -> usize {
         match self {
             AnyStore::Memory(m) => m.len(),
+            AnyStore::Redis(_) => 0,
         }
     }
 }
@@ -41,6 +57,7 @@ impl Store for AnyStore {
     ) -> Result<bool, StoreError> {
         match self {
             AnyStore::Memory(m) => m.decide_now(now, checks, lease, out),
+            AnyStore::Redis(r) => r.decide(now, checks, lease, out).await,
         }
     }
 
@@ -50,6 +67,7 @@ impl Store for AnyStore {
                 m.release_now(now, keys, lease);
                 Ok(())
             }
+            AnyStore::Redis(r) => r.release(now, keys, lease).await,
         }
     }
 }

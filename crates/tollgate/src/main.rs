@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tollgate_server::config::{self, DEFAULT_POLICY, ServerConfig};
 
+mod load;
+
 /// Rate-limit, quota and credits gateway for metered HTTP APIs.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, about, long_about = None)]
@@ -33,6 +35,9 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Drive a URL at a rate or concurrency for a duration and print counts
+    /// per status, the 429 share, latency percentiles and requests/s.
+    Load(load::Load),
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file, quiet } => check_config(&file, quiet),
+        Command::Load(args) => load::run(args),
         Command::Serve(args) => match serve(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,33 +1,44 @@
-//! The in-memory store: a lock-free hash map of counters, each behind its own
-//! small mutex.
+//! The in-memory store: a lock-free hash map of *scopes*, each holding the
+//! counters of every limit that shares its scope values behind one small mutex.
 //!
-//! **Exact.** A request locks the counters of all its limits (in key order, so
-//! two requests can never deadlock), evaluates them, and writes them only if
-//! it is admitted. No other decision on those counters can interleave, so the
-//! in-memory store never over-admits and a rejected request consumes nothing.
-//! Requests on different keys never touch the same lock; lookups take no lock
-//! at all (`papaya`).
+//! **One lookup, one lock per scope.** A [`CounterKey`]'s high 64 bits name its
+//! scope (the hash of the scope values) and its low 64 bits the counter within
+//! it (mixed with the limit name). The map is keyed by the scope; its entry
+//! holds the counters inline (one, or a short vector). A request whose three
+//! limits are all scoped by account therefore costs one map lookup and one
+//! lock, not three: that is what makes multi-limit decisions about as cheap as
+//! single-limit ones.
+//!
+//! **Exact.** A request locks the entries of all its scopes (in scope order, so
+//! two requests can never deadlock), evaluates every counter, and writes them
+//! only if it is admitted. No other decision on those counters can interleave,
+//! so the in-memory store never over-admits and a rejected request consumes
+//! nothing. Requests on different scopes never touch the same lock; lookups
+//! take no lock at all (`papaya`).
 //!
 //! **Bounded.** A counter remembers when it will be back to its fresh state
 //! (full bucket, empty window). [`MemoryStore::sweep`] drops counters past that
-//! instant, which never hands out extra capacity: a dropped counter and a
-//! fresh one are the same thing. The map holds at most `max_counters`; when it
-//! is full and sweeping frees nothing, new counters are refused with
+//! instant, and entries left with no counter, which never hands out extra
+//! capacity: a dropped counter and a fresh one are the same thing. The store
+//! holds at most `max_counters` live counters (and as many entries); when it is
+//! full and sweeping frees nothing, new counters are refused with
 //! [`StoreError::CounterCapReached`] and each limit's `on_store_error` decides.
 //! Counters over their limit are never evicted to make room, so an attacker
-//! minting keys cannot flush their own block.
+//! minting keys cannot flush their own block. A counter is created only when a
+//! request is admitted and takes from it.
 //!
-//! Memory: the 128-bit key hash, the state and the lock, about 100 bytes per
-//! live counter (measured in `BENCHMARKS.md`). Strings are never stored.
+//! Memory: the 64-bit scope hash, the lock, and per counter its 64-bit tag,
+//! its fresh instant and its state (measured in `BENCHMARKS.md`). Strings are
+//! never stored.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
-use crate::algorithm::concurrency::{self, LeaseSet};
+use crate::algorithm::concurrency::{self, Lease, LeaseSet};
 use crate::algorithm::gcra::gcra;
 use crate::algorithm::sliding_window::{self, SlidingState};
-use crate::algorithm::{Evaluation, concurrency::Lease};
 use crate::clock::Nanos;
 use crate::error::StoreError;
 use crate::policy::MAX_LIMITS_PER_REQUEST;
@@ -41,8 +52,21 @@ use std::sync::{Mutex, MutexGuard};
 /// Default cap on live counters (about 100 MB at ~100 bytes each).
 pub const DEFAULT_MAX_COUNTERS: usize = 1_000_000;
 
-/// Minimum time between two sweeps triggered by a full map.
+/// Minimum time between two sweeps triggered by a full store.
 const SWEEP_INTERVAL_NS: u64 = Nanos::SECOND;
+
+/// Counters a scope entry holds inline before it moves them to a vector.
+const SPILL_CAPACITY: usize = 4;
+
+/// The scope part of a counter key: which map entry holds the counter.
+fn scope(key: CounterKey) -> u64 {
+    (key.0 >> 64) as u64
+}
+
+/// The counter part of a counter key: which counter of its entry.
+fn tag(key: CounterKey) -> u64 {
+    key.0 as u64
+}
 
 /// Counter state by algorithm. `Fresh` until its first admitted request.
 #[derive(Debug, Default)]
@@ -55,23 +79,114 @@ pub(crate) enum Counter {
     Leases(Box<LeaseSet>),
 }
 
-/// A counter and its lock.
-#[derive(Debug, Default)]
-pub(crate) struct Slot {
-    state: Mutex<SlotState>,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct SlotState {
-    /// Removed from the map by a sweep: a decision that locked it looks it up again.
-    dead: bool,
+/// One counter of a scope.
+#[derive(Debug)]
+pub(crate) struct Cell {
+    /// The low 64 bits of its [`CounterKey`].
+    tag: u64,
     /// When the counter is back to its fresh state.
     fresh_at: Nanos,
     counter: Counter,
 }
 
+/// The counters of one scope: the first inline (most scopes have one
+/// counter), more in a vector (a request with several limits on one scope).
+#[derive(Debug)]
+enum Cells {
+    One(Cell),
+    Many(Vec<Cell>),
+}
+
+impl Default for Cells {
+    fn default() -> Self {
+        Cells::Many(Vec::new())
+    }
+}
+
+impl Cells {
+    fn as_slice(&self) -> &[Cell] {
+        match self {
+            Cells::One(c) => std::slice::from_ref(c),
+            Cells::Many(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Cell] {
+        match self {
+            Cells::One(c) => std::slice::from_mut(c),
+            Cells::Many(v) => v,
+        }
+    }
+
+    fn find(&self, tag: u64) -> Option<usize> {
+        self.as_slice().iter().position(|c| c.tag == tag)
+    }
+
+    /// Adds a fresh counter; returns its index.
+    fn push(&mut self, tag: u64) -> usize {
+        let cell = Cell {
+            tag,
+            fresh_at: Nanos(0),
+            counter: Counter::Fresh,
+        };
+        match self {
+            Cells::Many(v) if v.capacity() == 0 => {
+                *self = Cells::One(cell);
+                0
+            }
+            Cells::Many(v) => {
+                v.push(cell);
+                v.len() - 1
+            }
+            Cells::One(_) => {
+                let Cells::One(first) = std::mem::take(self) else {
+                    unreachable!("matched just above")
+                };
+                let mut v = Vec::with_capacity(SPILL_CAPACITY);
+                v.push(first);
+                v.push(cell);
+                *self = Cells::Many(v);
+                1
+            }
+        }
+    }
+
+    /// Drops the counters that are fresh at `now`; returns how many.
+    fn drop_fresh(&mut self, now: Nanos) -> usize {
+        match self {
+            Cells::One(c) if c.fresh_at <= now => {
+                *self = Cells::default();
+                1
+            }
+            Cells::One(_) => 0,
+            Cells::Many(v) => {
+                let before = v.len();
+                v.retain(|c| c.fresh_at > now);
+                before - v.len()
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+}
+
+/// The counters of one scope and their lock.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    state: Mutex<Group>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Group {
+    /// Removed from the map by a sweep: a decision that locked it looks it up again.
+    dead: bool,
+    cells: Cells,
+}
+
 impl Slot {
-    fn lock(&self) -> MutexGuard<'_, SlotState> {
+    fn lock(&self) -> MutexGuard<'_, Group> {
         // A panic while holding the lock cannot leave a half-written state
         // (every write is one assignment), so a poisoned lock is still usable.
         self.state
@@ -80,7 +195,31 @@ impl Slot {
     }
 }
 
-/// Hashes a [`CounterKey`] (already a hash) by folding it to 64 bits.
+/// The count of live counters against the cap.
+#[derive(Debug)]
+pub(crate) struct Room {
+    live: AtomicUsize,
+    max: usize,
+}
+
+impl Room {
+    /// Takes room for `n` new counters, if there is.
+    fn reserve(&self, n: usize) -> bool {
+        let before = self.live.fetch_add(n, Ordering::Relaxed);
+        if before + n > self.max {
+            self.live.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn free(&self, n: usize) {
+        self.live.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Hashes a scope (already a hash) with one multiply, which also spreads
+/// small test keys over the table.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KeyHasher(u64);
 
@@ -93,12 +232,12 @@ impl Hasher for KeyHasher {
         for chunk in bytes.chunks(8) {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+            self.write_u64(u64::from_le_bytes(b));
         }
     }
 
-    fn write_u128(&mut self, v: u128) {
-        self.0 ^= (v as u64) ^ ((v >> 64) as u64);
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -112,8 +251,8 @@ impl BuildHasher for KeyHasher {
 /// Counters in process memory. See the module docs for its guarantees.
 #[derive(Debug)]
 pub struct MemoryStore {
-    map: papaya::HashMap<CounterKey, Slot, KeyHasher>,
-    max_counters: usize,
+    map: papaya::HashMap<u64, Slot, KeyHasher>,
+    room: Room,
     last_sweep: AtomicU64,
 }
 
@@ -121,6 +260,15 @@ impl Default for MemoryStore {
     fn default() -> Self {
         MemoryStore::new(DEFAULT_MAX_COUNTERS)
     }
+}
+
+/// What a locked decision came to.
+pub(crate) enum Locked {
+    Decided(bool),
+    /// A scope entry was swept between lookup and lock: look up again.
+    Dead,
+    /// Admitted, but its new counters do not fit under the cap (nothing written).
+    Full,
 }
 
 impl MemoryStore {
@@ -132,34 +280,38 @@ impl MemoryStore {
             .build();
         MemoryStore {
             map,
-            max_counters: max_counters.max(1),
+            room: Room {
+                live: AtomicUsize::new(0),
+                max: max_counters.max(1),
+            },
             last_sweep: AtomicU64::new(0),
         }
     }
 
     /// Number of live counters.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.room.live.load(Ordering::Relaxed)
     }
 
     /// Whether no counter is live.
     pub fn is_empty(&self) -> bool {
-        self.map.len() == 0
+        self.len() == 0
     }
 
-    /// Drops every counter that is back to its fresh state at `now`; returns
-    /// how many were dropped. Call it periodically (the server does, every
-    /// few seconds); a full map also triggers it, at most once a second.
+    /// Drops every counter that is back to its fresh state at `now`, and every
+    /// scope entry left empty; returns how many counters were dropped. Call it
+    /// periodically (the server does, every few seconds); a full store also
+    /// triggers it, at most once a second.
     pub fn sweep(&self, now: Nanos) -> usize {
         self.last_sweep.store(now.0, Ordering::Relaxed);
         let guard = self.map.guard();
         let mut dropped = 0;
         self.map.retain(
             |_, slot| {
-                let mut s = slot.lock();
-                if s.fresh_at <= now {
-                    s.dead = true;
-                    dropped += 1;
+                let mut g = slot.lock();
+                dropped += g.cells.drop_fresh(now);
+                if g.cells.is_empty() {
+                    g.dead = true;
                     false
                 } else {
                     true
@@ -167,35 +319,42 @@ impl MemoryStore {
             },
             &guard,
         );
+        self.room.free(dropped);
         dropped
+    }
+
+    /// Sweeps if the last sweep is at least [`SWEEP_INTERVAL_NS`] old; returns
+    /// whether it did.
+    fn sweep_when_full(&self, now: Nanos) -> bool {
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if now.0.saturating_sub(last) >= SWEEP_INTERVAL_NS
+            && self
+                .last_sweep
+                .compare_exchange(last, now.0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.sweep(now);
+            return true;
+        }
+        false
     }
 
     fn slot<'g>(
         &self,
-        key: CounterKey,
+        scope: u64,
         now: Nanos,
         guard: &'g impl papaya::Guard,
     ) -> Result<&'g Slot, StoreError> {
-        if let Some(s) = self.map.get(&key, guard) {
+        if let Some(s) = self.map.get(&scope, guard) {
             return Ok(s);
         }
-        if self.map.len() >= self.max_counters {
-            let last = self.last_sweep.load(Ordering::Relaxed);
-            if now.0.saturating_sub(last) >= SWEEP_INTERVAL_NS
-                && self
-                    .last_sweep
-                    .compare_exchange(last, now.0, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            {
-                self.sweep(now);
-            }
-            if self.map.len() >= self.max_counters {
-                return Err(StoreError::CounterCapReached {
-                    cap: self.max_counters,
-                });
+        if self.map.len() >= self.room.max {
+            self.sweep_when_full(now);
+            if self.map.len() >= self.room.max {
+                return Err(StoreError::CounterCapReached { cap: self.room.max });
             }
         }
-        Ok(self.map.get_or_insert_with(key, Slot::default, guard))
+        Ok(self.map.get_or_insert_with(scope, Slot::default, guard))
     }
 
     /// [`Store::decide`] without a future: the in-memory store never waits.
@@ -211,46 +370,63 @@ impl MemoryStore {
     ) -> Result<bool, StoreError> {
         let n = checks.len().min(MAX_LIMITS_PER_REQUEST);
         let checks = &checks[..n];
+        // The distinct scopes, sorted: the lock order. `scope_of[i]` is the
+        // position of check i's scope.
+        let mut scopes = [0u64; MAX_LIMITS_PER_REQUEST];
+        let mut m = 0;
+        for c in checks {
+            let s = scope(c.key);
+            let at = scopes[..m].partition_point(|&x| x < s);
+            if at < m && scopes[at] == s {
+                continue;
+            }
+            scopes.copy_within(at..m, at + 1);
+            scopes[at] = s;
+            m += 1;
+        }
+        let mut scope_of = [0u8; MAX_LIMITS_PER_REQUEST];
+        for (o, c) in scope_of.iter_mut().zip(checks) {
+            let s = scope(c.key);
+            *o = scopes[..m].partition_point(|&x| x < s) as u8;
+        }
         let guard = self.map.guard();
-        // Lock order: by key. `owner[i]` is the check whose lock check i uses
-        // (only differs if two checks share a key).
-        let mut order = [0u8; MAX_LIMITS_PER_REQUEST];
-        for (i, o) in order.iter_mut().enumerate().take(n) {
-            *o = i as u8;
-        }
-        order[..n].sort_unstable_by_key(|&i| checks[usize::from(i)].key);
-        let mut owner = [0u8; MAX_LIMITS_PER_REQUEST];
-        for j in 0..n {
-            let i = usize::from(order[j]);
-            owner[i] = if j > 0 && checks[usize::from(order[j - 1])].key == checks[i].key {
-                owner[usize::from(order[j - 1])]
-            } else {
-                i as u8
-            };
-        }
+        let mut swept = false;
         loop {
             let mut slots: [Option<&Slot>; MAX_LIMITS_PER_REQUEST] = [None; MAX_LIMITS_PER_REQUEST];
-            for (i, c) in checks.iter().enumerate() {
-                if usize::from(owner[i]) == i {
-                    slots[i] = Some(self.slot(c.key, now, &guard)?);
+            for (slot, &s) in slots.iter_mut().zip(&scopes[..m]) {
+                *slot = Some(self.slot(s, now, &guard)?);
+            }
+            match decide_locked(
+                now,
+                checks,
+                lease,
+                out,
+                &slots[..m],
+                &scope_of[..n],
+                &self.room,
+            ) {
+                Locked::Decided(admitted) => return Ok(admitted),
+                // A sweep removed one of the entries between lookup and lock.
+                Locked::Dead => {}
+                Locked::Full => {
+                    if swept || !self.sweep_when_full(now) {
+                        return Err(StoreError::CounterCapReached { cap: self.room.max });
+                    }
+                    swept = true;
                 }
             }
-            if let Some(admitted) =
-                decide_locked(now, checks, lease, out, &slots, &order[..n], &owner)
-            {
-                return Ok(admitted);
-            }
-            // A sweep removed one of the counters between lookup and lock: look up again.
         }
     }
 
     /// Releases lease `lease` on the concurrency counters `keys`.
     pub fn release_now(&self, now: Nanos, keys: &[CounterKey], lease: u64) {
         let guard = self.map.guard();
-        for key in keys {
-            if let Some(slot) = self.map.get(key, &guard) {
-                let mut s = slot.lock();
-                if let Counter::Leases(set) = &mut s.counter {
+        for &key in keys {
+            if let Some(slot) = self.map.get(&scope(key), &guard) {
+                let mut g = slot.lock();
+                if let Some(k) = g.cells.find(tag(key))
+                    && let Counter::Leases(set) = &mut g.cells.as_mut_slice()[k].counter
+                {
                     set.release(lease);
                     set.leases.retain(|l| l.expires > now);
                 }
@@ -259,53 +435,71 @@ impl MemoryStore {
     }
 }
 
-/// Locks the slots in `order`, evaluates every check, and commits if admitted.
-/// Returns `None` if a slot turned out to be dead (swept) and must be looked up again.
+/// Locks the scope entries `slots` (given in lock order), evaluates every
+/// check (check i against entry `scope_of[i]`), and commits if admitted.
 pub(crate) fn decide_locked(
     now: Nanos,
     checks: &[Check],
     lease: u64,
     out: &mut [Evaluation],
     slots: &[Option<&Slot>],
-    order: &[u8],
-    owner: &[u8],
-) -> Option<bool> {
-    let mut locks: [Option<MutexGuard<'_, SlotState>>; MAX_LIMITS_PER_REQUEST] =
+    scope_of: &[u8],
+    room: &Room,
+) -> Locked {
+    let mut locks: [Option<MutexGuard<'_, Group>>; MAX_LIMITS_PER_REQUEST] =
         std::array::from_fn(|_| None);
-    for &i in order {
-        let i = usize::from(i);
-        if let Some(slot) = slots[i] {
-            let g = slot.lock();
-            if g.dead {
-                return None;
-            }
-            locks[i] = Some(g);
+    for (lock, slot) in locks.iter_mut().zip(slots) {
+        let g = slot.expect("every scope is looked up").lock();
+        if g.dead {
+            return Locked::Dead;
         }
+        *lock = Some(g);
     }
     let mut admitted = true;
+    let mut new = 0;
     for (i, check) in checks.iter().enumerate() {
-        let state = locks[usize::from(owner[i])]
-            .as_mut()
-            .expect("every owner is locked");
-        out[i] = apply(state, check, now, lease, false);
+        let g = locks[usize::from(scope_of[i])]
+            .as_deref()
+            .expect("every scope is locked");
+        let cell = g.cells.find(tag(check.key)).map(|k| &g.cells.as_slice()[k]);
+        out[i] = evaluate(cell.map_or(&Counter::Fresh, |c| &c.counter), check, now);
         if check.blocking && !out[i].admit {
             admitted = false;
         }
-    }
-    if admitted {
-        for (i, check) in checks.iter().enumerate() {
-            if out[i].admit {
-                let state = locks[usize::from(owner[i])]
-                    .as_mut()
-                    .expect("every owner is locked");
-                apply(state, check, now, lease, true);
-            }
+        // A counter this request would create (once, even if two checks share it).
+        if out[i].admit
+            && cell.is_none()
+            && !checks[..i]
+                .iter()
+                .zip(&out[..i])
+                .any(|(c, e)| c.key == check.key && e.admit)
+        {
+            new += 1;
         }
     }
-    Some(admitted)
+    if !admitted {
+        return Locked::Decided(false);
+    }
+    if new > 0 && !room.reserve(new) {
+        return Locked::Full;
+    }
+    for (i, check) in checks.iter().enumerate() {
+        if out[i].admit {
+            let g = locks[usize::from(scope_of[i])]
+                .as_deref_mut()
+                .expect("every scope is locked");
+            let t = tag(check.key);
+            let k = match g.cells.find(t) {
+                Some(k) => k,
+                None => g.cells.push(t),
+            };
+            commit(&mut g.cells.as_mut_slice()[k], check, now, lease);
+        }
+    }
+    Locked::Decided(true)
 }
 
-/// Test hook for loom models (A4): a counter outside the map, decided through
+/// Test hook for loom models (A4): counters outside the map, decided through
 /// the same locking path as [`MemoryStore::decide_now`] (papaya cannot run
 /// under loom). Only built with `--cfg tollgate_loom`.
 #[cfg(tollgate_loom)]
@@ -315,8 +509,8 @@ pub struct LoomSlot(Slot);
 
 #[cfg(tollgate_loom)]
 impl LoomSlot {
-    /// Decides `checks` (distinct keys) against `slots`, one per check, with
-    /// `decide_locked`; `None` if a slot was dead.
+    /// Decides `checks` (distinct keys) against `slots`, one scope entry per
+    /// check, with `decide_locked`; `None` if a slot was dead.
     #[doc(hidden)]
     pub fn decide(
         now: Nanos,
@@ -325,16 +519,59 @@ impl LoomSlot {
         out: &mut [Evaluation],
     ) -> Option<bool> {
         let n = checks.len().min(MAX_LIMITS_PER_REQUEST);
-        let mut order: Vec<u8> = (0..n as u8).collect();
-        order.sort_unstable_by_key(|&i| checks[usize::from(i)].key);
-        let owner: Vec<u8> = (0..n as u8).collect();
-        let slots: Vec<Option<&Slot>> = slots.iter().map(|s| Some(&s.0)).collect();
-        decide_locked(now, &checks[..n], 0, out, &slots, &order, &owner)
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_unstable_by_key(|&i| checks[i].key);
+        let mut scope_of = vec![0u8; n];
+        for (j, &i) in order.iter().enumerate() {
+            scope_of[i] = j as u8;
+        }
+        let sorted: Vec<Option<&Slot>> = order.iter().map(|&i| Some(&slots[i].0)).collect();
+        let room = Room {
+            live: AtomicUsize::new(0),
+            max: usize::MAX,
+        };
+        match decide_locked(now, &checks[..n], 0, out, &sorted, &scope_of, &room) {
+            Locked::Decided(admitted) => Some(admitted),
+            Locked::Dead | Locked::Full => None,
+        }
     }
 }
 
-/// Evaluates one check against its counter; with `commit`, writes the new state.
-fn apply(s: &mut SlotState, check: &Check, now: Nanos, lease: u64, commit: bool) -> Evaluation {
+/// Evaluates one check against its counter, without changing it.
+fn evaluate(counter: &Counter, check: &Check, now: Nanos) -> Evaluation {
+    let cost = check.cost;
+    match check.params {
+        Params::Gcra(rate) => {
+            let tat = match counter {
+                Counter::Gcra(t) => Some(*t),
+                _ => None,
+            };
+            gcra(tat, now, cost, &rate).0
+        }
+        Params::Sliding(window) => {
+            let state = match counter {
+                Counter::Sliding(b) => Some(&**b),
+                _ => None,
+            };
+            sliding_window::evaluate(state, now, cost, &window).0
+        }
+        Params::Calendar { limit, end } => {
+            let state = match counter {
+                Counter::Calendar(c) => Some(c),
+                _ => None,
+            };
+            calendar_window::evaluate(state, now, cost, limit, end).0
+        }
+        Params::Concurrency { limit, .. } => match counter {
+            Counter::Leases(set) => concurrency::evaluate(set, now, cost, limit),
+            _ => concurrency::evaluate(&LeaseSet::default(), now, cost, limit),
+        },
+    }
+}
+
+/// Takes an admitted check's cost from its counter (evaluated again on the
+/// state as it is now, so two checks on one counter both count).
+fn commit(s: &mut Cell, check: &Check, now: Nanos, lease: u64) {
     let cost = check.cost;
     match check.params {
         Params::Gcra(rate) => {
@@ -343,11 +580,10 @@ fn apply(s: &mut SlotState, check: &Check, now: Nanos, lease: u64, commit: bool)
                 _ => None,
             };
             let (e, next) = gcra(tat, now, cost, &rate);
-            if commit && e.admit {
+            if e.admit {
                 s.counter = Counter::Gcra(next);
                 s.fresh_at = next;
             }
-            e
         }
         Params::Sliding(window) => {
             let state = match &s.counter {
@@ -355,14 +591,13 @@ fn apply(s: &mut SlotState, check: &Check, now: Nanos, lease: u64, commit: bool)
                 _ => None,
             };
             let (e, next) = sliding_window::evaluate(state, now, cost, &window);
-            if commit && e.admit {
+            if e.admit {
                 match &mut s.counter {
                     Counter::Sliding(b) => **b = next,
                     other => *other = Counter::Sliding(Box::new(next)),
                 }
                 s.fresh_at = now.plus(e.reset);
             }
-            e
         }
         Params::Calendar { limit, end } => {
             let state = match &s.counter {
@@ -370,26 +605,19 @@ fn apply(s: &mut SlotState, check: &Check, now: Nanos, lease: u64, commit: bool)
                 _ => None,
             };
             let (e, next) = calendar_window::evaluate(state, now, cost, limit, end);
-            if commit && e.admit {
+            if e.admit {
                 s.fresh_at = next.end;
                 s.counter = Counter::Calendar(next);
             }
-            e
         }
         Params::Concurrency { limit, ttl } => {
-            if !commit {
-                return match &s.counter {
-                    Counter::Leases(set) => concurrency::evaluate(set, now, cost, limit),
-                    _ => concurrency::evaluate(&LeaseSet::default(), now, cost, limit),
-                };
-            }
             if !matches!(s.counter, Counter::Leases(_)) {
                 s.counter = Counter::Leases(Box::default());
             }
             let Counter::Leases(set) = &mut s.counter else {
                 unreachable!("set just above")
             };
-            let e = concurrency::acquire(set, now, cost, limit, ttl, lease);
+            concurrency::acquire(set, now, cost, limit, ttl, lease);
             s.fresh_at = set
                 .leases
                 .iter()
@@ -397,7 +625,6 @@ fn apply(s: &mut SlotState, check: &Check, now: Nanos, lease: u64, commit: bool)
                 .max()
                 .unwrap_or(now)
                 .max(s.fresh_at);
-            e
         }
     }
 }

@@ -25,7 +25,10 @@ use crate::error::StoreError;
 pub use memory::MemoryStore;
 
 /// The identity of one counter: a 128-bit hash of the limit name and the
-/// scope values (the strings themselves are never stored).
+/// scope values (the strings themselves are never stored). The high 64 bits
+/// depend on the scope values only, so the counters of limits whose scopes
+/// have the same values share them; the in-memory store keeps those counters
+/// in one entry. The low 64 bits tell them apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct CounterKey(pub u128);
 

@@ -1,6 +1,6 @@
 //! Integration tests of tollgate-core: one binary, one module per area.
 
 mod concurrency;
+mod memory;
 mod presets;
 mod properties;
-mod memory;

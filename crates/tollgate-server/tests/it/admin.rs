@@ -21,6 +21,11 @@ const ROUTES: [(&str, &str, &str); 8] = [
 #[tokio::test]
 async fn without_a_configured_token_every_admin_route_refuses() {
     let s = Server::start(None).await;
+    let unknown = s.call(true, "GET", "/admin/v1/nothing-here", &[], "").await;
+    assert_eq!(
+        unknown.status, 401,
+        "even unknown admin paths want the token"
+    );
     for (m, p, b) in ROUTES {
         let a = s
             .call(true, m, p, &[("authorization", "Bearer anything")], b)

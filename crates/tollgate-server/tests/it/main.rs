@@ -3,5 +3,6 @@
 
 mod admin;
 mod credits;
+mod replicas;
 mod secrets;
 mod support;

@@ -40,11 +40,25 @@ impl Server {
         upstream: Option<SocketAddr>,
     ) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().to_path_buf();
+        Server::with_config(token, policy, upstream, data_dir, "memory", dir).await
+    }
+
+    /// A server on `store` keeping its database in `data_dir` (replicas share both).
+    pub async fn with_config(
+        token: Option<&str>,
+        policy: &str,
+        upstream: Option<SocketAddr>,
+        data_dir: std::path::PathBuf,
+        store: &str,
+        dir: tempfile::TempDir,
+    ) -> Server {
         let config = ServerConfig {
+            store: store.to_owned(),
             upstream: upstream.map(|a| format!("http://{a}")),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_dir: dir.path().to_path_buf(),
+            data_dir,
             admin_token: token.and_then(|t| AdminToken::new(t.to_owned())),
             ..ServerConfig::default()
         };

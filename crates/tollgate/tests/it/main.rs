@@ -1,3 +1,6 @@
 //! Contract tests of the `tollgate` binary: they run the real executable.
 
 mod check_config;
+mod client;
+mod serve;
+mod support;

@@ -1,0 +1,124 @@
+//! # tollgate-redis
+//!
+//! [`RedisStore`]: a [`tollgate_core::Store`] over Redis (or Valkey) or a
+//! Redis Cluster, so that several stateless tollgate replicas share their
+//! counters.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), tollgate_core::StoreError> {
+//! use tollgate_core::{Engine, SystemClock};
+//! use tollgate_redis::RedisStore;
+//!
+//! let store = RedisStore::builder("redis://127.0.0.1:6379/0")
+//!     .with_prefix("tg:")
+//!     .with_timeout(std::time::Duration::from_millis(50))
+//!     .connect()
+//!     .await?;
+//! let ready = store.is_ready().await; // for /readyz
+//! let engine = Engine::with_clock(store, SystemClock);
+//! # let _ = (ready, engine); Ok(()) }
+//! ```
+//!
+//! ## One round trip per decision
+//!
+//! [`Store::decide`](tollgate_core::Store::decide) runs `scripts/decide.lua`
+//! once, with `EVALSHA` (`redis::Script`: loaded once, reloaded on
+//! `NOSCRIPT`, never surfaced). The script reads every counter of the
+//! request, evaluates them with the same math as `tollgate_core::algorithm`,
+//! and writes them only if every blocking check admits: a rejected request
+//! consumes nothing. Redis runs a script without interleaving other
+//! commands, so no two decisions race (the read-then-write race is the
+//! classic over-admission bug: Kong #5311, APISIX #12592, boulder #7780).
+//! Concurrent decisions share one multiplexed connection and are pipelined
+//! on it.
+//!
+//! ## Script layout
+//!
+//! `KEYS[i]` is the counter of check *i*. `ARGV[1]` is `now` in nanoseconds
+//! since the epoch as decimal digits, or empty for the server clock;
+//! `ARGV[2]` the lease owner; then five arguments per check: kind (`g` token
+//! bucket, `s` sliding window, `c` calendar window, `l` concurrency), cost,
+//! blocking (`1`/`0`), and two numbers (capacity and refill interval in ns;
+//! limit and sub-bucket width in ns; limit and window end in ns since the
+//! epoch; limit and lease TTL in ns). The reply is `{admitted, now, then per
+//! check flags (bit 0 admit, bit 1 never), remaining, reset_ns,
+//! retry_after_ns}`, numbers as integers or, above 2⁵³, decimal strings.
+//! Lua numbers are doubles, so the script keeps instants as (seconds,
+//! nanoseconds) pairs and computes only differences to `now` as numbers:
+//! exact to the nanosecond when a bucket fills (or a sliding sub-bucket
+//! lasts) in under 104 days.
+//!
+//! ## Keys, hash tags, TTLs
+//!
+//! A counter key is `<prefix>{<scope>}:<counter>`, both 16 hex digits: the
+//! high and low 64 bits of the [`CounterKey`](tollgate_core::CounterKey).
+//! The scope (the hash of the scope values, e.g. the account) is the hash
+//! tag, so every counter of one scope lives in one Cluster slot. The tag is a
+//! function of the counter alone, never of the request: a tag taken from
+//! "the request's first limit" would store one global counter under a
+//! different key per request and silently multiply the limit.
+//!
+//! Every key is written with `SET … PX` in the same script that changes it,
+//! with the time until the counter is back to its fresh state (full bucket,
+//! empty window, window ended, last lease expired): no key ever lives
+//! without a TTL, and an expired key and a fresh counter are the same thing.
+//! Run Redis with `maxmemory-policy noeviction` or `volatile-ttl`; an
+//! `allkeys-*` policy may evict a live counter and hand out its capacity
+//! again.
+//!
+//! ## Guarantees
+//!
+//! - **Standalone Redis**: exact. All checks of a request are decided in one
+//!   script, whatever their scopes: never over-admits, a rejected request
+//!   consumes nothing.
+//! - **Cluster, all limits of a request in one scope** (the usual case:
+//!   per-account limits): the same, one script on one slot.
+//! - **Cluster, limits in different scopes** (e.g. per-account and global):
+//!   one script per scope, in turn. Each is exact on its own counters, so
+//!   no limit is ever over-admitted; but a request refused by one scope may
+//!   already have taken its cost from another scope that admitted it. Bound:
+//!   at most the cost of each such refused request, under-admission only.
+//!   Returning it (a refund script) is not implemented yet.
+//!
+//! ## Clock
+//!
+//! By default ([`TimeSource::Server`]) the script reads the Redis server's
+//! `TIME`, so replicas whose clocks are skewed still agree (A11); the `now`
+//! the engine passes is ignored. [`TimeSource::Caller`] uses the engine's
+//! `now` instead, for tests on a manual clock.
+//!
+//! Calendar windows are the exception: the engine resolves the window end
+//! from its own clock and time zone and passes it in. A replica whose clock
+//! runs ahead therefore starts the next window early, for everyone, by its
+//! skew (the script keeps the later window once one exists, so a replica
+//! behind never re-opens an old window): each window still admits at most
+//! N, but its boundaries move by up to the largest skew among replicas.
+//!
+//! ## Failures
+//!
+//! Each call is bounded by the timeout (default 50 ms, waiting for a
+//! connection included) and fails with [`StoreError::Timeout`]; every Redis
+//! error (refused or lost connection, `OOM`, `READONLY`, `CROSSSLOT`,
+//! `WRONGTYPE`, `LOADING`, `CLUSTERDOWN`, …) becomes
+//! [`StoreError::Unavailable`] with a static description, never "allowed":
+//! the limit's `on_store_error` decides. The connection reconnects by itself
+//! with jittered exponential back-off (20 ms to 500 ms). Creating a store
+//! does not need Redis to be up (see [`RedisStoreBuilder::connect`]).
+//!
+//! Concurrency leases are owned by `<store instance>:<lease id>`, the
+//! instance being random per [`RedisStore`], since lease ids are only unique
+//! within one process; a lease not released expires with its TTL.
+//!
+//! [`StoreError::Timeout`]: tollgate_core::StoreError::Timeout
+//! [`StoreError::Unavailable`]: tollgate_core::StoreError::Unavailable
+
+mod store;
+
+pub use store::{
+    DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder, TimeSource, store_error,
+};
+
+/// The decision script, for benchmarks and tools (`redis-benchmark`, `redis-cli --eval`).
+pub const DECIDE_SCRIPT: &str = include_str!("../scripts/decide.lua");
+/// The lease release script.
+pub const RELEASE_SCRIPT: &str = include_str!("../scripts/release.lua");
