@@ -2,5 +2,6 @@
 
 mod concurrency;
 mod memory;
+mod modes;
 mod presets;
 mod properties;

@@ -3,6 +3,7 @@
 
 mod admin;
 mod credits;
+mod hardening;
 mod replicas;
 mod secrets;
 mod support;
