@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed, xxh3_128_with_seed};
+use xxhash_rust::xxh3::{Xxh3, xxh3_128_with_seed};
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::gcra::GcraRate;
@@ -200,7 +200,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let mut last = None;
         for pl in policy.applicable(req.plan, req.operation) {
             let limit = &policy.limits[usize::from(pl.limit)];
-            let Some(key) = self.counter_key(&limit.name, &limit.scope, req, &mut last) else {
+            let Some(key) = self.counter_key(limit.name_hash, &limit.scope, req, &mut last) else {
                 continue;
             };
             let ov = req.overrides.and_then(|o| o.get(pl.limit));
@@ -226,7 +226,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 limit: pl.limit,
                 mode,
                 quota,
-                window_secs: pl.algorithm.window_secs(),
+                window_secs: pl.window_secs,
                 cost,
                 eval: Evaluation::default(),
                 blocking,
@@ -241,7 +241,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         n
     }
 
-    /// The counter key of limit `name` for `req`: the high 64 bits hash the
+    /// The counter key of the limit whose name hashes to `name` for `req`: the high 64 bits hash the
     /// scope values (length-prefixed, so that no two different scope tuples
     /// can be spelled the same way), the low 64 bits mix the rest of that
     /// 128-bit hash with a hash of the limit name. Limits whose scopes have
@@ -253,7 +253,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// request usually share their scope, and then the values are hashed once.
     fn counter_key<'p>(
         &self,
-        name: &str,
+        name: u64,
         scope: &'p [ScopePart],
         req: &Request<'_>,
         last: &mut Option<(&'p [ScopePart], Option<u128>)>,
@@ -266,7 +266,6 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 h
             }
         }?;
-        let name = xxh3_64_with_seed(name.as_bytes(), self.seed);
         Some(CounterKey(values ^ u128::from(name)))
     }
 

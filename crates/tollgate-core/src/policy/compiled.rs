@@ -124,6 +124,10 @@ pub struct Limit {
     /// Name, unique in the policy; also the counter key prefix, so counters
     /// survive a reload that keeps the name.
     pub name: String,
+    /// Hash of `name`, mixed into counter keys (computed once, at load).
+    /// Unseeded: names come from the policy, not from callers; the scope
+    /// values callers control are hashed with the engine's seed.
+    pub name_hash: u64,
     /// Algorithm and its numbers (before plan or account overrides).
     pub algorithm: Algorithm,
     /// What the counter is keyed by, in order.
@@ -414,6 +418,8 @@ pub struct PlanLimit {
     pub algorithm: Algorithm,
     /// Token cost of the operation for this limit.
     pub cost: u64,
+    /// Advertised window in whole seconds (`algorithm.window_secs()`, computed at load).
+    pub window_secs: u64,
 }
 
 /// The header profile of a policy.

@@ -586,6 +586,7 @@ impl<'a> Ctx<'a> {
             let limit = match (algorithm, scope, on_exceed) {
                 (Some(algorithm), Some(scope), Some(on_exceed)) => Some(Limit {
                     name: name.clone(),
+                    name_hash: xxhash_rust::xxh3::xxh3_64(name.as_bytes()),
                     algorithm,
                     scope,
                     mode,
@@ -994,6 +995,7 @@ impl<'a> Ctx<'a> {
                     let cost = op_cost(raw, &ops[op_id].name, &limit.name);
                     list.push(PlanLimit {
                         limit: i as LimitId,
+                        window_secs: algorithm.window_secs(),
                         algorithm,
                         cost,
                     });

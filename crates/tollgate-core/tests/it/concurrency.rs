@@ -426,12 +426,18 @@ mod threads {
         let clock = ManualClock::new(Nanos(START));
         let stop = AtomicBool::new(false);
         let admitted = AtomicU64::new(0);
+        // Both workers start before the clock moves, and each makes at least
+        // 100 decisions, so a busy machine cannot make the test vacuous.
+        let start = std::sync::Barrier::new(3);
         std::thread::scope(|s| {
             for _ in 0..2 {
                 s.spawn(|| {
                     let mut out = [Evaluation::default(); 1];
                     let mut n = 0;
-                    while !stop.load(Ordering::Relaxed) {
+                    start.wait();
+                    let mut made = 0u32;
+                    while made < 100 || !stop.load(Ordering::Relaxed) {
+                        made = made.saturating_add(1);
                         if store
                             .decide_now(clock.now(), &[check], 0, &mut out)
                             .expect("decides")
@@ -442,6 +448,7 @@ mod threads {
                     admitted.fetch_add(n, Ordering::Relaxed);
                 });
             }
+            start.wait();
             for _ in 0..2_000 {
                 clock.advance(Duration::from_micros(100));
                 std::thread::yield_now();
