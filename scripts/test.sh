@@ -19,10 +19,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # Unit, integration and contract tests (the binary's tests run the real executable).
-cargo nextest run --workspace --no-fail-fast
+cargo nextest run --workspace --locked --no-fail-fast
 # Doc examples (nextest does not run doctests).
-cargo test --workspace --doc --quiet
+cargo test --workspace --locked --doc --quiet
 # Model-checked interleavings of the in-memory store's locking (RELIABILITY-PLAN A4).
 # Built with its own cfg into its own target dir, so the main build stays cached.
 RUSTFLAGS="--cfg tollgate_loom" CARGO_TARGET_DIR=target/loom \
-  cargo test -p tollgate-core --release --test it loom -- --nocapture 2>&1 | grep -E "^(test |test result)"
+  cargo test -p tollgate-core --locked --release --test it loom -- --nocapture 2>&1 | grep -E "^(test |test result)"
