@@ -616,6 +616,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_message_maps_back_to_its_kind() {
+        for (kind, m) in MESSAGES {
+            assert_eq!(error_kind(&StoreError::Unavailable(m)), *kind, "{m}");
+        }
+        let mut seen: Vec<_> = MESSAGES.iter().map(|(_, m)| m).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), MESSAGES.len(), "messages are unique");
+        assert_eq!(error_kind(&health::CIRCUIT_OPEN), "circuit_open");
+        assert_eq!(error_kind(&health::IN_FLIGHT_FULL), "overloaded");
+        assert_eq!(error_kind(&StoreError::Timeout(DEFAULT_TIMEOUT)), "timeout");
+        assert_eq!(error_kind(&StoreError::Unavailable("elsewhere")), "other");
+        for (code, kind) in [
+            ("OOM", "oom"),
+            ("READONLY", "readonly"),
+            ("CROSSSLOT", "crossslot"),
+            ("WRONGTYPE", "wrongtype"),
+            ("LOADING", "loading"),
+            ("BUSY", "busy"),
+            ("NOSCRIPT", "noscript"),
+            ("NOPERM", "noperm"),
+            ("CLUSTERDOWN", "cluster"),
+            ("MASTERDOWN", "cluster"),
+            ("WHATEVER", "other"),
+        ] {
+            let e = redis::make_extension_error(code.to_owned(), Some("detail".to_owned()));
+            assert_eq!(error_kind(&store_error(&e)), kind, "{code}");
+        }
+    }
+
+    #[test]
     fn numbers_parse_from_ints_and_big_strings() {
         assert_eq!(number(&Value::Int(7)), Some(7));
         assert_eq!(number(&Value::Int(-1)), None);
