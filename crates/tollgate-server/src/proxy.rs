@@ -464,14 +464,12 @@ pub fn refusal(st: &Shared, policy: &CompiledPolicy, d: &Decision, caller: &Call
     // Store errors are counted by kind in `record_decision`.
     let _ = (st, caller);
     match d.outcome {
-        Outcome::StoreUnavailable => {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the counter store is unavailable; try again shortly",
-            )
-            .into_response()
-        }
+        Outcome::StoreUnavailable => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the counter store is unavailable; try again shortly",
+        )
+        .into_response(),
         Outcome::CostAboveCapacity { limit } => {
             let name = &policy.limits[usize::from(limit)].name;
             ApiError::new(

@@ -162,7 +162,7 @@ async fn b2(hang: Hang) {
     let hang_start = Instant::now();
     let sleeper = match hang {
         Hang::Sigstop => {
-            server.signal("STOP");
+            server.signal("STOP").await;
             None
         }
         Hang::DebugSleep => {
@@ -196,7 +196,7 @@ async fn b2(hang: Hang) {
     tokio::time::sleep(HANG.saturating_sub(hang_start.elapsed())).await;
     let hang_end = Instant::now();
     match hang {
-        Hang::Sigstop => server.signal("CONT"),
+        Hang::Sigstop => server.signal("CONT").await,
         Hang::DebugSleep => {}
         Hang::Blackhole => proxy.blackhole(false),
     }
@@ -356,7 +356,10 @@ async fn b5_reconnect_storm_is_bounded() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         server.kill();
         tokio::time::sleep(Duration::from_millis(1_000)).await;
-        server = OwnRedis::start(port, &[]);
+        // (Started off the runtime: the start-up wait blocks.)
+        server = tokio::task::spawn_blocking(move || OwnRedis::start(port, &[]))
+            .await
+            .expect("redis-server starts");
         let back = Instant::now();
         // Wait for every replica to decide again.
         for store in &stores {

@@ -141,11 +141,13 @@ impl OwnRedis {
     }
 
     /// Sends `signal` (`STOP`, `CONT`, …) to this server only, by its pid.
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
+    /// Async: a blocking fork/exec would stall the runtime's timers.
+    pub async fn signal(&self, signal: &str) {
+        let status = tokio::process::Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.pid().to_string())
             .status()
+            .await
             .expect("kill runs");
         assert!(status.success(), "kill -{signal} {}", self.pid());
     }

@@ -113,7 +113,10 @@ async fn metrics(s: &Server) -> String {
 async fn hits(s: &Server, key: &str, path: &str, n: usize) -> [usize; 3] {
     let mut counts = [0; 3]; // 200, 429, 503
     for _ in 0..n {
-        let status = s.call(false, "GET", path, &[("x-api-key", key)], "").await.status;
+        let status = s
+            .call(false, "GET", path, &[("x-api-key", key)], "")
+            .await
+            .status;
         match status {
             200 => counts[0] += 1,
             429 => counts[1] += 1,
@@ -147,9 +150,16 @@ async fn b1_outage_follows_each_limits_policy_and_local_share() {
     let b = Server::with_config(Some(TOKEN), POLICY, None, shared, &store, dir).await;
     let key = a.account_with_key("acme", "basic").await;
     for path in ["/local", "/open", "/closed"] {
-        assert_eq!(hits(&a, &key, path, 1).await, [1, 0, 0], "{path} with Redis up");
+        assert_eq!(
+            hits(&a, &key, path, 1).await,
+            [1, 0, 0],
+            "{path} with Redis up"
+        );
     }
-    assert_eq!(metric(&metrics(&a).await, "tollgate_store_unavailable", ""), 0.0);
+    assert_eq!(
+        metric(&metrics(&a).await, "tollgate_store_unavailable", ""),
+        0.0
+    );
 
     // Kill Redis; the gauge goes up within 1 s, with no traffic at all.
     drop(redis);
@@ -185,7 +195,10 @@ async fn b1_outage_follows_each_limits_policy_and_local_share() {
     );
     assert!(flagged <= Duration::from_secs(1), "gauge after {flagged:?}");
     assert_eq!(on_a[2] + on_b[2], 0, "local limits never answer 503");
-    assert!(on_a[0] <= per_replica && on_b[0] <= per_replica, "share exceeded");
+    assert!(
+        on_a[0] <= per_replica && on_b[0] <= per_replica,
+        "share exceeded"
+    );
     assert!(on_a[0] + on_b[0] <= L, "aggregate above L");
     assert_eq!(
         (on_a[0], on_b[0]),
@@ -222,13 +235,18 @@ async fn b1_outage_follows_each_limits_policy_and_local_share() {
     let back = Instant::now();
     loop {
         let m = metrics(&a).await;
-        if metric(&m, "tollgate_store_unavailable", "") == 0.0 && hits(&a, &key, "/closed", 1).await == [1, 0, 0] {
+        if metric(&m, "tollgate_store_unavailable", "") == 0.0
+            && hits(&a, &key, "/closed", 1).await == [1, 0, 0]
+        {
             break;
         }
         assert!(back.elapsed() < Duration::from_secs(2), "not strict again");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("B1 outage: strict again {:?} after Redis came back", back.elapsed());
+    println!(
+        "B1 outage: strict again {:?} after Redis came back",
+        back.elapsed()
+    );
     a.running.shutdown().await;
     b.running.shutdown().await;
 }
