@@ -73,12 +73,14 @@ impl OwnRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed");
+        // Owned at once, so a panic below still kills it.
+        let server = OwnRedis(child);
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
             {
-                return OwnRedis(child);
+                return server;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
