@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::algorithm::Evaluation;
 use crate::clock::Nanos;
+use crate::error::StoreError;
 use crate::policy::{LimitId, MAX_LIMITS_PER_REQUEST, Mode};
 use crate::store::CounterKey;
 
@@ -91,6 +92,12 @@ pub struct Decision {
     pub now: Nanos,
     /// Lease id held on concurrency limits if admitted.
     pub lease: Option<u64>,
+    /// Why the store could not decide, when it could not: the outcome then
+    /// follows each limit's `on_store_error`.
+    pub store_error: Option<StoreError>,
+    /// Whether the limits were decided on this replica's local fallback
+    /// counters (`on_store_error = "local"`) because the store failed.
+    pub decided_locally: bool,
     len: u8,
     results: [LimitResult; MAX_LIMITS_PER_REQUEST],
 }
@@ -101,6 +108,8 @@ impl Decision {
             outcome: Outcome::Admitted,
             now,
             lease: None,
+            store_error: None,
+            decided_locally: false,
             len: 0,
             results: [EMPTY; MAX_LIMITS_PER_REQUEST],
         }

@@ -18,7 +18,7 @@ use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{
     AccountOverrides, Action, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride,
-    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
+    LocalShare, MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
 };
 use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
 
@@ -156,6 +156,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 .decide(now, &checks[..n], lease, &mut evals)
                 .await
         };
+        if let Err(e) = &result {
+            decision.store_error = Some(e.clone());
+            if let Some(local) = self.store.local_fallback()
+                && decide_locally(policy, local, now, &checks[..n], lease, &mut decision)
+            {
+                return decision;
+            }
+        }
         finish(policy, &mut decision, result, &evals, lease);
         decision
     }
@@ -407,6 +415,86 @@ fn params(alg: &Algorithm, ov: Option<&LimitOverride>, now: Nanos) -> (Params, u
     }
 }
 
+/// After a store error: decides the limits whose `on_store_error` is
+/// `local` on `local` at their share (fail-open limits pass, unevaluated).
+/// Returns `false`, leaving `d` to [`finish`], when an enforced limit fails
+/// closed, when no limit is local, or when the local store cannot decide.
+fn decide_locally(
+    policy: &CompiledPolicy,
+    local: &MemoryStore,
+    now: Nanos,
+    checks: &[Check],
+    lease: u64,
+    d: &mut Decision,
+) -> bool {
+    let mut any_local = false;
+    for r in d.results() {
+        match policy.limits[usize::from(r.limit)].on_store_error {
+            FailMode::Deny if r.mode == Mode::Enforce => return false,
+            FailMode::Local { .. } => any_local = true,
+            _ => {}
+        }
+    }
+    if !any_local {
+        return false;
+    }
+    let mut local_checks = [EMPTY_CHECK; MAX_LIMITS_PER_REQUEST];
+    let mut which = [0usize; MAX_LIMITS_PER_REQUEST];
+    let mut m = 0;
+    for (i, r) in d.results_mut().iter_mut().enumerate() {
+        if let FailMode::Local { share } = policy.limits[usize::from(r.limit)].on_store_error {
+            local_checks[m] = Check {
+                params: local_params(checks[i].params, share),
+                ..checks[i]
+            };
+            r.quota = share.of(r.quota).max(1);
+            which[m] = i;
+            m += 1;
+        }
+    }
+    let mut local_evals = [Evaluation::default(); MAX_LIMITS_PER_REQUEST];
+    let Ok(admitted) = local.decide_now(now, &local_checks[..m], lease, &mut local_evals[..m])
+    else {
+        return false;
+    };
+    // Fail-open limits were not evaluated: they pass.
+    let mut evals = [Evaluation::default(); MAX_LIMITS_PER_REQUEST];
+    for (e, r) in evals.iter_mut().zip(d.results()) {
+        e.admit = true;
+        e.remaining = r.quota;
+    }
+    for j in 0..m {
+        evals[which[j]] = local_evals[j];
+    }
+    d.decided_locally = true;
+    finish(policy, d, Ok(admitted), &evals[..checks.len()], lease);
+    true
+}
+
+/// A limit's numbers scaled to its local share: `⌊n × share⌋` (at least 1)
+/// for capacities and limits, refill intervals stretched by `1 / share`.
+fn local_params(p: Params, share: LocalShare) -> Params {
+    let of = |n: u64| share.of(n).max(1);
+    match p {
+        Params::Gcra(r) => Params::Gcra(GcraRate {
+            capacity: of(r.capacity),
+            interval: share.stretch(r.interval),
+        }),
+        Params::Sliding(w) => Params::Sliding(SlidingWindow {
+            limit: of(w.limit),
+            ..w
+        }),
+        Params::Calendar { limit, end } => Params::Calendar {
+            limit: of(limit),
+            end,
+        },
+        Params::Concurrency { limit, ttl } => Params::Concurrency {
+            limit: of(limit),
+            ttl,
+        },
+    }
+}
+
 /// Turns the store's answer into the decision's outcome.
 fn finish(
     policy: &CompiledPolicy,
@@ -446,8 +534,9 @@ fn finish(
         }
         Err(_) => {
             let closed = d.results().iter().any(|r| {
+                // `local` without a local fallback fails closed too.
                 r.mode == Mode::Enforce
-                    && policy.limits[usize::from(r.limit)].on_store_error == FailMode::Deny
+                    && policy.limits[usize::from(r.limit)].on_store_error != FailMode::Allow
             });
             d.outcome = if closed {
                 Outcome::StoreUnavailable
@@ -511,6 +600,114 @@ mod tests {
             crate::store::conformance::block_on(e.decide(&closed, &r)).outcome,
             Outcome::StoreUnavailable
         );
+    }
+
+    /// A shared store that is always down, with a local fallback.
+    #[derive(Default)]
+    struct DownWithFallback(MemoryStore);
+    impl Store for DownWithFallback {
+        async fn decide(
+            &self,
+            _: Nanos,
+            _: &[Check],
+            _: u64,
+            _: &mut [Evaluation],
+        ) -> Result<bool, StoreError> {
+            Err(StoreError::Timeout(Duration::from_millis(50)))
+        }
+        async fn release(
+            &self,
+            now: Nanos,
+            keys: &[CounterKey],
+            lease: u64,
+        ) -> Result<(), StoreError> {
+            self.0.release_now(now, keys, lease);
+            Err(StoreError::Unavailable("down"))
+        }
+        fn local_fallback(&self) -> Option<&MemoryStore> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn local_fallback_admits_the_share_of_each_local_limit() {
+        let p = policy::parse(
+            "[limits.w]\nalgorithm = \"sliding_window\"\nlimit = 10\nwindow = \"1m\"\non_store_error = \"local\"\nlocal_share = 0.5\n\
+             [limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = 100\nrefill_every = \"1m\"\non_store_error = \"allow\"\n",
+            "t",
+        )
+        .unwrap();
+        let clock = std::sync::Arc::new(ManualClock::new(Nanos::from_secs(1_000_000)));
+        let e = Engine::with_clock(DownWithFallback::default(), clock.clone());
+        let r = Request {
+            account: "x",
+            ..Request::new(0, p.default_operation())
+        };
+        let block_on = crate::store::conformance::block_on;
+        let mut admitted = 0;
+        for _ in 0..20 {
+            let d = block_on(e.decide(&p, &r));
+            assert!(d.store_error.is_some() && d.decided_locally);
+            match d.outcome {
+                Outcome::Admitted => admitted += 1,
+                Outcome::Rejected { limit } => {
+                    assert_eq!(p.limits[usize::from(limit)].name, "w");
+                    assert!(d.retry_after() > Duration::ZERO);
+                }
+                o => panic!("{o:?}"),
+            }
+        }
+        assert_eq!(admitted, 5, "half of 10 per minute on this replica");
+        // A minute later the local window admits its share again.
+        clock.advance(Duration::from_secs(65)); // T + T/15
+        assert_eq!(block_on(e.decide(&p, &r)).outcome, Outcome::Admitted);
+
+        // A fail-closed enforced limit refuses whatever the local limits say.
+        let closed = policy::parse(
+            "[limits.w]\nalgorithm = \"sliding_window\"\nlimit = 10\nwindow = \"1m\"\non_store_error = \"local\"\nlocal_share = 0.5\n\
+             [limits.d]\nalgorithm = \"calendar_window\"\nlimit = 10\nwindow = \"day\"\n",
+            "t",
+        )
+        .unwrap();
+        let d = block_on(e.decide(&closed, &r));
+        assert_eq!(d.outcome, Outcome::StoreUnavailable);
+        assert!(!d.decided_locally);
+
+        // Without a local fallback, `local` fails closed.
+        let down = Engine::with_clock(DownStore, ManualClock::new(Nanos(1)));
+        assert_eq!(
+            crate::store::conformance::block_on(down.decide(&p, &r)).outcome,
+            Outcome::StoreUnavailable
+        );
+    }
+
+    #[test]
+    fn local_params_scale_by_the_share() {
+        let share = LocalShare::from_fraction(0.25).unwrap();
+        let rate = GcraRate::new(
+            std::num::NonZeroU64::new(400).unwrap(),
+            std::num::NonZeroU64::new(100).unwrap(),
+            Duration::from_secs(1),
+        );
+        let Params::Gcra(r) = local_params(Params::Gcra(rate), share) else {
+            unreachable!()
+        };
+        assert_eq!(r.capacity, 100);
+        assert_eq!(
+            r.interval,
+            rate.interval * 4,
+            "a quarter of the refill rate"
+        );
+        let Params::Concurrency { limit, .. } = local_params(
+            Params::Concurrency {
+                limit: 3,
+                ttl: Duration::from_secs(1),
+            },
+            share,
+        ) else {
+            unreachable!()
+        };
+        assert_eq!(limit, 1, "never below 1");
     }
 
     #[test]

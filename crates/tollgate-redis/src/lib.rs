@@ -101,9 +101,29 @@
 //! error (refused or lost connection, `OOM`, `READONLY`, `CROSSSLOT`,
 //! `WRONGTYPE`, `LOADING`, `CLUSTERDOWN`, …) becomes
 //! [`StoreError::Unavailable`] with a static description, never "allowed":
-//! the limit's `on_store_error` decides. The connection reconnects by itself
-//! with jittered exponential back-off (20 ms to 500 ms). Creating a store
+//! the limit's `on_store_error` decides. [`error_kind`] names the kind of
+//! each (`timeout`, `connection`, `oom`, …) for metrics. Creating a store
 //! does not need Redis to be up (see [`RedisStoreBuilder::connect`]).
+//!
+//! A hung or dead Redis costs a bounded amount (B2):
+//!
+//! - at most [`RedisStoreBuilder::with_max_in_flight`] calls (default
+//!   1,024) wait on Redis at once; past that a call fails at once
+//!   ([`IN_FLIGHT_FULL`], kind `overloaded`);
+//! - a circuit breaker (standalone Redis) opens after
+//!   [`FAILURES_TO_OPEN`] consecutive unanswered calls or one unanswered
+//!   background probe, within a second of Redis going silent; while open,
+//!   calls fail at once ([`CIRCUIT_OPEN`], kind `circuit_open`) instead of
+//!   each waiting for the timeout, and [`RedisStore::is_available`] is
+//!   false. A probe pings every ~100 ms (jittered) and the first answer
+//!   closes it again.
+//!
+//! The connection reconnects by itself (`redis`'s `ConnectionManager`) with
+//! jittered exponential back-off: the n-th retry waits `d·(1 + U[0,1))`
+//! with `d` = 100, 200, 400, then 500 ms. Attempts are therefore at least
+//! 100 ms apart (≤ 10 per second per store however many calls fail, B5),
+//! replicas do not retry in step, and a Redis that comes back is reconnected
+//! within about a second. Each store holds one multiplexed connection.
 //!
 //! Concurrency leases are owned by `<store instance>:<lease id>`, the
 //! instance being random per [`RedisStore`], since lease ids are only unique
@@ -112,10 +132,16 @@
 //! [`StoreError::Timeout`]: tollgate_core::StoreError::Timeout
 //! [`StoreError::Unavailable`]: tollgate_core::StoreError::Unavailable
 
+mod health;
 mod store;
 
+pub use health::{
+    CIRCUIT_OPEN, DEFAULT_MAX_IN_FLIGHT, FAILURES_TO_OPEN, IN_FLIGHT_FULL, PROBE_IDLE_EVERY,
+    PROBE_OPEN_EVERY, PROBE_TIMEOUT,
+};
 pub use store::{
-    DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder, TimeSource, store_error,
+    DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder, TimeSource, error_kind,
+    store_error,
 };
 
 /// The decision script, for benchmarks and tools (`redis-benchmark`, `redis-cli --eval`).

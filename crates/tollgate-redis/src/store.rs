@@ -5,7 +5,7 @@
 //! `scripts/decide.lua` (and repeated in the crate docs).
 
 use std::fmt::Write as _;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -14,12 +14,19 @@ use redis::{RedisError, Script, ScriptInvocation, Value};
 use tollgate_core::algorithm::Evaluation;
 use tollgate_core::{Check, CounterKey, Nanos, Params, Store, StoreError};
 
+use crate::health::{self, DEFAULT_MAX_IN_FLIGHT, Health};
+
 /// The decision script, loaded once per server and run by its SHA1.
 static DECIDE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../scripts/decide.lua")));
 /// The lease release script.
 static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../scripts/release.lua")));
+
+/// Shortest wait before a reconnection attempt (jittered up to twice as long).
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
+/// Longest wait between reconnection attempts before jitter.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// Default bound on one decision, connection wait included: 50 ms.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
@@ -58,6 +65,7 @@ pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
     time: TimeSource,
+    max_in_flight: usize,
 }
 
 impl RedisStoreBuilder {
@@ -78,6 +86,14 @@ impl RedisStoreBuilder {
     /// Whose clock the scripts use (default [`TimeSource::Server`]).
     pub fn with_time_source(mut self, time: TimeSource) -> Self {
         self.time = time;
+        self
+    }
+
+    /// Most calls waiting on Redis at once (default 1,024, at least 1); one
+    /// more fails at once with the `overloaded` store error, so a hung Redis
+    /// cannot pile up waiting decisions (B2).
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max;
         self
     }
 
@@ -109,12 +125,17 @@ impl RedisStoreBuilder {
         } else {
             let client = redis::Client::open(self.url.as_str())
                 .map_err(|_| StoreError::Unavailable("invalid redis:// URL"))?;
-            // Reconnect with jittered exponential back-off, 20 ms up to 500 ms,
-            // so recovery takes well under 2 s once Redis is back (B1, B5).
+            // Reconnect with jittered exponential back-off: the n-th retry
+            // waits d·(1 + U[0,1)) with d = 100 ms, 200 ms, 400 ms, then
+            // 500 ms: at least 100 ms between attempts (≤ 10 per second,
+            // B5), and a Redis that is back is found within a second (B1).
+            // After the last retry the next call (or the breaker's probe)
+            // starts a new round.
             let config = ConnectionManagerConfig::new()
-                .set_min_delay(Duration::from_millis(20))
-                .set_max_delay(Duration::from_millis(500))
-                .set_number_of_retries(4)
+                .set_min_delay(RECONNECT_MIN_DELAY)
+                .set_max_delay(RECONNECT_MAX_DELAY)
+                .set_exponent_base(2.0)
+                .set_number_of_retries(6)
                 .set_connection_timeout(Some(Duration::from_millis(500)))
                 .set_response_timeout(None);
             let manager = ConnectionManager::new_lazy_with_config(client, config)
@@ -124,12 +145,25 @@ impl RedisStoreBuilder {
         let mut instance = [0u8; 8];
         getrandom::fill(&mut instance)
             .map_err(|_| StoreError::Unavailable("no randomness for the store instance id"))?;
+        // The breaker (and its probe) serve a standalone server; in a Cluster
+        // one node's trouble must not stop decisions on the others.
+        let breaker = matches!(conn, Conn::Single(_));
+        let health = Arc::new(Health::new(self.max_in_flight, breaker));
+        if breaker {
+            let conn = conn.clone();
+            tokio::spawn(health::probe(
+                Arc::downgrade(&health),
+                self.timeout,
+                move || raw_ping(conn.clone()),
+            ));
+        }
         let store = RedisStore {
             conn,
             prefix: self.prefix,
             timeout: self.timeout,
             time: self.time,
             instance: u64::from_le_bytes(instance),
+            health,
         };
         // Warm up: open the connection and load the scripts if Redis is there.
         let _ = store.load_scripts().await;
@@ -149,6 +183,8 @@ pub struct RedisStore {
     /// Random per store: lease owners are `<instance>:<lease>`, since lease
     /// ids are only unique within one process.
     instance: u64,
+    /// In-flight cap and circuit breaker.
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -179,6 +215,7 @@ impl RedisStore {
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
             time: TimeSource::Server,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 
@@ -201,19 +238,38 @@ impl RedisStore {
         &self.prefix
     }
 
-    /// Whether Redis answers a `PING` within the timeout: what `/readyz` shows.
+    /// Whether Redis answers a `PING` within the timeout: what `/readyz`
+    /// shows. Not refused by an open breaker, nor counted in flight.
     ///
     /// # Errors
     /// The mapped Redis error, or [`StoreError::Timeout`].
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let cmd = redis::cmd("PING");
-        self.bounded(async {
-            match self.conn.clone() {
-                Conn::Single(mut c) => cmd.query_async::<()>(&mut c).await,
-                Conn::Cluster(mut c) => cmd.query_async::<()>(&mut c).await,
-            }
-        })
-        .await
+        match tokio::time::timeout(self.timeout, raw_ping(self.conn.clone())).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Whether the store is taking calls: `false` while the circuit breaker
+    /// is open (Redis stopped answering; calls fail at once). What the
+    /// server's `store_unavailable` gauge shows. Never blocks.
+    pub fn is_available(&self) -> bool {
+        !self.health.is_open()
+    }
+
+    /// Calls waiting on Redis now.
+    pub fn in_flight(&self) -> usize {
+        self.health.in_flight()
+    }
+
+    /// Most calls that were ever waiting on Redis at once (never above the cap).
+    pub fn peak_in_flight(&self) -> usize {
+        self.health.peak_in_flight()
+    }
+
+    /// How many times the circuit breaker opened.
+    pub fn circuit_opened(&self) -> u64 {
+        self.health.times_opened()
     }
 
     /// Whether [`RedisStore::ping`] succeeds.
@@ -246,16 +302,23 @@ impl RedisStore {
         .await
     }
 
-    /// Runs `f` under the timeout, mapping errors.
+    /// Runs `f` under the timeout, the in-flight cap and the breaker,
+    /// mapping errors and telling the breaker whether Redis answered.
     async fn bounded<T>(
         &self,
         f: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        let _in_flight = self.health.enter()?;
+        let r = match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(store_error(&e)),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        match &r {
+            Err(e) if health::is_unanswered(e) => self.health.unanswered(),
+            _ => self.health.answered(),
         }
+        r
     }
 
     fn now_arg(&self, now: Nanos) -> String {
@@ -323,7 +386,7 @@ fn add_check(inv: &mut ScriptInvocation<'_>, key: String, c: &Check) {
 
 /// Reads `{admitted, now, (flags, remaining, reset, retry_after)*}`.
 fn parse_reply(reply: &[Value], idx: &[usize], out: &mut [Evaluation]) -> Result<bool, StoreError> {
-    const BAD: StoreError = StoreError::Unavailable("redis: unexpected script reply");
+    const BAD: StoreError = StoreError::Unavailable(BAD_REPLY);
     if reply.len() != 2 + 4 * idx.len() {
         return Err(BAD);
     }
@@ -359,33 +422,116 @@ fn number(v: &Value) -> Option<u64> {
     }
 }
 
+const CONNECTION_REFUSED: &str = "redis: connection refused";
+const CONNECTION_LOST: &str = "redis: connection lost";
+const BAD_REPLY: &str = "redis: unexpected script reply";
+
+/// Every message of a [`StoreError::Unavailable`] this crate makes, with its
+/// kind (the `kind` label of the server's `store_errors_total`).
+const MESSAGES: &[(&str, &str)] = &[
+    ("oom", "redis: out of memory, writes refused (OOM)"),
+    (
+        "readonly",
+        "redis: connected to a read-only replica (READONLY)",
+    ),
+    (
+        "crossslot",
+        "redis: keys of one call in different slots (CROSSSLOT)",
+    ),
+    (
+        "wrongtype",
+        "redis: a counter key holds another type (WRONGTYPE)",
+    ),
+    ("loading", "redis: loading its dataset (LOADING)"),
+    ("busy", "redis: busy running a script (BUSY)"),
+    ("noscript", "redis: script missing after reload (NOSCRIPT)"),
+    ("noperm", "redis: not allowed (ACL or password)"),
+    ("cluster", "redis: cluster unavailable or resharding"),
+    ("timeout", "redis: response timed out"),
+    ("connection", CONNECTION_REFUSED),
+    ("connection", CONNECTION_LOST),
+    ("reply", BAD_REPLY),
+    ("other", "redis: error reply"),
+];
+
+/// The message of `kind` in [`MESSAGES`].
+fn message(kind: &str) -> &'static str {
+    MESSAGES
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or("redis: error reply", |(_, m)| m)
+}
+
+/// The kind of one of this crate's messages; `other` for any other.
+pub(crate) fn kind_of_message(m: &str) -> &'static str {
+    if m == health_message(&health::CIRCUIT_OPEN) {
+        return "circuit_open";
+    }
+    if m == health_message(&health::IN_FLIGHT_FULL) {
+        return "overloaded";
+    }
+    MESSAGES
+        .iter()
+        .find(|(_, msg)| *msg == m)
+        .map_or("other", |(k, _)| k)
+}
+
+fn health_message(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Unavailable(m) => m,
+        _ => "",
+    }
+}
+
+/// The kind of a store error, a short fixed label: `timeout`, `connection`,
+/// `oom`, `readonly`, `crossslot`, `wrongtype`, `loading`, `busy`,
+/// `noscript`, `noperm`, `cluster`, `reply`, `circuit_open`, `overloaded`,
+/// `counter_cap` (in-memory store full) or `other`. For metrics: never a key
+/// or an address.
+pub fn error_kind(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Timeout(_) => "timeout",
+        StoreError::CounterCapReached { .. } => "counter_cap",
+        StoreError::Unavailable(m) => kind_of_message(m),
+        _ => "other",
+    }
+}
+
 /// Maps a Redis error to what the engine decides on. Never "allowed":
 /// every error is a [`StoreError`] and the limit's `on_store_error` applies.
 pub fn store_error(e: &RedisError) -> StoreError {
     let code = e.code().unwrap_or("");
-    let what = match code {
-        "OOM" => "redis: out of memory, writes refused (OOM)",
-        "READONLY" => "redis: connected to a read-only replica (READONLY)",
-        "CROSSSLOT" => "redis: keys of one call in different slots (CROSSSLOT)",
-        "WRONGTYPE" => "redis: a counter key holds another type (WRONGTYPE)",
-        "LOADING" => "redis: loading its dataset (LOADING)",
-        "BUSY" => "redis: busy running a script (BUSY)",
-        "NOSCRIPT" => "redis: script missing after reload (NOSCRIPT)",
-        "NOPERM" | "NOAUTH" | "WRONGPASS" => "redis: not allowed (ACL or password)",
-        "CLUSTERDOWN" | "MASTERDOWN" | "TRYAGAIN" | "MOVED" | "ASK" => {
-            "redis: cluster unavailable or resharding"
+    let kind = match code {
+        "OOM" => "oom",
+        "READONLY" => "readonly",
+        "CROSSSLOT" => "crossslot",
+        "WRONGTYPE" => "wrongtype",
+        "LOADING" => "loading",
+        "BUSY" => "busy",
+        "NOSCRIPT" => "noscript",
+        "NOPERM" | "NOAUTH" | "WRONGPASS" => "noperm",
+        "CLUSTERDOWN" | "MASTERDOWN" | "TRYAGAIN" | "MOVED" | "ASK" => "cluster",
+        _ if e.is_timeout() => "timeout",
+        _ if e.is_connection_refusal() => return StoreError::Unavailable(CONNECTION_REFUSED),
+        _ if e.is_io_error() || e.is_connection_dropped() => {
+            return StoreError::Unavailable(CONNECTION_LOST);
         }
-        _ if e.is_timeout() => "redis: response timed out",
-        _ if e.is_connection_refusal() => "redis: connection refused",
-        _ if e.is_io_error() || e.is_connection_dropped() => "redis: connection lost",
-        _ if e.is_cluster_error() => "redis: cluster unavailable or resharding",
-        _ if e.to_string().contains("OOM") => "redis: out of memory, writes refused (OOM)",
-        _ if e.to_string().contains("WRONGTYPE") => {
-            "redis: a counter key holds another type (WRONGTYPE)"
-        }
-        _ => "redis: error reply",
+        _ if e.is_cluster_error() => "cluster",
+        _ if e.to_string().contains("OOM") => "oom",
+        _ if e.to_string().contains("WRONGTYPE") => "wrongtype",
+        _ => "other",
     };
-    StoreError::Unavailable(what)
+    StoreError::Unavailable(message(kind))
+}
+
+/// `PING` on a connection, errors mapped.
+async fn raw_ping(conn: Conn) -> Result<(), StoreError> {
+    let cmd = redis::cmd("PING");
+    let r = match conn {
+        Conn::Single(mut c) => cmd.query_async::<()>(&mut c).await,
+        Conn::Cluster(mut c) => cmd.query_async::<()>(&mut c).await,
+    };
+    r.map_err(|e| store_error(&e))
 }
 
 impl Store for RedisStore {
@@ -468,6 +614,37 @@ const MAX_CHECKS: usize = tollgate_core::policy::MAX_LIMITS_PER_REQUEST;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_message_maps_back_to_its_kind() {
+        for (kind, m) in MESSAGES {
+            assert_eq!(error_kind(&StoreError::Unavailable(m)), *kind, "{m}");
+        }
+        let mut seen: Vec<_> = MESSAGES.iter().map(|(_, m)| m).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), MESSAGES.len(), "messages are unique");
+        assert_eq!(error_kind(&health::CIRCUIT_OPEN), "circuit_open");
+        assert_eq!(error_kind(&health::IN_FLIGHT_FULL), "overloaded");
+        assert_eq!(error_kind(&StoreError::Timeout(DEFAULT_TIMEOUT)), "timeout");
+        assert_eq!(error_kind(&StoreError::Unavailable("elsewhere")), "other");
+        for (code, kind) in [
+            ("OOM", "oom"),
+            ("READONLY", "readonly"),
+            ("CROSSSLOT", "crossslot"),
+            ("WRONGTYPE", "wrongtype"),
+            ("LOADING", "loading"),
+            ("BUSY", "busy"),
+            ("NOSCRIPT", "noscript"),
+            ("NOPERM", "noperm"),
+            ("CLUSTERDOWN", "cluster"),
+            ("MASTERDOWN", "cluster"),
+            ("WHATEVER", "other"),
+        ] {
+            let e = redis::make_extension_error(code.to_owned(), Some("detail".to_owned()));
+            assert_eq!(error_kind(&store_error(&e)), kind, "{code}");
+        }
+    }
 
     #[test]
     fn numbers_parse_from_ints_and_big_strings() {

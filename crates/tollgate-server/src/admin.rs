@@ -74,6 +74,9 @@ async fn metrics(State(st): State<Shared>) -> Response {
     st.metrics
         .live_counters
         .set(i64::try_from(st.engine.store().live_counters()).unwrap_or(i64::MAX));
+    st.metrics
+        .store_unavailable
+        .set(i64::from(!st.engine.store().is_available()));
     let mut r = st.metrics.encode().into_response();
     if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
         r.headers_mut().insert(header::CONTENT_TYPE, v);

@@ -54,6 +54,10 @@ pub struct ServerSection {
     pub database: Option<String>,
     /// Counter store: `memory` (default).
     pub store: Option<String>,
+    /// Longest wait for the shared store per decision (default `50ms`).
+    pub store_timeout: Option<String>,
+    /// Most decisions waiting on the shared store at once (default 1024).
+    pub store_max_in_flight: Option<usize>,
     /// Proxies whose `X-Forwarded-For` is believed (CIDRs). Default none.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
@@ -82,6 +86,12 @@ pub struct ServerConfig {
     pub database: Option<String>,
     /// Counter store URL.
     pub store: String,
+    /// Longest wait for the shared store per decision; past it the limit's
+    /// `on_store_error` applies.
+    pub store_timeout: Duration,
+    /// Most decisions waiting on the shared store at once; more fail at once
+    /// (kind `overloaded`) and follow `on_store_error`.
+    pub store_max_in_flight: usize,
     /// Trusted proxies.
     pub trusted_proxies: Vec<IpNet>,
     /// Header read timeout.
@@ -107,6 +117,8 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("tollgate-data"),
             database: None,
             store: "memory".to_owned(),
+            store_timeout: tollgate_redis::DEFAULT_TIMEOUT,
+            store_max_in_flight: tollgate_redis::DEFAULT_MAX_IN_FLIGHT,
             trusted_proxies: Vec::new(),
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
@@ -175,6 +187,7 @@ impl ServerConfig {
                 &s.request_timeout,
                 &mut self.request_timeout,
             ),
+            ("store_timeout", &s.store_timeout, &mut self.store_timeout),
         ] {
             if let Some(v) = value {
                 match humantime::parse_duration(v) {
@@ -184,6 +197,9 @@ impl ServerConfig {
                     )),
                 }
             }
+        }
+        if let Some(v) = s.store_max_in_flight {
+            self.store_max_in_flight = v.max(1);
         }
         if let Some(v) = s.max_counters {
             self.max_counters = v.max(1);

@@ -146,12 +146,16 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
     let engine = if config.store == "memory" {
         Engine::new(AnyStore::Memory(MemoryStore::new(config.max_counters)))
     } else {
-        let redis = tollgate_redis::RedisStore::connect(&config.store)
+        let redis = tollgate_redis::RedisStore::builder(&config.store)
+            .with_timeout(config.store_timeout)
+            .with_max_in_flight(config.store_max_in_flight)
+            .connect()
             .await
             .map_err(|e| {
                 ServerError::Config(format!("store {}: {e}", redact_url(&config.store)))
             })?;
-        Engine::new(AnyStore::Redis(redis)).with_key_seed(store::SHARED_KEY_SEED)
+        Engine::new(AnyStore::redis(redis, config.max_counters))
+            .with_key_seed(store::SHARED_KEY_SEED)
     };
     let state = Arc::new(AppState {
         policy: ArcSwap::from_pointee(policy),

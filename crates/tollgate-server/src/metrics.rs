@@ -31,6 +31,15 @@ pub struct LimitLabels {
     pub result: String,
 }
 
+/// Labels of a store error.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreErrorLabels {
+    /// `timeout`, `connection`, `oom`, `readonly`, `crossslot`, `wrongtype`,
+    /// `loading`, `busy`, `noscript`, `noperm`, `cluster`, `reply`,
+    /// `circuit_open`, `overloaded`, `counter_cap`, `other`.
+    pub kind: String,
+}
+
 /// Labels of an upstream answer.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
@@ -53,10 +62,14 @@ pub struct Metrics {
     pub upstream_seconds: Histogram,
     /// Upstream retries made.
     pub upstream_retries: Counter,
-    /// Store errors.
-    pub store_errors: Counter,
-    /// Requests admitted because a store error met a fail-open limit.
+    /// Decisions the store could not make, by kind of error.
+    pub store_errors: Family<StoreErrorLabels, Counter>,
+    /// Requests admitted because a store error met fail-open limits only.
     pub fail_open: Counter,
+    /// Decisions made on the local fallback (`on_store_error = "local"`).
+    pub local_fallback: Counter,
+    /// 1 while the store does not take calls (Redis circuit open), else 0.
+    pub store_unavailable: Gauge,
     /// Credits committed.
     pub credits_charged: Counter,
     /// Live counters in the in-memory store.
@@ -117,13 +130,29 @@ impl Metrics {
             "Upstream attempts repeated after a retryable answer",
             upstream_retries.clone(),
         );
-        let store_errors = Counter::default();
-        registry.register("store_errors", "Counter store errors", store_errors.clone());
+        let store_errors = Family::<StoreErrorLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Decisions the counter store could not make, by kind of error",
+            store_errors.clone(),
+        );
         let fail_open = Counter::default();
         registry.register(
             "fail_open",
             "Requests admitted because the store failed and the limits fail open",
             fail_open.clone(),
+        );
+        let local_fallback = Counter::default();
+        registry.register(
+            "local_fallback",
+            "Decisions made on this replica's local fallback counters while the store failed",
+            local_fallback.clone(),
+        );
+        let store_unavailable = Gauge::default();
+        registry.register(
+            "store_unavailable",
+            "1 while the counter store does not take calls (circuit open), else 0",
+            store_unavailable.clone(),
         );
         let credits_charged = Counter::default();
         registry.register(
@@ -153,6 +182,8 @@ impl Metrics {
             upstream_retries,
             store_errors,
             fail_open,
+            local_fallback,
+            store_unavailable,
             credits_charged,
             live_counters,
             reloads,

@@ -34,7 +34,7 @@ use tollgate_ledger::{Idempotency, ReservationId, ReserveOutcome, StoredResponse
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, json_response};
 use crate::events;
-use crate::metrics::{DecisionLabels, LimitLabels, UpstreamLabels, class};
+use crate::metrics::{DecisionLabels, LimitLabels, StoreErrorLabels, UpstreamLabels, class};
 use crate::payload;
 use crate::state::{Caller, Shared};
 
@@ -414,6 +414,19 @@ pub async fn record_decision(
             outcome: outcome.to_owned(),
         })
         .inc();
+    if let Some(e) = &d.store_error {
+        st.metrics
+            .store_errors
+            .get_or_create(&StoreErrorLabels {
+                kind: crate::store::error_kind(e).to_owned(),
+            })
+            .inc();
+        if d.decided_locally {
+            st.metrics.local_fallback.inc();
+        } else if d.is_allowed() {
+            st.metrics.fail_open.inc();
+        }
+    }
     for r in d.results() {
         let name = &policy.limits[usize::from(r.limit)].name;
         let result = match (r.exceeded(), r.mode) {
@@ -448,17 +461,15 @@ pub async fn record_decision(
 
 /// The answer to a refused decision.
 pub fn refusal(st: &Shared, policy: &CompiledPolicy, d: &Decision, caller: &Caller) -> Response {
-    let _ = caller;
+    // Store errors are counted by kind in `record_decision`.
+    let _ = (st, caller);
     match d.outcome {
-        Outcome::StoreUnavailable => {
-            st.metrics.store_errors.inc();
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the counter store is unavailable; try again shortly",
-            )
-            .into_response()
-        }
+        Outcome::StoreUnavailable => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the counter store is unavailable; try again shortly",
+        )
+        .into_response(),
         Outcome::CostAboveCapacity { limit } => {
             let name = &policy.limits[usize::from(limit)].name;
             ApiError::new(

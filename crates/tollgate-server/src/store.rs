@@ -2,6 +2,12 @@
 //!
 //! An enum rather than a boxed trait object, so the engine stays generic and
 //! no future is boxed per decision.
+//!
+//! A shared (Redis) store comes with a local in-memory fallback: when Redis
+//! cannot decide, limits with `on_store_error = "local"` are decided on it at
+//! their `local_share` (see `docs/policy.md`). Its counters live only in this
+//! process, are swept like the in-memory store's, and are simply left behind
+//! once Redis answers again.
 
 use tollgate_core::algorithm::Evaluation;
 use tollgate_core::{Check, CounterKey, MemoryStore, Nanos, Store, StoreError};
@@ -11,22 +17,40 @@ use tollgate_core::{Check, CounterKey, MemoryStore, Nanos, Store, StoreError};
 pub enum AnyStore {
     /// In process memory (one replica).
     Memory(MemoryStore),
-    /// Redis or Redis Cluster, shared by replicas.
-    Redis(tollgate_redis::RedisStore),
+    /// Redis or Redis Cluster, shared by replicas, and the local fallback.
+    Redis(tollgate_redis::RedisStore, MemoryStore),
 }
+
+/// The kind of a store error (`timeout`, `connection`, `oom`, `circuit_open`,
+/// …): the `kind` label of `store_errors_total`.
+pub use tollgate_redis::error_kind;
 
 /// Seed of counter-key hashing when replicas share a store: every replica
 /// must derive the same Redis key for the same counter (ASCII of tollgate).
 pub const SHARED_KEY_SEED: u64 = 0x746f_6c6c_6761_7465;
 
 impl AnyStore {
-    /// Drops idle counters (in-memory store only; Redis keys expire by TTL).
+    /// A Redis store, with a local fallback holding at most `max_counters`.
+    pub fn redis(store: tollgate_redis::RedisStore, max_counters: usize) -> AnyStore {
+        AnyStore::Redis(store, MemoryStore::new(max_counters))
+    }
+
+    /// Drops idle counters (in memory and in the local fallback; Redis keys
+    /// expire by TTL).
     pub fn sweep(&self, now: Nanos) {
         match self {
-            AnyStore::Memory(m) => {
+            AnyStore::Memory(m) | AnyStore::Redis(_, m) => {
                 m.sweep(now);
             }
-            AnyStore::Redis(_) => {}
+        }
+    }
+
+    /// Whether the store takes calls now, without waiting: `false` while the
+    /// Redis store's circuit breaker is open. The `store_unavailable` gauge.
+    pub fn is_available(&self) -> bool {
+        match self {
+            AnyStore::Memory(_) => true,
+            AnyStore::Redis(r, _) => r.is_available(),
         }
     }
 
@@ -34,15 +58,14 @@ impl AnyStore {
     pub async fn is_ready(&self) -> bool {
         match self {
             AnyStore::Memory(_) => true,
-            AnyStore::Redis(r) => r.is_ready().await,
+            AnyStore::Redis(r, _) => r.is_ready().await,
         }
     }
 
-    /// Live counters held in this process.
+    /// Live counters held in this process (the local fallback's, with Redis).
     pub fn live_counters(&self) -> usize {
         match self {
-            AnyStore::Memory(m) => m.len(),
-            AnyStore::Redis(_) => 0,
+            AnyStore::Memory(m) | AnyStore::Redis(_, m) => m.len(),
         }
     }
 }
@@ -57,7 +80,7 @@ impl Store for AnyStore {
     ) -> Result<bool, StoreError> {
         match self {
             AnyStore::Memory(m) => m.decide_now(now, checks, lease, out),
-            AnyStore::Redis(r) => r.decide(now, checks, lease, out).await,
+            AnyStore::Redis(r, _) => r.decide(now, checks, lease, out).await,
         }
     }
 
@@ -67,7 +90,18 @@ impl Store for AnyStore {
                 m.release_now(now, keys, lease);
                 Ok(())
             }
-            AnyStore::Redis(r) => r.release(now, keys, lease).await,
+            AnyStore::Redis(r, local) => {
+                // A lease may have been taken on the fallback: free it there too.
+                local.release_now(now, keys, lease);
+                r.release(now, keys, lease).await
+            }
+        }
+    }
+
+    fn local_fallback(&self) -> Option<&MemoryStore> {
+        match self {
+            AnyStore::Memory(_) => None,
+            AnyStore::Redis(_, local) => Some(local),
         }
     }
 }

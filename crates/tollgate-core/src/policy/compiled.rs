@@ -308,6 +308,51 @@ pub enum FailMode {
     Allow,
     /// Refuse with 503 (fail-closed).
     Deny,
+    /// Decide on this replica alone, on an in-memory counter holding `share`
+    /// of the limit's numbers (`on_store_error = "local"`): with R replicas
+    /// and a share of 1/R, all of them together admit at most the limit. Only
+    /// where the store offers a local fallback ([`crate::Store::local_fallback`]);
+    /// elsewhere it fails closed like [`FailMode::Deny`].
+    Local {
+        /// The fraction of the limit one replica may admit on its own.
+        share: LocalShare,
+    },
+}
+
+/// A fraction in (0, 1], in parts per million: the share of a limit one
+/// replica may admit on its own while the shared store is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LocalShare(u32);
+
+impl LocalShare {
+    /// Parts per million of a whole.
+    const WHOLE: u64 = 1_000_000;
+
+    /// The share `f` (rounded down to a millionth), if `0 < f ≤ 1`.
+    pub fn from_fraction(f: f64) -> Option<LocalShare> {
+        if !(f > 0.0 && f <= 1.0) {
+            return None;
+        }
+        let ppm = (f * Self::WHOLE as f64).floor() as u32;
+        (ppm > 0).then_some(LocalShare(ppm))
+    }
+
+    /// The share as a fraction.
+    pub fn fraction(self) -> f64 {
+        f64::from(self.0) / Self::WHOLE as f64
+    }
+
+    /// `⌊n × share⌋`.
+    pub fn of(self, n: u64) -> u64 {
+        let scaled = u128::from(n) * u128::from(self.0) / u128::from(Self::WHOLE);
+        u64::try_from(scaled).unwrap_or(u64::MAX)
+    }
+
+    /// `⌈n / share⌉`: a refill interval stretched so the rate is `share` of it.
+    pub fn stretch(self, n: u64) -> u64 {
+        let stretched = (u128::from(n) * u128::from(Self::WHOLE)).div_ceil(u128::from(self.0));
+        u64::try_from(stretched).unwrap_or(u64::MAX)
+    }
 }
 
 /// A named class of request.

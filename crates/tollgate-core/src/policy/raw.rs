@@ -177,8 +177,11 @@ pub struct RawLimit {
     pub mode: Option<Spanned<String>>,
     /// Calendar time zone (default: `[policy] time_zone`).
     pub time_zone: Option<Spanned<String>>,
-    /// `allow` or `deny` (default) when the store is unavailable.
+    /// `allow`, `deny` (default) or `local` when the store is unavailable.
     pub on_store_error: Option<Spanned<String>>,
+    /// With `on_store_error = "local"`: the fraction of the limit (0 < f ≤ 1)
+    /// one replica admits on its own while the store is unavailable.
+    pub local_share: Option<Spanned<f64>>,
     /// Enforce only for accounts created at or after this RFC 3339 instant;
     /// older accounts run the limit in shadow mode.
     pub rollout_after: Option<Spanned<String>>,

@@ -527,6 +527,67 @@ impl<'a> Ctx<'a> {
         parsed
     }
 
+    /// `on_store_error` and `local_share` of limit `name`.
+    fn fail_mode(&mut self, name: &str, r: &RawLimit, algorithm: Option<&Algorithm>) -> FailMode {
+        let mode = r
+            .on_store_error
+            .as_ref()
+            .and_then(|m| self.one_of(m, "on_store_error", &["allow", "deny", "local"]));
+        let local = mode == Some("local");
+        match (&r.local_share, local) {
+            (Some(v), false) => {
+                self.invalid(
+                    &v.span(),
+                    format!("limit `{name}`: `local_share` applies only with on_store_error = \"local\"; remove it or set on_store_error = \"local\""),
+                );
+                FailMode::Deny
+            }
+            (None, true) => {
+                let span = r
+                    .on_store_error
+                    .as_ref()
+                    .map(Spanned::span)
+                    .unwrap_or_default();
+                self.invalid(
+                    &span,
+                    format!("limit `{name}`: on_store_error = \"local\" needs `local_share`, the fraction of the limit one replica admits on its own while the store is down, such as 0.25 with 4 replicas"),
+                );
+                FailMode::Deny
+            }
+            (Some(v), true) => {
+                let Some(share) = LocalShare::from_fraction(*v.get_ref()) else {
+                    self.invalid(
+                        &v.span(),
+                        format!("limit `{name}`: `local_share` = {} must be a fraction above 0 and at most 1, such as 0.25", v.get_ref()),
+                    );
+                    return FailMode::Deny;
+                };
+                // Every number the local counter runs on must stay at least 1.
+                let numbers: &[(&str, u64)] = match algorithm {
+                    Some(Algorithm::TokenBucket { rate, refill, .. }) => {
+                        &[("capacity", rate.capacity), ("refill", refill.get())]
+                    }
+                    Some(Algorithm::SlidingWindow { window, .. }) => &[("limit", window.limit)],
+                    Some(Algorithm::CalendarWindow { limit, .. })
+                    | Some(Algorithm::Concurrency { limit, .. }) => &[("limit", *limit)],
+                    None => &[],
+                };
+                if let Some((field, n)) = numbers.iter().find(|(_, n)| share.of(*n) == 0) {
+                    self.invalid(
+                        &v.span(),
+                        format!("limit `{name}`: `local_share` = {} of {field} {n} leaves less than 1 for one replica; raise local_share or {field}", v.get_ref()),
+                    );
+                    return FailMode::Deny;
+                }
+                FailMode::Local { share }
+            }
+            (None, false) => match mode {
+                Some("allow") => FailMode::Allow,
+                _ => FailMode::Deny,
+            },
+        }
+    }
+
     #[allow(clippy::type_complexity)]
     fn limits(
         &mut self,
@@ -564,14 +625,7 @@ impl<'a> Ctx<'a> {
                 Some("shadow") => Mode::Shadow,
                 _ => Mode::Enforce,
             };
-            let on_store_error = match r
-                .on_store_error
-                .as_ref()
-                .and_then(|m| self.one_of(m, "on_store_error", &["allow", "deny"]))
-            {
-                Some("allow") => FailMode::Allow,
-                _ => FailMode::Deny,
-            };
+            let on_store_error = self.fail_mode(name, r, algorithm.as_ref());
             let rollout_after = r
                 .rollout_after
                 .as_ref()

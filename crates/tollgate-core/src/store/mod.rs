@@ -101,4 +101,12 @@ pub trait Store: Send + Sync + 'static {
         keys: &[CounterKey],
         lease: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The in-memory store that limits with `on_store_error = "local"` are
+    /// decided on, at their local share, when [`Store::decide`] fails. `None`
+    /// (the default): such limits fail closed. A store that offers one must
+    /// also release leases on it (a lease taken locally is released there).
+    fn local_fallback(&self) -> Option<&MemoryStore> {
+        None
+    }
 }

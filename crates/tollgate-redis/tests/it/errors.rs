@@ -6,7 +6,7 @@ use std::time::Duration;
 use tollgate_core::algorithm::Evaluation;
 use tollgate_core::algorithm::gcra::GcraRate;
 use tollgate_core::{Check, CounterKey, Nanos, Params, Store, StoreError};
-use tollgate_redis::{RedisStore, TimeSource};
+use tollgate_redis::{RedisStore, TimeSource, error_kind};
 
 use crate::support::{OwnRedis, SHARED, free_port, raw, shared_store};
 
@@ -49,6 +49,7 @@ async fn b8_wrongtype_is_a_store_error() {
         .expect_err("a hash where a counter should be");
     println!("WRONGTYPE -> {err}");
     assert!(matches!(err, StoreError::Unavailable(m) if m.contains("WRONGTYPE")));
+    assert_eq!(error_kind(&err), "wrongtype", "store_errors_total{{kind}}");
     let _: () = redis::cmd("DEL")
         .arg(&key)
         .query_async(&mut conn)
@@ -88,4 +89,5 @@ async fn b4_oom_is_a_store_error() {
         .expect_err("OOM");
     println!("OOM -> {err}");
     assert!(matches!(err, StoreError::Unavailable(m) if m.contains("OOM")));
+    assert_eq!(error_kind(&err), "oom", "store_errors_total{{kind}}");
 }

@@ -4,7 +4,9 @@
 
 mod accuracy;
 mod agreement;
+mod chaos;
 mod conformance;
 mod errors;
 mod faults;
+mod resilience;
 mod support;

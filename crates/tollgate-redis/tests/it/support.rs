@@ -135,6 +135,23 @@ impl OwnRedis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// The process id (for `SIGSTOP`/`SIGCONT`).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to this server only, by its pid.
+    /// Async: a blocking fork/exec would stall the runtime's timers.
+    pub async fn signal(&self, signal: &str) {
+        let status = tokio::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
     /// `kill -9`, and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

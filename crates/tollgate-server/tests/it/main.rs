@@ -4,6 +4,7 @@
 mod admin;
 mod credits;
 mod hardening;
+mod outage;
 mod replicas;
 mod secrets;
 mod support;
