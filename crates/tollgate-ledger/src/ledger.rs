@@ -188,30 +188,22 @@ fn is_schema_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// Appends an event to the outbox inside the caller's transaction.
-async fn insert_event<'c, E>(
-    tx: E,
-    account: &str,
-    kind: &str,
-    data: &serde_json::Value,
-    at_us: i64,
-) -> Result<(), LedgerError>
-where
-    E: sqlx::Executor<'c>,
-    for<'q> &'q str: sqlx::Encode<'q, E::Database> + sqlx::Type<E::Database>,
-    for<'q> String: sqlx::Encode<'q, E::Database> + sqlx::Type<E::Database>,
-    for<'q> i64: sqlx::Encode<'q, E::Database> + sqlx::Type<E::Database>,
-    for<'q> <E::Database as sqlx::Database>::Arguments: sqlx::IntoArguments<E::Database>,
-{
-    sqlx::query("INSERT INTO events (id, at_us, account, kind, data) VALUES ($1, $2, $3, $4, $5)")
+/// `insert_event!(tx, account, kind, data, at_us)`: appends an event to the
+/// outbox inside the caller's transaction (a macro, as the body is expanded
+/// once per database driver).
+macro_rules! insert_event {
+    ($tx:expr, $account:expr, $kind:expr, $data:expr, $at_us:expr) => {
+        sqlx::query(
+            "INSERT INTO events (id, at_us, account, kind, data) VALUES ($1, $2, $3, $4, $5)",
+        )
         .bind(uuid::Uuid::now_v7().to_string())
-        .bind(at_us)
-        .bind(account)
-        .bind(kind)
-        .bind(data.to_string())
-        .execute(tx)
-        .await?;
-    Ok(())
+        .bind($at_us)
+        .bind($account)
+        .bind($kind)
+        .bind($data.to_string())
+        .execute($tx)
+        .await
+    };
 }
 
 /// How a settlement ends a reservation.
@@ -1027,14 +1019,14 @@ impl Ledger {
                     "balance": balance,
                     "idempotency_key": idem_key,
                 });
-                insert_event(&mut *tx, &account, "credits_charged", &data, now).await?;
+                insert_event!(&mut *tx, &account, "credits_charged", data, now)?;
             }
             if let Some(threshold) = events.low_below
                 && balance < threshold
                 && balance + amount >= threshold
             {
                 let data = serde_json::json!({ "balance": balance, "threshold": threshold });
-                insert_event(&mut *tx, &account, "credits_low", &data, now).await?;
+                insert_event!(&mut *tx, &account, "credits_low", data, now)?;
             }
             tx.commit().await?;
             Ok(balance)
@@ -1196,22 +1188,13 @@ impl Ledger {
     pub async fn record_event(&self, event: &NewEvent) -> Result<(), LedgerError> {
         check_id("event kind", &event.kind)?;
         write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
-            match event.account.as_deref() {
-                Some(account) => {
-                    insert_event(&mut *tx, account, &event.kind, &event.data, now_us()).await?
-                }
-                None => {
-                    sqlx::query(
-                        "INSERT INTO events (id, at_us, account, kind, data) VALUES ($1, $2, NULL, $3, $4)",
-                    )
-                    .bind(uuid::Uuid::now_v7().to_string())
-                    .bind(now_us())
-                    .bind(&event.kind)
-                    .bind(event.data.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
+            insert_event!(
+                &mut *tx,
+                event.account.as_deref(),
+                &event.kind,
+                event.data,
+                now_us()
+            )?;
             tx.commit().await?;
             Ok(())
         })
