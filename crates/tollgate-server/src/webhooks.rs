@@ -984,4 +984,265 @@ mod tests {
         assert_eq!(errors.len(), 4, "{errors:?}");
         assert!(errors.iter().all(|e| !e.contains(&text[6..])));
     }
+
+    // ---------------------------------------------------------- G5
+
+    fn headers_for(id: &str, ts: i64, sig: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("webhook-id", id.parse().expect("id"));
+        h.insert("webhook-timestamp", ts.to_string().parse().expect("ts"));
+        h.insert("webhook-signature", sig.parse().expect("sig"));
+        h
+    }
+
+    /// G5: forged, replayed and tampered webhooks are refused; rotation works.
+    #[test]
+    fn g5_signature_verification_vectors() {
+        let (old, _) = secret(1);
+        let (new, _) = secret(2);
+        let (wrong, _) = secret(3);
+        let body = br#"{"type":"credits_low","data":{"balance":3}}"#;
+        let (id, now) = ("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", 1_790_000_000i64);
+        let one = signature_header(std::slice::from_ref(&new), id, now, body);
+        let ok = |secrets: &[WebhookSecret], sig: &str, b: &[u8], ts: i64, at: i64| {
+            verify_headers(secrets, &headers_for(id, ts, sig), b, at)
+        };
+        assert_eq!(ok(std::slice::from_ref(&new), &one, body, now, now), Ok(()));
+        // wrong secret
+        assert_eq!(ok(&[wrong.clone()], &one, body, now, now), Err(VerifyError::NoMatch));
+        // every single-bit change of the body
+        for i in 0..body.len() {
+            for bit in 0..8 {
+                let mut b = body.to_vec();
+                b[i] ^= 1 << bit;
+                assert_eq!(ok(std::slice::from_ref(&new), &one, &b, now, now), Err(VerifyError::NoMatch));
+            }
+        }
+        // timestamp tolerance: ±300 s accepted, ±301 s refused (replay)
+        for (at, expect) in [
+            (now + 300, Ok(())),
+            (now - 300, Ok(())),
+            (now + 301, Err(VerifyError::OutsideTolerance)),
+            (now - 301, Err(VerifyError::OutsideTolerance)),
+        ] {
+            assert_eq!(ok(std::slice::from_ref(&new), &one, body, now, at), expect, "at {at}");
+        }
+        // a signature replayed under another timestamp or id
+        assert_eq!(ok(std::slice::from_ref(&new), &one, body, now + 1, now), Err(VerifyError::NoMatch));
+        assert_eq!(
+            verify(std::slice::from_ref(&new), "other-id", &now.to_string(), &one, body, now),
+            Err(VerifyError::NoMatch)
+        );
+        // missing headers
+        for missing in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+            let mut h = headers_for(id, now, &one);
+            h.remove(missing);
+            assert_eq!(
+                verify_headers(std::slice::from_ref(&new), &h, body, now),
+                Err(VerifyError::MissingHeader(missing))
+            );
+        }
+        // 100 signatures in one header: refused without trying them all
+        let junk = format!("v1,{}", B64.encode([0u8; 32]));
+        let mut many = vec![junk.as_str(); 99];
+        many.push(one.as_str());
+        assert_eq!(
+            ok(std::slice::from_ref(&new), &many.join(" "), body, now, now),
+            Err(VerifyError::TooManySignatures)
+        );
+        assert_eq!(ok(std::slice::from_ref(&new), "v2,abc v1,!!! garbage", body, now, now), Err(VerifyError::NoMatch));
+        // rotation: both secrets sign; a receiver on either one accepts
+        let both = signature_header(&[old.clone(), new.clone()], id, now, body);
+        assert_eq!(both.split(' ').count(), 2);
+        assert_eq!(ok(std::slice::from_ref(&old), &both, body, now, now), Ok(()));
+        assert_eq!(ok(std::slice::from_ref(&new), &both, body, now, now), Ok(()));
+        assert_eq!(ok(&[old.clone(), new.clone()], &one, body, now, now), Ok(()));
+        // after rotation (new only), a receiver still on the old secret refuses
+        assert_eq!(ok(std::slice::from_ref(&old), &one, body, now, now), Err(VerifyError::NoMatch));
+    }
+
+    /// A stub resolver: fixed answers per name; `rebind.test` answers a public
+    /// address first and loopback afterwards (DNS rebinding).
+    struct StubResolver(std::sync::Mutex<u32>);
+
+    impl HostResolver for StubResolver {
+        fn lookup(
+            &self,
+            host: &str,
+        ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>> {
+            let mut calls = self.0.lock().expect("calls");
+            *calls += 1;
+            let ips: Vec<IpAddr> = match host {
+                "metadata.test" => vec!["169.254.169.254".parse().expect("ip")],
+                "mixed.test" => vec!["10.1.2.3".parse().expect("ip"), "::1".parse().expect("ip")],
+                "rebind.test" if *calls == 1 => vec!["93.184.216.34".parse().expect("ip")],
+                "rebind.test" => vec!["127.0.0.1".parse().expect("ip")],
+                _ => vec!["127.0.0.1".parse().expect("ip")],
+            };
+            Box::pin(async move { Ok(ips) })
+        }
+    }
+
+    /// A test receiver: records every request, answers the given status (and
+    /// `location` for redirects).
+    #[derive(Clone, Default)]
+    struct Receiver {
+        seen: Arc<std::sync::Mutex<Vec<(http::HeaderMap, Bytes)>>>,
+    }
+
+    impl Receiver {
+        async fn start(status: u16, location: Option<String>) -> (Receiver, SocketAddr) {
+            let r = Receiver::default();
+            let seen = r.seen.clone();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+                let seen = seen.clone();
+                let location = location.clone();
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let bytes = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
+                    seen.lock().expect("seen").push((parts.headers, bytes));
+                    let mut b = http::Response::builder().status(status);
+                    if let Some(l) = location {
+                        b = b.header("location", l);
+                    }
+                    b.body(axum::body::Body::from("receiver says hello")).expect("response")
+                }
+            });
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            (r, addr)
+        }
+
+        fn count(&self) -> usize {
+            self.seen.lock().expect("seen").len()
+        }
+    }
+
+    async fn temp_ledger() -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("t.db");
+        let ledger = Ledger::open(path.to_str().expect("utf-8")).await.expect("ledger");
+        (dir, ledger)
+    }
+
+    fn endpoint(id: &str, url: &str, secrets: Vec<WebhookSecret>) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            url: reqwest::Url::parse(url).expect("url"),
+            secrets,
+            events: None,
+        }
+    }
+
+    fn settings(endpoints: Vec<Endpoint>, allow_private: bool) -> WebhookSettings {
+        WebhookSettings {
+            endpoints,
+            timeout: Duration::from_secs(5),
+            retry_min: Duration::from_millis(20),
+            retry_max: Duration::from_millis(40),
+            allow_private_targets: allow_private,
+            ..WebhookSettings::default()
+        }
+    }
+
+    /// G5: no delivery reaches a non-public address, whether it is written in
+    /// the URL or behind a name; the address checked is the one used.
+    #[tokio::test]
+    async fn g5_ssrf_guard_refuses_non_public_targets() {
+        let (_dir, ledger) = temp_ledger().await;
+        let (receiver, addr) = Receiver::start(200, None).await;
+        let (key, _) = secret(4);
+        let port = addr.port();
+        let targets = [
+            format!("http://127.0.0.1:{port}/"),
+            format!("http://127.8.9.10:{port}/"),
+            format!("http://2130706433:{port}/"), // 127.0.0.1 written as one number
+            "http://10.0.0.1:9/".to_owned(),
+            "http://172.16.0.1:9/".to_owned(),
+            "http://172.31.255.254:9/".to_owned(),
+            "http://192.168.0.1:9/".to_owned(),
+            "http://169.254.169.254/latest/meta-data/".to_owned(),
+            format!("http://[::1]:{port}/"),
+            "http://[fc00::1]:9/".to_owned(),
+            "http://[fd12:3456::1]:9/".to_owned(),
+            format!("http://[::ffff:127.0.0.1]:{port}/"),
+            format!("http://localhost.test:{port}/"),
+            "http://metadata.test/".to_owned(),
+            "http://mixed.test:9/".to_owned(),
+        ];
+        let resolver = Arc::new(StubResolver(std::sync::Mutex::new(0)));
+        let d = Dispatcher::with_resolver(ledger.clone(), settings(vec![], false), resolver)
+            .expect("dispatcher");
+        for t in &targets {
+            let ep = endpoint("t", t, vec![key.clone()]);
+            assert_eq!(d.send(&ep, "evt", Bytes::from_static(b"{}")).await, Attempt::Refused, "{t}");
+        }
+        assert_eq!(receiver.count(), 0, "a refused target was contacted");
+
+        // Rebinding: each resolution is checked and its result is what the
+        // connector gets; the second (private) answer is refused.
+        let guard = GuardedResolver::new(Arc::new(StubResolver(std::sync::Mutex::new(0))), false);
+        let name = |n: &str| n.parse::<reqwest::dns::Name>().expect("name");
+        let first: Vec<SocketAddr> = reqwest::dns::Resolve::resolve(&guard, name("rebind.test"))
+            .await
+            .expect("public answer")
+            .collect();
+        assert_eq!(first, vec!["93.184.216.34:0".parse::<SocketAddr>().expect("addr")]);
+        assert!(reqwest::dns::Resolve::resolve(&guard, name("rebind.test")).await.is_err());
+
+        // The same loopback receiver with the explicit opt-in: delivered, so
+        // the refusals above are the guard's doing.
+        let open = Dispatcher::with_resolver(
+            ledger,
+            settings(vec![], true),
+            Arc::new(StubResolver(std::sync::Mutex::new(0))),
+        )
+        .expect("dispatcher");
+        let ep = endpoint("t", &format!("http://localhost.test:{port}/"), vec![key]);
+        assert_eq!(open.send(&ep, "evt", Bytes::from_static(b"{}")).await, Attempt::Accepted(200));
+        assert_eq!(receiver.count(), 1);
+    }
+
+    /// G5: redirects are never followed (the event stays due and is retried);
+    /// 410 disables the endpoint; a delivered event is signed and verifies.
+    #[tokio::test]
+    async fn g5_redirects_not_followed_and_gone_disables() {
+        let (_dir, ledger) = temp_ledger().await;
+        let (key, _) = secret(5);
+        let (target, target_addr) = Receiver::start(200, None).await;
+        let (redirector, r_addr) =
+            Receiver::start(307, Some(format!("http://{target_addr}/stolen"))).await;
+        let (gone, g_addr) = Receiver::start(410, None).await;
+        let eps = vec![
+            endpoint("redirector", &format!("http://{r_addr}/hook"), vec![key.clone()]),
+            endpoint("gone", &format!("http://{g_addr}/hook"), vec![key.clone()]),
+        ];
+        let d = Dispatcher::new(ledger.clone(), settings(eps, true)).expect("dispatcher");
+        ledger
+            .record_event(&tollgate_ledger::NewEvent {
+                account: Some("acme".into()),
+                kind: "credits_low".into(),
+                data: serde_json::json!({ "balance": 1 }),
+            })
+            .await
+            .expect("event");
+        for _ in 0..3 {
+            d.round().await.expect("round");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(redirector.count() >= 2, "the redirecting endpoint is retried");
+        assert_eq!(target.count(), 0, "a redirect was followed");
+        assert_eq!(gone.count(), 1, "a 410 endpoint got another request");
+        assert_eq!(ledger.disabled_endpoints().await.expect("disabled"), vec!["gone".to_owned()]);
+        assert_eq!(ledger.outbox_stats().await.expect("stats").pending, 1);
+        let (headers, body) = redirector.seen.lock().expect("seen")[0].clone();
+        let now = jiff::Timestamp::now().as_second();
+        assert_eq!(verify_headers(&[key], &headers, &body, now), Ok(()));
+        let doc: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(doc["type"], "credits_low");
+        assert_eq!(doc["data"]["account"], "acme");
+    }
 }
