@@ -459,7 +459,7 @@ impl WebhookSettings {
     /// it at the same time.
     pub fn lease(&self) -> Duration {
         let n = u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX).max(1);
-        self.timeout.saturating_mul(n) + Duration::from_secs(10)
+        self.timeout.saturating_mul(n + 1) + Duration::from_secs(1)
     }
 }
 
