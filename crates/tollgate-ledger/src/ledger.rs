@@ -28,9 +28,9 @@ use sqlx::{AssertSqlSafe, Connection};
 use crate::backend::{ATTEMPTS, Backend, read, write_tx};
 use crate::key;
 use crate::{
-    Account, AccountChange, CommitEvents, Audit, CreatedKey, Event, GrantKind, Idempotency, KeyCheck,
-    KeyIdentity, KeyInfo, LedgerError, NewAccount, NewEvent, ReservationId, ReserveOutcome,
-    StoredResponse,
+    Account, AccountChange, Audit, CommitEvents, CreatedKey, Event, GrantKind, Idempotency,
+    KeyCheck, KeyIdentity, KeyInfo, LedgerError, NewAccount, NewEvent, ReservationId,
+    ReserveOutcome, StoredResponse,
 };
 
 /// How long a verified key (or a known-unknown id) is cached in memory. A revoked

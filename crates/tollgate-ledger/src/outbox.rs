@@ -249,9 +249,11 @@ impl Ledger {
     /// Database errors.
     pub async fn disabled_endpoints(&self) -> Result<Vec<String>, LedgerError> {
         let rows: Vec<(String,)> = read!(self, |db| {
-            Ok(sqlx::query_as("SELECT id FROM webhook_endpoints ORDER BY id")
-                .fetch_all(db)
-                .await?)
+            Ok(
+                sqlx::query_as("SELECT id FROM webhook_endpoints ORDER BY id")
+                    .fetch_all(db)
+                    .await?,
+            )
         })?;
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }

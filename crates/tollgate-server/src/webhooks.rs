@@ -142,7 +142,12 @@ pub fn sign(secret: &WebhookSecret, id: &str, timestamp: i64, body: &[u8]) -> St
 }
 
 /// The `webhook-signature` value: `v1,<sig>` per secret, space-separated.
-pub fn signature_header(secrets: &[WebhookSecret], id: &str, timestamp: i64, body: &[u8]) -> String {
+pub fn signature_header(
+    secrets: &[WebhookSecret],
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> String {
     secrets
         .iter()
         .map(|s| format!("v1,{}", sign(s, id, timestamp, body)))
@@ -458,7 +463,9 @@ impl WebhookSettings {
     /// one round of attempts to every endpoint, so two replicas never send
     /// it at the same time.
     pub fn lease(&self) -> Duration {
-        let n = u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX).max(1);
+        let n = u32::try_from(self.endpoints.len())
+            .unwrap_or(u32::MAX)
+            .max(1);
         self.timeout.saturating_mul(n + 1) + Duration::from_secs(1)
     }
 }
@@ -591,7 +598,9 @@ impl reqwest::dns::Resolve for GuardedResolver {
                 .map(|ip| SocketAddr::new(ip, 0))
                 .collect();
             if ok.is_empty() {
-                return Err(Box::new(TargetRefused { host }) as Box<dyn std::error::Error + Send + Sync>);
+                return Err(
+                    Box::new(TargetRefused { host }) as Box<dyn std::error::Error + Send + Sync>
+                );
             }
             Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
         })
@@ -724,7 +733,12 @@ impl Dispatcher {
             .claim_events(&self.owner, BATCH, self.settings.lease())
             .await?;
         let n = claimed.len();
-        let disabled: HashSet<String> = self.ledger.disabled_endpoints().await?.into_iter().collect();
+        let disabled: HashSet<String> = self
+            .ledger
+            .disabled_endpoints()
+            .await?
+            .into_iter()
+            .collect();
         let disabled = &disabled;
         futures_util::stream::iter(claimed)
             .for_each_concurrent(None, |c| async move {
@@ -876,7 +890,8 @@ mod tests {
     #[test]
     fn standard_webhooks_reference_vector() {
         // The example of the Standard Webhooks specification (and svix's libraries).
-        let s = WebhookSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("spec secret");
+        let s =
+            WebhookSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("spec secret");
         let body = br#"{"test": 2432232314}"#;
         assert_eq!(
             sign(&s, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
@@ -941,7 +956,13 @@ mod tests {
             let ip: IpAddr = bad.parse().expect(bad);
             assert!(!is_public(ip), "{bad} must be refused");
         }
-        for good in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111"] {
+        for good in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+        ] {
             let ip: IpAddr = good.parse().expect(good);
             assert!(is_public(ip), "{good} must be allowed");
         }
@@ -1009,13 +1030,19 @@ mod tests {
         };
         assert_eq!(ok(std::slice::from_ref(&new), &one, body, now, now), Ok(()));
         // wrong secret
-        assert_eq!(ok(&[wrong.clone()], &one, body, now, now), Err(VerifyError::NoMatch));
+        assert_eq!(
+            ok(std::slice::from_ref(&wrong), &one, body, now, now),
+            Err(VerifyError::NoMatch)
+        );
         // every single-bit change of the body
         for i in 0..body.len() {
             for bit in 0..8 {
                 let mut b = body.to_vec();
                 b[i] ^= 1 << bit;
-                assert_eq!(ok(std::slice::from_ref(&new), &one, &b, now, now), Err(VerifyError::NoMatch));
+                assert_eq!(
+                    ok(std::slice::from_ref(&new), &one, &b, now, now),
+                    Err(VerifyError::NoMatch)
+                );
             }
         }
         // timestamp tolerance: ±300 s accepted, ±301 s refused (replay)
@@ -1025,12 +1052,26 @@ mod tests {
             (now + 301, Err(VerifyError::OutsideTolerance)),
             (now - 301, Err(VerifyError::OutsideTolerance)),
         ] {
-            assert_eq!(ok(std::slice::from_ref(&new), &one, body, now, at), expect, "at {at}");
+            assert_eq!(
+                ok(std::slice::from_ref(&new), &one, body, now, at),
+                expect,
+                "at {at}"
+            );
         }
         // a signature replayed under another timestamp or id
-        assert_eq!(ok(std::slice::from_ref(&new), &one, body, now + 1, now), Err(VerifyError::NoMatch));
         assert_eq!(
-            verify(std::slice::from_ref(&new), "other-id", &now.to_string(), &one, body, now),
+            ok(std::slice::from_ref(&new), &one, body, now + 1, now),
+            Err(VerifyError::NoMatch)
+        );
+        assert_eq!(
+            verify(
+                std::slice::from_ref(&new),
+                "other-id",
+                &now.to_string(),
+                &one,
+                body,
+                now
+            ),
             Err(VerifyError::NoMatch)
         );
         // missing headers
@@ -1050,15 +1091,36 @@ mod tests {
             ok(std::slice::from_ref(&new), &many.join(" "), body, now, now),
             Err(VerifyError::TooManySignatures)
         );
-        assert_eq!(ok(std::slice::from_ref(&new), "v2,abc v1,!!! garbage", body, now, now), Err(VerifyError::NoMatch));
+        assert_eq!(
+            ok(
+                std::slice::from_ref(&new),
+                "v2,abc v1,!!! garbage",
+                body,
+                now,
+                now
+            ),
+            Err(VerifyError::NoMatch)
+        );
         // rotation: both secrets sign; a receiver on either one accepts
         let both = signature_header(&[old.clone(), new.clone()], id, now, body);
         assert_eq!(both.split(' ').count(), 2);
-        assert_eq!(ok(std::slice::from_ref(&old), &both, body, now, now), Ok(()));
-        assert_eq!(ok(std::slice::from_ref(&new), &both, body, now, now), Ok(()));
-        assert_eq!(ok(&[old.clone(), new.clone()], &one, body, now, now), Ok(()));
+        assert_eq!(
+            ok(std::slice::from_ref(&old), &both, body, now, now),
+            Ok(())
+        );
+        assert_eq!(
+            ok(std::slice::from_ref(&new), &both, body, now, now),
+            Ok(())
+        );
+        assert_eq!(
+            ok(&[old.clone(), new.clone()], &one, body, now, now),
+            Ok(())
+        );
         // after rotation (new only), a receiver still on the old secret refuses
-        assert_eq!(ok(std::slice::from_ref(&old), &one, body, now, now), Err(VerifyError::NoMatch));
+        assert_eq!(
+            ok(std::slice::from_ref(&old), &one, body, now, now),
+            Err(VerifyError::NoMatch)
+        );
     }
 
     /// A stub resolver: fixed answers per name; `rebind.test` answers a public
@@ -1094,20 +1156,26 @@ mod tests {
         async fn start(status: u16, location: Option<String>) -> (Receiver, SocketAddr) {
             let r = Receiver::default();
             let seen = r.seen.clone();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
             let addr = listener.local_addr().expect("addr");
             let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
                 let seen = seen.clone();
                 let location = location.clone();
                 async move {
                     let (parts, body) = req.into_parts();
-                    let bytes = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
+                    let bytes = http_body_util::BodyExt::collect(body)
+                        .await
+                        .expect("body")
+                        .to_bytes();
                     seen.lock().expect("seen").push((parts.headers, bytes));
                     let mut b = http::Response::builder().status(status);
                     if let Some(l) = location {
                         b = b.header("location", l);
                     }
-                    b.body(axum::body::Body::from("receiver says hello")).expect("response")
+                    b.body(axum::body::Body::from("receiver says hello"))
+                        .expect("response")
                 }
             });
             tokio::spawn(async move {
@@ -1124,7 +1192,9 @@ mod tests {
     async fn temp_ledger() -> (tempfile::TempDir, Ledger) {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("t.db");
-        let ledger = Ledger::open(path.to_str().expect("utf-8")).await.expect("ledger");
+        let ledger = Ledger::open(path.to_str().expect("utf-8"))
+            .await
+            .expect("ledger");
         (dir, ledger)
     }
 
@@ -1178,7 +1248,11 @@ mod tests {
             .expect("dispatcher");
         for t in &targets {
             let ep = endpoint("t", t, vec![key.clone()]);
-            assert_eq!(d.send(&ep, "evt", Bytes::from_static(b"{}")).await, Attempt::Refused, "{t}");
+            assert_eq!(
+                d.send(&ep, "evt", Bytes::from_static(b"{}")).await,
+                Attempt::Refused,
+                "{t}"
+            );
         }
         assert_eq!(receiver.count(), 0, "a refused target was contacted");
 
@@ -1190,8 +1264,15 @@ mod tests {
             .await
             .expect("public answer")
             .collect();
-        assert_eq!(first, vec!["93.184.216.34:0".parse::<SocketAddr>().expect("addr")]);
-        assert!(reqwest::dns::Resolve::resolve(&guard, name("rebind.test")).await.is_err());
+        assert_eq!(
+            first,
+            vec!["93.184.216.34:0".parse::<SocketAddr>().expect("addr")]
+        );
+        assert!(
+            reqwest::dns::Resolve::resolve(&guard, name("rebind.test"))
+                .await
+                .is_err()
+        );
 
         // The same loopback receiver with the explicit opt-in: delivered, so
         // the refusals above are the guard's doing.
@@ -1202,7 +1283,10 @@ mod tests {
         )
         .expect("dispatcher");
         let ep = endpoint("t", &format!("http://localhost.test:{port}/"), vec![key]);
-        assert_eq!(open.send(&ep, "evt", Bytes::from_static(b"{}")).await, Attempt::Accepted(200));
+        assert_eq!(
+            open.send(&ep, "evt", Bytes::from_static(b"{}")).await,
+            Attempt::Accepted(200)
+        );
         assert_eq!(receiver.count(), 1);
     }
 
@@ -1217,7 +1301,11 @@ mod tests {
             Receiver::start(307, Some(format!("http://{target_addr}/stolen"))).await;
         let (gone, g_addr) = Receiver::start(410, None).await;
         let eps = vec![
-            endpoint("redirector", &format!("http://{r_addr}/hook"), vec![key.clone()]),
+            endpoint(
+                "redirector",
+                &format!("http://{r_addr}/hook"),
+                vec![key.clone()],
+            ),
             endpoint("gone", &format!("http://{g_addr}/hook"), vec![key.clone()]),
         ];
         let d = Dispatcher::new(ledger.clone(), settings(eps, true)).expect("dispatcher");
@@ -1233,10 +1321,16 @@ mod tests {
             d.round().await.expect("round");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(redirector.count() >= 2, "the redirecting endpoint is retried");
+        assert!(
+            redirector.count() >= 2,
+            "the redirecting endpoint is retried"
+        );
         assert_eq!(target.count(), 0, "a redirect was followed");
         assert_eq!(gone.count(), 1, "a 410 endpoint got another request");
-        assert_eq!(ledger.disabled_endpoints().await.expect("disabled"), vec!["gone".to_owned()]);
+        assert_eq!(
+            ledger.disabled_endpoints().await.expect("disabled"),
+            vec!["gone".to_owned()]
+        );
         assert_eq!(ledger.outbox_stats().await.expect("stats").pending, 1);
         let (headers, body) = redirector.seen.lock().expect("seen")[0].clone();
         let now = jiff::Timestamp::now().as_second();

@@ -62,7 +62,10 @@ async fn claims_are_exclusive_across_replicas(kind: Kind) {
     assert_eq!(total, 200, "an event was claimed twice under a live lease");
     assert!(!db.ledger.has_due_events().await.expect("due"));
 }
-both!(outbox_claims_are_exclusive_across_replicas, super::claims_are_exclusive_across_replicas);
+both!(
+    outbox_claims_are_exclusive_across_replicas,
+    super::claims_are_exclusive_across_replicas
+);
 
 /// Lease expiry (a killed dispatcher), retries with per-endpoint progress,
 /// finishing, giving up, and a stale owner changing nothing.
@@ -72,32 +75,59 @@ async fn lifecycle(kind: Kind) {
     account(l, "acme", 0).await;
     record(l, 2).await;
     // A dispatcher claims both and "crashes": after the lease they are due again.
-    let first = l.claim_events("dead", 10, Duration::from_millis(100)).await.expect("claim");
+    let first = l
+        .claim_events("dead", 10, Duration::from_millis(100))
+        .await
+        .expect("claim");
     assert_eq!(first.len(), 2);
-    assert!(l.claim_events("other", 10, LONG).await.expect("claim").is_empty());
+    assert!(
+        l.claim_events("other", 10, LONG)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
     tokio::time::sleep(Duration::from_millis(150)).await;
     let again = l.claim_events("alive", 10, LONG).await.expect("claim");
-    assert_eq!(again.len(), 2, "events of a crashed dispatcher are redelivered");
+    assert_eq!(
+        again.len(),
+        2,
+        "events of a crashed dispatcher are redelivered"
+    );
     let (a, b) = (&again[0].event.id, &again[1].event.id);
     // `a`: endpoint one accepted, two failed → retried later, only to two.
     l.record_delivery(a, "one", 200).await.expect("delivery");
-    l.reschedule_event(a, "dead", Duration::ZERO, false).await.expect("stale owner");
-    l.reschedule_event(a, "alive", Duration::from_millis(100), false).await.expect("reschedule");
+    l.reschedule_event(a, "dead", Duration::ZERO, false)
+        .await
+        .expect("stale owner");
+    l.reschedule_event(a, "alive", Duration::from_millis(100), false)
+        .await
+        .expect("reschedule");
     // `b`: finished.
     l.finish_event(b).await.expect("finish");
-    assert!(!l.has_due_events().await.expect("due"), "not due before its back-off");
+    assert!(
+        !l.has_due_events().await.expect("due"),
+        "not due before its back-off"
+    );
     tokio::time::sleep(Duration::from_millis(150)).await;
     let retry = l.claim_events("alive", 10, LONG).await.expect("claim");
     assert_eq!(retry.len(), 1);
     assert_eq!(&retry[0].event.id, a);
-    assert_eq!(retry[0].attempts, 1, "the stale owner's reschedule did not count");
+    assert_eq!(
+        retry[0].attempts, 1,
+        "the stale owner's reschedule did not count"
+    );
     assert_eq!(retry[0].delivered_to, vec!["one".to_owned()]);
-    l.reschedule_event(a, "alive", Duration::ZERO, true).await.expect("give up");
+    l.reschedule_event(a, "alive", Duration::ZERO, true)
+        .await
+        .expect("give up");
     let stats = l.outbox_stats().await.expect("stats");
     assert_eq!((stats.pending, stats.delivered, stats.failed), (0, 1, 1));
     l.disable_endpoint("gone", 410).await.expect("disable");
     l.disable_endpoint("gone", 410).await.expect("idempotent");
-    assert_eq!(l.disabled_endpoints().await.expect("list"), vec!["gone".to_owned()]);
+    assert_eq!(
+        l.disabled_endpoints().await.expect("list"),
+        vec!["gone".to_owned()]
+    );
 }
 both!(outbox_lifecycle, super::lifecycle);
 
@@ -113,12 +143,15 @@ async fn charge_events_share_the_transaction(kind: Kind) {
     };
     let mut ids = Vec::new();
     for _ in 0..4 {
-        let ReserveOutcome::Reserved { id, .. } = l.reserve("acme", 1, None, LONG).await.expect("reserve")
+        let ReserveOutcome::Reserved { id, .. } =
+            l.reserve("acme", 1, None, LONG).await.expect("reserve")
         else {
             panic!("reserved")
         };
         ids.push(id.clone());
-        l.commit_with_events(id, 1, None, events).await.expect("commit");
+        l.commit_with_events(id, 1, None, events)
+            .await
+            .expect("commit");
     }
     // A second commit of a settled reservation fails and writes nothing.
     let err = l
@@ -134,9 +167,17 @@ async fn charge_events_share_the_transaction(kind: Kind) {
     assert_eq!(low[0].data["balance"], 9);
     let reservations: HashSet<String> = charged
         .iter()
-        .map(|e| e.data["reservation"].as_str().expect("reservation").to_owned())
+        .map(|e| {
+            e.data["reservation"]
+                .as_str()
+                .expect("reservation")
+                .to_owned()
+        })
         .collect();
     assert_eq!(reservations.len(), 4);
     assert_eq!(l.audit("acme").await.expect("audit").drift(), 0);
 }
-both!(outbox_charge_events_share_the_transaction, super::charge_events_share_the_transaction);
+both!(
+    outbox_charge_events_share_the_transaction,
+    super::charge_events_share_the_transaction
+);

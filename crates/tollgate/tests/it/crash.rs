@@ -102,7 +102,11 @@ impl Consumer {
 
     async fn receive(&self, req: axum::extract::Request) -> axum::http::StatusCode {
         let (parts, body) = req.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let h = |n: &str| {
             parts
                 .headers
@@ -167,8 +171,8 @@ fn signature_ok(id: &str, ts: &str, sigs: &str, body: &[u8]) -> bool {
         let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(b64) else {
             return false;
         };
-        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&SECRET)
-            .expect("any key length");
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&SECRET).expect("any key length");
         mac.update(format!("{id}.{ts}.").as_bytes());
         mac.update(body);
         mac.verify_slice(&sig).is_ok()
@@ -255,7 +259,11 @@ impl Supervisor {
             {
                 panic!("tollgate exited ({status}):\n{}", self.logs());
             }
-            assert!(Instant::now() < deadline, "not ready in 30 s:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "not ready in 30 s:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -303,7 +311,10 @@ impl Supervisor {
         let resp = self.client.request(req).await.expect("admin call");
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     fn database(&self) -> String {
@@ -393,15 +404,15 @@ async fn charging_client(
                 .header("idempotency-key", &idem)
                 .body(Full::new(Bytes::from_static(b"{\"image\":1}")))
                 .expect("request");
-            let status =
-                match tokio::time::timeout(Duration::from_secs(5), http.request(req)).await {
-                    Ok(Ok(r)) => {
-                        let s = r.status().as_u16();
-                        let _ = r.into_body().collect().await;
-                        Some(s)
-                    }
-                    _ => None,
-                };
+            let status = match tokio::time::timeout(Duration::from_secs(5), http.request(req)).await
+            {
+                Ok(Ok(r)) => {
+                    let s = r.status().as_u16();
+                    let _ = r.into_body().collect().await;
+                    Some(s)
+                }
+                _ => None,
+            };
             match status {
                 Some(s) if (200..300).contains(&s) => {
                     out.acked.push((account.clone(), idem.clone()));
@@ -502,7 +513,11 @@ async fn c3_kill_9_while_charging_keeps_the_ledger_exact() {
     for a in 0..ACCOUNTS {
         let id = format!("acct-{a}");
         let (s, _) = sup
-            .admin("POST", "/admin/v1/accounts", json!({ "id": id, "plan": "paid" }))
+            .admin(
+                "POST",
+                "/admin/v1/accounts",
+                json!({ "id": id, "plan": "paid" }),
+            )
             .await;
         assert_eq!(s, 201);
         let (s, v) = sup
@@ -648,7 +663,11 @@ async fn c3_kill_9_while_charging_keeps_the_ledger_exact() {
     assert_eq!(violations, 0, "Σ grants = balance + committed + open");
     assert_eq!(duplicates, Vec::<String>::new(), "duplicate charges");
     assert_eq!(acked_uncommitted, 0, "acknowledged 2xx without a charge");
-    assert_eq!(stale, Vec::<String>::new(), "reservations older than TTL + 1 s");
+    assert_eq!(
+        stale,
+        Vec::<String>::new(),
+        "reservations older than TTL + 1 s"
+    );
     assert_eq!(lost_events, 0, "charges whose event was lost");
     assert_eq!(events.len(), charges.len(), "one event per charge");
     assert_eq!(undelivered, 0, "events never delivered");
@@ -679,7 +698,11 @@ async fn c10_redelivered_events_have_one_effect_and_survive_kill_9() {
     let mut sup = Supervisor::new(dir.path(), &policy(consumer_addr, "100ms"), &up);
     sup.start().await;
     let (s, _) = sup
-        .admin("POST", "/admin/v1/accounts", json!({ "id": "c10", "plan": "paid" }))
+        .admin(
+            "POST",
+            "/admin/v1/accounts",
+            json!({ "id": "c10", "plan": "paid" }),
+        )
         .await;
     assert_eq!(s, 201);
     let (_, v) = sup
@@ -737,7 +760,11 @@ async fn c10_redelivered_events_have_one_effect_and_survive_kill_9() {
         events.len()
     );
     assert_eq!(charges.len(), CHARGES);
-    assert_eq!(events.len(), CHARGES, "one credits_charged event per charge");
+    assert_eq!(
+        events.len(),
+        CHARGES,
+        "one credits_charged event per charge"
+    );
     assert!(
         accepted_at_kill < CHARGES,
         "the kill came after every delivery"
