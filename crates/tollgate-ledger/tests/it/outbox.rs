@@ -12,6 +12,8 @@ use tollgate_ledger::{CommitEvents, LedgerError, NewEvent, ReserveOutcome};
 use crate::common::{Kind, account, both, fresh};
 
 const LONG: Duration = Duration::from_secs(60);
+/// A lease or back-off that must outlast a few statements on a loaded machine.
+const SHORT: Duration = Duration::from_secs(2);
 
 async fn record(ledger: &tollgate_ledger::Ledger, n: usize) {
     for i in 0..n {
@@ -75,10 +77,7 @@ async fn lifecycle(kind: Kind) {
     account(l, "acme", 0).await;
     record(l, 2).await;
     // A dispatcher claims both and "crashes": after the lease they are due again.
-    let first = l
-        .claim_events("dead", 10, Duration::from_millis(100))
-        .await
-        .expect("claim");
+    let first = l.claim_events("dead", 10, SHORT).await.expect("claim");
     assert_eq!(first.len(), 2);
     assert!(
         l.claim_events("other", 10, LONG)
@@ -86,7 +85,7 @@ async fn lifecycle(kind: Kind) {
             .expect("claim")
             .is_empty()
     );
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
     let again = l.claim_events("alive", 10, LONG).await.expect("claim");
     assert_eq!(
         again.len(),
@@ -99,7 +98,7 @@ async fn lifecycle(kind: Kind) {
     l.reschedule_event(a, "dead", Duration::ZERO, false)
         .await
         .expect("stale owner");
-    l.reschedule_event(a, "alive", Duration::from_millis(100), false)
+    l.reschedule_event(a, "alive", SHORT, false)
         .await
         .expect("reschedule");
     // `b`: finished.
@@ -108,7 +107,7 @@ async fn lifecycle(kind: Kind) {
         !l.has_due_events().await.expect("due"),
         "not due before its back-off"
     );
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
     let retry = l.claim_events("alive", 10, LONG).await.expect("claim");
     assert_eq!(retry.len(), 1);
     assert_eq!(&retry[0].event.id, a);
