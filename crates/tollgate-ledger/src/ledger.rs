@@ -28,9 +28,9 @@ use sqlx::{AssertSqlSafe, Connection};
 use crate::backend::{ATTEMPTS, Backend, read, write_tx};
 use crate::key;
 use crate::{
-    Account, AccountChange, Audit, CreatedKey, Event, GrantKind, Idempotency, KeyCheck,
-    KeyIdentity, KeyInfo, LedgerError, NewAccount, NewEvent, ReservationId, ReserveOutcome,
-    StoredResponse,
+    Account, AccountChange, Audit, CommitEvents, CreatedKey, Event, GrantKind, Idempotency,
+    KeyCheck, KeyIdentity, KeyInfo, LedgerError, NewAccount, NewEvent, ReservationId,
+    ReserveOutcome, StoredResponse,
 };
 
 /// How long a verified key (or a known-unknown id) is cached in memory. A revoked
@@ -89,15 +89,15 @@ enum CachedKey {
 }
 
 /// Write transactions start with `BEGIN IMMEDIATE` on SQLite.
-const IMMEDIATE: &str = "BEGIN IMMEDIATE";
+pub(crate) const IMMEDIATE: &str = "BEGIN IMMEDIATE";
 /// Deliberately wrong: a deferred SQLite transaction (teeth of test C5).
 const DEFERRED: &str = "BEGIN";
 
-fn now_us() -> i64 {
+pub(crate) fn now_us() -> i64 {
     jiff::Timestamp::now().as_microsecond()
 }
 
-fn ts(us: i64) -> jiff::Timestamp {
+pub(crate) fn ts(us: i64) -> jiff::Timestamp {
     // Every stored time was written from a valid Timestamp.
     jiff::Timestamp::from_microsecond(us).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
 }
@@ -149,7 +149,7 @@ fn redact(id: &str) -> String {
     }
 }
 
-fn parse_json(what: &'static str, text: &str) -> Result<serde_json::Value, LedgerError> {
+pub(crate) fn parse_json(what: &'static str, text: &str) -> Result<serde_json::Value, LedgerError> {
     serde_json::from_str(text).map_err(|source| LedgerError::Corrupt { what, source })
 }
 
@@ -186,6 +186,24 @@ fn is_schema_name(s: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && s.len() <= 63
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// `insert_event!(tx, account, kind, data, at_us)`: appends an event to the
+/// outbox inside the caller's transaction (a macro, as the body is expanded
+/// once per database driver).
+macro_rules! insert_event {
+    ($tx:expr, $account:expr, $kind:expr, $data:expr, $at_us:expr) => {
+        sqlx::query(
+            "INSERT INTO events (id, at_us, account, kind, data) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind($at_us)
+        .bind($account)
+        .bind($kind)
+        .bind($data.to_string())
+        .execute($tx)
+        .await
+    };
 }
 
 /// How a settlement ends a reservation.
@@ -913,6 +931,24 @@ impl Ledger {
         amount: i64,
         response: Option<&StoredResponse>,
     ) -> Result<i64, LedgerError> {
+        self.commit_with_events(reservation, amount, response, CommitEvents::default())
+            .await
+    }
+
+    /// [`Ledger::commit`], writing the events `events` asks for into the outbox
+    /// *in the same transaction* as the charge: a charge and its events are
+    /// durable together or not at all (nothing is lost to a `kill -9` between
+    /// them). Returns the balance.
+    ///
+    /// # Errors
+    /// As [`Ledger::commit`].
+    pub async fn commit_with_events(
+        &self,
+        reservation: ReservationId,
+        amount: i64,
+        response: Option<&StoredResponse>,
+        events: CommitEvents,
+    ) -> Result<i64, LedgerError> {
         if !(0..=MAX_AMOUNT).contains(&amount) {
             return Err(LedgerError::InvalidAmount { amount });
         }
@@ -975,6 +1011,22 @@ impl Ledger {
                 .bind(response.map(|r| r.body.as_slice()))
                 .execute(&mut *tx)
                 .await?;
+            }
+            if events.charged && amount > 0 {
+                let data = serde_json::json!({
+                    "reservation": id,
+                    "amount": amount,
+                    "balance": balance,
+                    "idempotency_key": idem_key,
+                });
+                insert_event!(&mut *tx, &account, "credits_charged", data, now)?;
+            }
+            if let Some(threshold) = events.low_below
+                && balance < threshold
+                && balance + amount >= threshold
+            {
+                let data = serde_json::json!({ "balance": balance, "threshold": threshold });
+                insert_event!(&mut *tx, &account, "credits_low", data, now)?;
             }
             tx.commit().await?;
             Ok(balance)
@@ -1135,18 +1187,14 @@ impl Ledger {
     /// [`LedgerError::InvalidInput`] (empty kind), database errors.
     pub async fn record_event(&self, event: &NewEvent) -> Result<(), LedgerError> {
         check_id("event kind", &event.kind)?;
-        let data = event.data.to_string();
         write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
-            sqlx::query(
-                "INSERT INTO events (id, at_us, account, kind, data) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(now_us())
-            .bind(event.account.as_deref())
-            .bind(&event.kind)
-            .bind(&data)
-            .execute(&mut *tx)
-            .await?;
+            insert_event!(
+                &mut *tx,
+                event.account.as_deref(),
+                &event.kind,
+                event.data,
+                now_us()
+            )?;
             tx.commit().await?;
             Ok(())
         })

@@ -46,12 +46,15 @@ mod backend;
 mod error;
 pub mod key;
 mod ledger;
+mod outbox;
 mod types;
 
 pub use error::LedgerError;
 pub use key::Secret;
 pub use ledger::{Ledger, MAX_AMOUNT, REVOCATION_BOUND};
+pub use outbox::{ClaimedEvent, OutboxStats};
 pub use types::{
-    Account, AccountChange, Audit, CreatedKey, Event, GrantKind, Idempotency, KeyCheck,
-    KeyIdentity, KeyInfo, NewAccount, NewEvent, ReservationId, ReserveOutcome, StoredResponse,
+    Account, AccountChange, Audit, CommitEvents, CreatedKey, Event, GrantKind, Idempotency,
+    KeyCheck, KeyIdentity, KeyInfo, NewAccount, NewEvent, ReservationId, ReserveOutcome,
+    StoredResponse,
 };

@@ -226,7 +226,7 @@ impl Audit {
 pub struct NewEvent {
     /// Account concerned, if any.
     pub account: Option<String>,
-    /// `soft_limit_crossed`, `limit_rejections`, `credits_low`, `credits_exhausted`,
+    /// `soft_limit_crossed`, `limit_rejections`, `credits_low`, `credits_exhausted`, `credits_charged`,
     /// `key_created`, `key_revoked`.
     pub kind: String,
     /// Details (JSON).
@@ -246,4 +246,16 @@ pub struct Event {
     pub kind: String,
     /// Details.
     pub data: serde_json::Value,
+}
+
+/// Events [`Ledger::commit_with_events`](crate::Ledger::commit_with_events)
+/// writes in the charge's own transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommitEvents {
+    /// Write a `credits_charged` event (`reservation`, `amount`, `balance`,
+    /// `idempotency_key`) for every charge above zero.
+    pub charged: bool,
+    /// Write a `credits_low` event (`balance`, `threshold`) when this charge
+    /// takes the balance below this threshold.
+    pub low_below: Option<i64>,
 }

@@ -69,6 +69,11 @@ pub struct ServerSection {
     pub max_counters: Option<usize>,
     /// Largest body read to inspect it when an operation has no `max_body` (default `64MB`).
     pub inspect_body_max: Option<String>,
+    /// How long a credit reservation lives if never settled (default `300s`;
+    /// must exceed `request_timeout`).
+    pub reservation_ttl: Option<String>,
+    /// `[server.webhooks]`: event delivery (see [`crate::webhooks`]). Default: none.
+    pub webhooks: Option<crate::webhooks::WebhooksSection>,
 }
 
 /// Resolved server settings.
@@ -106,6 +111,10 @@ pub struct ServerConfig {
     pub admin_token: Option<AdminToken>,
     /// The policy file, watched for reloads; `None` = built-in policy.
     pub policy_path: Option<PathBuf>,
+    /// Lifetime of an unsettled credit reservation.
+    pub reservation_ttl: Duration,
+    /// Webhook delivery.
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 impl Default for ServerConfig {
@@ -126,6 +135,8 @@ impl Default for ServerConfig {
             inspect_body_max: 64_000_000,
             admin_token: None,
             policy_path: None,
+            reservation_ttl: Duration::from_secs(300),
+            webhooks: crate::webhooks::WebhookSettings::default(),
         }
     }
 }
@@ -188,6 +199,11 @@ impl ServerConfig {
                 &mut self.request_timeout,
             ),
             ("store_timeout", &s.store_timeout, &mut self.store_timeout),
+            (
+                "reservation_ttl",
+                &s.reservation_ttl,
+                &mut self.reservation_ttl,
+            ),
         ] {
             if let Some(v) = value {
                 match humantime::parse_duration(v) {
@@ -210,6 +226,18 @@ impl ServerConfig {
                 None => errors.push(format!(
                     "[server] inspect_body_max = \"{v}\" is not a size such as \"64MB\""
                 )),
+            }
+        }
+        if self.reservation_ttl <= self.request_timeout {
+            errors.push(format!(
+                "[server] reservation_ttl ({:?}) must exceed request_timeout ({:?}), or a slow request's credits expire before it is charged",
+                self.reservation_ttl, self.request_timeout
+            ));
+        }
+        if let Some(w) = &s.webhooks {
+            match crate::webhooks::WebhookSettings::parse(w) {
+                Ok(v) => self.webhooks = v,
+                Err(mut e) => errors.append(&mut e),
             }
         }
         if errors.is_empty() {

@@ -23,6 +23,7 @@ pub mod payload;
 pub mod proxy;
 pub mod state;
 pub mod store;
+pub mod webhooks;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -194,6 +195,11 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
         limits(&config),
     )));
     tasks.push(tokio::spawn(housekeeping(state.clone(), rx.clone())));
+    tasks.extend(webhooks::Dispatcher::spawn(
+        state.ledger.clone(),
+        config.webhooks.clone(),
+        rx.clone(),
+    ));
     tasks.push(tokio::spawn(watch_reloads(state.clone(), rx)));
     tracing::info!(%addr, %admin_addr, upstream = %state.upstream, database = %redact_url(&database), "tollgate serving");
     Ok(Running {
@@ -321,13 +327,22 @@ fn echo_router() -> Router {
     })
 }
 
-/// Sweeps idle counters, expires unsettled reservations, flushes events.
+/// Expires unsettled reservations every second (so none outlives its TTL by
+/// more than that); every 5 s also sweeps idle counters and flushes events.
 async fn housekeeping(st: Shared, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => break,
+        }
+        ticks += 1;
+        if ticks % 5 != 1 {
+            if let Err(e) = st.ledger.expire_reservations().await {
+                tracing::warn!(error = %e, "could not expire reservations");
+            }
+            continue;
         }
         let now = st.engine.clock().now();
         st.engine.store().sweep(now);

@@ -40,8 +40,6 @@ use crate::state::{Caller, Shared};
 
 /// Longest idempotent response body kept for replay.
 pub const STORED_BODY_MAX: u64 = 64 * 1024;
-/// How long a credit reservation lives if never settled (caller crashed).
-pub const RESERVATION_TTL: Duration = Duration::from_secs(300);
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -228,11 +226,21 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
             } else {
                 None
             };
-            let after = st.ledger.commit(id, amount, stored.as_ref()).await?;
+            // Events of the charge go to the outbox in the charge's transaction.
+            let low_below = policy.plans[usize::from(caller.plan)]
+                .credits_low
+                .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+            let events = tollgate_ledger::CommitEvents {
+                charged: st.config.webhooks.charge_events,
+                low_below,
+            };
+            let after = st
+                .ledger
+                .commit_with_events(id, amount, stored.as_ref(), events)
+                .await?;
             st.metrics
                 .credits_charged
                 .inc_by(u64::try_from(amount).unwrap_or(0));
-            credits_low(st, &policy, &caller, after, amount).await;
             balance = Some(after);
         } else {
             balance = Some(st.ledger.release(id).await?);
@@ -302,7 +310,7 @@ async fn reserve(
             &caller.identity.account,
             amount,
             idem.as_ref(),
-            RESERVATION_TTL,
+            st.config.reservation_ttl,
         )
         .await?
     {
@@ -811,28 +819,6 @@ fn build_request(
         h.insert(n, v);
     }
     Ok(out)
-}
-
-async fn credits_low(
-    st: &Shared,
-    policy: &CompiledPolicy,
-    caller: &Caller,
-    after: i64,
-    amount: i64,
-) {
-    let Some(threshold) = policy.plans[usize::from(caller.plan)].credits_low else {
-        return;
-    };
-    let threshold = i64::try_from(threshold).unwrap_or(i64::MAX);
-    if after < threshold && after + amount >= threshold {
-        events::record(
-            &st.ledger,
-            &caller.identity.account,
-            "credits_low",
-            json!({ "balance": after, "threshold": threshold }),
-        )
-        .await;
-    }
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {

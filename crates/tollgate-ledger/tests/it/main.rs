@@ -8,5 +8,6 @@ mod accounts;
 mod crash;
 mod credits;
 mod keys;
+mod outbox;
 mod properties;
 mod sqlite_busy;
