@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tollgate_core::algorithm::Evaluation;
 use tollgate_core::algorithm::gcra::GcraRate;
-use tollgate_core::algorithm::sliding_window::SlidingWindow;
+use tollgate_core::algorithm::sliding_window::{Precision, SlidingWindow};
 use tollgate_core::{Check, CounterKey, MemoryStore, Nanos, Params, Store};
 use tollgate_redis::TimeSource;
 
@@ -45,6 +45,11 @@ async fn memory_and_redis_agree_on_random_runs() {
             Duration::from_secs(1),
         ));
         let window = Params::Sliding(SlidingWindow::new(7, Duration::from_millis(1_500)));
+        let approximate = Params::Sliding(SlidingWindow::with_precision(
+            6,
+            Duration::from_millis(1_500),
+            Precision::Approximate,
+        ));
         let lease = Params::Concurrency {
             limit: 3,
             ttl: Duration::from_millis(700),
@@ -53,7 +58,7 @@ async fn memory_and_redis_agree_on_random_runs() {
             now = Nanos(now.0 + rng.below(120_000_000));
             let end = Nanos(now.0 - now.0 % minute + minute);
             let calendar = Params::Calendar { limit: 9, end };
-            let all = [bucket, window, calendar, lease];
+            let all = [bucket, window, calendar, lease, approximate];
             let n = 1 + rng.below(4) as usize;
             let mut checks = Vec::new();
             for (i, params) in all.iter().enumerate() {
