@@ -1147,7 +1147,10 @@ fn regression_gcra_fill_time_beyond_u64_over_admits() {
 /// take 5 at 2023-11-14T22:13:20Z, then evaluate 1 at the same instant under
 /// N = 5 per 6 s. (Shortening the window instead forgets the counts.)
 /// Figure: retry_after after a reload that lengthens T → ≤ the new T plus one
-/// sub-bucket (the documented precision of the sliding window).
+/// sub-bucket (the documented precision of the sliding window). Since the
+/// sliding window became a log of admission instants there is nothing to
+/// re-bucket: the entries are read under the new T, and retry_after is
+/// exactly the new T here (asserted).
 #[test]
 fn regression_sliding_window_length_change_locks_the_key_out() {
     let now = Nanos(T0);
@@ -1157,6 +1160,7 @@ fn regression_sliding_window_length_change_locks_the_key_out() {
     assert!(e.admit);
     let (e, _) = sliding_window::evaluate(Some(&state), now, 1, &long);
     assert!(!e.admit);
+    assert_eq!(e.retry_after, Duration::from_secs(6));
     assert!(
         e.retry_after <= Duration::from_millis(6_400),
         "retry_after {:?} after lengthening the window",
