@@ -308,7 +308,7 @@ fn add_check(inv: &mut ScriptInvocation<'_>, key: String, c: &Check) {
     let (kind, p1, p2) = match c.params {
         Params::Gcra(r) => ("g", r.capacity, r.interval),
         Params::Sliding(w) => (
-            match w.precision {
+            match w.precision() {
                 Precision::Exact => "s",
                 Precision::Approximate => "a",
             },

@@ -69,11 +69,11 @@ pub struct SlidingWindow {
     pub limit: u64,
     /// T, in nanoseconds.
     pub length: u64,
-    /// Admissions in the same `granule` (ns, aligned on the epoch) merge:
-    /// 1 when exact, `⌈T / 15⌉` when approximate.
+    /// Approximate: admissions in the same sub-window of `granule` ns
+    /// (`⌈T / 15⌉`, aligned on the epoch) merge. Exact: 0 (admissions merge
+    /// only at the same nanosecond). Kept in this one field so that
+    /// [`crate::store::Params`] stays 32 bytes.
     pub granule: u64,
-    /// Exact or approximate.
-    pub precision: Precision,
 }
 
 impl SlidingWindow {
@@ -90,10 +90,18 @@ impl SlidingWindow {
             limit: u64::from(limit),
             length,
             granule: match precision {
-                Precision::Exact => 1,
+                Precision::Exact => 0,
                 Precision::Approximate => length.div_ceil(u64::from(APPROXIMATE_ENTRIES) - 1),
             },
-            precision,
+        }
+    }
+
+    /// Exact or approximate.
+    pub fn precision(&self) -> Precision {
+        if self.granule == 0 {
+            Precision::Exact
+        } else {
+            Precision::Approximate
         }
     }
 
@@ -107,7 +115,7 @@ impl SlidingWindow {
 
     /// Most entries a log of this window keeps before merging into the newest.
     pub fn max_entries(&self) -> usize {
-        match self.precision {
+        match self.precision() {
             Precision::Exact => MAX_EXACT_LIMIT as usize,
             Precision::Approximate => APPROXIMATE_ENTRIES as usize,
         }
@@ -298,10 +306,9 @@ impl SlidingState {
         let c = u32::try_from(cost).unwrap_or(u32::MAX);
         let fresh = Entry { at: now, cost: c };
         let len = self.len();
+        let g = window.granule;
         let merges = |last: &Entry| {
-            last.at >= now
-                || last.at / window.granule == now / window.granule
-                || len >= window.max_entries()
+            last.at >= now || (g > 0 && last.at / g == now / g) || len >= window.max_entries()
         };
         match self {
             SlidingState::Empty => *self = SlidingState::One(fresh),
@@ -431,6 +438,14 @@ mod tests {
         }
         // 200,000 s ≈ 2.3 days: the first 9,000 at once, then back within T + g.
         assert!(admitted.len() >= 18_000, "{}", admitted.len());
+    }
+
+    #[test]
+    fn state_and_numbers_stay_small() {
+        // One entry inline in the store's counter, no larger than before.
+        assert!(size_of::<SlidingState>() <= 24);
+        assert_eq!(size_of::<Entry>(), 16);
+        assert!(size_of::<crate::store::Params>() <= 32);
     }
 
     #[test]

@@ -1079,7 +1079,7 @@ impl<'a> Ctx<'a> {
             return None;
         }
         if let Algorithm::SlidingWindow { window, .. } = alg
-            && window.precision == Precision::Exact
+            && window.precision() == Precision::Exact
             && let Some(v) = &o.limit
             && *v.get_ref() > i64::from(MAX_EXACT_LIMIT)
         {
