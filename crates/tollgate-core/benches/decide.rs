@@ -42,7 +42,7 @@ use tollgate_core::policy::{self, CompiledPolicy, OperationId};
 use tollgate_core::{Engine, ManualClock, MemoryStore, Nanos, Outcome, Request};
 
 /// Token bucket: 4,294,967,295 tokens, refilling 1 per nanosecond (as the
-/// governor quota below). Sliding window: 4e9 per minute. Calendar: 2^40 per
+/// governor quota below). Sliding window: 4e9 per minute (precision = "approximate"). Calendar: 2^40 per
 /// UTC day. A run decides well under 1e9 requests per key.
 const BUCKET: &str = r#"
 [operations.call]
@@ -62,6 +62,7 @@ const WINDOWS: &str = r#"
 algorithm = "sliding_window"
 limit = 4000000000
 window = "1m"
+precision = "approximate"
 scope = ["account"]
 
 [limits.daily]

@@ -12,7 +12,6 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_128_with_seed};
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::gcra::GcraRate;
-use crate::algorithm::sliding_window::SlidingWindow;
 use crate::clock::{Clock, Nanos, SystemClock};
 use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
@@ -391,9 +390,9 @@ fn params(alg: &Algorithm, ov: Option<&LimitOverride>, now: Nanos) -> (Params, u
             };
             (Params::Gcra(rate), rate.capacity)
         }
-        Algorithm::SlidingWindow { window, length } => {
+        Algorithm::SlidingWindow { window, .. } => {
             let window = match ov.and_then(|o| o.limit) {
-                Some(l) => SlidingWindow::new(u32::try_from(l.get()).unwrap_or(u32::MAX), *length),
+                Some(l) => window.with_limit(u32::try_from(l.get()).unwrap_or(u32::MAX)),
                 None => *window,
             };
             (Params::Sliding(window), window.limit)

@@ -310,13 +310,13 @@ mod tests {
                 "\"burst\";q=2;w=3, \"daily\";q=100;w=86400".into()
             )
         );
-        assert_eq!(h[1], ("RateLimit".into(), "\"burst\";r=1;t=4".into()));
+        assert_eq!(h[1], ("RateLimit".into(), "\"burst\";r=1;t=3".into()));
         e.decide_now(&p, &r);
         let d = e.decide_now(&p, &r);
         assert!(matches!(d.outcome, Outcome::Rejected { .. }));
         let h = collect(&p, &d, ResponseKind::Rejected, None);
-        assert_eq!(h[0], ("Retry-After".into(), "4".into()));
-        assert_eq!(h[2], ("RateLimit".into(), "\"burst\";r=0;t=4".into()));
+        assert_eq!(h[0], ("Retry-After".into(), "3".into()));
+        assert_eq!(h[2], ("RateLimit".into(), "\"burst\";r=0;t=3".into()));
         let body = problem_details(&p, &d);
         assert!(body.contains("\"violated-policies\":[\"burst\"]"), "{body}");
     }

@@ -110,10 +110,11 @@ fn memory_budget_of_the_decision_path() {
         bucket < 128.0,
         "token bucket: {bucket:.1} B per counter, budget 128 B"
     );
+    // A sliding log of one entry is held inline: the same budget.
     let sliding = counters_cost_and_come_back("sliding window", SLIDING);
     assert!(
-        sliding < 192.0,
-        "sliding window: {sliding:.1} B per counter"
+        sliding < 128.0,
+        "sliding window: {sliding:.1} B per counter, budget 128 B"
     );
 }
 
@@ -122,26 +123,37 @@ fn memory_budget_of_the_decision_path() {
 fn zero_allocations_per_decision() {
     let setup = Setup::new(&[BUCKET, SLIDING, CALENDAR]);
     let engine = engine();
-    // Warm-up: the first decision inserts the three counters (and the sliding
-    // window's ring); the thread's reclamation slot is set up on first use.
-    for _ in 0..100 {
-        assert_eq!(setup.decide(&engine, "acme"), Outcome::Admitted);
-        engine.clock().advance(Duration::from_millis(10));
-    }
-    let before = alloc_count::thread_allocations();
+    // Mostly 20 ms apart (the bucket refills, the sliding log takes and
+    // drops entries), with bursts that exhaust the bucket so the rejection
+    // path runs too.
+    let run = |admitted: &mut u32, rejected: &mut u32| {
+        for i in 0..10_000 {
+            if i % 1000 < 800 {
+                engine.clock().advance(Duration::from_millis(20));
+            }
+            match setup.decide(&engine, "acme") {
+                Outcome::Admitted => *admitted += 1,
+                Outcome::Rejected { .. } => *rejected += 1,
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        }
+    };
+    // Warm-up: the first decision inserts the three counters; the thread's
+    // reclamation slot is set up on first use. The sliding window's log
+    // grows (its ring doubles) until it holds one entry per distinct
+    // admission instant of the last 10 s (about 500 here) and keeps that
+    // capacity: a first pass of the same traffic (160 s, 16 windows) brings
+    // it to its high-water size. The measured pass is then the steady state.
     let (mut admitted, mut rejected) = (0, 0);
-    for i in 0..10_000 {
-        // Mostly 20 ms apart (sliding buckets rotate, the bucket refills),
-        // with bursts that exhaust the bucket so the rejection path runs too.
-        if i % 1000 < 800 {
-            engine.clock().advance(Duration::from_millis(20));
-        }
-        match setup.decide(&engine, "acme") {
-            Outcome::Admitted => admitted += 1,
-            Outcome::Rejected { .. } => rejected += 1,
-            other => panic!("unexpected outcome {other:?}"),
-        }
-    }
+    let warm = alloc_count::thread_allocations();
+    run(&mut admitted, &mut rejected);
+    let before = alloc_count::thread_allocations();
+    println!(
+        "(a) warm-up pass: {} allocations (the counters, the sliding log's ring doubling to its high-water size)",
+        before - warm
+    );
+    let (mut admitted, mut rejected) = (0, 0);
+    run(&mut admitted, &mut rejected);
     let allocations = alloc_count::thread_allocations() - before;
     println!(
         "(a) 3 limits, existing key: {allocations} allocations in 10,000 decisions ({admitted} admitted, {rejected} rejected)"

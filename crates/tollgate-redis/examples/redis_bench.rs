@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tollgate_core::algorithm::Evaluation;
 use tollgate_core::algorithm::gcra::GcraRate;
-use tollgate_core::algorithm::sliding_window::SlidingWindow;
+use tollgate_core::algorithm::sliding_window::{Precision, SlidingWindow};
 use tollgate_core::{Check, Clock, CounterKey, Params, Store, SystemClock};
 use tollgate_redis::{DECIDE_SCRIPT, RedisStore};
 
@@ -38,7 +38,12 @@ fn checks(account: u64, limits: usize, end: u64) -> Vec<Check> {
         },
         Check {
             key: CounterKey(scope | 2),
-            params: Params::Sliding(SlidingWindow::new(1_000_000_000, Duration::from_secs(60))),
+            // Approximate: N above 1,024 (16 entries whatever N).
+            params: Params::Sliding(SlidingWindow::with_precision(
+                1_000_000_000,
+                Duration::from_secs(60),
+                Precision::Approximate,
+            )),
             cost: 1,
             blocking: true,
         },

@@ -14,7 +14,8 @@
 -- ARGV[2]  lease owner "<store instance>:<lease id>" (concurrency checks).
 -- ARGV[3 + 5(i-1) .. 7 + 5(i-1)]  check i:
 --          kind  "g" token bucket (GCRA)  p1 = capacity, p2 = interval ns
---                "s" sliding window       p1 = limit,    p2 = sub-bucket width ns
+--                "s" sliding window       p1 = limit,    p2 = window length ns (exact)
+--                "a" sliding window       p1 = limit,    p2 = window length ns (approximate)
 --                "c" calendar window      p1 = limit,    p2 = window end (ns since epoch)
 --                "l" concurrency lease    p1 = limit,    p2 = lease TTL ns
 --          cost, blocking ("1"/"0"), p1, p2 (all decimal).
@@ -118,79 +119,91 @@ local function gcra(raw, cost, cap, interval)
   return false, false, tokens, ahead, new_ahead - tau, nil, nil
 end
 
-local SLOTS = 16
+-- Sliding window: a log of admissions, src/algorithm/sliding_window.rs.
+-- State "w <newest> (<age> <cost>)*": the newest entry's instant (ns since
+-- the epoch), then every entry oldest first as its age relative to the
+-- newest (ns) and its cost. An entry counts while now < at + T.
+local EXACT_ENTRIES = 1024 -- MAX_EXACT_LIMIT
+local APPROX_ENTRIES = 16 -- APPROXIMATE_ENTRIES
 
-local function sliding(raw, cost, limit, width)
-  local cur, into = divmod(now_str, width) -- bucket index of now, ns into it
-  local head, counts = cur, {}
-  for i = 1, SLOTS do counts[i] = 0 end
-  if raw and string.sub(raw, 1, 1) == 's' then
-    local f = {}
-    for v in string.gmatch(string.sub(raw, 3), '%S+') do f[#f + 1] = tonumber(v) end
-    local old_head, old_width = f[1], f[2]
-    if old_width == width then
-      head = old_head
-      for i = 1, SLOTS do counts[i] = f[2 + i] end
-    else
-      -- The window length changed (policy reload). Keep the old cost, taken
-      -- as used now, unless the whole old ring is older than the new window:
-      -- never hands capacity out twice (more conservative than the in-memory
-      -- store's exact re-bucketing).
-      local old_cur, old_into = divmod(now_str, old_width)
-      local age = (old_cur - old_head) * old_width + old_into
-      if age < SLOTS * width + old_width then
-        local total = 0
-        for i = 1, SLOTS do total = total + f[2 + i] end
-        counts[(cur % SLOTS) + 1] = total
+local function sliding(raw, cost, limit, t, approximate)
+  -- live entries as ns since their instant (negative after a clock step
+  -- back) and cost, oldest first
+  local since, costs = {}, {}
+  if raw and string.sub(raw, 1, 2) == 'w ' then
+    local newest_str, rest = string.match(raw, '^w (%d+)(.*)$')
+    local d0 = diff(now, parse(newest_str))
+    for a, c in string.gmatch(rest, '(%d+) (%d+)') do
+      local s = d0 + tonumber(a)
+      if s < t then
+        since[#since + 1] = s
+        costs[#costs + 1] = tonumber(c)
       end
     end
-  end
-  -- rotate to the current bucket
-  if cur > head then
-    if cur - head >= SLOTS then
-      for i = 1, SLOTS do counts[i] = 0 end
-    else
-      for i = head + 1, cur do counts[(i % SLOTS) + 1] = 0 end
+  elseif raw and string.sub(raw, 1, 2) == 's ' then
+    -- A state of the former 16-bucket ring ("s head width counts..."): its
+    -- cost, taken as admitted now, while any of its buckets can still count.
+    local f = {}
+    for v in string.gmatch(string.sub(raw, 3), '%S+') do f[#f + 1] = tonumber(v) end
+    local old_cur = divmod(now_str, f[2])
+    if old_cur - f[1] < 16 then
+      local total = 0
+      for i = 3, #f do total = total + f[i] end
+      if total > 0 then since[1], costs[1] = 0, total end
     end
-    head = cur
   end
+  local n = #since
   local used = 0
-  for i = 1, SLOTS do used = used + counts[i] end
-  local function until_leaves(i) -- ns until bucket i leaves the window
-    local d = (i + SLOTS - cur) * width - into
-    if d < 0 then d = 0 end
-    return d
-  end
-  local function reset_of()
-    for back = 0, SLOTS - 1 do
-      local i = head - back
-      if i >= 0 and counts[(i % SLOTS) + 1] > 0 then return until_leaves(i) end
-    end
-    return 0
-  end
+  for i = 1, n do used = used + costs[i] end
+  local reset = 0
+  if n > 0 then reset = t - since[n] end
   if cost > limit then
-    return false, true, math.max(limit - used, 0), reset_of(), 0, nil, nil
+    return false, true, math.max(limit - used, 0), reset, 0, nil, nil
   end
   if used + cost <= limit then
-    local k = (head % SLOTS) + 1
-    counts[k] = counts[k] + cost
-    local reset = reset_of()
-    local next = string.format('s %.0f %.0f', head, width)
-    for i = 1, SLOTS do next = next .. string.format(' %.0f', counts[i]) end
-    return true, false, limit - used - cost, reset, 0, next, reset
+    if cost > 0 then
+      local merge = false
+      if n > 0 then
+        if since[n] <= 0 then
+          merge = true -- same instant, or a newer one (the clock stepped back)
+        elseif n >= (approximate and APPROX_ENTRIES or EXACT_ENTRIES) then
+          merge = true
+        elseif approximate then
+          -- same sub-window of g = ceil(T / 15) ns, aligned on the epoch
+          local _, into = divmod(now_str, idiv(t + 14, 15))
+          merge = since[n] <= into
+        end
+      end
+      if merge then
+        since[n] = math.min(since[n], 0)
+        costs[n] = costs[n] + cost
+      else
+        n = n + 1
+        since[n], costs[n] = 0, cost
+      end
+      reset = t - since[n]
+    end
+    local next = nil
+    if n > 0 then
+      local newest = since[n]
+      local parts = { 'w ' .. fmt(add(now, -newest)) }
+      for i = 1, n do
+        parts[#parts + 1] = string.format('%.0f %.0f', since[i] - newest, costs[i])
+      end
+      next = table.concat(parts, ' ')
+    end
+    return true, false, limit - used - cost, reset, 0, next or false, reset
   end
   local excess = used + cost - limit
   local freed, retry = 0, 0
-  local oldest = head - (SLOTS - 1)
-  if oldest < 0 then oldest = 0 end
-  for i = oldest, head do
-    freed = freed + counts[(i % SLOTS) + 1]
+  for i = 1, n do
+    freed = freed + costs[i]
     if freed >= excess then
-      retry = until_leaves(i)
+      retry = t - since[i]
       break
     end
   end
-  return false, false, limit - math.min(used, limit), reset_of(), retry, nil, nil
+  return false, false, limit - math.min(used, limit), reset, retry, nil, nil
 end
 
 local function calendar(raw, cost, limit, end_str)
@@ -261,7 +274,8 @@ end
 
 local function run(kind, raw, cost, p1, p2)
   if kind == 'g' then return gcra(raw, cost, tonumber(p1), tonumber(p2)) end
-  if kind == 's' then return sliding(raw, cost, tonumber(p1), tonumber(p2)) end
+  if kind == 's' then return sliding(raw, cost, tonumber(p1), tonumber(p2), false) end
+  if kind == 'a' then return sliding(raw, cost, tonumber(p1), tonumber(p2), true) end
   if kind == 'c' then return calendar(raw, cost, tonumber(p1), p2) end
   if kind == 'l' then return concurrency(raw, cost, tonumber(p1), tonumber(p2)) end
   error('tollgate: unknown check kind ' .. tostring(kind))

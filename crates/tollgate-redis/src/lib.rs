@@ -37,16 +37,19 @@
 //! `KEYS[i]` is the counter of check *i*. `ARGV[1]` is `now` in nanoseconds
 //! since the epoch as decimal digits, or empty for the server clock;
 //! `ARGV[2]` the lease owner; then five arguments per check: kind (`g` token
-//! bucket, `s` sliding window, `c` calendar window, `l` concurrency), cost,
-//! blocking (`1`/`0`), and two numbers (capacity and refill interval in ns;
-//! limit and sub-bucket width in ns; limit and window end in ns since the
+//! bucket, `s` exact and `a` approximate sliding window, `c` calendar window,
+//! `l` concurrency), cost, blocking (`1`/`0`), and two numbers (capacity and
+//! refill interval in ns; limit and window length in ns; limit and window end in ns since the
 //! epoch; limit and lease TTL in ns). The reply is `{admitted, now, then per
 //! check flags (bit 0 admit, bit 1 never), remaining, reset_ns,
 //! retry_after_ns}`, numbers as integers or, above 2⁵³, decimal strings.
 //! Lua numbers are doubles, so the script keeps instants as (seconds,
 //! nanoseconds) pairs and computes only differences to `now` as numbers:
-//! exact to the nanosecond when a bucket fills (or a sliding sub-bucket
-//! lasts) in under 104 days.
+//! exact to the nanosecond when a bucket fills (or a sliding window lasts)
+//! in under 104 days. A sliding window's state is its log of admissions
+//! (`w <newest instant> (<age> <cost>)*`, the same rule as the in-memory
+//! store): the script reads and rewrites it whole, so a decision costs
+//! O(entries), at most 16 (approximate) or N ≤ 1,024 (exact).
 //!
 //! ## Keys, hash tags, TTLs
 //!

@@ -12,6 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisError, Script, ScriptInvocation, Value};
 use tollgate_core::algorithm::Evaluation;
+use tollgate_core::algorithm::sliding_window::Precision;
 use tollgate_core::{Check, CounterKey, Nanos, Params, Store, StoreError};
 
 use crate::health::{self, DEFAULT_MAX_IN_FLIGHT, Health};
@@ -369,7 +370,14 @@ fn add_check(inv: &mut ScriptInvocation<'_>, key: String, c: &Check) {
     inv.key(key);
     let (kind, p1, p2) = match c.params {
         Params::Gcra(r) => ("g", r.capacity, r.interval),
-        Params::Sliding(w) => ("s", w.limit, w.width),
+        Params::Sliding(w) => (
+            match w.precision() {
+                Precision::Exact => "s",
+                Precision::Approximate => "a",
+            },
+            w.limit,
+            w.length,
+        ),
         Params::Calendar { limit, end } => ("c", limit, end.0),
         Params::Concurrency { limit, ttl } => (
             "l",

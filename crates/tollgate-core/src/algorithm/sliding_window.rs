@@ -1,206 +1,365 @@
-//! "At most N in any window of length T", with bounded state.
+//! "At most N in any window of length T": a sliding log of admissions.
 //!
-//! An exact sliding log would keep one timestamp per admitted request (up to N
-//! of them per counter: 72 KB for 9,000/day). Instead the window is cut into
-//! sub-buckets of width `w = ⌈T / 15⌉` and the state is a ring of
-//! [`SLOTS`] = 16 counts. A request is admitted when the sum of the current
-//! bucket and the 15 before it, plus its cost, is at most N. Those 16 buckets
-//! cover at least the last T nanoseconds, so:
+//! A *window of length T* is a half-open span `[t, t + T)`: a unit admitted at
+//! `a` counts against every decision at `now` with `a ≤ now < a + T`, and is
+//! back exactly `T` after it was taken. (So `Retry-After` never exceeds T.)
 //!
-//! - **Safe, always**: the admitted cost in *every* interval of length T is at
-//!   most N (the property tests check this against a sliding log).
-//! - **Conservative by at most one sub-bucket**: a unit of capacity comes back
-//!   between T and T + w after it was used (w = T/15: 200 ms for a 3 s window,
-//!   4 s for a minute) instead of exactly T later.
+//! The state is a log of entries `(at, cost)`, oldest first. A request of
+//! cost `c` is admitted when the cost of the entries still in the window,
+//! plus `c`, is at most N; it is then appended at `now`. Entries are *merged*
+//! only in the safe direction: an admission joins the newest entry, which is
+//! stamped with the later of the two instants, so merged cost is never taken
+//! as older than it is and never comes back early. Two precisions:
 //!
-//! `retry_after` is exact for this rule: the request is refused one nanosecond
-//! before it and admitted at it, assuming no other traffic.
+//! - [`Precision::Exact`] (default): entries merge only when they share the
+//!   same nanosecond. The log is then the exact sliding log: it admits
+//!   exactly what an ideal "N per T" limiter admits (A9: wrong decisions 0).
+//!   It holds at most `min(N, admissions in the last T)` entries of 16 B, so
+//!   policy validation allows it for N ≤ [`MAX_EXACT_LIMIT`] (16 KiB at most
+//!   per counter, reached only by a key admitted 1,024 times within T). An
+//!   account override may raise N above that: the log then keeps at most
+//!   [`MAX_EXACT_LIMIT`] entries and merges into the newest beyond it (safe,
+//!   slightly conservative).
+//! - [`Precision::Approximate`]: for very large N (9,000 per day): admissions
+//!   within the same sub-window of width `g = ⌈T / 15⌉` (aligned on the
+//!   epoch) merge into one entry stamped with the latest of them, so the log
+//!   holds at most [`APPROXIMATE_ENTRIES`] = 16 entries (≤ 256 B), whatever
+//!   N. A unit then comes back between T and T + g after it was taken, never
+//!   earlier: safe, up to one sub-window conservative.
+//!
+//! In memory a log of one entry is held inline (no allocation: the common case
+//! of a key seen once per window); from the second entry it moves to a
+//! growable ring on the heap, which keeps its capacity while the counter
+//! lives (no allocation per decision once a key's log has reached its
+//! high-water size).
+//!
+//! `retry_after` is exact for the rule: the request is refused one nanosecond
+//! before it and admitted at it, assuming no other traffic; it is at most T
+//! (unless the clock stepped back) and never zero when waiting is needed.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::Evaluation;
 use crate::clock::{Nanos, duration_nanos};
 
-/// Number of sub-buckets kept per counter.
-pub const SLOTS: usize = 16;
-const SLOTS_U64: u64 = SLOTS as u64;
+/// Largest N an exact window accepts in a policy (and the most entries an
+/// exact log keeps). Larger limits need `precision = "approximate"`.
+pub const MAX_EXACT_LIMIT: u32 = 1_024;
+/// Most entries an approximate log keeps.
+pub const APPROXIMATE_ENTRIES: u32 = 16;
+/// Longest window: 100 days (the Redis script computes instants' differences
+/// as doubles, exact below 2^53 ns ≈ 104 days).
+pub const MAX_LENGTH: Duration = Duration::from_secs(100 * 86_400);
+
+/// How closely a sliding window follows the ideal sliding log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// An exact sliding log (N ≤ [`MAX_EXACT_LIMIT`]).
+    #[default]
+    Exact,
+    /// Admissions merged per sub-window of `⌈T / 15⌉`: at most 16 entries.
+    Approximate,
+}
 
 /// The numbers of a sliding window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlidingWindow {
     /// N: units allowed in any window.
     pub limit: u64,
-    /// Sub-bucket width in nanoseconds, `⌈T / 15⌉`.
-    pub width: u64,
+    /// T, in nanoseconds.
+    pub length: u64,
+    /// Approximate: admissions in the same sub-window of `granule` ns
+    /// (`⌈T / 15⌉`, aligned on the epoch) merge. Exact: 0 (admissions merge
+    /// only at the same nanosecond). Kept in this one field so that
+    /// [`crate::store::Params`] stays 32 bytes.
+    pub granule: u64,
 }
 
 impl SlidingWindow {
-    /// A window admitting `limit` units per `window`. `limit` must fit in `u32`
-    /// (policy validation enforces it) and `window` must be non-zero.
+    /// An exact window admitting `limit` units per `window`. `limit` must fit
+    /// in `u32` (policy validation enforces it) and `window` must be non-zero.
     pub fn new(limit: u32, window: Duration) -> SlidingWindow {
-        let t = duration_nanos(window).max(1);
+        SlidingWindow::with_precision(limit, window, Precision::Exact)
+    }
+
+    /// A window of the given precision.
+    pub fn with_precision(limit: u32, window: Duration, precision: Precision) -> SlidingWindow {
+        let length = duration_nanos(window).max(1);
         SlidingWindow {
             limit: u64::from(limit),
-            width: t.div_ceil(SLOTS_U64 - 1),
+            length,
+            granule: match precision {
+                Precision::Exact => 0,
+                Precision::Approximate => length.div_ceil(u64::from(APPROXIMATE_ENTRIES) - 1),
+            },
+        }
+    }
+
+    /// Exact or approximate.
+    pub fn precision(&self) -> Precision {
+        if self.granule == 0 {
+            Precision::Exact
+        } else {
+            Precision::Approximate
+        }
+    }
+
+    /// The same window with another N (an account override).
+    pub fn with_limit(&self, limit: u32) -> SlidingWindow {
+        SlidingWindow {
+            limit: u64::from(limit),
+            ..*self
+        }
+    }
+
+    /// Most entries a log of this window keeps before merging into the newest.
+    pub fn max_entries(&self) -> usize {
+        match self.precision() {
+            Precision::Exact => MAX_EXACT_LIMIT as usize,
+            Precision::Approximate => APPROXIMATE_ENTRIES as usize,
         }
     }
 }
 
-/// The counts of one counter: `counts[i % SLOTS]` holds bucket `i`, for the
-/// buckets `head − 15 ..= head`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SlidingState {
-    /// Index (time / width) of the newest bucket.
-    pub head: u64,
-    /// Sub-bucket width the indexes are in (0: unknown, taken as the current one).
-    pub width: u64,
-    /// Cost admitted per bucket.
-    pub counts: [u32; SLOTS],
+/// One entry of a log: `cost` admitted at `at` (ns), the latest instant of
+/// the admissions merged into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Instant, nanoseconds.
+    pub at: u64,
+    /// Cost (saturating: an entry of `u32::MAX` blocks every N until it leaves).
+    pub cost: u32,
+}
+
+/// A log of more than one entry, on the heap.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Log {
+    /// Sum of the entries' costs.
+    total: u64,
+    entries: VecDeque<Entry>,
+}
+
+/// The admissions of one counter still to leave its window (or already
+/// left: they are dropped when the next admission is written).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SlidingState {
+    /// Nothing admitted.
+    #[default]
+    Empty,
+    /// One entry, inline.
+    One(Entry),
+    /// Several entries.
+    Many(Box<Log>),
 }
 
 impl SlidingState {
-    /// The state re-expressed in buckets of `width` (the window's length
-    /// changed, e.g. on a policy reload). Each old bucket's cost moves to the
-    /// new bucket holding the old bucket's *last* instant, so cost is never
-    /// taken as older than it is: nothing is handed out twice. Cost whose
-    /// latest possible instant has left the new window is dropped.
-    fn rebucketed(&self, width: u64, cur: u64) -> SlidingState {
-        if self.width == 0 || self.width == width {
-            return SlidingState { width, ..*self };
+    /// The entries, oldest first, as two slices.
+    pub fn entries(&self) -> (&[Entry], &[Entry]) {
+        match self {
+            SlidingState::Empty => (&[], &[]),
+            SlidingState::One(e) => (std::slice::from_ref(e), &[]),
+            SlidingState::Many(l) => l.entries.as_slices(),
         }
-        let mut moved = [(0u64, 0u32); SLOTS];
-        let mut newest = cur;
-        for (back, slot_moved) in moved.iter_mut().enumerate() {
-            let Some(i) = self.head.checked_sub(back as u64) else {
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        let (a, b) = self.entries();
+        a.iter().chain(b)
+    }
+
+    fn total(&self) -> u64 {
+        match self {
+            SlidingState::Empty => 0,
+            SlidingState::One(e) => u64::from(e.cost),
+            SlidingState::Many(l) => l.total,
+        }
+    }
+
+    fn newest(&self) -> Option<&Entry> {
+        match self {
+            SlidingState::Empty => None,
+            SlidingState::One(e) => Some(e),
+            SlidingState::Many(l) => l.entries.back(),
+        }
+    }
+
+    /// Cost still in the window at `now`, and how many (oldest) entries left it.
+    fn live(&self, now: u64, length: u64) -> (u64, usize) {
+        let mut used = self.total();
+        let mut gone = 0;
+        for e in self.iter() {
+            if now < e.at.saturating_add(length) {
                 break;
-            };
-            let count = self.counts[slot(i)];
-            if count == 0 {
-                continue;
             }
-            let last_instant = (i + 1).saturating_mul(self.width).saturating_sub(1);
-            let ni = last_instant / width;
-            newest = newest.max(ni);
-            *slot_moved = (ni, count);
+            used -= u64::from(e.cost);
+            gone += 1;
         }
-        let mut next = SlidingState {
-            head: newest,
-            width,
-            counts: [0; SLOTS],
+        (used, gone)
+    }
+
+    /// Number of entries held (live or not yet dropped).
+    pub fn len(&self) -> usize {
+        match self {
+            SlidingState::Empty => 0,
+            SlidingState::One(_) => 1,
+            SlidingState::Many(l) => l.entries.len(),
+        }
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Heap bytes held beyond the state itself.
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            SlidingState::Many(l) => size_of::<Log>() + l.entries.capacity() * size_of::<Entry>(),
+            _ => 0,
+        }
+    }
+
+    /// Evaluates `cost` at `now` without changing anything.
+    pub fn evaluate(&self, now: Nanos, cost: u64, window: &SlidingWindow) -> Evaluation {
+        let (now, t) = (now.0, window.length);
+        let (used, gone) = self.live(now, t);
+        let reset = match self.newest() {
+            Some(e) if used > 0 => until(now, e.at.saturating_add(t)),
+            _ => Duration::ZERO,
         };
-        for (ni, count) in moved {
-            if count > 0 && ni + SLOTS_U64 > newest {
-                next.counts[slot(ni)] = next.counts[slot(ni)].saturating_add(count);
+        if cost > window.limit {
+            return Evaluation::never(window.limit.saturating_sub(used), reset);
+        }
+        if used + cost <= window.limit {
+            let reset = if cost > 0 {
+                // Recorded at `now`, or merged into a newer entry.
+                let newest = self.newest().map_or(now, |e| e.at.max(now));
+                until(now, newest.saturating_add(t))
+            } else {
+                reset
+            };
+            return Evaluation {
+                admit: true,
+                never: false,
+                remaining: window.limit - used - cost,
+                reset,
+                retry_after: Duration::ZERO,
+            };
+        }
+        // Walk from the oldest entry in the window until enough cost has left it.
+        let excess = used + cost - window.limit;
+        let mut freed = 0u64;
+        let mut retry_after = Duration::ZERO;
+        for e in self.iter().skip(gone) {
+            freed += u64::from(e.cost);
+            if freed >= excess {
+                retry_after = until(now, e.at.saturating_add(t));
+                break;
             }
         }
-        next
+        Evaluation {
+            admit: false,
+            never: false,
+            remaining: window.limit - used.min(window.limit),
+            reset,
+            retry_after,
+        }
     }
 
-    /// The state moved forward to bucket `cur` (buckets that left the window zeroed).
-    fn rotated(&self, cur: u64) -> SlidingState {
-        if cur <= self.head {
-            return *self; // same bucket, or the clock stepped back: keep everything
+    /// Evaluates `cost` at `now` and, if it is admitted, records it (and
+    /// drops the entries that left the window). Allocates only when the log
+    /// grows past one entry or past its ring's capacity.
+    pub fn admit(&mut self, now: Nanos, cost: u64, window: &SlidingWindow) -> Evaluation {
+        let e = self.evaluate(now, cost, window);
+        if e.admit {
+            self.prune(now.0, window.length);
+            self.record(now.0, cost, window);
         }
-        let mut next = *self;
-        let gap = cur - self.head;
-        if gap >= SLOTS_U64 {
-            next.counts = [0; SLOTS];
-        } else {
-            for i in self.head + 1..=cur {
-                next.counts[slot(i)] = 0;
+        e
+    }
+
+    fn prune(&mut self, now: u64, length: u64) {
+        match self {
+            SlidingState::Empty => {}
+            SlidingState::One(e) => {
+                if now >= e.at.saturating_add(length) {
+                    *self = SlidingState::Empty;
+                }
+            }
+            SlidingState::Many(l) => {
+                while let Some(e) = l.entries.front() {
+                    if now < e.at.saturating_add(length) {
+                        break;
+                    }
+                    l.total -= u64::from(e.cost);
+                    l.entries.pop_front();
+                }
             }
         }
-        next.head = cur;
-        next
     }
 
-    fn sum(&self) -> u64 {
-        self.counts.iter().map(|&c| u64::from(c)).sum()
-    }
-
-    /// Index of the newest non-empty bucket.
-    fn newest_used(&self) -> Option<u64> {
-        (0..SLOTS_U64)
-            .map(|back| self.head - back.min(self.head))
-            .find(|&i| self.counts[slot(i)] > 0)
+    fn record(&mut self, now: u64, cost: u64, window: &SlidingWindow) {
+        if cost == 0 {
+            return;
+        }
+        let c = u32::try_from(cost).unwrap_or(u32::MAX);
+        let fresh = Entry { at: now, cost: c };
+        let len = self.len();
+        let g = window.granule;
+        let merges = |last: &Entry| {
+            last.at >= now || (g > 0 && last.at / g == now / g) || len >= window.max_entries()
+        };
+        match self {
+            SlidingState::Empty => *self = SlidingState::One(fresh),
+            SlidingState::One(last) if merges(last) => merge(last, now, c),
+            SlidingState::One(last) => {
+                let mut entries = VecDeque::with_capacity(4);
+                entries.push_back(*last);
+                entries.push_back(fresh);
+                *self = SlidingState::Many(Box::new(Log {
+                    total: u64::from(last.cost) + cost,
+                    entries,
+                }));
+            }
+            SlidingState::Many(l) => {
+                l.total += cost;
+                match l.entries.back_mut() {
+                    Some(last) if merges(last) => merge(last, now, c),
+                    _ => l.entries.push_back(fresh),
+                }
+            }
+        }
     }
 }
 
-fn slot(index: u64) -> usize {
-    (index % SLOTS_U64) as usize
+/// Adds `cost` at `now` to `last`, stamped with the later instant (safe:
+/// the merged cost never leaves the window earlier than it should).
+fn merge(last: &mut Entry, now: u64, cost: u32) {
+    last.at = last.at.max(now);
+    last.cost = last.cost.saturating_add(cost);
 }
 
-/// Evaluates `cost` at `now`. Returns the evaluation and the state to store if admitted.
+/// Evaluates `cost` at `now`. Returns the evaluation and the state to store if
+/// admitted (a copy: the in-memory store uses [`SlidingState::admit`] in place).
 pub fn evaluate(
     state: Option<&SlidingState>,
     now: Nanos,
     cost: u64,
     window: &SlidingWindow,
 ) -> (Evaluation, SlidingState) {
-    let cur = now.0 / window.width;
-    let state = match state {
-        Some(s) => s.rebucketed(window.width, cur).rotated(cur),
-        None => SlidingState {
-            head: cur,
-            width: window.width,
-            counts: [0; SLOTS],
-        },
-    };
-    let used = state.sum();
-    let reset = |s: &SlidingState| match s.newest_used() {
-        Some(i) => until(now, (i + SLOTS_U64) * window.width),
-        None => Duration::ZERO,
-    };
-    if cost > window.limit {
-        return (
-            Evaluation::never(window.limit.saturating_sub(used), reset(&state)),
-            state,
-        );
-    }
-    if used + cost <= window.limit {
-        let mut next = state;
-        let i = slot(next.head);
-        // cost ≤ limit ≤ u32::MAX and the ring sum stays ≤ limit, so this fits.
-        next.counts[i] = next.counts[i].saturating_add(u32::try_from(cost).unwrap_or(u32::MAX));
-        let eval = Evaluation {
-            admit: true,
-            never: false,
-            remaining: window.limit - used - cost,
-            reset: reset(&next),
-            retry_after: Duration::ZERO,
-        };
-        return (eval, next);
-    }
-    // Walk from the oldest bucket until enough cost has left the window.
-    let excess = used + cost - window.limit;
-    let oldest = state.head.saturating_sub(SLOTS_U64 - 1);
-    let mut freed = 0u64;
-    let mut retry_after = Duration::ZERO;
-    for i in oldest..=state.head {
-        freed += u64::from(state.counts[slot(i)]);
-        if freed >= excess {
-            retry_after = until(now, (i + SLOTS_U64) * window.width);
-            break;
-        }
-    }
-    let eval = Evaluation {
-        admit: false,
-        never: false,
-        remaining: window.limit - used.min(window.limit),
-        reset: reset(&state),
-        retry_after,
-    };
-    (eval, state)
+    let mut next = state.cloned().unwrap_or_default();
+    let e = next.admit(now, cost, window);
+    (e, next)
 }
 
 /// Whether a stored state holds nothing that still counts at `now` (safe to drop).
 pub fn is_fresh(state: &SlidingState, now: Nanos, window: &SlidingWindow) -> bool {
-    let cur = now.0 / window.width;
-    state.rebucketed(window.width, cur).rotated(cur).sum() == 0
+    state.live(now.0, window.length).0 == 0
 }
 
-fn until(now: Nanos, at: u64) -> Duration {
-    Duration::from_nanos(at.saturating_sub(now.0))
+fn until(now: u64, at: u64) -> Duration {
+    Duration::from_nanos(at.saturating_sub(now))
 }
 
 #[cfg(test)]
@@ -210,35 +369,32 @@ mod tests {
     #[test]
     fn sixteen_per_three_seconds() {
         let w = SlidingWindow::new(16, Duration::from_secs(3));
-        assert_eq!(w.width, 200_000_000);
         let now = Nanos::from_secs(100);
-        let mut s = None;
+        let mut s = SlidingState::default();
         for i in 0..16 {
-            let (e, next) = evaluate(s.as_ref(), now, 1, &w);
+            let e = s.admit(now, 1, &w);
             assert!(e.admit, "request {i}");
             assert_eq!(e.remaining, 15 - i);
-            s = Some(next);
         }
-        let (e, _) = evaluate(s.as_ref(), now, 1, &w);
+        let e = s.evaluate(now, 1, &w);
         assert!(!e.admit);
-        // now sits exactly on a bucket boundary: the bucket leaves 16 widths later.
-        assert_eq!(e.retry_after, Duration::from_millis(3200));
+        // Exactly T after the admissions.
+        assert_eq!(e.retry_after, Duration::from_secs(3));
         let at = now.plus(e.retry_after);
-        assert!(!evaluate(s.as_ref(), Nanos(at.0 - 1), 1, &w).0.admit);
-        assert!(evaluate(s.as_ref(), at, 1, &w).0.admit);
+        assert!(!s.evaluate(Nanos(at.0 - 1), 1, &w).admit);
+        assert!(s.evaluate(at, 1, &w).admit);
+        assert_eq!(s.len(), 1, "same-instant admissions share one entry");
     }
 
     #[test]
     fn never_more_than_n_in_any_window_with_steady_traffic() {
         let w = SlidingWindow::new(10, Duration::from_secs(1));
-        let mut s: Option<SlidingState> = None;
+        let mut s = SlidingState::default();
         let mut admitted = Vec::new();
         for step in 0..10_000u64 {
             let now = Nanos(step * 7_000_000);
-            let (e, next) = evaluate(s.as_ref(), now, 1, &w);
-            if e.admit {
+            if s.admit(now, 1, &w).admit {
                 admitted.push(now.0);
-                s = Some(next);
             }
         }
         for (i, &t) in admitted.iter().enumerate() {
@@ -248,11 +404,48 @@ mod tests {
                 .count();
             assert!(in_window <= 10);
         }
+        // Exact: 10 per 1,001 ms (143 steps of 7 ms), 70 s → 700 ± 10.
         assert!(
-            admitted.len() > 600,
+            admitted.len() >= 690,
             "rate close to 10/s over 70 s: {}",
             admitted.len()
         );
+        assert!(s.len() <= 10);
+    }
+
+    #[test]
+    fn approximate_keeps_sixteen_entries_and_is_late_by_at_most_one_granule() {
+        let t = Duration::from_secs(86_400);
+        let w = SlidingWindow::with_precision(9_000, t, Precision::Approximate);
+        assert_eq!(w.granule, 5_760 * Nanos::SECOND);
+        let mut s = SlidingState::default();
+        let start = 1_700_000_000 * Nanos::SECOND;
+        let mut admitted = Vec::new();
+        for i in 0..200_000u64 {
+            let now = Nanos(start + i * 1_000_000_000);
+            if s.admit(now, 1, &w).admit {
+                admitted.push(now.0);
+            }
+            assert!(s.len() <= 16, "{} entries", s.len());
+        }
+        assert!(s.heap_bytes() <= 16 * 16 + 64);
+        for (i, &a) in admitted.iter().enumerate() {
+            let n = admitted[i..]
+                .iter()
+                .take_while(|&&u| u < a + t.as_nanos() as u64)
+                .count();
+            assert!(n <= 9_000);
+        }
+        // 200,000 s ≈ 2.3 days: the first 9,000 at once, then back within T + g.
+        assert!(admitted.len() >= 18_000, "{}", admitted.len());
+    }
+
+    #[test]
+    fn state_and_numbers_stay_small() {
+        // One entry inline in the store's counter, no larger than before.
+        assert!(size_of::<SlidingState>() <= 24);
+        assert_eq!(size_of::<Entry>(), 16);
+        assert!(size_of::<crate::store::Params>() <= 32);
     }
 
     #[test]
@@ -267,32 +460,28 @@ mod tests {
         let now = Nanos::from_secs(100);
         let short = SlidingWindow::new(5, Duration::from_secs(3));
         let (_, s) = evaluate(None, now, 5, &short);
-        // Longer window: the 5 still count, and come back within the new T + w.
+        // Longer window: the 5 still count, and come back exactly T later.
         let long = SlidingWindow::new(5, Duration::from_secs(6));
-        let (e, _) = evaluate(Some(&s), now, 1, &long);
+        let e = s.evaluate(now, 1, &long);
         assert!(!e.admit);
-        assert!(e.retry_after <= Duration::from_millis(6_400));
-        assert!(
-            evaluate(Some(&s), now.plus(e.retry_after), 1, &long)
-                .0
-                .admit
-        );
+        assert_eq!(e.retry_after, Duration::from_secs(6));
+        assert!(s.evaluate(now.plus(e.retry_after), 1, &long).admit);
         // Shorter window: still counted until the shorter window has passed.
         let shorter = SlidingWindow::new(5, Duration::from_secs(1));
         assert!(
-            !evaluate(Some(&s), now.plus(Duration::from_millis(500)), 1, &shorter)
-                .0
+            !s.evaluate(now.plus(Duration::from_millis(999)), 1, &shorter)
                 .admit
         );
         assert!(
-            evaluate(
-                Some(&s),
-                now.plus(Duration::from_millis(1_300)),
-                1,
-                &shorter
-            )
-            .0
-            .admit
+            s.evaluate(now.plus(Duration::from_secs(1)), 1, &shorter)
+                .admit
+        );
+        // Exact to approximate and back: the entries keep their instants.
+        let approx =
+            SlidingWindow::with_precision(5, Duration::from_secs(3), Precision::Approximate);
+        assert_eq!(
+            s.evaluate(now, 1, &approx).retry_after,
+            Duration::from_secs(3)
         );
     }
 
@@ -300,7 +489,43 @@ mod tests {
     fn fresh_after_the_window_passes() {
         let w = SlidingWindow::new(5, Duration::from_secs(3));
         let (_, s) = evaluate(None, Nanos::from_secs(10), 5, &w);
-        assert!(!is_fresh(&s, Nanos::from_secs(12), &w));
-        assert!(is_fresh(&s, Nanos::from_secs(14), &w));
+        assert!(!is_fresh(&s, Nanos(Nanos::from_secs(13).0 - 1), &w));
+        assert!(is_fresh(&s, Nanos::from_secs(13), &w));
+    }
+
+    #[test]
+    fn a_clock_step_back_merges_into_the_newest_entry() {
+        let w = SlidingWindow::new(3, Duration::from_secs(1));
+        let mut s = SlidingState::default();
+        assert!(s.admit(Nanos::from_secs(10), 1, &w).admit);
+        assert!(s.admit(Nanos::from_secs(9), 1, &w).admit);
+        assert_eq!(s.len(), 1);
+        // Both leave with the later instant.
+        assert_eq!(
+            s.evaluate(Nanos::from_secs(10), 2, &w).retry_after,
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn an_overridden_limit_above_the_exact_cap_stays_bounded() {
+        let w = SlidingWindow::new(MAX_EXACT_LIMIT, Duration::from_secs(10)).with_limit(5_000);
+        let mut s = SlidingState::default();
+        let mut admitted = Vec::new();
+        for i in 0..20_000u64 {
+            let now = i * 1_000_000;
+            if s.admit(Nanos(now), 1, &w).admit {
+                admitted.push(now);
+            }
+            assert!(s.len() <= MAX_EXACT_LIMIT as usize);
+        }
+        for (i, &a) in admitted.iter().enumerate() {
+            let n = admitted[i..]
+                .iter()
+                .take_while(|&&u| u < a + 10_000_000_000)
+                .count();
+            assert!(n <= 5_000, "{n} admitted in one window");
+        }
+        assert!(admitted.len() >= 5_000);
     }
 }

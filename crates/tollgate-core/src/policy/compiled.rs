@@ -218,10 +218,9 @@ impl Algorithm {
                 *refill = o.refill.unwrap_or(*refill);
                 *rate = GcraRate::new(capacity, *refill, *per);
             }
-            Algorithm::SlidingWindow { window, length } => {
+            Algorithm::SlidingWindow { window, .. } => {
                 if let Some(l) = o.limit {
-                    *window =
-                        SlidingWindow::new(u32::try_from(l.get()).unwrap_or(u32::MAX), *length);
+                    *window = window.with_limit(u32::try_from(l.get()).unwrap_or(u32::MAX));
                 }
             }
             Algorithm::CalendarWindow { limit, .. } | Algorithm::Concurrency { limit, .. } => {

@@ -161,6 +161,8 @@ pub struct RawLimit {
     pub limit: Option<Spanned<i64>>,
     /// Sliding window length (`"3s"`) or calendar unit (`minute`, `hour`, `day`).
     pub window: Option<Spanned<String>>,
+    /// Sliding window precision: `exact` (default, N ≤ 1,024) or `approximate`.
+    pub precision: Option<Spanned<String>>,
     /// Token bucket capacity.
     pub capacity: Option<Spanned<i64>>,
     /// Tokens added per `refill_every`.

@@ -18,7 +18,7 @@ use super::raw::*;
 use super::router::{Route, Router, parse_pattern};
 use crate::algorithm::calendar_window::{Calendar, CalendarUnit};
 use crate::algorithm::gcra::GcraRate;
-use crate::algorithm::sliding_window::SlidingWindow;
+use crate::algorithm::sliding_window::{MAX_EXACT_LIMIT, MAX_LENGTH, Precision, SlidingWindow};
 use crate::clock::Nanos;
 use crate::error::{Location, PolicyError, PolicyErrors};
 
@@ -692,9 +692,10 @@ impl<'a> Ctx<'a> {
             ],
         )?;
         // Fields that belong to another algorithm are mistakes, not defaults.
-        let present: [(&str, Option<Range<usize>>); 6] = [
+        let present: [(&str, Option<Range<usize>>); 7] = [
             ("limit", r.limit.as_ref().map(Spanned::span)),
             ("window", r.window.as_ref().map(Spanned::span)),
+            ("precision", r.precision.as_ref().map(Spanned::span)),
             ("capacity", r.capacity.as_ref().map(Spanned::span)),
             ("refill", r.refill.as_ref().map(Spanned::span)),
             ("refill_every", r.refill_every.as_ref().map(Spanned::span)),
@@ -702,7 +703,7 @@ impl<'a> Ctx<'a> {
         ];
         let allowed: &[&str] = match kind {
             "token_bucket" => &["capacity", "refill", "refill_every"],
-            "sliding_window" => &["limit", "window"],
+            "sliding_window" => &["limit", "window", "precision"],
             "calendar_window" => &["limit", "window"],
             _ => &["limit", "lease_ttl"],
         };
@@ -779,6 +780,22 @@ impl<'a> Ctx<'a> {
                         return None;
                     }
                 };
+                let precision = match &r.precision {
+                    Some(p) => match self.one_of(p, "precision", &["exact", "approximate"])? {
+                        "exact" => Precision::Exact,
+                        _ => Precision::Approximate,
+                    },
+                    None => Precision::Exact,
+                };
+                if length > MAX_LENGTH {
+                    self.invalid(
+                        &r.window.as_ref().map_or(l.span(), Spanned::span),
+                        format!(
+                            "sliding window `{name}` is longer than 100 days; use a calendar_window for longer periods"
+                        ),
+                    );
+                    return None;
+                }
                 let limit = u32::try_from(limit.get()).ok().or_else(|| {
                     self.invalid(
                         &l.span(),
@@ -789,8 +806,22 @@ impl<'a> Ctx<'a> {
                     );
                     None
                 })?;
+                if precision == Precision::Exact && limit > MAX_EXACT_LIMIT {
+                    let span = match (&r.precision, &r.limit) {
+                        (Some(p), _) => p.span(),
+                        (None, Some(v)) => v.span(),
+                        (None, None) => l.span(),
+                    };
+                    self.invalid(
+                        &span,
+                        format!(
+                            "sliding window `{name}`: an exact window keeps one entry per admission (16 B each), so `limit` may be at most {MAX_EXACT_LIMIT}, not {limit}; set precision = \"approximate\" (16 entries per counter whatever the limit; capacity comes back between T and T + T/15 after use) or use a token_bucket or calendar_window"
+                        ),
+                    );
+                    return None;
+                }
                 Some(Algorithm::SlidingWindow {
-                    window: SlidingWindow::new(limit, length),
+                    window: SlidingWindow::with_precision(limit, length, precision),
                     length,
                 })
             }
@@ -1098,6 +1129,20 @@ impl<'a> Ctx<'a> {
             self.invalid(
                 span,
                 "this limit's override takes `limit`, not `capacity` or `refill`".to_owned(),
+            );
+            return None;
+        }
+        if let Algorithm::SlidingWindow { window, .. } = alg
+            && window.precision() == Precision::Exact
+            && let Some(v) = &o.limit
+            && *v.get_ref() > i64::from(MAX_EXACT_LIMIT)
+        {
+            self.invalid(
+                &v.span(),
+                format!(
+                    "an override of an exact sliding window may be at most {MAX_EXACT_LIMIT}, not {}; set precision = \"approximate\" on the limit",
+                    v.get_ref()
+                ),
             );
             return None;
         }

@@ -119,6 +119,99 @@ pub async fn retry_after_is_exact<S: Store>(store: &S) {
     assert!(one(store, at, w).await.0);
 }
 
+/// A sliding window is an exact log: each unit comes back exactly T after it
+/// was taken (weighted costs too), `Retry-After` is at most T, and a window
+/// made longer or shorter (a policy reload) keeps what was taken.
+pub async fn sliding_window_is_an_exact_log<S: Store>(store: &S) {
+    let t = Duration::from_secs(3);
+    let w = |cost| Check {
+        key: key(6, 1),
+        params: Params::Sliding(SlidingWindow::new(5, t)),
+        cost,
+        blocking: true,
+    };
+    let t1 = T0.plus(Duration::from_millis(500));
+    assert!(one(store, T0, w(2)).await.0);
+    assert!(one(store, t1, w(3)).await.0);
+    let (admitted, e) = one(store, t1, w(1)).await;
+    assert!(!admitted);
+    assert_eq!(e.remaining, 0);
+    assert_eq!(
+        e.retry_after,
+        t - Duration::from_millis(500),
+        "the first 2 leave at T0 + T"
+    );
+    assert_eq!(e.reset, t, "empty T after the last admission");
+    // 3 units: the entry of 3 must leave too, at t1 + T exactly.
+    let (_, e) = one(store, t1, w(3)).await;
+    assert_eq!(e.retry_after, t);
+    let back = T0.plus(t);
+    assert!(!one(store, Nanos(back.0 - 1), w(1)).await.0);
+    assert!(one(store, back, w(2)).await.0, "2 back exactly T after");
+    assert!(!one(store, back, w(1)).await.0);
+    // Reload to a 6 s window: everything taken still counts, and leaves
+    // 6 s after it was taken; to a 1 s window: what is older than 1 s is gone.
+    let longer = Check {
+        params: Params::Sliding(SlidingWindow::new(5, Duration::from_secs(6))),
+        ..w(1)
+    };
+    let (admitted, e) = one(store, back, longer).await;
+    assert!(!admitted);
+    assert_eq!(
+        e.retry_after,
+        Duration::from_millis(3_500),
+        "the 3 taken at t1 leave at t1 + 6 s"
+    );
+    let shorter = Check {
+        params: Params::Sliding(SlidingWindow::new(5, Duration::from_secs(1))),
+        ..w(3)
+    };
+    let (admitted, e) = one(store, back, shorter).await;
+    assert!(admitted, "only the 2 taken at T0 + T count in a 1 s window");
+    assert_eq!(e.remaining, 0);
+}
+
+/// An approximate sliding window merges admissions per sub-window of
+/// ⌈T/15⌉ (stamped with the latest): safe, at most one sub-window late, and
+/// `Retry-After` still at most T.
+pub async fn approximate_sliding_window_is_late_by_at_most_a_sub_window<S: Store>(store: &S) {
+    let t = Duration::from_secs(15);
+    let params = Params::Sliding(SlidingWindow::with_precision(
+        4,
+        t,
+        crate::algorithm::sliding_window::Precision::Approximate,
+    ));
+    let c = Check {
+        key: key(7, 1),
+        params,
+        cost: 1,
+        blocking: true,
+    };
+    // T0 is a whole second: sub-windows of 1 s start on it.
+    let at = |ms| T0.plus(Duration::from_millis(ms));
+    assert!(one(store, at(0), c).await.0);
+    assert!(one(store, at(100), c).await.0);
+    assert!(
+        one(store, at(900), c).await.0,
+        "merged with the two before, stamped 0.9 s"
+    );
+    assert!(
+        one(store, at(1_200), c).await.0,
+        "a new sub-window: a new entry"
+    );
+    let (admitted, e) = one(store, at(1_200), c).await;
+    assert!(!admitted);
+    assert_eq!(
+        e.retry_after,
+        t - Duration::from_millis(300),
+        "the merged 3 leave at 0.9 s + T"
+    );
+    assert!(e.retry_after <= t);
+    let back = at(900).plus(t);
+    assert!(!one(store, Nanos(back.0 - 1), c).await.0);
+    assert!(one(store, back, c).await.0);
+}
+
 /// A calendar window resets exactly at its end.
 pub async fn calendar_window_resets_at_its_end<S: Store>(store: &S) {
     let end = T0.plus(Duration::from_secs(60));
@@ -200,6 +293,14 @@ macro_rules! conformance_tests {
             #[test]
             fn retry_after_is_exact() {
                 c::block_on(c::retry_after_is_exact(&$store));
+            }
+            #[test]
+            fn sliding_window_is_an_exact_log() {
+                c::block_on(c::sliding_window_is_an_exact_log(&$store));
+            }
+            #[test]
+            fn approximate_sliding_window_is_late_by_at_most_a_sub_window() {
+                c::block_on(c::approximate_sliding_window_is_late_by_at_most_a_sub_window(&$store));
             }
             #[test]
             fn calendar_window_resets_at_its_end() {

@@ -38,7 +38,7 @@ use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
 use crate::algorithm::concurrency::{self, Lease, LeaseSet};
 use crate::algorithm::gcra::gcra;
-use crate::algorithm::sliding_window::{self, SlidingState};
+use crate::algorithm::sliding_window::SlidingState;
 use crate::clock::Nanos;
 use crate::error::StoreError;
 use crate::policy::MAX_LIMITS_PER_REQUEST;
@@ -74,7 +74,8 @@ pub(crate) enum Counter {
     #[default]
     Fresh,
     Gcra(Nanos),
-    Sliding(Box<SlidingState>),
+    /// A sliding log: one entry inline, more on the heap (see `sliding_window`).
+    Sliding(SlidingState),
     Calendar(CalendarState),
     Leases(Box<LeaseSet>),
 }
@@ -550,10 +551,10 @@ fn evaluate(counter: &Counter, check: &Check, now: Nanos) -> Evaluation {
         }
         Params::Sliding(window) => {
             let state = match counter {
-                Counter::Sliding(b) => Some(&**b),
-                _ => None,
+                Counter::Sliding(s) => s,
+                _ => &SlidingState::Empty,
             };
-            sliding_window::evaluate(state, now, cost, &window).0
+            state.evaluate(now, cost, &window)
         }
         Params::Calendar { limit, end } => {
             let state = match counter {
@@ -586,16 +587,16 @@ fn commit(s: &mut Cell, check: &Check, now: Nanos, lease: u64) {
             }
         }
         Params::Sliding(window) => {
-            let state = match &s.counter {
-                Counter::Sliding(b) => Some(&**b),
-                _ => None,
+            // In place: the log's ring keeps its capacity (no allocation per
+            // decision once it has reached its high-water size).
+            if !matches!(s.counter, Counter::Sliding(_)) {
+                s.counter = Counter::Sliding(SlidingState::Empty);
+            }
+            let Counter::Sliding(log) = &mut s.counter else {
+                unreachable!("set just above")
             };
-            let (e, next) = sliding_window::evaluate(state, now, cost, &window);
+            let e = log.admit(now, cost, &window);
             if e.admit {
-                match &mut s.counter {
-                    Counter::Sliding(b) => **b = next,
-                    other => *other = Counter::Sliding(Box::new(next)),
-                }
                 s.fresh_at = now.plus(e.reset);
             }
         }

@@ -148,7 +148,7 @@ mod threads {
     struct Report {
         /// Max admitted / limit over (key, calendar minute).
         calendar_ratio: f64,
-        /// Max admitted / limit over (key, closed 60 s span).
+        /// Max admitted / limit over (key, 60 s span `[t, t + 60 s)`).
         sliding_ratio: f64,
         /// Max admitted / (capacity + ⌊W / interval⌋) over (key, span W).
         bucket_ratio: f64,
@@ -188,7 +188,7 @@ mod threads {
                 for j in i..times.len() {
                     sum += counts[j][k];
                     let w = times[j] - times[i];
-                    if w <= SLIDING_T {
+                    if w < SLIDING_T {
                         r.sliding_ratio = r.sliding_ratio.max(sum as f64 / SLIDING_LIMIT as f64);
                         if sum > SLIDING_LIMIT {
                             r.spans_over += 1;
@@ -281,7 +281,7 @@ mod threads {
 
     // ------------------------------------------------------------- A1 teeth
 
-    #[derive(Debug, Clone, Copy)]
+    #[derive(Debug, Clone)]
     enum BrokenState {
         Gcra(Nanos),
         Sliding(SlidingState),
@@ -299,7 +299,7 @@ mod threads {
         fn decide_sync(&self, now: Nanos, checks: &[Check], out: &mut [Evaluation]) -> bool {
             let read: Vec<Option<BrokenState>> = checks
                 .iter()
-                .map(|c| self.map.lock().expect("lock").get(&c.key).copied())
+                .map(|c| self.map.lock().expect("lock").get(&c.key).cloned())
                 .collect();
             std::thread::yield_now();
             let mut writes = Vec::new();

@@ -116,7 +116,7 @@ mod photoshop {
     use tollgate_core::policy::{AccountOverrides, HeaderKind, OverrideValues};
 
     const FILE: &str = "photoshop-api.toml";
-    /// 2026-01-01T00:00:00Z: on a boundary of every sub-bucket (200 ms, 4 s) and day.
+    /// 2026-01-01T00:00:00Z: on a day boundary.
     fn t0() -> Nanos {
         at("2026-01-01T00:00:00Z")
     }
@@ -204,12 +204,12 @@ mod photoshop {
             "{:?}",
             d.retry_after()
         );
-        // The 3 s window is cut in 200 ms buckets; t0 starts one, so it leaves at 3.2 s.
-        assert_eq!(d.retry_after(), Duration::from_millis(3_200));
+        // The 16 taken at t0 come back exactly 3 s later (Retry-After ≤ the window).
+        assert_eq!(d.retry_after(), Duration::from_secs(3));
         let h = headers(&p, &d, ResponseKind::Rejected, None);
-        assert_eq!(header(&h, "Retry-After"), Some("4"));
+        assert_eq!(header(&h, "Retry-After"), Some("3"));
         // The headers describe the limit that rejected.
-        assert_eq!(header(&h, "RateLimit"), Some("\"general-post-3s\";r=0;t=4"));
+        assert_eq!(header(&h, "RateLimit"), Some("\"general-post-3s\";r=0;t=3"));
         let policy_h = header(&h, "RateLimit-Policy").expect("RateLimit-Policy");
         assert!(
             policy_h.contains("\"general-post-3s\";q=16;w=3"),
@@ -244,7 +244,7 @@ mod photoshop {
         for _ in 0..50 {
             assert!(rejected_by(&e.decide_now(&p, &r)).is_some());
         }
-        e.clock().advance(Duration::from_millis(3_200));
+        e.clock().advance(Duration::from_secs(3));
         let d = e.decide_now(&p, &r);
         assert_eq!(d.outcome, Outcome::Admitted);
         // 17 admitted in the minute; the 50 rejections took nothing.
@@ -259,7 +259,7 @@ mod photoshop {
         let r = req(&p, POST_GENERAL.0, POST_GENERAL.1, "org-a", "acct-1");
         let minute = limit(&p, "general-post-minute");
         let three = limit(&p, "general-post-3s");
-        // 20 bursts of 16, one per 3 s window (3.2 s apart): the minute counter
+        // 20 bursts of 16, one per 3 s window (3 s apart): the minute counter
         // keeps counting across the 3 s windows and reaches exactly 320.
         let mut admitted = 0;
         let mut soft_minute_crossed_at = None;
@@ -278,7 +278,7 @@ mod photoshop {
                 }
             }
             if burst < 19 {
-                e.clock().advance(Duration::from_millis(3_200));
+                e.clock().advance(Duration::from_secs(3));
             }
         }
         assert_eq!(admitted, 320);
@@ -319,13 +319,13 @@ mod photoshop {
         }
         let d = e.decide_now(&p, &r);
         assert_eq!(rejected_by(&d), Some(minute));
-        // A minute window is cut in 4 s buckets: the first one leaves 64 s after t0.
-        assert_eq!(d.retry_after(), Duration::from_secs(64));
+        // All 320 were taken at t0: they come back exactly a minute later.
+        assert_eq!(d.retry_after(), Duration::from_secs(60));
         let h = headers(&p, &d, ResponseKind::Rejected, None);
-        assert_eq!(header(&h, "Retry-After"), Some("64"));
+        assert_eq!(header(&h, "Retry-After"), Some("60"));
         assert_eq!(
             header(&h, "RateLimit"),
-            Some("\"general-post-minute\";r=0;t=64")
+            Some("\"general-post-minute\";r=0;t=60")
         );
     }
 
@@ -406,7 +406,8 @@ mod photoshop {
                 &headers(&p, &d, ResponseKind::Rejected, None),
                 "Retry-After"
             ),
-            Some("4")
+            Some("3"),
+            "the 6 taken at t0 come back exactly 3 s later"
         );
         // The service limits are separate from the general ones.
         let d = e.decide_now(
@@ -439,16 +440,16 @@ mod photoshop {
         }
         let d = e.decide_now(&p, &r);
         assert_eq!(rejected_by(&d), Some(minute));
-        assert_eq!(d.retry_after(), Duration::from_secs(64));
+        assert_eq!(d.retry_after(), Duration::from_secs(60));
         // 150 minute windows of 60 = 9000 in the day, then the day limit refuses.
         for w in 1..150 {
-            e.clock().advance(Duration::from_secs(64));
+            e.clock().advance(Duration::from_secs(60));
             for i in 0..60 {
                 let d = e.decide_now(&p, &r);
                 assert_eq!(d.outcome, Outcome::Admitted, "window {w} request {i}");
             }
         }
-        e.clock().advance(Duration::from_secs(64));
+        e.clock().advance(Duration::from_secs(60));
         let d = e.decide_now(&p, &r);
         assert_eq!(rejected_by(&d), Some(day));
         assert_eq!(remaining(&d, day), 0);
@@ -728,10 +729,10 @@ mod photoroom {
         assert_eq!(n, 60);
         assert_eq!(rejected_by(&d), Some(images));
         let h = headers(&p, &d, ResponseKind::Rejected, None);
-        assert_eq!(header(&h, "Retry-After"), Some("64"));
+        assert_eq!(header(&h, "Retry-After"), Some("60"));
         assert_eq!(
             header(&h, "RateLimit"),
-            Some("\"images-per-minute\";r=0;t=64")
+            Some("\"images-per-minute\";r=0;t=60")
         );
         // Editing counts against the same 60 images.
         let edit = Request {
@@ -901,8 +902,8 @@ mod enhance {
         let h = headers(&p, &d, ResponseKind::Rejected, None);
         assert_eq!(
             header(&h, "Retry-After"),
-            Some("2"),
-            "a 1 s window frees in (1 s, 1 s + 1/15 s]"
+            Some("1"),
+            "a 1 s window frees exactly 1 s after use"
         );
         // Another IP is not affected.
         assert!(e.decide_now(&p, &from("198.51.100.1")).is_allowed());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tollgate_core::algorithm::Evaluation;
 use tollgate_core::algorithm::gcra::GcraRate;
-use tollgate_core::algorithm::sliding_window::SlidingWindow;
+use tollgate_core::algorithm::sliding_window::{Precision, SlidingWindow};
 use tollgate_core::{Check, CounterKey, MemoryStore, Nanos, Params, Store};
 use tollgate_redis::TimeSource;
 
@@ -45,6 +45,11 @@ async fn memory_and_redis_agree_on_random_runs() {
             Duration::from_secs(1),
         ));
         let window = Params::Sliding(SlidingWindow::new(7, Duration::from_millis(1_500)));
+        let approximate = Params::Sliding(SlidingWindow::with_precision(
+            6,
+            Duration::from_millis(1_500),
+            Precision::Approximate,
+        ));
         let lease = Params::Concurrency {
             limit: 3,
             ttl: Duration::from_millis(700),
@@ -53,7 +58,7 @@ async fn memory_and_redis_agree_on_random_runs() {
             now = Nanos(now.0 + rng.below(120_000_000));
             let end = Nanos(now.0 - now.0 % minute + minute);
             let calendar = Params::Calendar { limit: 9, end };
-            let all = [bucket, window, calendar, lease];
+            let all = [bucket, window, calendar, lease, approximate];
             let n = 1 + rng.below(4) as usize;
             let mut checks = Vec::new();
             for (i, params) in all.iter().enumerate() {
@@ -98,4 +103,49 @@ async fn memory_and_redis_agree_on_random_runs() {
         "both outcomes exercised: {seen:?}"
     );
     assert_every_key_expires(SHARED, redis.prefix()).await;
+}
+
+/// A counter written by the former 16-sub-bucket ring (`s <head> <width>
+/// <16 counts>`, e.g. left by a replica of the previous version) is read
+/// conservatively by the sliding log: its whole cost counts as taken now
+/// while any of its buckets could still count, then it is gone.
+#[tokio::test]
+async fn a_state_of_the_former_ring_is_read_conservatively() {
+    use redis::AsyncCommands;
+    let store = shared_store("legacy", TimeSource::Caller).await;
+    let key = CounterKey((9u128 << 64) | 1);
+    let t = Duration::from_secs(3);
+    let width = t.as_nanos() as u64 / 15; // the ring's sub-bucket: 200 ms
+    let now = Nanos(1_700_000_000_100_000_000);
+    let head = now.0 / width;
+    let mut ring = format!("s {head} {width}");
+    for i in 0..16u64 {
+        ring.push_str(if i == head % 16 { " 5" } else { " 0" });
+    }
+    let mut conn = crate::support::raw(SHARED).await;
+    let _: () = conn
+        .set_ex(store.redis_key(key), &ring, 60)
+        .await
+        .expect("set");
+    let check = |cost| Check {
+        key,
+        params: Params::Sliding(SlidingWindow::new(5, t)),
+        cost,
+        blocking: true,
+    };
+    let mut out = [Evaluation::default(); 1];
+    let admitted = store
+        .decide(now, &[check(1)], 1, &mut out)
+        .await
+        .expect("redis");
+    assert!(!admitted, "the ring's 5 still count");
+    assert_eq!(out[0].retry_after, t, "taken as admitted now: back T later");
+    // 16 sub-buckets after its head the ring has nothing left that counts.
+    let gone = Nanos((head + 16) * width);
+    let admitted = store
+        .decide(gone, &[check(5)], 2, &mut out)
+        .await
+        .expect("redis");
+    assert!(admitted, "the ring's cost left with its last bucket");
+    assert_every_key_expires(SHARED, store.prefix()).await;
 }

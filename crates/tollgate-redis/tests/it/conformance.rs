@@ -20,6 +20,8 @@ redis_conformance!(
     rejected_request_consumes_nothing,
     non_blocking_checks_never_refuse,
     retry_after_is_exact,
+    sliding_window_is_an_exact_log,
+    approximate_sliding_window_is_late_by_at_most_a_sub_window,
     calendar_window_resets_at_its_end,
     leases_hold_until_released,
 );
