@@ -12,6 +12,7 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_128_with_seed};
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::gcra::GcraRate;
+use crate::algorithm::sliding_window::SlidingWindow;
 use crate::clock::{Clock, Nanos, SystemClock};
 use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
