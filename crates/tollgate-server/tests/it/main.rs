@@ -4,6 +4,7 @@
 mod admin;
 mod credits;
 mod hardening;
+mod http2;
 mod replicas;
 mod secrets;
 mod support;
