@@ -3,6 +3,7 @@
 
 mod admin;
 mod credits;
+mod flood;
 mod hardening;
 mod http2;
 mod replicas;
