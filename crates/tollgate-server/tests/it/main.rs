@@ -5,6 +5,7 @@ mod admin;
 mod credits;
 mod flood;
 mod hardening;
+mod health;
 mod http2;
 mod replicas;
 mod secrets;
