@@ -2,6 +2,7 @@
 //! with a temporary SQLite database and the built-in echo upstream.
 
 mod admin;
+mod cardinality;
 mod credits;
 mod flood;
 mod hardening;
