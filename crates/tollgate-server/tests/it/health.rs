@@ -40,12 +40,14 @@ impl OwnRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test.sh installs it)");
+        // Owned (and so killed on drop) before anything can panic.
+        let redis = OwnRedis { child, port };
         for _ in 0..250 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
             {
-                return OwnRedis { child, port };
+                return redis;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
