@@ -321,9 +321,15 @@ async fn serve(
             .max_concurrent_streams(connection::MAX_CONCURRENT_STREAMS)
             .max_header_list_size(64 * 1024);
         let watcher = graceful.watcher();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _place = place;
-            if !connection::first_byte(&stream, limits.header_read_timeout).await {
+            // A connection that has sent nothing is not waited for at shutdown.
+            let first = tokio::select! {
+                first = connection::first_byte(&stream, limits.header_read_timeout) => first,
+                _ = stop.changed() => false,
+            };
+            if !first {
                 return;
             }
             let conn = builder
