@@ -11,6 +11,9 @@ use serde::Deserialize;
 /// The built-in default policy, used when no `--config` is given.
 pub const DEFAULT_POLICY: &str = include_str!("default-policy.toml");
 
+/// Default cap on open proxy connections ([`ServerConfig::max_connections`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
+
 /// The admin bearer token. Its `Debug` prints `***`.
 #[derive(Clone)]
 pub struct AdminToken(String);
@@ -61,10 +64,22 @@ pub struct ServerSection {
     /// Proxies whose `X-Forwarded-For` is believed (CIDRs). Default none.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
-    /// Time to read a request's headers (default `10s`).
+    /// Time to read a request's headers, and the longest a connection may sit
+    /// idle (silent after connecting, or between keep-alive requests)
+    /// (default `10s`).
     pub header_read_timeout: Option<String>,
     /// Time for a whole request (default `120s`).
     pub request_timeout: Option<String>,
+    /// Longest pause between two pieces of a request body (default `10s`).
+    pub body_read_timeout: Option<String>,
+    /// Longest time to receive a whole request body (default `60s`).
+    pub body_timeout: Option<String>,
+    /// Longest a response write may stall because the client does not read
+    /// (default `10s`).
+    pub send_timeout: Option<String>,
+    /// Most open connections on the proxy listener (default 8192); further
+    /// connections are closed at once.
+    pub max_connections: Option<usize>,
     /// Most live counters in memory (default 1,000,000).
     pub max_counters: Option<usize>,
     /// Largest body read to inspect it when an operation has no `max_body` (default `64MB`).
@@ -103,6 +118,14 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Whole-request timeout.
     pub request_timeout: Duration,
+    /// Longest pause between two pieces of a request body (408 beyond it).
+    pub body_read_timeout: Duration,
+    /// Longest time to receive a whole request body (408 beyond it).
+    pub body_timeout: Duration,
+    /// Longest a response write may stall (the connection is closed beyond it).
+    pub send_timeout: Duration,
+    /// Most open connections on the proxy listener.
+    pub max_connections: usize,
     /// Live counter cap.
     pub max_counters: usize,
     /// Inspection cap for bodies.
@@ -131,6 +154,10 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
+            body_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(10),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_counters: tollgate_core::store::memory::DEFAULT_MAX_COUNTERS,
             inspect_body_max: 64_000_000,
             admin_token: None,
@@ -204,6 +231,13 @@ impl ServerConfig {
                 &s.reservation_ttl,
                 &mut self.reservation_ttl,
             ),
+            (
+                "body_read_timeout",
+                &s.body_read_timeout,
+                &mut self.body_read_timeout,
+            ),
+            ("body_timeout", &s.body_timeout, &mut self.body_timeout),
+            ("send_timeout", &s.send_timeout, &mut self.send_timeout),
         ] {
             if let Some(v) = value {
                 match humantime::parse_duration(v) {
@@ -216,6 +250,13 @@ impl ServerConfig {
         }
         if let Some(v) = s.store_max_in_flight {
             self.store_max_in_flight = v.max(1);
+        }
+        match s.max_connections {
+            Some(0) => errors.push(
+                "[server] max_connections = 0 would refuse every connection; use a positive number such as 8192".to_owned(),
+            ),
+            Some(v) => self.max_connections = v,
+            None => {}
         }
         if let Some(v) = s.max_counters {
             self.max_counters = v.max(1);

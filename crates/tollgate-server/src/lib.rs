@@ -6,16 +6,19 @@
 //! Tests start it in-process on `127.0.0.1:0` with [`start`]; the `tollgate`
 //! binary calls [`start`] and waits for a signal.
 //!
-//! Connections are served by hyper with a header-read timeout (the timer is
+//! Connections are served by hyper (HTTP/1.1, and HTTP/2 with prior
+//! knowledge on the same port) with a header-read timeout (the timer is
 //! wired, so slow-header clients are cut off), a bounded header buffer (431
-//! beyond it), at most 200 concurrent HTTP/2 streams, and a whole-request
-//! timeout.
+//! beyond it), at most 200 concurrent HTTP/2 streams, body and send
+//! timeouts, a cap on open connections, and a whole-request timeout (see
+//! [`connection`]).
 
 pub mod account;
 pub mod admin;
 pub mod check;
 pub mod client_ip;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod events;
 pub mod metrics;
@@ -33,12 +36,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use connection::{ConnLimits, Gate};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use store::AnyStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -82,6 +85,8 @@ pub struct Running {
     pub echo_addr: Option<SocketAddr>,
     /// Shared state (tests inspect it).
     pub state: Shared,
+    /// The proxy listener's connection cap (tests read its open count).
+    pub connections: Gate,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -115,11 +120,13 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
                 source,
             })?;
             echo_addr = Some(addr);
+            let limits = ConnLimits::proxy(&config);
             tasks.push(tokio::spawn(serve(
                 listener,
                 echo_router(),
                 rx.clone(),
-                limits(&config),
+                limits,
+                Gate::new(limits.max_connections, None),
             )));
             format!("http://{addr}")
                 .parse()
@@ -182,17 +189,28 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
             addr: config.admin_listen,
             source,
         })?;
+    let proxy_limits = ConnLimits::proxy(&config);
+    let connections = Gate::new(
+        proxy_limits.max_connections,
+        Some((
+            state.metrics.connections_open.clone(),
+            state.metrics.connections_refused.clone(),
+        )),
+    );
     tasks.push(tokio::spawn(serve(
         proxy_listener,
         proxy_router(state.clone()),
         rx.clone(),
-        limits(&config),
+        proxy_limits,
+        connections.clone(),
     )));
+    let admin_limits = ConnLimits::admin(&config);
     tasks.push(tokio::spawn(serve(
         admin_listener,
         admin::router(state.clone()),
         rx.clone(),
-        limits(&config),
+        admin_limits,
+        Gate::new(admin_limits.max_connections, None),
     )));
     tasks.push(tokio::spawn(housekeeping(state.clone(), rx.clone())));
     tasks.extend(webhooks::Dispatcher::spawn(
@@ -207,6 +225,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
         admin_addr,
         echo_addr,
         state,
+        connections,
         shutdown,
         tasks,
     })
@@ -243,17 +262,14 @@ pub async fn readyz(State(st): State<Shared>) -> Response {
     }
 }
 
-/// Accepts connections until shutdown, serving each with hyper's limits.
-/// Timeouts of a listener: (header read, whole request).
-fn limits(config: &ServerConfig) -> (Duration, Duration) {
-    (config.header_read_timeout, config.request_timeout)
-}
-
+/// Accepts connections until shutdown, serving each with hyper's limits and
+/// the defences of [`connection`].
 async fn serve(
     listener: TcpListener,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
-    (header_timeout, request_timeout): (Duration, Duration),
+    limits: ConnLimits,
+    gate: Gate,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
@@ -268,6 +284,10 @@ async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        // Over the cap: closed at once (dropping the socket).
+        let Some(place) = gate.admit() else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let service =
@@ -275,9 +295,13 @@ async fn serve(
                 req.extensions_mut().insert(ConnectInfo(peer));
                 let router = router.clone();
                 async move {
-                    let req = req.map(Body::new);
+                    let http1 = req.version() < http::Version::HTTP_2;
+                    let body_timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let req = req.map(|b| connection::guard_body(b, &limits, &body_timed_out));
                     let resp =
-                        match tokio::time::timeout(request_timeout, router.oneshot(req)).await {
+                        match tokio::time::timeout(limits.request_timeout, router.oneshot(req))
+                            .await
+                        {
                             Ok(Ok(r)) => r,
                             Ok(Err(never)) => match never {},
                             Err(_) => error::ApiError::new(
@@ -287,6 +311,11 @@ async fn serve(
                             )
                             .into_response(),
                         };
+                    let resp = if body_timed_out.load(std::sync::atomic::Ordering::Relaxed) {
+                        connection::body_timeout_response(http1)
+                    } else {
+                        resp
+                    };
                     Ok::<_, Infallible>(resp)
                 }
             });
@@ -294,19 +323,29 @@ async fn serve(
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
+            .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(64 * 1024);
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(200)
+            .max_concurrent_streams(connection::MAX_CONCURRENT_STREAMS)
             .max_header_list_size(64 * 1024);
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _place = place;
+            // A connection that has sent nothing is not waited for at shutdown.
+            let first = tokio::select! {
+                first = connection::first_byte(&stream, limits.header_read_timeout) => first,
+                _ = stop.changed() => false,
+            };
+            if !first {
+                return;
+            }
+            let conn = builder
+                .serve_connection(connection::io(stream, limits.send_timeout), service)
+                .into_owned();
+            let _ = watcher.watch(conn).await;
         });
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;

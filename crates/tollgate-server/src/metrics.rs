@@ -76,6 +76,10 @@ pub struct Metrics {
     pub live_counters: Gauge,
     /// Policy reloads by result.
     pub reloads: Family<UpstreamLabels, Counter>,
+    /// Open connections on the proxy listener.
+    pub connections_open: Gauge,
+    /// Proxy connections closed at once because `max_connections` were open.
+    pub connections_refused: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -172,6 +176,18 @@ impl Metrics {
             "Policy reloads by result (ok, invalid)",
             reloads.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Open connections on the proxy listener",
+            connections_open.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Proxy connections closed at once because max_connections were open",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -187,6 +203,8 @@ impl Metrics {
             credits_charged,
             live_counters,
             reloads,
+            connections_open,
+            connections_refused,
         }
     }
 

@@ -1,6 +1,11 @@
 //! The proxy: identify → operation → payload rules → credits → limits →
 //! forward (with bounded retries) → settle credits → headers.
 //!
+//! Settling: a 2xx answer commits the reservation — or, when the operation
+//! sets `credits_from_header`, the whole number the upstream reports in that
+//! header, capped at the reservation (missing or invalid: the reservation);
+//! any other answer releases it.
+//!
 //! Order matters for "a rejected request consumes nothing": credits are
 //! reserved first and released if a limit refuses; limits take their cost
 //! only when every enforced limit admits. A body is buffered only when the
@@ -204,8 +209,18 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     let (mut resp_parts, resp_body) = upstream.into_parts();
     let mut resp_body = Body::new(resp_body);
     let mut balance = None;
-    if let Some((id, amount)) = reservation {
+    if let Some((id, reserved)) = reservation {
         if status.is_success() {
+            // The upstream may report what the request really used (never
+            // more than was reserved; see `Operation::credits_used`).
+            let reported = op
+                .credits_from_header
+                .as_deref()
+                .and_then(|h| resp_parts.headers.get(h))
+                .map(HeaderValue::as_bytes);
+            let amount =
+                i64::try_from(op.credits_used(u64::try_from(reserved).unwrap_or(0), reported))
+                    .unwrap_or(reserved);
             let stored = if has_idempotency_key(&parts.headers) {
                 let ct = header_str(&resp_parts.headers, header::CONTENT_TYPE).map(str::to_owned);
                 let small =

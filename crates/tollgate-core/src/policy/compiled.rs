@@ -359,8 +359,14 @@ impl LocalShare {
 pub struct Operation {
     /// Name.
     pub name: String,
-    /// Credit cost.
+    /// Credit cost: the amount reserved before forwarding, and committed
+    /// when the upstream answers 2xx.
     pub credits: u64,
+    /// Upstream response header (lower case) whose value, a whole number, is
+    /// the amount committed instead of `credits` (capped at `credits`; a
+    /// missing or invalid value commits `credits`). See
+    /// [`Operation::credits_used`].
+    pub credits_from_header: Option<String>,
     /// Whether upstream failures may be retried.
     pub retry: bool,
     /// Answered by tollgate itself.
@@ -370,6 +376,26 @@ pub struct Operation {
     pub attribute_sources: Vec<Option<AttributeSource>>,
     /// Payload rules.
     pub payload: Option<PayloadRules>,
+}
+
+impl Operation {
+    /// The credits to commit for a 2xx answer whose `credits_from_header`
+    /// value is `reported`: that whole number when it parses, never above
+    /// `reserved`; `reserved` when the operation reads no header, or the value
+    /// is missing or not a whole number (the caller was told the price up
+    /// front, so a broken upstream header never makes a request free).
+    pub fn credits_used(&self, reserved: u64, reported: Option<&[u8]>) -> u64 {
+        if self.credits_from_header.is_none() {
+            return reserved;
+        }
+        reported
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(reserved, |v| {
+                v.parse::<u64>().map_or(reserved, |n| n.min(reserved))
+            })
+    }
 }
 
 /// Endpoints tollgate answers itself.

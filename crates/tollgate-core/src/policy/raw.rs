@@ -124,6 +124,9 @@ pub struct RawOperation {
     pub costs: BTreeMap<String, Spanned<i64>>,
     /// Credit cost (default 0).
     pub credits: Option<Spanned<i64>>,
+    /// Upstream response header carrying the credits actually used; the
+    /// amount committed, never above `credits` (the reservation).
+    pub credits_from_header: Option<Spanned<String>>,
     /// Whether upstream failures of this operation are retried (default true).
     pub retry: Option<bool>,
     /// Answered by tollgate itself: `balance` or `account`.

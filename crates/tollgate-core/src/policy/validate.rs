@@ -437,9 +437,25 @@ impl<'a> Ctx<'a> {
                 }
             }
             let payload = o.payload.as_ref().map(|p| self.payload(p));
+            let credits_from_header = o.credits_from_header.as_ref().and_then(|h| {
+                if credits == 0 {
+                    self.invalid(
+                        &h.span(),
+                        format!("operation `{name}` reads the credits used from `{}` but reserves none; set `credits` to the most one request may cost (the reservation)", h.get_ref()),
+                    );
+                } else if respond.is_some() {
+                    self.invalid(
+                        &h.span(),
+                        format!("operation `{name}` is answered by tollgate (`respond`), so there is no upstream answer to read `credits_from_header` from; remove one of them"),
+                    );
+                }
+                self.header_name(h, "credits_from_header")
+                    .map(|n| n.to_ascii_lowercase())
+            });
             ops.push(Operation {
                 name: name.clone(),
                 credits,
+                credits_from_header,
                 retry: o.retry.unwrap_or(true),
                 respond,
                 attribute_sources: sources,
@@ -460,6 +476,7 @@ impl<'a> Ctx<'a> {
             None => ops.push(Operation {
                 name: DEFAULT_OPERATION.to_owned(),
                 credits: 0,
+                credits_from_header: None,
                 retry: true,
                 respond: None,
                 attribute_sources: attributes.iter().map(|(_, s)| s.clone()).collect(),
@@ -1434,6 +1451,70 @@ pub fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CREDITS_FROM_HEADER: &str = r#"
+[operations.render]
+method = "POST"
+path = "/render"
+credits = 10
+credits_from_header = "X-Credits-Used"
+
+[plans.default]
+"#;
+
+    #[test]
+    fn credits_from_header_is_lower_cased_and_caps_at_the_reservation() {
+        let p = parse(CREDITS_FROM_HEADER, "t.toml").expect("valid");
+        let op = &p.operations[usize::from(p.operation("render").expect("render"))];
+        assert_eq!(op.credits_from_header.as_deref(), Some("x-credits-used"));
+        assert_eq!(op.credits_used(10, Some(b"3")), 3);
+        assert_eq!(op.credits_used(10, Some(b" 0 ")), 0);
+        assert_eq!(op.credits_used(10, Some(b"10")), 10);
+        assert_eq!(
+            op.credits_used(10, Some(b"11")),
+            10,
+            "never above the reservation"
+        );
+        assert_eq!(op.credits_used(10, Some(b"99999999999999999999999")), 10);
+        for bad in [&b"-1"[..], b"2.5", b"", b"abc", b"3 credits", b"\xff"] {
+            assert_eq!(op.credits_used(10, Some(bad)), 10, "{bad:?}");
+        }
+        assert_eq!(op.credits_used(10, None), 10, "missing header");
+        let plain = &p.operations[usize::from(p.default_operation())];
+        assert_eq!(plain.credits_used(0, Some(b"5")), 0, "no header configured");
+    }
+
+    #[test]
+    fn credits_from_header_errors_say_what_to_fix() {
+        let cases = [
+            (
+                CREDITS_FROM_HEADER.replace("credits = 10\n", ""),
+                "reserves none; set `credits`",
+            ),
+            (
+                CREDITS_FROM_HEADER.replace("X-Credits-Used", "X Credits"),
+                "is not a valid HTTP header name",
+            ),
+            (
+                CREDITS_FROM_HEADER.replace(
+                    "path = \"/render\"",
+                    "path = \"/render\"\nrespond = \"balance\"",
+                ),
+                "answered by tollgate",
+            ),
+        ];
+        for (src, want) in cases {
+            let errors = parse(&src, "t.toml").expect_err("invalid");
+            let text = errors
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(text.contains(want), "{text}");
+            assert!(text.contains("t.toml:"), "located: {text}");
+        }
+    }
 
     #[test]
     fn sizes() {

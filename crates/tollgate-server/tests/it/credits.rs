@@ -224,3 +224,131 @@ async fn concurrency_leases_last_as_long_as_the_response() {
         );
     }
 }
+
+const METERED_POLICY: &str = r#"
+[policy]
+name = "credits-from-header"
+
+[operations.render]
+method = "POST"
+path = "/render/{used}"
+credits = 10
+credits_from_header = "X-Credits-Used"
+
+[plans.default]
+"#;
+
+/// An upstream that reports the credits a request used: `/render/N` answers
+/// 200 with `X-Credits-Used: N` (`none`: no header, `fail`: 500 with
+/// `X-Credits-Used: 2`, anything else: that text as the value).
+async fn metering_upstream() -> std::net::SocketAddr {
+    let app = axum::Router::new().fallback(|uri: http::Uri| async move {
+        let used = uri.path().rsplit('/').next().unwrap_or("").to_owned();
+        let mut resp = http::Response::builder();
+        resp = match used.as_str() {
+            "none" => resp.status(200),
+            "fail" => resp.status(500).header("x-credits-used", "2"),
+            v => resp.status(200).header("x-credits-used", v),
+        };
+        resp.body(axum::body::Body::from("{\"rendered\":true}"))
+            .expect("response")
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+async fn balance(s: &Server, account: &str) -> i64 {
+    s.admin("GET", &format!("/admin/v1/accounts/{account}"), "")
+        .await
+        .body["credits"]["available"]
+        .as_i64()
+        .expect("balance")
+}
+
+/// DESIGN "Credits": the committed amount comes from the upstream's answer
+/// (`credits_from_header`), never above the reservation; a missing or
+/// invalid value commits the reservation; a failed answer releases it; an
+/// idempotent retry charges once. After every step: grants = balance +
+/// committed charges (no reservation left open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_credits_come_from_the_upstream_header_capped_at_the_reservation() {
+    let up = metering_upstream().await;
+    let s = Server::with_upstream(Some(TOKEN), METERED_POLICY, Some(up)).await;
+    let key = s.account_with_key("acme", "default").await;
+    let g = s
+        .admin(
+            "POST",
+            "/admin/v1/accounts/acme/credits",
+            r#"{"amount":100,"idempotency_key":"grant"}"#,
+        )
+        .await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    let mut expected = 100;
+    for (path, charged, status) in [
+        ("/render/3", 3, 200),
+        ("/render/0", 0, 200),
+        ("/render/50", 10, 200),   // above the reservation: capped
+        ("/render/abc", 10, 200),  // not a number: the reservation
+        ("/render/-4", 10, 200),   // negative: the reservation
+        ("/render/2.5", 10, 200),  // not whole: the reservation
+        ("/render/none", 10, 200), // missing: the reservation
+        ("/render/fail", 0, 500),  // failed answer: released
+    ] {
+        let r = s
+            .call(false, "POST", path, &[("x-api-key", &key)], "{}")
+            .await;
+        assert_eq!(r.status, status, "{path}: {}", r.text);
+        expected -= charged;
+        assert_eq!(
+            balance(&s, "acme").await,
+            expected,
+            "{path} charged {charged}"
+        );
+    }
+    // The upstream's header reaches the client unchanged.
+    let r = s
+        .call(false, "POST", "/render/7", &[("x-api-key", &key)], "{}")
+        .await;
+    assert_eq!(
+        r.headers
+            .get("x-credits-used")
+            .and_then(|v| v.to_str().ok()),
+        Some("7")
+    );
+    expected -= 7;
+    // An idempotent retry charges what the first attempt reported, once.
+    for _ in 0..2 {
+        let r = s
+            .call(
+                false,
+                "POST",
+                "/render/4",
+                &[("x-api-key", &key), ("idempotency-key", "job-1")],
+                "{}",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    expected -= 4;
+    assert_eq!(balance(&s, "acme").await, expected);
+    assert_eq!(expected, 100 - (3 + 10 * 5 + 7 + 4));
+    // A reservation must fit the balance, whatever the answer would report.
+    let low = s.account_with_key("low", "default").await;
+    s.admin(
+        "POST",
+        "/admin/v1/accounts/low/credits",
+        r#"{"amount":5,"idempotency_key":"grant-low"}"#,
+    )
+    .await;
+    let r = s
+        .call(false, "POST", "/render/1", &[("x-api-key", &low)], "{}")
+        .await;
+    assert_eq!(r.status, 402, "{}", r.text);
+    s.running.shutdown().await;
+}

@@ -2,8 +2,12 @@
 //! with a temporary SQLite database and the built-in echo upstream.
 
 mod admin;
+mod cardinality;
 mod credits;
+mod flood;
 mod hardening;
+mod health;
+mod http2;
 mod outage;
 mod replicas;
 mod secrets;

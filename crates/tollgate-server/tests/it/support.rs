@@ -72,6 +72,33 @@ impl Server {
         }
     }
 
+    /// A server on the in-memory store whose settings `tweak` adjusts.
+    pub async fn configured(
+        token: Option<&str>,
+        policy: &str,
+        upstream: Option<SocketAddr>,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ServerConfig {
+            upstream: upstream.map(|a| format!("http://{a}")),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.path().to_path_buf(),
+            admin_token: token.and_then(|t| AdminToken::new(t.to_owned())),
+            ..ServerConfig::default()
+        };
+        tweak(&mut config);
+        let policy = tollgate_core::policy::parse(policy, "test.toml").expect("valid policy");
+        let running = start(config, policy).await.expect("server starts");
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Server {
+            running,
+            client,
+            _dir: dir,
+        }
+    }
+
     pub async fn call(
         &self,
         admin: bool,

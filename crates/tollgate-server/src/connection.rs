@@ -1,0 +1,296 @@
+//! Connection-level defences of every listener (RELIABILITY-PLAN E1, E2, E5, E6).
+//!
+//! hyper parses HTTP/1 and HTTP/2 (h2c, with prior knowledge, on the same
+//! port); this module bounds what a hostile client can hold:
+//!
+//! - **Open connections**: a [`Gate`] of `max_connections` permits per
+//!   listener. A connection beyond it is closed as soon as it is accepted, so
+//!   file descriptors never run out (the cap is also clamped to what
+//!   `ulimit -n` allows, see [`effective_max_connections`]).
+//! - **Silent and idle connections**: a new connection must send its first
+//!   byte within `header_read_timeout`; hyper's HTTP/1 header timer then
+//!   covers the headers and every keep-alive wait for the next request.
+//! - **Slow bodies**: a request body must keep arriving (`body_read_timeout`
+//!   between two pieces) and be complete within `body_timeout`; beyond either
+//!   the request is answered 408 and the connection closed ([`guard_body`]).
+//! - **Slow reads**: a response write that stays blocked (the client does
+//!   not read) for `send_timeout` fails and the connection is closed
+//!   ([`io`]).
+//! - **HTTP/2**: at most [`MAX_CONCURRENT_STREAMS`] streams per connection,
+//!   advertised in SETTINGS; hyper/h2 answer rapid resets and stream floods
+//!   with GOAWAY (their defaults, which we keep).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_io_timeout::TimeoutWriter;
+use tower_http::timeout::{DeadlineBody, TimeoutBody, TimeoutError};
+
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` advertised on every HTTP/2 connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+
+/// Open connections allowed on the admin listener (apart from the proxy's
+/// cap, so a flood on the proxy never locks operators out).
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+
+/// File descriptors kept aside from the connection cap (database, store,
+/// listeners, logs).
+const RESERVED_FDS: usize = 128;
+
+/// The timeouts and cap of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// First byte and request headers; idle keep-alive wait.
+    pub header_read_timeout: Duration,
+    /// A whole request, until its response starts.
+    pub request_timeout: Duration,
+    /// Longest pause between two pieces of a request body.
+    pub body_read_timeout: Duration,
+    /// Longest time to receive a whole request body.
+    pub body_timeout: Duration,
+    /// Longest a response write may stay blocked.
+    pub send_timeout: Duration,
+    /// Most open connections.
+    pub max_connections: usize,
+}
+
+impl ConnLimits {
+    /// The proxy listener's limits.
+    pub fn proxy(config: &ServerConfig) -> ConnLimits {
+        ConnLimits {
+            header_read_timeout: config.header_read_timeout,
+            request_timeout: config.request_timeout,
+            body_read_timeout: config.body_read_timeout,
+            body_timeout: config.body_timeout,
+            send_timeout: config.send_timeout,
+            max_connections: effective_max_connections(config.max_connections),
+        }
+    }
+
+    /// The admin listener's limits: the proxy's timeouts, its own small cap.
+    pub fn admin(config: &ServerConfig) -> ConnLimits {
+        ConnLimits {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            ..ConnLimits::proxy(config)
+        }
+    }
+}
+
+/// The cap on a listener's open connections.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    permits: Arc<Semaphore>,
+    max: usize,
+    open: Option<Gauge>,
+    refused: Option<Counter>,
+}
+
+/// An admitted connection's place; dropping it frees the place.
+#[derive(Debug)]
+pub struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    open: Option<Gauge>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(g) = &self.open {
+            g.dec();
+        }
+    }
+}
+
+impl Gate {
+    /// A gate of `max` places, optionally reported as metrics.
+    pub fn new(max: usize, metrics: Option<(Gauge, Counter)>) -> Gate {
+        let (open, refused) = metrics.unzip();
+        Gate {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            open,
+            refused,
+        }
+    }
+
+    /// A place for a new connection, or `None` when every place is taken
+    /// (the caller closes the connection).
+    pub fn admit(&self) -> Option<Admitted> {
+        match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => {
+                if let Some(g) = &self.open {
+                    g.inc();
+                }
+                Some(Admitted {
+                    _permit: permit,
+                    open: self.open.clone(),
+                })
+            }
+            Err(_) => {
+                if let Some(c) = &self.refused {
+                    c.inc();
+                }
+                None
+            }
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// Waits until a new connection sends its first byte (or closes); `false`
+/// if it stays silent for `timeout`. hyper's auto (HTTP/1 or HTTP/2)
+/// builder reads the first bytes to pick the protocol without any timer, so
+/// without this a silent connection would be held forever.
+pub async fn first_byte(stream: &TcpStream, timeout: Duration) -> bool {
+    // `peek` (not `readable`, which may wake spuriously) waits for real data.
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(timeout, stream.peek(&mut first)).await,
+        Ok(Ok(1..))
+    )
+}
+
+/// The connection's I/O for hyper: writes that stay blocked for
+/// `send_timeout` (the client stopped reading) fail, and hyper closes the
+/// connection.
+pub fn io(
+    stream: TcpStream,
+    send_timeout: Duration,
+) -> TokioIo<Pin<Box<TimeoutWriter<TcpStream>>>> {
+    let mut w = TimeoutWriter::new(stream);
+    w.set_timeout(Some(send_timeout));
+    TokioIo::new(Box::pin(w))
+}
+
+/// A request body that must keep arriving: at most `body_read_timeout`
+/// between two pieces and `body_timeout` in all. Past either it fails with
+/// [`TimeoutError`] and sets `timed_out`, and the request is answered with
+/// [`body_timeout_response`]. An empty body is passed through untouched (so
+/// its size hints stay exact).
+pub fn guard_body(
+    body: hyper::body::Incoming,
+    limits: &ConnLimits,
+    timed_out: &Arc<AtomicBool>,
+) -> Body {
+    if body.is_end_stream() {
+        return Body::new(body);
+    }
+    let flag = Arc::clone(timed_out);
+    let guarded = DeadlineBody::new(
+        limits.body_timeout,
+        TimeoutBody::new(limits.body_read_timeout, body),
+    )
+    .map_err(move |e| {
+        if e.is::<TimeoutError>() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        e
+    });
+    Body::new(guarded)
+}
+
+/// 408 for a request whose body did not arrive in time; HTTP/1 connections
+/// are closed after it (the rest of the body is never read).
+pub fn body_timeout_response(http1: bool) -> Response {
+    let mut resp = ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_body_timeout",
+        "the request body did not arrive in time",
+    )
+    .into_response();
+    if http1 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Connections a listener may hold given the process's open-file limit:
+/// `configured`, lowered (with a warning) when `ulimit -n` could not serve
+/// it — a proxied connection may need a second descriptor for its upstream.
+pub fn effective_max_connections(configured: usize) -> usize {
+    let Some(limit) = open_file_limit() else {
+        return configured;
+    };
+    let budget = (limit.saturating_sub(RESERVED_FDS) / 2).max(1);
+    if configured > budget {
+        tracing::warn!(
+            configured,
+            budget,
+            open_file_limit = limit,
+            "max_connections lowered to what the open-file limit allows; raise `ulimit -n` to allow more"
+        );
+        budget
+    } else {
+        configured
+    }
+}
+
+/// The soft `RLIMIT_NOFILE`, from `/proc/self/limits` (Linux); `None`
+/// elsewhere or when unlimited.
+fn open_file_limit() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    parse_open_file_limit(&text)
+}
+
+fn parse_open_file_limit(text: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_file_limit_is_read_from_proc_limits() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units\n\
+                    Max cpu time              unlimited            unlimited            seconds\n\
+                    Max open files            1024                 524288               files\n";
+        assert_eq!(parse_open_file_limit(text), Some(1024));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(parse_open_file_limit(unlimited), None);
+        assert_eq!(parse_open_file_limit(""), None);
+    }
+
+    #[test]
+    fn gate_refuses_beyond_its_cap_and_frees_places() {
+        let gate = Gate::new(2, Some((Gauge::default(), Counter::default())));
+        let a = gate.admit().expect("first");
+        let _b = gate.admit().expect("second");
+        assert!(gate.admit().is_none(), "third is refused");
+        assert_eq!(gate.open(), 2);
+        drop(a);
+        assert_eq!(gate.open(), 1);
+        assert!(gate.admit().is_some());
+        assert_eq!(gate.refused.as_ref().map(Counter::get), Some(1));
+    }
+}

@@ -1,0 +1,375 @@
+//! RELIABILITY-PLAN E5: HTTP/2 abuse against the proxy listener (which also
+//! serves `/v1/check`), driven by the `h2` crate's client over h2c with prior
+//! knowledge. The server advertises at most 200 concurrent streams; a rapid
+//! reset flood and a connection that opens 10 k streams at once are answered
+//! with GOAWAY within hyper/h2's limits; legit traffic keeps succeeding.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::net::TcpStream;
+
+use crate::hardening::legit_traffic;
+use crate::support::{Server, TOKEN};
+
+const POLICY: &str = r#"
+[policy]
+name = "h2-abuse"
+
+[limits.roomy]
+algorithm = "token_bucket"
+capacity = 1000000
+refill = 1000000
+scope = ["account"]
+
+[plans.default]
+"#;
+
+/// An h2c connection (prior knowledge) with `initial_max_send_streams`
+/// streams allowed before the server's SETTINGS arrive; the connection task's
+/// result comes back through the handle.
+async fn h2c(
+    addr: SocketAddr,
+    initial_max_send_streams: usize,
+) -> (
+    SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = h2::client::Builder::new()
+        .initial_max_send_streams(initial_max_send_streams)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    (send, tokio::spawn(conn))
+}
+
+fn get(addr: SocketAddr, path: &str, key: Option<&str>) -> http::Request<()> {
+    let mut b = http::Request::get(format!("http://{addr}{path}"));
+    if let Some(k) = key {
+        b = b.header("x-api-key", k);
+    }
+    b.body(()).expect("request")
+}
+
+/// The status of one request on an h2 connection (body read to the end).
+async fn h2_status(
+    send: &mut SendRequest<Bytes>,
+    req: http::Request<()>,
+    body: Option<&'static str>,
+) -> Result<u16, h2::Error> {
+    let mut ready = send.clone().ready().await?;
+    let (resp, mut stream) = ready.send_request(req, body.is_none())?;
+    if let Some(b) = body {
+        stream.send_data(Bytes::from_static(b.as_bytes()), true)?;
+    }
+    let resp = resp.await?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(status)
+}
+
+/// Legit HTTP/2 traffic on its own connection: `/v1/check` and a proxied
+/// route; returns (successes, attempts).
+fn legit_h2(
+    addr: SocketAddr,
+    key: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    tokio::spawn(async move {
+        let (mut send, _conn) = h2c(addr, 100).await;
+        let (mut ok, mut total) = (0, 0);
+        while !stop.load(Ordering::Relaxed) {
+            let mut check = http::Request::post(format!("http://{addr}/v1/check"));
+            check = check.header("content-type", "application/json");
+            let check = check.body(()).expect("request");
+            for (req, body) in [
+                (check, Some(r#"{"account":"legit"}"#)),
+                (get(addr, "/hold", Some(&key)), None),
+            ] {
+                total += 1;
+                if let Ok(Ok(200)) =
+                    tokio::time::timeout(Duration::from_secs(5), h2_status(&mut send, req, body))
+                        .await
+                {
+                    ok += 1;
+                }
+            }
+        }
+        (ok, total)
+    })
+}
+
+/// An upstream whose `/hold` answers after 20 ms and records the most
+/// requests it ever held at once.
+async fn holding_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (n, p) = (now.clone(), peak.clone());
+    let app = axum::Router::new().fallback(move || {
+        let (n, p) = (n.clone(), p.clone());
+        async move {
+            let held = n.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(held, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            n.fetch_sub(1, Ordering::SeqCst);
+            "held"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, peak)
+}
+
+async fn server() -> (Server, String, String, Arc<AtomicUsize>) {
+    let (upstream, peak) = holding_upstream().await;
+    let s = Server::with_upstream(Some(TOKEN), POLICY, Some(upstream)).await;
+    let attacker = s.account_with_key("attacker", "default").await;
+    let legit = s.account_with_key("legit", "default").await;
+    (s, attacker, legit, peak)
+}
+
+/// A socket whose reads wait until `hold` has elapsed (writes go through),
+/// so an h2 client sends before it has read the server's SETTINGS.
+struct HeldReads {
+    io: TcpStream,
+    hold: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tokio::io::AsyncRead for HeldReads {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.hold.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for HeldReads {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How the connection ended (GOAWAY, a close or reset), or `None` if it is
+/// still open after 10 s.
+async fn ended(conn: tokio::task::JoinHandle<Result<(), h2::Error>>) -> Option<String> {
+    match tokio::time::timeout(Duration::from_secs(10), conn).await {
+        Ok(Ok(Ok(()))) => Some("closed".to_owned()),
+        Ok(Ok(Err(e))) => Some(format!("{e}")),
+        Ok(Err(_)) => Some("connection task failed".to_owned()),
+        Err(_) => None,
+    }
+}
+
+/// E5: HTTP/2 with prior knowledge is served on the proxy listener (proxied
+/// routes and `/v1/check`), and `SETTINGS_MAX_CONCURRENT_STREAMS` advertised
+/// is ≤ 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e5_h2c_is_served_and_advertises_at_most_200_streams() {
+    let (s, key, _, _) = server().await;
+    let addr = s.running.addr;
+    let (mut send, _conn) = h2c(addr, 1).await;
+    assert_eq!(
+        h2_status(&mut send, get(addr, "/healthz", None), None)
+            .await
+            .expect("healthz"),
+        200
+    );
+    let check = http::Request::post(format!("http://{addr}/v1/check"))
+        .header("content-type", "application/json")
+        .body(())
+        .expect("request");
+    assert_eq!(
+        h2_status(&mut send, check, Some(r#"{"account":"attacker"}"#))
+            .await
+            .expect("check"),
+        200
+    );
+    assert_eq!(
+        h2_status(&mut send, get(addr, "/hold", Some(&key)), None)
+            .await
+            .expect("proxied"),
+        200
+    );
+    let advertised = send.current_max_send_streams();
+    println!("E5 advertised SETTINGS_MAX_CONCURRENT_STREAMS = {advertised}");
+    assert!(
+        (1..=200).contains(&advertised),
+        "advertised {advertised} concurrent streams"
+    );
+    s.running.shutdown().await;
+}
+
+/// E5 (rapid reset, CVE-2023-44487 pattern): HEADERS immediately followed by
+/// RST_STREAM, up to 20 k times on one connection, against `/v1/check` and a
+/// proxied route. Figures: the connection ends with GOAWAY (h2's limit on
+/// remotely reset streams) before the flood completes → 100 %; legit HTTP/1
+/// and HTTP/2 traffic meanwhile ≥ 99 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e5_rapid_reset_flood_is_cut_off_with_goaway() {
+    const FLOOD: usize = 20_000;
+    let (s, key, legit_key, _) = server().await;
+    let addr = s.running.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let legit1 = legit_traffic(addr, stop.clone());
+    let legit2 = legit_h2(addr, legit_key, stop.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (mut send, conn) = h2c(addr, 200).await;
+    let mut reset = 0;
+    for i in 0..FLOOD {
+        let req = if i % 2 == 0 {
+            http::Request::post(format!("http://{addr}/v1/check"))
+                .body(())
+                .expect("request")
+        } else {
+            get(addr, "/hold", Some(&key))
+        };
+        let Ok(mut ready) = send.clone().ready().await else {
+            break;
+        };
+        let Ok((resp, mut stream)) = ready.send_request(req, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(resp);
+        reset += 1;
+        if i % 64 == 0 {
+            // Let the connection task write what is queued.
+            tokio::task::yield_now().await;
+        }
+        send = ready;
+    }
+    let end = ended(conn).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok1, total1) = legit1.await.expect("legit h1");
+    let (ok2, total2) = legit2.await.expect("legit h2");
+    println!("E5 rapid reset: {reset} of {FLOOD} HEADERS+RST_STREAM sent; connection: {end:?}");
+    println!("E5 legit during rapid reset: h1 {ok1}/{total1}, h2 {ok2}/{total2}");
+    // The client never closes it: any end (GOAWAY, or the close that follows
+    // it, seen as a broken pipe or reset) is the server's doing.
+    assert!(
+        end.is_some(),
+        "the flooding connection must be ended by the server"
+    );
+    assert!(reset < FLOOD, "all {FLOOD} resets were accepted");
+    let (ok, total) = (ok1 + ok2, total1 + total2);
+    assert!(total >= 20, "too little legit traffic to judge: {total}");
+    assert!(ok * 100 >= total * 99, "legit success {ok}/{total} < 99 %");
+    // The server still serves HTTP/2 afterwards.
+    let (mut send, _conn) = h2c(addr, 1).await;
+    assert_eq!(
+        h2_status(&mut send, get(addr, "/healthz", None), None)
+            .await
+            .expect("healthz after the flood"),
+        200
+    );
+    s.running.shutdown().await;
+}
+
+/// E5 (stream flood): one connection opens 10 k streams at once (the client
+/// sends them before it learns the server's limit). Figures: at most 200 of
+/// them ever run at once (peak requests held by the upstream ≤ 200), the
+/// streams beyond the limit are refused and the connection ends with GOAWAY
+/// (h2's limit on refused streams) → 100 %; legit traffic meanwhile ≥ 99 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e5_ten_thousand_streams_on_one_connection_get_goaway() {
+    const STREAMS: usize = 10_000;
+    let (s, key, legit_key, peak) = server().await;
+    let addr = s.running.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let legit1 = legit_traffic(addr, stop.clone());
+    let legit2 = legit_h2(addr, legit_key, stop.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let legit_peak = peak.load(Ordering::SeqCst);
+
+    // The client reads nothing for its first second, so it never learns the
+    // server's limit and sends all 10 k HEADERS frames at once.
+    let tcp = HeldReads {
+        io: TcpStream::connect(addr).await.expect("connect"),
+        hold: Box::pin(tokio::time::sleep(Duration::from_secs(1))),
+    };
+    let (mut send, conn) = h2::client::Builder::new()
+        .initial_max_send_streams(STREAMS)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let mut responses = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        match send.send_request(get(addr, "/hold", Some(&key)), true) {
+            Ok((resp, _)) => responses.push(resp),
+            Err(_) => break,
+        }
+    }
+    let opened = responses.len();
+    let conn = tokio::spawn(conn);
+    let (mut answered, mut refused) = (0, 0);
+    for r in responses {
+        match tokio::time::timeout(Duration::from_secs(20), r).await {
+            Ok(Ok(_)) => answered += 1,
+            _ => refused += 1,
+        }
+    }
+    let end = ended(conn).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok1, total1) = legit1.await.expect("legit h1");
+    let (ok2, total2) = legit2.await.expect("legit h2");
+    let peak = peak.load(Ordering::SeqCst);
+    println!(
+        "E5 stream flood: {opened} streams opened, {answered} answered, {refused} refused; \
+         peak held upstream {peak} (legit alone {legit_peak}); connection: {end:?}"
+    );
+    println!("E5 legit during stream flood: h1 {ok1}/{total1}, h2 {ok2}/{total2}");
+    assert_eq!(opened, STREAMS, "the client sends every stream");
+    // The client never closes it: any end (GOAWAY, or the close that follows
+    // it, seen as a broken pipe or reset) is the server's doing.
+    assert!(
+        end.is_some(),
+        "the flooding connection must be ended by the server"
+    );
+    assert!(refused > 0, "streams beyond the limit must be refused");
+    // The legit h2 connection may add a request or two upstream.
+    assert!(peak <= 200 + 2, "{peak} requests ran at once");
+    let (ok, total) = (ok1 + ok2, total1 + total2);
+    assert!(total >= 20, "too little legit traffic to judge: {total}");
+    assert!(ok * 100 >= total * 99, "legit success {ok}/{total} < 99 %");
+    s.running.shutdown().await;
+}
