@@ -113,6 +113,8 @@
 //! [`StoreError::Unavailable`]: tollgate_core::StoreError::Unavailable
 
 mod store;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 pub use store::{
     DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder, TimeSource, store_error,

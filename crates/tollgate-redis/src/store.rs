@@ -14,6 +14,8 @@ use redis::{RedisError, Script, ScriptInvocation, Value};
 use tollgate_core::algorithm::Evaluation;
 use tollgate_core::{Check, CounterKey, Nanos, Params, Store, StoreError};
 
+mod cross_slot;
+
 /// The decision script, loaded once per server and run by its SHA1.
 static DECIDE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../scripts/decide.lua")));
@@ -411,30 +413,9 @@ impl Store for RedisStore {
                 .decide_group(&now, &owner, checks, &all[..n], out)
                 .await;
         }
-        // Cluster, scopes in different slots: one atomic call per scope. Each
-        // is exact on its own counters (never over-admits); a request refused
-        // by one scope may still have taken its cost in another scope that
-        // admitted (under-admission bounded by that request's cost).
-        let mut admitted = true;
-        let mut done = [false; MAX_CHECKS];
-        let mut group = [0usize; MAX_CHECKS];
-        for i in 0..n {
-            if done[i] {
-                continue;
-            }
-            let mut m = 0;
-            for j in i..n {
-                if !done[j] && scope(&checks[j]) == scope(&checks[i]) {
-                    done[j] = true;
-                    group[m] = j;
-                    m += 1;
-                }
-            }
-            admitted &= self
-                .decide_group(&now, &owner, checks, &group[..m], out)
-                .await?;
-        }
-        Ok(admitted)
+        // Cluster, scopes in different slots: one atomic call per slot, in
+        // turn; a refusal refunds the slots that took their cost.
+        self.decide_cross_slot(&now, &owner, checks, n, out).await
     }
 
     async fn release(&self, now: Nanos, keys: &[CounterKey], lease: u64) -> Result<(), StoreError> {

@@ -4,6 +4,7 @@
 
 mod accuracy;
 mod agreement;
+mod cluster;
 mod conformance;
 mod errors;
 mod faults;
