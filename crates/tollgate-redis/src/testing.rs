@@ -170,7 +170,7 @@ impl RedisCluster {
                 panic!("the Redis Cluster did not form:\n{}", self.describe());
             }
             round += 1;
-            if round % 40 == 0 {
+            if round.is_multiple_of(40) {
                 // Every 2 s: introduce every node to the first one again.
                 let mut c = self.nodes[0].connection();
                 for n in &self.nodes[1..] {

@@ -2,5 +2,6 @@
 
 mod check_config;
 mod client;
+mod multi;
 mod serve;
 mod support;
