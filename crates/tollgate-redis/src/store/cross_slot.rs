@@ -82,6 +82,9 @@ impl RedisStore {
             match r {
                 Ok((true, at)) => taken[g] = Some(at),
                 Ok((false, _)) => admitted = false,
+                // A probe that fails changes nothing: the request is refused
+                // already; that group's numbers stay as they were.
+                Err(_) if !admitted => {}
                 Err(e) => {
                     self.refund(now, owner, checks, &groups[..count], &taken, out)
                         .await;

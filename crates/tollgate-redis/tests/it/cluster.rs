@@ -269,6 +269,41 @@ async fn a6_cluster_cross_slot_refusals_are_refunded() {
         "bucket: {bucket_used} used for {admitted} admitted"
     );
     assert_every_key_expires(&cluster, stores[0].prefix());
+
+    // Teeth: deciding the slots one after the other without the refund (the
+    // way a per-slot store without compensation would) leaves the cost of
+    // every refused request taken in the earlier slots; the figure above
+    // catches it.
+    let teeth = store(&cluster, "a6teeth", TimeSource::Server).await;
+    let mut out = [Evaluation::default(); 2];
+    let mut admitted = 0u64;
+    let attempts = 100u64;
+    for _ in 0..attempts {
+        let first = teeth
+            .decide(SystemClock.now(), &[day_calendar, minute], 0, &mut out)
+            .await
+            .expect("decides");
+        let second = teeth
+            .decide(SystemClock.now(), &[short], 0, &mut out)
+            .await
+            .expect("decides");
+        admitted += u64::from(first && second);
+    }
+    let probe = Check {
+        cost: 0,
+        ..day_calendar
+    };
+    teeth
+        .decide(SystemClock.now(), &[probe], 0, &mut out)
+        .await
+        .expect("decides");
+    let taken = 10_000 - out[0].remaining;
+    println!("A6 teeth (no refund): admitted {admitted}, calendar counter {taken}");
+    assert!(
+        taken > admitted,
+        "without refunds, refused requests take their cost"
+    );
+    assert_every_key_expires(&cluster, teeth.prefix());
 }
 
 /// A concurrency lease taken in one slot is given back when another slot
