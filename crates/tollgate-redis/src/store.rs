@@ -16,6 +16,7 @@ use tollgate_core::algorithm::sliding_window::Precision;
 use tollgate_core::{Check, CounterKey, Nanos, Params, Store, StoreError};
 
 use crate::health::{self, DEFAULT_MAX_IN_FLIGHT, Health};
+mod cross_slot;
 
 /// The decision script, loaded once per server and run by its SHA1.
 static DECIDE: LazyLock<Script> =
@@ -368,7 +369,18 @@ impl RedisStore {
 
 fn add_check(inv: &mut ScriptInvocation<'_>, key: String, c: &Check) {
     inv.key(key);
-    let (kind, p1, p2) = match c.params {
+    let (kind, p1, p2) = params_of(c);
+    inv.arg(kind)
+        .arg(c.cost)
+        .arg(if c.blocking { "1" } else { "0" })
+        .arg(p1)
+        .arg(p2);
+}
+
+/// The scripts' kind letter and two numbers of a check (decide.lua's and
+/// refund.lua's `kind, p1, p2`).
+fn params_of(c: &Check) -> (&'static str, u64, u64) {
+    match c.params {
         Params::Gcra(r) => ("g", r.capacity, r.interval),
         Params::Sliding(w) => (
             match w.precision() {
@@ -384,12 +396,7 @@ fn add_check(inv: &mut ScriptInvocation<'_>, key: String, c: &Check) {
             limit,
             u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
         ),
-    };
-    inv.arg(kind)
-        .arg(c.cost)
-        .arg(if c.blocking { "1" } else { "0" })
-        .arg(p1)
-        .arg(p2);
+    }
 }
 
 /// Reads `{admitted, now, (flags, remaining, reset, retry_after)*}`.
@@ -565,30 +572,9 @@ impl Store for RedisStore {
                 .decide_group(&now, &owner, checks, &all[..n], out)
                 .await;
         }
-        // Cluster, scopes in different slots: one atomic call per scope. Each
-        // is exact on its own counters (never over-admits); a request refused
-        // by one scope may still have taken its cost in another scope that
-        // admitted (under-admission bounded by that request's cost).
-        let mut admitted = true;
-        let mut done = [false; MAX_CHECKS];
-        let mut group = [0usize; MAX_CHECKS];
-        for i in 0..n {
-            if done[i] {
-                continue;
-            }
-            let mut m = 0;
-            for j in i..n {
-                if !done[j] && scope(&checks[j]) == scope(&checks[i]) {
-                    done[j] = true;
-                    group[m] = j;
-                    m += 1;
-                }
-            }
-            admitted &= self
-                .decide_group(&now, &owner, checks, &group[..m], out)
-                .await?;
-        }
-        Ok(admitted)
+        // Cluster, scopes in different slots: one atomic call per slot, in
+        // turn; a refusal refunds the slots that took their cost.
+        self.decide_cross_slot(&now, &owner, checks, n, out).await
     }
 
     async fn release(&self, now: Nanos, keys: &[CounterKey], lease: u64) -> Result<(), StoreError> {

@@ -5,6 +5,7 @@
 mod accuracy;
 mod agreement;
 mod chaos;
+mod cluster;
 mod conformance;
 mod errors;
 mod faults;

@@ -3,5 +3,6 @@
 mod check_config;
 mod client;
 mod crash;
+mod multi;
 mod serve;
 mod support;
