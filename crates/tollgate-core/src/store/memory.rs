@@ -58,6 +58,10 @@ const SWEEP_INTERVAL_NS: u64 = Nanos::SECOND;
 /// Counters a scope entry holds inline before it moves them to a vector.
 const SPILL_CAPACITY: usize = 4;
 
+/// Checks per request that [`MemoryStore::decide_now`] sizes its stack arrays
+/// for when no more are given.
+const FEW_CHECKS: usize = 4;
+
 /// The scope part of a counter key: which map entry holds the counter.
 fn scope(key: CounterKey) -> u64 {
     (key.0 >> 64) as u64
@@ -368,35 +372,58 @@ impl MemoryStore {
         lease: u64,
         out: &mut [Evaluation],
     ) -> Result<bool, StoreError> {
-        let n = checks.len().min(MAX_LIMITS_PER_REQUEST);
+        // Most requests meet a few limits: size the stack arrays for them.
+        if checks.len() <= FEW_CHECKS {
+            self.decide_n::<FEW_CHECKS>(now, checks, lease, out)
+        } else {
+            self.decide_n::<MAX_LIMITS_PER_REQUEST>(now, checks, lease, out)
+        }
+    }
+
+    fn decide_n<const N: usize>(
+        &self,
+        now: Nanos,
+        checks: &[Check],
+        lease: u64,
+        out: &mut [Evaluation],
+    ) -> Result<bool, StoreError> {
+        let n = checks.len().min(N);
         let checks = &checks[..n];
         // The distinct scopes, sorted: the lock order. `scope_of[i]` is the
         // position of check i's scope.
-        let mut scopes = [0u64; MAX_LIMITS_PER_REQUEST];
+        let mut scopes = [0u64; N];
+        let mut scope_of = [0u8; N];
         let mut m = 0;
-        for c in checks {
-            let s = scope(c.key);
-            let at = scopes[..m].partition_point(|&x| x < s);
-            if at < m && scopes[at] == s {
-                continue;
-            }
-            scopes.copy_within(at..m, at + 1);
-            scopes[at] = s;
-            m += 1;
+        if let Some(first) = checks.first() {
+            scopes[0] = scope(first.key);
+            m = 1;
         }
-        let mut scope_of = [0u8; MAX_LIMITS_PER_REQUEST];
-        for (o, c) in scope_of.iter_mut().zip(checks) {
-            let s = scope(c.key);
-            *o = scopes[..m].partition_point(|&x| x < s) as u8;
+        // Usually every limit of a request shares one scope: nothing to sort.
+        if checks.iter().any(|c| scope(c.key) != scopes[0]) {
+            m = 0;
+            for c in checks {
+                let s = scope(c.key);
+                let at = scopes[..m].partition_point(|&x| x < s);
+                if at < m && scopes[at] == s {
+                    continue;
+                }
+                scopes.copy_within(at..m, at + 1);
+                scopes[at] = s;
+                m += 1;
+            }
+            for (o, c) in scope_of.iter_mut().zip(checks) {
+                let s = scope(c.key);
+                *o = scopes[..m].partition_point(|&x| x < s) as u8;
+            }
         }
         let guard = self.map.guard();
         let mut swept = false;
         loop {
-            let mut slots: [Option<&Slot>; MAX_LIMITS_PER_REQUEST] = [None; MAX_LIMITS_PER_REQUEST];
+            let mut slots: [Option<&Slot>; N] = [None; N];
             for (slot, &s) in slots.iter_mut().zip(&scopes[..m]) {
                 *slot = Some(self.slot(s, now, &guard)?);
             }
-            match decide_locked(
+            match decide_locked::<N>(
                 now,
                 checks,
                 lease,
@@ -437,7 +464,8 @@ impl MemoryStore {
 
 /// Locks the scope entries `slots` (given in lock order), evaluates every
 /// check (check i against entry `scope_of[i]`), and commits if admitted.
-pub(crate) fn decide_locked(
+/// `N` bounds the number of checks (stack arrays).
+pub(crate) fn decide_locked<const N: usize>(
     now: Nanos,
     checks: &[Check],
     lease: u64,
@@ -446,6 +474,14 @@ pub(crate) fn decide_locked(
     scope_of: &[u8],
     room: &Room,
 ) -> Locked {
+    if let [one] = slots {
+        // One scope (the usual case): one lock, no guard array.
+        let g = one.expect("every scope is looked up").lock();
+        if g.dead {
+            return Locked::Dead;
+        }
+        return decide_groups::<N, _>(now, checks, lease, out, &mut [Some(g)], scope_of, room);
+    }
     let mut locks: [Option<MutexGuard<'_, Group>>; MAX_LIMITS_PER_REQUEST] =
         std::array::from_fn(|_| None);
     for (lock, slot) in locks.iter_mut().zip(slots) {
@@ -455,26 +491,70 @@ pub(crate) fn decide_locked(
         }
         *lock = Some(g);
     }
+    decide_groups::<N, _>(
+        now,
+        checks,
+        lease,
+        out,
+        &mut locks[..slots.len()],
+        scope_of,
+        room,
+    )
+}
+
+/// The state an admitted check writes, computed when it was evaluated (so a
+/// counter is evaluated once per decision, not again on commit).
+#[derive(Clone, Copy)]
+enum Next {
+    /// Computed on commit (concurrency leases, and a counter that an earlier
+    /// check of the same request already took from).
+    OnCommit,
+    Gcra(Nanos),
+    Sliding(SlidingState),
+    Calendar(CalendarState),
+}
+
+/// [`decide_locked`] once every scope entry is locked: `groups[scope_of[i]]`
+/// holds check i's counter.
+fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
+    now: Nanos,
+    checks: &[Check],
+    lease: u64,
+    out: &mut [Evaluation],
+    groups: &mut [Option<G>],
+    scope_of: &[u8],
+    room: &Room,
+) -> Locked {
+    let mut next = [Next::OnCommit; N];
+    // Index of each check's counter in its entry (`NO_CELL`: not there yet).
+    let mut at = [NO_CELL; N];
     let mut admitted = true;
     let mut new = 0;
-    for (i, check) in checks.iter().enumerate() {
-        let g = locks[usize::from(scope_of[i])]
+    for (i, check) in checks.iter().enumerate().take(N) {
+        let g = groups[usize::from(scope_of[i])]
             .as_deref()
             .expect("every scope is locked");
-        let cell = g.cells.find(tag(check.key)).map(|k| &g.cells.as_slice()[k]);
-        out[i] = evaluate(cell.map_or(&Counter::Fresh, |c| &c.counter), check, now);
-        if check.blocking && !out[i].admit {
+        let cell = g.cells.find(tag(check.key));
+        let counter = cell.map_or(&Counter::Fresh, |k| &g.cells.as_slice()[k].counter);
+        evaluate(counter, check, now, &mut out[i], &mut next[i]);
+        let admit = out[i].admit;
+        if check.blocking && !admit {
             admitted = false;
         }
+        // An earlier check of this request that takes from the same counter:
+        // this one is committed on the state that one leaves.
+        let shared = checks[..i]
+            .iter()
+            .zip(&out[..i])
+            .any(|(c, e)| c.key == check.key && e.admit);
+        if shared {
+            next[i] = Next::OnCommit;
+        }
         // A counter this request would create (once, even if two checks share it).
-        if out[i].admit
-            && cell.is_none()
-            && !checks[..i]
-                .iter()
-                .zip(&out[..i])
-                .any(|(c, e)| c.key == check.key && e.admit)
-        {
-            new += 1;
+        match cell {
+            Some(k) => at[i] = u8::try_from(k).unwrap_or(NO_CELL),
+            None if admit && !shared => new += 1,
+            None => {}
         }
     }
     if !admitted {
@@ -483,20 +563,53 @@ pub(crate) fn decide_locked(
     if new > 0 && !room.reserve(new) {
         return Locked::Full;
     }
-    for (i, check) in checks.iter().enumerate() {
-        if out[i].admit {
-            let g = locks[usize::from(scope_of[i])]
-                .as_deref_mut()
-                .expect("every scope is locked");
-            let t = tag(check.key);
-            let k = match g.cells.find(t) {
-                Some(k) => k,
-                None => g.cells.push(t),
-            };
-            commit(&mut g.cells.as_mut_slice()[k], check, now, lease);
+    for (i, check) in checks.iter().enumerate().take(N) {
+        if !out[i].admit {
+            continue;
+        }
+        let g = groups[usize::from(scope_of[i])]
+            .as_deref_mut()
+            .expect("every scope is locked");
+        let k = match at[i] {
+            NO_CELL => {
+                let t = tag(check.key);
+                match g.cells.find(t) {
+                    Some(k) => k,
+                    None => g.cells.push(t),
+                }
+            }
+            k => usize::from(k),
+        };
+        let cell = &mut g.cells.as_mut_slice()[k];
+        match &next[i] {
+            Next::OnCommit => commit(cell, check, now, lease),
+            &Next::Gcra(tat) => {
+                cell.counter = Counter::Gcra(tat);
+                cell.fresh_at = tat;
+            }
+            Next::Sliding(state) => {
+                set_sliding(&mut cell.counter, state);
+                cell.fresh_at = now.plus(out[i].reset);
+            }
+            &Next::Calendar(state) => {
+                cell.fresh_at = state.end;
+                cell.counter = Counter::Calendar(state);
+            }
         }
     }
     Locked::Decided(true)
+}
+
+/// Marks "no counter yet" in `decide_groups`' index array.
+const NO_CELL: u8 = u8::MAX;
+
+/// Stores a sliding window's state in its counter (the one place that knows
+/// how the ring is held).
+fn set_sliding(counter: &mut Counter, state: &SlidingState) {
+    match counter {
+        Counter::Sliding(b) => **b = *state,
+        other => *other = Counter::Sliding(Box::new(*state)),
+    }
 }
 
 /// Test hook for loom models (A4): counters outside the map, decided through
@@ -530,15 +643,24 @@ impl LoomSlot {
             live: AtomicUsize::new(0),
             max: usize::MAX,
         };
-        match decide_locked(now, &checks[..n], 0, out, &sorted, &scope_of, &room) {
+        match decide_locked::<MAX_LIMITS_PER_REQUEST>(
+            now,
+            &checks[..n],
+            0,
+            out,
+            &sorted,
+            &scope_of,
+            &room,
+        ) {
             Locked::Decided(admitted) => Some(admitted),
             Locked::Dead | Locked::Full => None,
         }
     }
 }
 
-/// Evaluates one check against its counter, without changing it.
-fn evaluate(counter: &Counter, check: &Check, now: Nanos) -> Evaluation {
+/// Evaluates one check against its counter, without changing it, into `out`;
+/// and into `next` the state to write if the request is admitted.
+fn evaluate(counter: &Counter, check: &Check, now: Nanos, out: &mut Evaluation, next: &mut Next) {
     let cost = check.cost;
     match check.params {
         Params::Gcra(rate) => {
@@ -546,31 +668,41 @@ fn evaluate(counter: &Counter, check: &Check, now: Nanos) -> Evaluation {
                 Counter::Gcra(t) => Some(*t),
                 _ => None,
             };
-            gcra(tat, now, cost, &rate).0
+            let (e, tat) = gcra(tat, now, cost, &rate);
+            *out = e;
+            *next = Next::Gcra(tat);
         }
         Params::Sliding(window) => {
             let state = match counter {
                 Counter::Sliding(b) => Some(&**b),
                 _ => None,
             };
-            sliding_window::evaluate(state, now, cost, &window).0
+            let (e, state) = sliding_window::evaluate(state, now, cost, &window);
+            *out = e;
+            *next = Next::Sliding(state);
         }
         Params::Calendar { limit, end } => {
             let state = match counter {
                 Counter::Calendar(c) => Some(c),
                 _ => None,
             };
-            calendar_window::evaluate(state, now, cost, limit, end).0
+            let (e, state) = calendar_window::evaluate(state, now, cost, limit, end);
+            *out = e;
+            *next = Next::Calendar(state);
         }
-        Params::Concurrency { limit, .. } => match counter {
-            Counter::Leases(set) => concurrency::evaluate(set, now, cost, limit),
-            _ => concurrency::evaluate(&LeaseSet::default(), now, cost, limit),
-        },
+        Params::Concurrency { limit, .. } => {
+            *out = match counter {
+                Counter::Leases(set) => concurrency::evaluate(set, now, cost, limit),
+                _ => concurrency::evaluate(&LeaseSet::default(), now, cost, limit),
+            };
+            *next = Next::OnCommit;
+        }
     }
 }
 
-/// Takes an admitted check's cost from its counter (evaluated again on the
-/// state as it is now, so two checks on one counter both count).
+/// Takes an admitted check's cost from its counter, evaluated again on the
+/// state as it is now: for leases, and for a counter that an earlier check of
+/// the same request already took from (so that both count).
 fn commit(s: &mut Cell, check: &Check, now: Nanos, lease: u64) {
     let cost = check.cost;
     match check.params {
@@ -592,10 +724,7 @@ fn commit(s: &mut Cell, check: &Check, now: Nanos, lease: u64) {
             };
             let (e, next) = sliding_window::evaluate(state, now, cost, &window);
             if e.admit {
-                match &mut s.counter {
-                    Counter::Sliding(b) => **b = next,
-                    other => *other = Counter::Sliding(Box::new(next)),
-                }
+                set_sliding(&mut s.counter, &next);
                 s.fresh_at = now.plus(e.reset);
             }
         }
