@@ -32,7 +32,7 @@
 //! never stored.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
@@ -255,10 +255,51 @@ impl BuildHasher for KeyHasher {
 /// Counters in process memory. See the module docs for its guarantees.
 #[derive(Debug)]
 pub struct MemoryStore {
-    map: papaya::HashMap<u64, Slot, KeyHasher>,
+    /// The current index, under the key `()`: replaced by a smaller copy when
+    /// a sweep leaves it mostly empty (papaya never shrinks a table on
+    /// removals). A one-entry map, so that the index a decision reads stays
+    /// valid until its guard ends, without a lock.
+    index: papaya::HashMap<(), Index, KeyHasher>,
     room: Room,
     last_sweep: AtomicU64,
+    /// Held while the index is rebuilt (one rebuild at a time).
+    rebuilding: std::sync::Mutex<()>,
+    /// Index rebuilds so far.
+    rebuilds: AtomicU64,
 }
+
+/// The map from scope to scope entry, and what a rebuild needs to move it.
+#[derive(Debug)]
+struct Index {
+    map: papaya::HashMap<u64, Slot, KeyHasher>,
+    /// Most scope entries this index has held: its table's size follows it.
+    high_water: AtomicUsize,
+    /// Set when a rebuild starts: no new entry may be added from then on.
+    frozen: AtomicBool,
+    /// Decisions adding an entry right now (a rebuild waits for them).
+    inserting: AtomicUsize,
+}
+
+impl Index {
+    fn new() -> Index {
+        Index {
+            map: papaya::HashMap::builder()
+                .hasher(KeyHasher(0))
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
+            high_water: AtomicUsize::new(0),
+            frozen: AtomicBool::new(false),
+            inserting: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// A sweep rebuilds the index when at most 1/`SHRINK_RATIO` of its
+/// high-water entries are left ...
+const SHRINK_RATIO: usize = 8;
+/// ... and the high water is at least this many entries (small tables are
+/// not worth it).
+const SHRINK_MIN_ENTRIES: usize = 1024;
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -269,7 +310,8 @@ impl Default for MemoryStore {
 /// What a locked decision came to.
 pub(crate) enum Locked {
     Decided(bool),
-    /// A scope entry was swept between lookup and lock: look up again.
+    /// A scope entry was swept, or moved to a new index, between lookup and
+    /// lock: look up again.
     Dead,
     /// Admitted, but its new counters do not fit under the cap (nothing written).
     Full,
@@ -278,18 +320,30 @@ pub(crate) enum Locked {
 impl MemoryStore {
     /// A store holding at most `max_counters` live counters.
     pub fn new(max_counters: usize) -> MemoryStore {
-        let map = papaya::HashMap::builder()
+        let index = papaya::HashMap::builder()
             .hasher(KeyHasher(0))
-            .resize_mode(papaya::ResizeMode::Blocking)
+            // A replaced index is freed as soon as no decision can see it,
+            // not after 32 more replacements.
+            .collector(seize::Collector::new().batch_size(1))
             .build();
+        index.pin().insert((), Index::new());
         MemoryStore {
-            map,
+            index,
             room: Room {
                 live: AtomicUsize::new(0),
                 max: max_counters.max(1),
             },
             last_sweep: AtomicU64::new(0),
+            rebuilding: std::sync::Mutex::new(()),
+            rebuilds: AtomicU64::new(0),
         }
+    }
+
+    /// The current index (valid while `guard` lives).
+    fn current<'g>(&self, guard: &'g impl papaya::Guard) -> &'g Index {
+        self.index
+            .get(&(), guard)
+            .expect("the index is inserted at construction and only ever replaced")
     }
 
     /// Number of live counters.
@@ -306,11 +360,24 @@ impl MemoryStore {
     /// scope entry left empty; returns how many counters were dropped. Call it
     /// periodically (the server does, every few seconds); a full store also
     /// triggers it, at most once a second.
+    ///
+    /// When the sweep leaves at most 1/8 of the most entries the index has
+    /// held (and it held at least 1,024), the index is rebuilt at the size of
+    /// what is left, so that the memory of a burst of keys comes back once
+    /// they go idle. New scopes wait for the rebuild (it moves one pointer per
+    /// live entry); decisions on existing scopes go on.
     pub fn sweep(&self, now: Nanos) -> usize {
         self.last_sweep.store(now.0, Ordering::Relaxed);
-        let guard = self.map.guard();
+        let outer = self.index.guard();
+        let index = self.current(&outer);
+        let guard = index.map.guard();
+        // Entries are only removed by sweeps: the length before this one is
+        // the most the index held since the last sweep.
+        index
+            .high_water
+            .fetch_max(index.map.len(), Ordering::Relaxed);
         let mut dropped = 0;
-        self.map.retain(
+        index.map.retain(
             |_, slot| {
                 let mut g = slot.lock();
                 dropped += g.cells.drop_fresh(now);
@@ -324,7 +391,57 @@ impl MemoryStore {
             &guard,
         );
         self.room.free(dropped);
+        let high_water = index.high_water.load(Ordering::Relaxed);
+        if high_water >= SHRINK_MIN_ENTRIES && index.map.len() * SHRINK_RATIO <= high_water {
+            drop(guard);
+            self.rebuild(index, &outer);
+        }
         dropped
+    }
+
+    /// Replaces `old` (if still current) by a new index holding its live
+    /// entries. Exact: every entry is moved under its lock and marked dead,
+    /// so a decision that locks it afterwards looks it up again (in the new
+    /// index, once published); no entry is added to `old` once the rebuild
+    /// starts (`frozen`, and `inserting` drained), so none is lost.
+    fn rebuild(&self, old: &Index, outer: &impl papaya::Guard) {
+        let Ok(_one) = self.rebuilding.try_lock() else {
+            return; // another sweep is rebuilding
+        };
+        if !std::ptr::eq(self.current(outer), old) {
+            return; // already replaced
+        }
+        old.frozen.store(true, Ordering::SeqCst);
+        while old.inserting.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        let new = Index::new();
+        {
+            let (og, ng) = (old.map.guard(), new.map.guard());
+            for (&scope, slot) in old.map.iter(&og) {
+                let mut g = slot.lock();
+                if g.dead {
+                    continue;
+                }
+                g.dead = true;
+                let cells = std::mem::take(&mut g.cells);
+                if !cells.is_empty() {
+                    let moved = Slot {
+                        state: Mutex::new(Group { dead: false, cells }),
+                    };
+                    new.map.insert(scope, moved, &ng);
+                }
+            }
+        }
+        new.high_water.store(new.map.len(), Ordering::Relaxed);
+        self.index.insert((), new, outer);
+        self.rebuilds.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times a sweep has rebuilt the index to give back the memory
+    /// of idle scopes.
+    pub fn index_rebuilds(&self) -> u64 {
+        self.rebuilds.load(Ordering::Relaxed)
     }
 
     /// Sweeps if the last sweep is at least [`SWEEP_INTERVAL_NS`] old; returns
@@ -343,22 +460,32 @@ impl MemoryStore {
         false
     }
 
+    /// The entry of `scope` in `index`, added if missing; `None` if `index`
+    /// is being rebuilt and has no such entry (look up again in the new one).
     fn slot<'g>(
         &self,
+        index: &'g Index,
         scope: u64,
         now: Nanos,
         guard: &'g impl papaya::Guard,
-    ) -> Result<&'g Slot, StoreError> {
-        if let Some(s) = self.map.get(&scope, guard) {
-            return Ok(s);
+    ) -> Result<Option<&'g Slot>, StoreError> {
+        if let Some(s) = index.map.get(&scope, guard) {
+            return Ok(Some(s));
         }
-        if self.map.len() >= self.room.max {
+        if index.map.len() >= self.room.max {
             self.sweep_when_full(now);
-            if self.map.len() >= self.room.max {
+            if index.map.len() >= self.room.max {
                 return Err(StoreError::CounterCapReached { cap: self.room.max });
             }
         }
-        Ok(self.map.get_or_insert_with(scope, Slot::default, guard))
+        index.inserting.fetch_add(1, Ordering::SeqCst);
+        let slot = if index.frozen.load(Ordering::SeqCst) {
+            None
+        } else {
+            Some(index.map.get_or_insert_with(scope, Slot::default, guard))
+        };
+        index.inserting.fetch_sub(1, Ordering::SeqCst);
+        Ok(slot)
     }
 
     /// [`Store::decide`] without a future: the in-memory store never waits.
@@ -416,12 +543,23 @@ impl MemoryStore {
                 *o = scopes[..m].partition_point(|&x| x < s) as u8;
             }
         }
-        let guard = self.map.guard();
+        let outer = self.index.guard();
         let mut swept = false;
+        let mut retries = 0u32;
         loop {
+            if retries > 1 {
+                // An index rebuild is moving this request's entries.
+                std::thread::yield_now();
+            }
+            retries += 1;
+            let index = self.current(&outer);
+            let guard = index.map.guard();
             let mut slots: [Option<&Slot>; N] = [None; N];
             for (slot, &s) in slots.iter_mut().zip(&scopes[..m]) {
-                *slot = Some(self.slot(s, now, &guard)?);
+                *slot = self.slot(index, s, now, &guard)?;
+            }
+            if slots[..m].iter().any(Option::is_none) {
+                continue;
             }
             match decide_locked::<N>(
                 now,
@@ -447,16 +585,28 @@ impl MemoryStore {
 
     /// Releases lease `lease` on the concurrency counters `keys`.
     pub fn release_now(&self, now: Nanos, keys: &[CounterKey], lease: u64) {
-        let guard = self.map.guard();
+        let outer = self.index.guard();
         for &key in keys {
-            if let Some(slot) = self.map.get(&scope(key), &guard) {
+            loop {
+                let index = self.current(&outer);
+                let guard = index.map.guard();
+                let Some(slot) = index.map.get(&scope(key), &guard) else {
+                    break;
+                };
                 let mut g = slot.lock();
+                if g.dead {
+                    // Swept (then gone from the map) or moved to a new index.
+                    drop(g);
+                    std::thread::yield_now();
+                    continue;
+                }
                 if let Some(k) = g.cells.find(tag(key))
                     && let Counter::Leases(set) = &mut g.cells.as_mut_slice()[k].counter
                 {
                     set.release(lease);
                     set.leases.retain(|l| l.expires > now);
                 }
+                break;
             }
         }
     }
