@@ -27,6 +27,11 @@
 //! minting keys cannot flush their own block. A counter is created only when a
 //! request is admitted and takes from it.
 //!
+//! **Memory comes back.** papaya never shrinks a table on removals, so a sweep
+//! that leaves at most 1/8 of the most entries the map has held rebuilds it at
+//! the size of what is left (see [`MemoryStore::sweep`]): after a burst of keys
+//! goes idle and is swept, the store is back to its size before the burst.
+//!
 //! Memory: the 64-bit scope hash, the lock, and per counter its 64-bit tag,
 //! its fresh instant and its state (measured in `BENCHMARKS.md`). Strings are
 //! never stored.
