@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use smallvec::SmallVec;
+
 use crate::algorithm::Evaluation;
 use crate::clock::Nanos;
 use crate::error::StoreError;
@@ -63,27 +65,10 @@ impl LimitResult {
     }
 }
 
-/// All zero bits, so that a new decision's results are one `memset`.
-const EMPTY: LimitResult = LimitResult {
-    limit: 0,
-    mode: Mode::Enforce,
-    quota: 0,
-    window_secs: 0,
-    cost: 0,
-    eval: Evaluation {
-        admit: false,
-        never: false,
-        remaining: 0,
-        reset: Duration::ZERO,
-        retry_after: Duration::ZERO,
-    },
-    blocking: false,
-    key: CounterKey(0),
-    is_lease: false,
-};
-
 /// The decision for one request: outcome and per-limit results. Fixed size,
-/// built without allocating.
+/// built without allocating: the results sit in an inline array of
+/// [`MAX_LIMITS_PER_REQUEST`] entries of which only the used ones are written
+/// (a new decision does not zero 1.5 KB).
 #[derive(Debug, Clone)]
 pub struct Decision {
     /// What happens to the request.
@@ -98,8 +83,8 @@ pub struct Decision {
     /// Whether the limits were decided on this replica's local fallback
     /// counters (`on_store_error = "local"`) because the store failed.
     pub decided_locally: bool,
-    len: u8,
-    results: [LimitResult; MAX_LIMITS_PER_REQUEST],
+    /// Never spills to the heap: [`Decision::push`] stops at the inline capacity.
+    results: SmallVec<[LimitResult; MAX_LIMITS_PER_REQUEST]>,
 }
 
 impl Decision {
@@ -110,26 +95,23 @@ impl Decision {
             lease: None,
             store_error: None,
             decided_locally: false,
-            len: 0,
-            results: [EMPTY; MAX_LIMITS_PER_REQUEST],
+            results: SmallVec::new(),
         }
     }
 
     pub(crate) fn push(&mut self, r: LimitResult) {
-        let i = usize::from(self.len);
-        if i < MAX_LIMITS_PER_REQUEST {
-            self.results[i] = r;
-            self.len += 1;
+        if self.results.len() < MAX_LIMITS_PER_REQUEST {
+            self.results.push(r);
         }
     }
 
     pub(crate) fn results_mut(&mut self) -> &mut [LimitResult] {
-        &mut self.results[..usize::from(self.len)]
+        &mut self.results
     }
 
     /// Results of every limit that applied, in policy order.
     pub fn results(&self) -> &[LimitResult] {
-        &self.results[..usize::from(self.len)]
+        &self.results
     }
 
     /// Whether the request goes on (admitted, or forwarded with a marker).

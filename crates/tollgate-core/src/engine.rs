@@ -318,26 +318,32 @@ const KEY_BUFFER: usize = 256;
 
 impl<C: Clock> Engine<MemoryStore, C> {
     /// [`Engine::decide`] without a future, for the in-memory store (which never waits).
+    #[inline]
     pub fn decide_now(&self, policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
-        let now = self.clock.now();
-        let mut decision = Decision::new(now);
+        // Built in the caller's frame: a `Decision` is over 1.5 KB, and one
+        // built in a callee is copied out on return.
+        let mut decision = Decision::new(self.clock.now());
+        self.decide_now_into(policy, req, &mut decision);
+        decision
+    }
+
+    fn decide_now_into(&self, policy: &CompiledPolicy, req: &Request<'_>, decision: &mut Decision) {
         // Most requests meet a few limits: size the check and evaluation
         // arrays for them, so each decision sets up 0.5 KB of stack, not 2 KB.
         if policy.applicable(req.plan, req.operation).len() <= FEW_LIMITS {
-            self.decide_into::<FEW_LIMITS>(policy, req, now, &mut decision);
+            self.decide_into::<FEW_LIMITS>(policy, req, decision);
         } else {
-            self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, req, now, &mut decision);
+            self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, req, decision);
         }
-        decision
     }
 
     fn decide_into<const N: usize>(
         &self,
         policy: &CompiledPolicy,
         req: &Request<'_>,
-        now: Nanos,
         decision: &mut Decision,
     ) {
+        let now = decision.now;
         let mut checks = [EMPTY_CHECK; N];
         let n = self.prepare(policy, req, now, &mut checks, decision);
         let lease = self.lease_id(decision);

@@ -4,9 +4,10 @@
 //!
 //! - no allocation per decision on an existing counter, after warm-up;
 //! - live heap bytes per active counter (budget: 128 B, DESIGN.md);
-//! - idle counters swept: every counter's allocation goes back; papaya's
-//!   index (9 B per slot) keeps its high-water size and is reused by the
-//!   next generation of counters, which must fit in the first one's memory.
+//! - idle counters swept: every counter's allocation goes back, and so does
+//!   the index (the sweep rebuilds it once at most 1/8 of its high water is
+//!   live): memory returns to within 1% of the counters' peak; a next
+//!   generation of counters must fit in the first one's memory.
 //!
 //! Everything runs in one `#[test]`, on one thread, so that the process-wide
 //! byte counts are not disturbed by other tests running in parallel.
@@ -215,20 +216,20 @@ fn counters_cost_and_come_back(name: &str, limit: &str) -> f64 {
         ALLOC.live_chunk_bytes() - base.1,
     );
     println!(
-        "(c) {name}: after sweep {} counters, {:.1} MB left of {:.1} MB ({:.1}% of the counters' bytes; glibc chunks: {:.1}%)",
+        "(c) {name}: after sweep {} counters, {:.1} KB left of {:.1} MB ({:.3}% of the counters' bytes; glibc chunks: {:.3}%)",
         engine.store().len(),
-        left.0 as f64 / 1e6,
+        left.0 as f64 / 1e3,
         peak.0 as f64 / 1e6,
         100.0 * left.0 as f64 / peak.0 as f64,
         100.0 * left.1 as f64 / peak.1 as f64
     );
-    // Every counter's own allocation is freed; what stays is papaya's index
-    // (9 B per slot: a pointer and a metadata byte), which keeps its
-    // high-water size after removals and shrinks only when a later insert
-    // triggers a resize. Bounded by the counter cap; reused below.
+    // Every counter's allocation is freed, and the sweep rebuilt the index
+    // (papaya keeps a table's high-water size on removals: 9 B per slot,
+    // 18.9 MB for 1M counters, stayed before the rebuild existed).
     assert!(
-        left.0 * 4 <= peak.0,
-        "{name}: sweeping idle counters must free every counter (only the index may stay)"
+        left.0 * 100 <= peak.0,
+        "{name}: after the sweep, memory must return to within 1% of the baseline ({} B left)",
+        left.0
     );
 
     // A second generation of counters reuses the index: no growth, no leak.

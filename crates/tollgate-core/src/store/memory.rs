@@ -27,12 +27,17 @@
 //! minting keys cannot flush their own block. A counter is created only when a
 //! request is admitted and takes from it.
 //!
+//! **Memory comes back.** papaya never shrinks a table on removals, so a sweep
+//! that leaves at most 1/8 of the most entries the map has held rebuilds it at
+//! the size of what is left (see [`MemoryStore::sweep`]): after a burst of keys
+//! goes idle and is swept, the store is back to its size before the burst.
+//!
 //! Memory: the 64-bit scope hash, the lock, and per counter its 64-bit tag,
 //! its fresh instant and its state (measured in `BENCHMARKS.md`). Strings are
 //! never stored.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
@@ -57,6 +62,10 @@ const SWEEP_INTERVAL_NS: u64 = Nanos::SECOND;
 
 /// Counters a scope entry holds inline before it moves them to a vector.
 const SPILL_CAPACITY: usize = 4;
+
+/// Checks per request that [`MemoryStore::decide_now`] sizes its stack arrays
+/// for when no more are given.
+const FEW_CHECKS: usize = 4;
 
 /// The scope part of a counter key: which map entry holds the counter.
 fn scope(key: CounterKey) -> u64 {
@@ -252,10 +261,51 @@ impl BuildHasher for KeyHasher {
 /// Counters in process memory. See the module docs for its guarantees.
 #[derive(Debug)]
 pub struct MemoryStore {
-    map: papaya::HashMap<u64, Slot, KeyHasher>,
+    /// The current index, under the key `()`: replaced by a smaller copy when
+    /// a sweep leaves it mostly empty (papaya never shrinks a table on
+    /// removals). A one-entry map, so that the index a decision reads stays
+    /// valid until its guard ends, without a lock.
+    index: papaya::HashMap<(), Index, KeyHasher>,
     room: Room,
     last_sweep: AtomicU64,
+    /// Held while the index is rebuilt (one rebuild at a time).
+    rebuilding: std::sync::Mutex<()>,
+    /// Index rebuilds so far.
+    rebuilds: AtomicU64,
 }
+
+/// The map from scope to scope entry, and what a rebuild needs to move it.
+#[derive(Debug)]
+struct Index {
+    map: papaya::HashMap<u64, Slot, KeyHasher>,
+    /// Most scope entries this index has held: its table's size follows it.
+    high_water: AtomicUsize,
+    /// Set when a rebuild starts: no new entry may be added from then on.
+    frozen: AtomicBool,
+    /// Decisions adding an entry right now (a rebuild waits for them).
+    inserting: AtomicUsize,
+}
+
+impl Index {
+    fn new() -> Index {
+        Index {
+            map: papaya::HashMap::builder()
+                .hasher(KeyHasher(0))
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
+            high_water: AtomicUsize::new(0),
+            frozen: AtomicBool::new(false),
+            inserting: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// A sweep rebuilds the index when at most 1/`SHRINK_RATIO` of its
+/// high-water entries are left ...
+const SHRINK_RATIO: usize = 8;
+/// ... and the high water is at least this many entries (small tables are
+/// not worth it).
+const SHRINK_MIN_ENTRIES: usize = 1024;
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -266,7 +316,8 @@ impl Default for MemoryStore {
 /// What a locked decision came to.
 pub(crate) enum Locked {
     Decided(bool),
-    /// A scope entry was swept between lookup and lock: look up again.
+    /// A scope entry was swept, or moved to a new index, between lookup and
+    /// lock: look up again.
     Dead,
     /// Admitted, but its new counters do not fit under the cap (nothing written).
     Full,
@@ -275,18 +326,30 @@ pub(crate) enum Locked {
 impl MemoryStore {
     /// A store holding at most `max_counters` live counters.
     pub fn new(max_counters: usize) -> MemoryStore {
-        let map = papaya::HashMap::builder()
+        let index = papaya::HashMap::builder()
             .hasher(KeyHasher(0))
-            .resize_mode(papaya::ResizeMode::Blocking)
+            // A replaced index is freed as soon as no decision can see it,
+            // not after 32 more replacements.
+            .collector(seize::Collector::new().batch_size(1))
             .build();
+        index.pin().insert((), Index::new());
         MemoryStore {
-            map,
+            index,
             room: Room {
                 live: AtomicUsize::new(0),
                 max: max_counters.max(1),
             },
             last_sweep: AtomicU64::new(0),
+            rebuilding: std::sync::Mutex::new(()),
+            rebuilds: AtomicU64::new(0),
         }
+    }
+
+    /// The current index (valid while `guard` lives).
+    fn current<'g>(&self, guard: &'g impl papaya::Guard) -> &'g Index {
+        self.index
+            .get(&(), guard)
+            .expect("the index is inserted at construction and only ever replaced")
     }
 
     /// Number of live counters.
@@ -303,11 +366,24 @@ impl MemoryStore {
     /// scope entry left empty; returns how many counters were dropped. Call it
     /// periodically (the server does, every few seconds); a full store also
     /// triggers it, at most once a second.
+    ///
+    /// When the sweep leaves at most 1/8 of the most entries the index has
+    /// held (and it held at least 1,024), the index is rebuilt at the size of
+    /// what is left, so that the memory of a burst of keys comes back once
+    /// they go idle. New scopes wait for the rebuild (it moves one pointer per
+    /// live entry); decisions on existing scopes go on.
     pub fn sweep(&self, now: Nanos) -> usize {
         self.last_sweep.store(now.0, Ordering::Relaxed);
-        let guard = self.map.guard();
+        let outer = self.index.guard();
+        let index = self.current(&outer);
+        let guard = index.map.guard();
+        // Entries are only removed by sweeps: the length before this one is
+        // the most the index held since the last sweep.
+        index
+            .high_water
+            .fetch_max(index.map.len(), Ordering::Relaxed);
         let mut dropped = 0;
-        self.map.retain(
+        index.map.retain(
             |_, slot| {
                 let mut g = slot.lock();
                 dropped += g.cells.drop_fresh(now);
@@ -321,7 +397,57 @@ impl MemoryStore {
             &guard,
         );
         self.room.free(dropped);
+        let high_water = index.high_water.load(Ordering::Relaxed);
+        if high_water >= SHRINK_MIN_ENTRIES && index.map.len() * SHRINK_RATIO <= high_water {
+            drop(guard);
+            self.rebuild(index, &outer);
+        }
         dropped
+    }
+
+    /// Replaces `old` (if still current) by a new index holding its live
+    /// entries. Exact: every entry is moved under its lock and marked dead,
+    /// so a decision that locks it afterwards looks it up again (in the new
+    /// index, once published); no entry is added to `old` once the rebuild
+    /// starts (`frozen`, and `inserting` drained), so none is lost.
+    fn rebuild(&self, old: &Index, outer: &impl papaya::Guard) {
+        let Ok(_one) = self.rebuilding.try_lock() else {
+            return; // another sweep is rebuilding
+        };
+        if !std::ptr::eq(self.current(outer), old) {
+            return; // already replaced
+        }
+        old.frozen.store(true, Ordering::SeqCst);
+        while old.inserting.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        let new = Index::new();
+        {
+            let (og, ng) = (old.map.guard(), new.map.guard());
+            for (&scope, slot) in old.map.iter(&og) {
+                let mut g = slot.lock();
+                if g.dead {
+                    continue;
+                }
+                g.dead = true;
+                let cells = std::mem::take(&mut g.cells);
+                if !cells.is_empty() {
+                    let moved = Slot {
+                        state: Mutex::new(Group { dead: false, cells }),
+                    };
+                    new.map.insert(scope, moved, &ng);
+                }
+            }
+        }
+        new.high_water.store(new.map.len(), Ordering::Relaxed);
+        self.index.insert((), new, outer);
+        self.rebuilds.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times a sweep has rebuilt the index to give back the memory
+    /// of idle scopes.
+    pub fn index_rebuilds(&self) -> u64 {
+        self.rebuilds.load(Ordering::Relaxed)
     }
 
     /// Sweeps if the last sweep is at least [`SWEEP_INTERVAL_NS`] old; returns
@@ -340,22 +466,32 @@ impl MemoryStore {
         false
     }
 
+    /// The entry of `scope` in `index`, added if missing; `None` if `index`
+    /// is being rebuilt and has no such entry (look up again in the new one).
     fn slot<'g>(
         &self,
+        index: &'g Index,
         scope: u64,
         now: Nanos,
         guard: &'g impl papaya::Guard,
-    ) -> Result<&'g Slot, StoreError> {
-        if let Some(s) = self.map.get(&scope, guard) {
-            return Ok(s);
+    ) -> Result<Option<&'g Slot>, StoreError> {
+        if let Some(s) = index.map.get(&scope, guard) {
+            return Ok(Some(s));
         }
-        if self.map.len() >= self.room.max {
+        if index.map.len() >= self.room.max {
             self.sweep_when_full(now);
-            if self.map.len() >= self.room.max {
+            if index.map.len() >= self.room.max {
                 return Err(StoreError::CounterCapReached { cap: self.room.max });
             }
         }
-        Ok(self.map.get_or_insert_with(scope, Slot::default, guard))
+        index.inserting.fetch_add(1, Ordering::SeqCst);
+        let slot = if index.frozen.load(Ordering::SeqCst) {
+            None
+        } else {
+            Some(index.map.get_or_insert_with(scope, Slot::default, guard))
+        };
+        index.inserting.fetch_sub(1, Ordering::SeqCst);
+        Ok(slot)
     }
 
     /// [`Store::decide`] without a future: the in-memory store never waits.
@@ -369,35 +505,69 @@ impl MemoryStore {
         lease: u64,
         out: &mut [Evaluation],
     ) -> Result<bool, StoreError> {
-        let n = checks.len().min(MAX_LIMITS_PER_REQUEST);
+        // Most requests meet a few limits: size the stack arrays for them.
+        if checks.len() <= FEW_CHECKS {
+            self.decide_n::<FEW_CHECKS>(now, checks, lease, out)
+        } else {
+            self.decide_n::<MAX_LIMITS_PER_REQUEST>(now, checks, lease, out)
+        }
+    }
+
+    fn decide_n<const N: usize>(
+        &self,
+        now: Nanos,
+        checks: &[Check],
+        lease: u64,
+        out: &mut [Evaluation],
+    ) -> Result<bool, StoreError> {
+        let n = checks.len().min(N);
         let checks = &checks[..n];
         // The distinct scopes, sorted: the lock order. `scope_of[i]` is the
         // position of check i's scope.
-        let mut scopes = [0u64; MAX_LIMITS_PER_REQUEST];
+        let mut scopes = [0u64; N];
+        let mut scope_of = [0u8; N];
         let mut m = 0;
-        for c in checks {
-            let s = scope(c.key);
-            let at = scopes[..m].partition_point(|&x| x < s);
-            if at < m && scopes[at] == s {
+        if let Some(first) = checks.first() {
+            scopes[0] = scope(first.key);
+            m = 1;
+        }
+        // Usually every limit of a request shares one scope: nothing to sort.
+        if checks.iter().any(|c| scope(c.key) != scopes[0]) {
+            m = 0;
+            for c in checks {
+                let s = scope(c.key);
+                let at = scopes[..m].partition_point(|&x| x < s);
+                if at < m && scopes[at] == s {
+                    continue;
+                }
+                scopes.copy_within(at..m, at + 1);
+                scopes[at] = s;
+                m += 1;
+            }
+            for (o, c) in scope_of.iter_mut().zip(checks) {
+                let s = scope(c.key);
+                *o = scopes[..m].partition_point(|&x| x < s) as u8;
+            }
+        }
+        let outer = self.index.guard();
+        let mut swept = false;
+        let mut retries = 0u32;
+        loop {
+            if retries > 1 {
+                // An index rebuild is moving this request's entries.
+                std::thread::yield_now();
+            }
+            retries += 1;
+            let index = self.current(&outer);
+            let guard = index.map.guard();
+            let mut slots: [Option<&Slot>; N] = [None; N];
+            for (slot, &s) in slots.iter_mut().zip(&scopes[..m]) {
+                *slot = self.slot(index, s, now, &guard)?;
+            }
+            if slots[..m].iter().any(Option::is_none) {
                 continue;
             }
-            scopes.copy_within(at..m, at + 1);
-            scopes[at] = s;
-            m += 1;
-        }
-        let mut scope_of = [0u8; MAX_LIMITS_PER_REQUEST];
-        for (o, c) in scope_of.iter_mut().zip(checks) {
-            let s = scope(c.key);
-            *o = scopes[..m].partition_point(|&x| x < s) as u8;
-        }
-        let guard = self.map.guard();
-        let mut swept = false;
-        loop {
-            let mut slots: [Option<&Slot>; MAX_LIMITS_PER_REQUEST] = [None; MAX_LIMITS_PER_REQUEST];
-            for (slot, &s) in slots.iter_mut().zip(&scopes[..m]) {
-                *slot = Some(self.slot(s, now, &guard)?);
-            }
-            match decide_locked(
+            match decide_locked::<N>(
                 now,
                 checks,
                 lease,
@@ -421,16 +591,28 @@ impl MemoryStore {
 
     /// Releases lease `lease` on the concurrency counters `keys`.
     pub fn release_now(&self, now: Nanos, keys: &[CounterKey], lease: u64) {
-        let guard = self.map.guard();
+        let outer = self.index.guard();
         for &key in keys {
-            if let Some(slot) = self.map.get(&scope(key), &guard) {
+            loop {
+                let index = self.current(&outer);
+                let guard = index.map.guard();
+                let Some(slot) = index.map.get(&scope(key), &guard) else {
+                    break;
+                };
                 let mut g = slot.lock();
+                if g.dead {
+                    // Swept (then gone from the map) or moved to a new index.
+                    drop(g);
+                    std::thread::yield_now();
+                    continue;
+                }
                 if let Some(k) = g.cells.find(tag(key))
                     && let Counter::Leases(set) = &mut g.cells.as_mut_slice()[k].counter
                 {
                     set.release(lease);
                     set.leases.retain(|l| l.expires > now);
                 }
+                break;
             }
         }
     }
@@ -438,7 +620,8 @@ impl MemoryStore {
 
 /// Locks the scope entries `slots` (given in lock order), evaluates every
 /// check (check i against entry `scope_of[i]`), and commits if admitted.
-pub(crate) fn decide_locked(
+/// `N` bounds the number of checks (stack arrays).
+pub(crate) fn decide_locked<const N: usize>(
     now: Nanos,
     checks: &[Check],
     lease: u64,
@@ -447,6 +630,14 @@ pub(crate) fn decide_locked(
     scope_of: &[u8],
     room: &Room,
 ) -> Locked {
+    if let [one] = slots {
+        // One scope (the usual case): one lock, no guard array.
+        let g = one.expect("every scope is looked up").lock();
+        if g.dead {
+            return Locked::Dead;
+        }
+        return decide_groups::<N, _>(now, checks, lease, out, &mut [Some(g)], scope_of, room);
+    }
     let mut locks: [Option<MutexGuard<'_, Group>>; MAX_LIMITS_PER_REQUEST] =
         std::array::from_fn(|_| None);
     for (lock, slot) in locks.iter_mut().zip(slots) {
@@ -456,26 +647,69 @@ pub(crate) fn decide_locked(
         }
         *lock = Some(g);
     }
+    decide_groups::<N, _>(
+        now,
+        checks,
+        lease,
+        out,
+        &mut locks[..slots.len()],
+        scope_of,
+        room,
+    )
+}
+
+/// The state an admitted check writes, computed when it was evaluated (so a
+/// counter is evaluated once per decision, not again on commit).
+#[derive(Clone, Copy)]
+enum Next {
+    /// Computed on commit (concurrency leases, and a counter that an earlier
+    /// check of the same request already took from).
+    OnCommit,
+    Gcra(Nanos),
+    Calendar(CalendarState),
+}
+
+/// [`decide_locked`] once every scope entry is locked: `groups[scope_of[i]]`
+/// holds check i's counter.
+fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
+    now: Nanos,
+    checks: &[Check],
+    lease: u64,
+    out: &mut [Evaluation],
+    groups: &mut [Option<G>],
+    scope_of: &[u8],
+    room: &Room,
+) -> Locked {
+    let mut next = [Next::OnCommit; N];
+    // Index of each check's counter in its entry (`NO_CELL`: not there yet).
+    let mut at = [NO_CELL; N];
     let mut admitted = true;
     let mut new = 0;
-    for (i, check) in checks.iter().enumerate() {
-        let g = locks[usize::from(scope_of[i])]
+    for (i, check) in checks.iter().enumerate().take(N) {
+        let g = groups[usize::from(scope_of[i])]
             .as_deref()
             .expect("every scope is locked");
-        let cell = g.cells.find(tag(check.key)).map(|k| &g.cells.as_slice()[k]);
-        out[i] = evaluate(cell.map_or(&Counter::Fresh, |c| &c.counter), check, now);
-        if check.blocking && !out[i].admit {
+        let cell = g.cells.find(tag(check.key));
+        let counter = cell.map_or(&Counter::Fresh, |k| &g.cells.as_slice()[k].counter);
+        evaluate(counter, check, now, &mut out[i], &mut next[i]);
+        let admit = out[i].admit;
+        if check.blocking && !admit {
             admitted = false;
         }
+        // An earlier check of this request that takes from the same counter:
+        // this one is committed on the state that one leaves.
+        let shared = checks[..i]
+            .iter()
+            .zip(&out[..i])
+            .any(|(c, e)| c.key == check.key && e.admit);
+        if shared {
+            next[i] = Next::OnCommit;
+        }
         // A counter this request would create (once, even if two checks share it).
-        if out[i].admit
-            && cell.is_none()
-            && !checks[..i]
-                .iter()
-                .zip(&out[..i])
-                .any(|(c, e)| c.key == check.key && e.admit)
-        {
-            new += 1;
+        match cell {
+            Some(k) => at[i] = u8::try_from(k).unwrap_or(NO_CELL),
+            None if admit && !shared => new += 1,
+            None => {}
         }
     }
     if !admitted {
@@ -484,21 +718,41 @@ pub(crate) fn decide_locked(
     if new > 0 && !room.reserve(new) {
         return Locked::Full;
     }
-    for (i, check) in checks.iter().enumerate() {
-        if out[i].admit {
-            let g = locks[usize::from(scope_of[i])]
-                .as_deref_mut()
-                .expect("every scope is locked");
-            let t = tag(check.key);
-            let k = match g.cells.find(t) {
-                Some(k) => k,
-                None => g.cells.push(t),
-            };
-            commit(&mut g.cells.as_mut_slice()[k], check, now, lease);
+    for (i, check) in checks.iter().enumerate().take(N) {
+        if !out[i].admit {
+            continue;
+        }
+        let g = groups[usize::from(scope_of[i])]
+            .as_deref_mut()
+            .expect("every scope is locked");
+        let k = match at[i] {
+            NO_CELL => {
+                let t = tag(check.key);
+                match g.cells.find(t) {
+                    Some(k) => k,
+                    None => g.cells.push(t),
+                }
+            }
+            k => usize::from(k),
+        };
+        let cell = &mut g.cells.as_mut_slice()[k];
+        match &next[i] {
+            Next::OnCommit => commit(cell, check, now, lease),
+            &Next::Gcra(tat) => {
+                cell.counter = Counter::Gcra(tat);
+                cell.fresh_at = tat;
+            }
+            &Next::Calendar(state) => {
+                cell.fresh_at = state.end;
+                cell.counter = Counter::Calendar(state);
+            }
         }
     }
     Locked::Decided(true)
 }
+
+/// Marks "no counter yet" in `decide_groups`' index array.
+const NO_CELL: u8 = u8::MAX;
 
 /// Test hook for loom models (A4): counters outside the map, decided through
 /// the same locking path as [`MemoryStore::decide_now`] (papaya cannot run
@@ -531,15 +785,24 @@ impl LoomSlot {
             live: AtomicUsize::new(0),
             max: usize::MAX,
         };
-        match decide_locked(now, &checks[..n], 0, out, &sorted, &scope_of, &room) {
+        match decide_locked::<MAX_LIMITS_PER_REQUEST>(
+            now,
+            &checks[..n],
+            0,
+            out,
+            &sorted,
+            &scope_of,
+            &room,
+        ) {
             Locked::Decided(admitted) => Some(admitted),
             Locked::Dead | Locked::Full => None,
         }
     }
 }
 
-/// Evaluates one check against its counter, without changing it.
-fn evaluate(counter: &Counter, check: &Check, now: Nanos) -> Evaluation {
+/// Evaluates one check against its counter, without changing it, into `out`;
+/// and into `next` the state to write if the request is admitted.
+fn evaluate(counter: &Counter, check: &Check, now: Nanos, out: &mut Evaluation, next: &mut Next) {
     let cost = check.cost;
     match check.params {
         Params::Gcra(rate) => {
@@ -547,31 +810,41 @@ fn evaluate(counter: &Counter, check: &Check, now: Nanos) -> Evaluation {
                 Counter::Gcra(t) => Some(*t),
                 _ => None,
             };
-            gcra(tat, now, cost, &rate).0
+            let (e, tat) = gcra(tat, now, cost, &rate);
+            *out = e;
+            *next = Next::Gcra(tat);
         }
         Params::Sliding(window) => {
             let state = match counter {
                 Counter::Sliding(s) => s,
                 _ => &SlidingState::Empty,
             };
-            state.evaluate(now, cost, &window)
+            // The log is taken from in place on commit (it may hold a ring).
+            *out = state.evaluate(now, cost, &window);
+            *next = Next::OnCommit;
         }
         Params::Calendar { limit, end } => {
             let state = match counter {
                 Counter::Calendar(c) => Some(c),
                 _ => None,
             };
-            calendar_window::evaluate(state, now, cost, limit, end).0
+            let (e, state) = calendar_window::evaluate(state, now, cost, limit, end);
+            *out = e;
+            *next = Next::Calendar(state);
         }
-        Params::Concurrency { limit, .. } => match counter {
-            Counter::Leases(set) => concurrency::evaluate(set, now, cost, limit),
-            _ => concurrency::evaluate(&LeaseSet::default(), now, cost, limit),
-        },
+        Params::Concurrency { limit, .. } => {
+            *out = match counter {
+                Counter::Leases(set) => concurrency::evaluate(set, now, cost, limit),
+                _ => concurrency::evaluate(&LeaseSet::default(), now, cost, limit),
+            };
+            *next = Next::OnCommit;
+        }
     }
 }
 
-/// Takes an admitted check's cost from its counter (evaluated again on the
-/// state as it is now, so two checks on one counter both count).
+/// Takes an admitted check's cost from its counter, evaluated again on the
+/// state as it is now: for leases, and for a counter that an earlier check of
+/// the same request already took from (so that both count).
 fn commit(s: &mut Cell, check: &Check, now: Nanos, lease: u64) {
     let cost = check.cost;
     match check.params {

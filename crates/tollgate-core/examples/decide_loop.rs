@@ -1,0 +1,105 @@
+//! A fixed number of in-process decisions on one key, for instruction
+//! counts: `valgrind --tool=callgrind` runs it in seconds, and its counts do
+//! not move with the machine's load the way the criterion bench's timings do
+//! (`BENCHMARKS.md`, "Instruction counts").
+//!
+//! ```sh
+//! cargo build --profile bench -p tollgate-core --example decide_loop
+//! valgrind --tool=callgrind target/release/examples/decide_loop tollgate-3-limits 200000
+//! ```
+//!
+//! Rows (the same policies, quota and key as `benches/decide.rs`):
+//! `tollgate-1-limit`, `tollgate-3-limits`, `governor`. Run each with 0
+//! iterations too, and subtract: what is left is the cost of the decisions.
+#![allow(clippy::disallowed_methods)] // times itself with `Instant::now`
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use governor::clock::FakeRelativeClock;
+use governor::{Quota, RateLimiter};
+use tollgate_core::policy;
+use tollgate_core::{Engine, ManualClock, MemoryStore, Nanos, Outcome, Request};
+
+const BUCKET: &str = r#"
+[operations.call]
+method = "GET"
+path = "/v1/call"
+
+[limits.bucket]
+algorithm = "token_bucket"
+capacity = 4294967295
+refill = 1000000000
+refill_every = "1s"
+scope = ["account"]
+"#;
+
+const WINDOWS: &str = r#"
+[limits.minute]
+algorithm = "sliding_window"
+limit = 4000000000
+window = "1m"
+scope = ["account"]
+
+[limits.daily]
+algorithm = "calendar_window"
+limit = 1099511627776
+window = "day"
+scope = ["account"]
+"#;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let row = args.next().unwrap_or_else(|| "tollgate-3-limits".into());
+    let iterations: u64 = args
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+    let key = String::from("acct-0000000");
+    let start = Instant::now();
+    let admitted = match row.as_str() {
+        "tollgate-1-limit" | "tollgate-3-limits" => {
+            let src = if row == "tollgate-1-limit" {
+                BUCKET.to_string()
+            } else {
+                format!("{BUCKET}{WINDOWS}")
+            };
+            let policy = policy::parse(&src, "decide_loop.toml").expect("valid policy");
+            let op = policy
+                .operation_for("GET", "/v1/call")
+                .expect("operation matches");
+            let clock = ManualClock::new(Nanos::from_secs(1_700_000_000));
+            let engine = Engine::with_clock(MemoryStore::new(16), clock).with_key_seed(7);
+            let mut admitted = 0u64;
+            for _ in 0..iterations {
+                let req = Request {
+                    account: black_box(&key),
+                    ..Request::new(policy.default_plan, op)
+                };
+                admitted +=
+                    u64::from(engine.decide_now(&policy, &req).outcome == Outcome::Admitted);
+            }
+            admitted
+        }
+        "governor" => {
+            let clock = FakeRelativeClock::default();
+            clock.advance(Duration::from_secs(1_000));
+            let quota = Quota::with_period(Duration::from_nanos(1))
+                .expect("non-zero period")
+                .allow_burst(NonZeroU32::MAX);
+            let limiter = RateLimiter::dashmap_with_clock(quota, clock);
+            let mut admitted = 0u64;
+            for _ in 0..iterations {
+                admitted += u64::from(limiter.check_key(black_box(&key)).is_ok());
+            }
+            admitted
+        }
+        other => panic!("unknown row {other}: tollgate-1-limit, tollgate-3-limits or governor"),
+    };
+    let elapsed = start.elapsed();
+    println!(
+        "{row}: {admitted} of {iterations} admitted in {elapsed:?} ({:.1} ns per decision)",
+        elapsed.as_nanos() as f64 / iterations.max(1) as f64
+    );
+}
