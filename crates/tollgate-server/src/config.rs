@@ -65,6 +65,15 @@ pub struct ServerSection {
     pub max_counters: Option<usize>,
     /// Largest body read to inspect it when an operation has no `max_body` (default `64MB`).
     pub inspect_body_max: Option<String>,
+    /// Invalid-key guard: failed API keys (unknown, revoked, malformed) one
+    /// client address may present before it gets 429 without a lookup
+    /// (default 100; `0` turns the guard off). See [`crate::guard`].
+    pub auth_fail_limit: Option<u64>,
+    /// Invalid-key guard: the budget refills `auth_fail_limit` failures per this
+    /// window (default `1m`).
+    pub auth_fail_window: Option<String>,
+    /// Invalid-key guard: most client addresses tracked at once (default 100,000).
+    pub auth_guard_max_ips: Option<usize>,
 }
 
 /// Resolved server settings.
@@ -96,6 +105,12 @@ pub struct ServerConfig {
     pub admin_token: Option<AdminToken>,
     /// The policy file, watched for reloads; `None` = built-in policy.
     pub policy_path: Option<PathBuf>,
+    /// Invalid-key guard: failures per address per window; 0 = off.
+    pub auth_fail_limit: u64,
+    /// Invalid-key guard: refill window.
+    pub auth_fail_window: Duration,
+    /// Invalid-key guard: most addresses tracked.
+    pub auth_guard_max_ips: usize,
 }
 
 impl Default for ServerConfig {
@@ -114,6 +129,9 @@ impl Default for ServerConfig {
             inspect_body_max: 64_000_000,
             admin_token: None,
             policy_path: None,
+            auth_fail_limit: 100,
+            auth_fail_window: Duration::from_secs(60),
+            auth_guard_max_ips: 100_000,
         }
     }
 }
@@ -195,6 +213,20 @@ impl ServerConfig {
                     "[server] inspect_body_max = \"{v}\" is not a size such as \"64MB\""
                 )),
             }
+        }
+        if let Some(v) = s.auth_fail_limit {
+            self.auth_fail_limit = v;
+        }
+        if let Some(v) = &s.auth_fail_window {
+            match humantime::parse_duration(v) {
+                Ok(d) if !d.is_zero() => self.auth_fail_window = d,
+                _ => errors.push(format!(
+                    "[server] auth_fail_window = \"{v}\" is not a duration such as \"1m\""
+                )),
+            }
+        }
+        if let Some(v) = s.auth_guard_max_ips {
+            self.auth_guard_max_ips = v.max(1);
         }
         if errors.is_empty() {
             Ok(())

@@ -34,6 +34,7 @@ use tollgate_ledger::{Idempotency, ReservationId, ReserveOutcome, StoredResponse
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, json_response};
 use crate::events;
+use crate::metric_cache;
 use crate::metrics::{DecisionLabels, LimitLabels, UpstreamLabels, class};
 use crate::payload;
 use crate::state::{Caller, Shared};
@@ -69,7 +70,8 @@ pub async fn handle(
 async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, ApiError> {
     let policy = st.policy.load_full();
     let (parts, body) = req.into_parts();
-    let caller = st.authenticate(&parts.headers, &policy).await?;
+    let client = client_ip(peer.ip(), &parts.headers, &st.config.trusted_proxies);
+    let caller = st.authenticate(&parts.headers, &policy, client).await?;
     let op_id = policy
         .operation_for(parts.method.as_str(), parts.uri.path())
         .ok_or_else(|| {
@@ -132,7 +134,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     };
 
     // Limits.
-    let ip = client_ip(peer.ip(), &parts.headers, &st.config.trusted_proxies).to_string();
+    let ip = client.to_string();
     let attrs = attribute_values(&policy, op, &parts, &inspection);
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
     let decision = decide(st, &policy, op_id, &caller, &ip, &attr_refs).await;
@@ -399,36 +401,34 @@ pub async fn record_decision(
     d: &Decision,
     account: Option<&str>,
 ) {
-    let outcome = match d.outcome {
-        Outcome::Admitted => "allowed",
-        Outcome::Forwarded { .. } => "forwarded",
-        Outcome::Rejected { .. } => "rejected",
-        Outcome::CostAboveCapacity { .. } => "cost_above_capacity",
-        Outcome::StoreUnavailable => "store_unavailable",
+    let outcome = metric_cache::outcome_index(&d.outcome);
+    let counters = st.counters.for_policy(policy, || st.policy.load_full());
+    match &counters {
+        Some(c) => c.decision(&st.metrics, plan, op, outcome).inc(),
+        None => st
+            .metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                plan: policy.plans[usize::from(plan)].name.clone(),
+                operation: policy.operations[usize::from(op)].name.clone(),
+                outcome: metric_cache::OUTCOMES[outcome].to_owned(),
+            })
+            .inc(),
     };
-    st.metrics
-        .decisions
-        .get_or_create(&DecisionLabels {
-            plan: policy.plans[usize::from(plan)].name.clone(),
-            operation: policy.operations[usize::from(op)].name.clone(),
-            outcome: outcome.to_owned(),
-        })
-        .inc();
     for r in d.results() {
         let name = &policy.limits[usize::from(r.limit)].name;
-        let result = match (r.exceeded(), r.mode) {
-            (false, _) => "within",
-            (true, Mode::Enforce) => "over",
-            (true, Mode::Soft) => "soft",
-            (true, Mode::Shadow) => "shadow",
+        let result = metric_cache::result_index(r.exceeded(), r.mode);
+        match &counters {
+            Some(c) => c.limit(&st.metrics, r.limit, result).inc(),
+            None => st
+                .metrics
+                .limits
+                .get_or_create(&LimitLabels {
+                    limit: name.clone(),
+                    result: metric_cache::RESULTS[result].to_owned(),
+                })
+                .inc(),
         };
-        st.metrics
-            .limits
-            .get_or_create(&LimitLabels {
-                limit: name.clone(),
-                result: result.to_owned(),
-            })
-            .inc();
         let Some(account) = account else { continue };
         if r.exceeded() && r.mode == Mode::Soft && st.events.soft_crossed(account, name, d.now) {
             events::record(

@@ -4,6 +4,7 @@
 mod admin;
 mod credits;
 mod hardening;
+mod invalid_keys;
 mod replicas;
 mod secrets;
 mod support;
