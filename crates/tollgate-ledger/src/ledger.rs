@@ -51,6 +51,10 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 const KEY_CACHE_CAPACITY: u64 = 100_000;
 /// Cached account identities (entries, ≈ 300 B each), positive and negative.
 const ACCOUNT_CACHE_CAPACITY: u64 = 100_000;
+/// Ids of keys that exist, remembered for [`KNOWN_ID_TTL`] (entries ≈ 100 B).
+const KNOWN_ID_CAPACITY: u64 = 100_000;
+/// How long a key id that was found in the database is remembered as real.
+const KNOWN_ID_TTL: Duration = Duration::from_secs(3600);
 /// SQLite waits this long for the write lock before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 const SQLITE_MAX_CONNECTIONS: u32 = 8;
@@ -74,8 +78,12 @@ pub(crate) struct Inner {
     pub(crate) backend: Backend,
     keys: Cache<String, CachedKey>,
     accounts: Cache<String, Option<Arc<KeyIdentity>>>,
+    /// Ids of keys found in the database lately (see [`Ledger::key_id_known`]).
+    known_ids: Cache<String, ()>,
     /// Database operations run (see [`Ledger::db_queries`]).
     queries: AtomicU64,
+    /// Key and account reads for identification (see [`Ledger::identity_lookups`]).
+    lookups: AtomicU64,
 }
 
 impl Inner {
@@ -238,12 +246,18 @@ impl Ledger {
             .max_capacity(ACCOUNT_CACHE_CAPACITY)
             .time_to_live(REVOCATION_BOUND)
             .build();
+        let known_ids = Cache::builder()
+            .max_capacity(KNOWN_ID_CAPACITY)
+            .time_to_live(KNOWN_ID_TTL)
+            .build();
         Ledger {
             inner: Arc::new(Inner {
                 backend,
                 keys,
                 accounts,
+                known_ids,
                 queries: AtomicU64::new(0),
+                lookups: AtomicU64::new(0),
             }),
         }
     }
@@ -331,6 +345,14 @@ impl Ledger {
     /// (malformed keys) or touches it a bounded number of times (negative cache).
     pub fn db_queries(&self) -> u64 {
         self.inner.queries.load(Ordering::Relaxed)
+    }
+
+    /// Database reads made to identify a caller: key lookups by
+    /// [`Ledger::verify_key`] and account reads by [`Ledger::account_identity`]
+    /// (cache misses only; background work such as expiring reservations is
+    /// not counted here but in [`Ledger::db_queries`]).
+    pub fn identity_lookups(&self) -> u64 {
+        self.inner.lookups.load(Ordering::Relaxed)
     }
 
     /// `"sqlite"` or `"postgres"`.
@@ -455,6 +477,7 @@ impl Ledger {
             return Ok(hit);
         }
         let load = || async {
+            self.inner.lookups.fetch_add(1, Ordering::Relaxed);
             Ok::<_, LedgerError>(self.account(id).await?.map(|a| {
                 Arc::new(KeyIdentity {
                     key_id: String::new(),
@@ -685,6 +708,18 @@ impl Ledger {
         Some(Self::judge(&parsed, cached))
     }
 
+    /// Whether the presented key's public id belonged to a real key (valid or
+    /// revoked) when it was last looked up, within the last hour: no database
+    /// work. Such ids are a bounded set chosen by the operator, not by a
+    /// client, so an abuse guard may let them be looked up (at most once per
+    /// id per [`REVOCATION_BOUND`]) even from a client it otherwise blocks.
+    pub fn key_id_known(&self, presented: &str) -> bool {
+        match key::parse_id(presented) {
+            Some(id) => self.inner.known_ids.contains_key(id),
+            None => false,
+        }
+    }
+
     fn judge(parsed: &key::Parsed<'_>, cached: CachedKey) -> KeyCheck {
         match cached {
             CachedKey::Missing => KeyCheck::Unknown,
@@ -707,6 +742,7 @@ impl Ledger {
     }
 
     async fn load_key(&self, id: &str) -> Result<CachedKey, LedgerError> {
+        self.inner.lookups.fetch_add(1, Ordering::Relaxed);
         type Row = (
             String,
             Option<i64>,
@@ -734,6 +770,7 @@ impl Ledger {
         let Some(secret_sha256) = key::decode_stored(&hash) else {
             return Ok(CachedKey::Missing);
         };
+        self.inner.known_ids.insert(id.to_owned(), ()).await;
         Ok(CachedKey::Known {
             secret_sha256,
             revoked: revoked_at.is_some(),

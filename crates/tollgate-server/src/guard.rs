@@ -2,13 +2,15 @@
 //! before any database work.
 //!
 //! Every request whose key is not a known-good cached key (a cache miss, a
-//! malformed key, an unknown or revoked one) first asks the guard whether its
-//! client address is over its failure budget; if it is, tollgate answers 429
+//! malformed key, an unknown or revoked one) first takes a token from its
+//! client address's failure budget; when there is none, tollgate answers 429
 //! (`too_many_invalid_keys`, with `Retry-After`) without looking the key up.
-//! Each key that then turns out unknown or revoked takes one token from the
-//! address's bucket. Keys that are valid cost nothing, and a valid key already
-//! in the ledger's key cache passes even from a blocked address (a shared NAT
-//! with one scanner behind it does not lock out the others' working keys).
+//! A key that turns out valid gives its token back, so only unknown, revoked
+//! and malformed keys spend the budget. Keys whose public id the ledger has
+//! found in the database within the last hour skip the guard (their lookups
+//! are bounded by the number of real keys, at most one per id per
+//! `REVOCATION_BOUND`), so a shared NAT with one scanner behind it does not
+//! lock out the others' working keys; a revoked key's id also skips it.
 //!
 //! The budget is a token bucket per address: `auth_fail_limit` failures, refilled
 //! at `auth_fail_limit` per `auth_fail_window` (`[server]` in the policy file;
@@ -66,20 +68,15 @@ impl AuthGuard {
         }
     }
 
-    /// How long `ip` must wait when it is over its failure budget at `now`;
-    /// `None` when it may present an unverified key. Changes nothing.
-    pub fn blocked(&self, ip: IpAddr, now: Nanos) -> Option<Duration> {
-        let rate = self.rate.as_ref()?;
-        let buckets = self.buckets.pin();
-        let tat = buckets.get(&slot(ip))?.load(Ordering::Acquire);
-        let (eval, _) = gcra(Some(Nanos(tat)), now, 1, rate);
-        (!eval.admit).then_some(eval.retry_after)
-    }
-
-    /// Records one failed key (unknown, revoked, malformed) from `ip` at `now`.
-    pub fn fail(&self, ip: IpAddr, now: Nanos) {
+    /// Takes one token from `ip`'s failure budget at `now`, before a key that
+    /// is not known to be good is looked up: `Err(wait)` when `ip` is over its
+    /// budget (answer 429, look nothing up). A key that turns out valid gives
+    /// its token back with [`AuthGuard::refund`]; a failed one keeps it taken.
+    /// Taking before the lookup (not after it) keeps the bound exact under
+    /// concurrency: lookups from one address ≤ its budget plus its refill.
+    pub fn acquire(&self, ip: IpAddr, now: Nanos) -> Result<(), Duration> {
         let Some(rate) = self.rate.as_ref() else {
-            return;
+            return Ok(());
         };
         let key = slot(ip);
         let buckets = self.buckets.pin();
@@ -89,7 +86,9 @@ impl AuthGuard {
                 if buckets.len() >= self.max_ips {
                     self.sweep_if_due(now);
                     if buckets.len() >= self.max_ips {
-                        return;
+                        // Every slot holds an address over budget: fail open
+                        // (the ledger's negative cache still bounds lookups).
+                        return Ok(());
                     }
                 }
                 buckets.get_or_insert(key, AtomicU64::new(0))
@@ -99,13 +98,27 @@ impl AuthGuard {
         loop {
             let (eval, next) = gcra(Some(Nanos(current)), now, 1, rate);
             if !eval.admit {
-                return;
+                return Err(eval.retry_after);
             }
             match cell.compare_exchange_weak(current, next.0, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return,
+                Ok(_) => return Ok(()),
                 Err(seen) => current = seen,
             }
+        }
+    }
+
+    /// Gives back the token of an [`AuthGuard::acquire`] whose key was valid
+    /// (or whose lookup failed for the database's own reasons).
+    pub fn refund(&self, ip: IpAddr) {
+        let Some(rate) = self.rate.as_ref() else {
+            return;
+        };
+        let buckets = self.buckets.pin();
+        if let Some(cell) = buckets.get(&slot(ip)) {
+            let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(rate.interval))
+            });
         }
     }
 
@@ -160,47 +173,45 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().expect("ip");
         let other: IpAddr = "10.0.0.2".parse().expect("ip");
         for _ in 0..3 {
-            assert_eq!(g.blocked(ip, at(100)), None);
-            g.fail(ip, at(100));
+            assert_eq!(g.acquire(ip, at(100)), Ok(()));
         }
-        let wait = g.blocked(ip, at(100)).expect("over budget");
+        let wait = g.acquire(ip, at(100)).expect_err("over budget");
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
-        assert_eq!(g.blocked(other, at(100)), None, "per address");
+        assert_eq!(g.acquire(other, at(100)), Ok(()), "per address");
+        // A valid key gives its token back.
+        g.refund(ip);
+        assert_eq!(g.acquire(ip, at(100)), Ok(()));
+        assert!(g.acquire(ip, at(100)).is_err());
         // One token back after a second (3 per 3 s).
-        assert_eq!(g.blocked(ip, at(101)), None);
+        assert_eq!(g.acquire(ip, at(101)), Ok(()));
         // Full again after the window: swept.
-        assert_eq!(g.sweep(at(103)), 0);
+        assert_eq!(g.sweep(at(104)), 0);
     }
 
     #[test]
     fn ipv6_counts_per_64_and_mapped_v4_as_v4() {
         let g = AuthGuard::new(1, Duration::from_secs(60), 10);
-        g.fail("2001:db8:1:2::1".parse().expect("ip"), at(5));
-        assert!(
-            g.blocked("2001:db8:1:2:ffff::9".parse().expect("ip"), at(5))
-                .is_some()
-        );
-        assert!(
-            g.blocked("2001:db8:1:3::1".parse().expect("ip"), at(5))
-                .is_none()
-        );
-        g.fail("::ffff:10.1.1.1".parse().expect("ip"), at(5));
-        assert!(g.blocked("10.1.1.1".parse().expect("ip"), at(5)).is_some());
-        assert_eq!(g.tracked(), 2);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(g.acquire(ip("2001:db8:1:2::1"), at(5)).is_ok());
+        assert!(g.acquire(ip("2001:db8:1:2:ffff::9"), at(5)).is_err());
+        assert!(g.acquire(ip("2001:db8:1:3::1"), at(5)).is_ok());
+        assert!(g.acquire(ip("::ffff:10.1.1.1"), at(5)).is_ok());
+        assert!(g.acquire(ip("10.1.1.1"), at(5)).is_err());
+        assert_eq!(g.tracked(), 3);
     }
 
     #[test]
     fn bounded_and_disabled() {
         let g = AuthGuard::new(1, Duration::from_secs(60), 2);
         for i in 0..10u8 {
-            g.fail(IpAddr::from([10, 0, 0, i]), at(1));
+            assert!(g.acquire(IpAddr::from([10, 0, 0, i]), at(1)).is_ok());
         }
         assert_eq!(g.tracked(), 2, "never more than max_ips addresses");
         let off = AuthGuard::new(0, Duration::from_secs(60), 2);
         let ip: IpAddr = "10.0.0.1".parse().expect("ip");
         for _ in 0..10 {
-            off.fail(ip, at(1));
+            assert!(off.acquire(ip, at(1)).is_ok());
         }
-        assert_eq!((off.blocked(ip, at(1)), off.tracked()), (None, 0));
+        assert_eq!(off.tracked(), 0);
     }
 }

@@ -88,9 +88,10 @@ impl AppState {
     }
 
     /// Verifies an API key presented from client address `ip`: a key in the
-    /// ledger's cache that is valid passes at once; anything else first passes
-    /// the invalid-key guard (429 when `ip` is over its budget, before any
-    /// database work), then is verified, and a failure takes from `ip`'s budget.
+    /// ledger's cache that is valid passes at once; a key whose id is not known
+    /// to be real first takes a token from `ip`'s invalid-key budget (429 when
+    /// there is none, before any database work), then is verified; a valid
+    /// key gives the token back.
     ///
     /// # Errors
     /// As [`AppState::authenticate`].
@@ -104,8 +105,11 @@ impl AppState {
         if let Some(KeyCheck::Valid(identity)) = cached {
             return Ok(self.caller(Arc::new(identity), policy));
         }
+        // Ids of real keys (seen in the database lately) skip the guard: their
+        // lookups are bounded by the key count, not by what a client sends.
+        let guarded = !self.ledger.key_id_known(key);
         let now = self.engine.clock().now();
-        if let Some(wait) = self.guard.blocked(ip, now) {
+        if guarded && let Err(wait) = self.guard.acquire(ip, now) {
             let retry = tollgate_core::clock::ceil_secs(wait).max(1);
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -118,26 +122,33 @@ impl AppState {
         }
         let check = match cached {
             Some(c) => c,
-            None => self.ledger.verify_key(key).await?,
+            None => match self.ledger.verify_key(key).await {
+                Ok(c) => c,
+                Err(e) => {
+                    if guarded {
+                        self.guard.refund(ip);
+                    }
+                    return Err(e.into());
+                }
+            },
         };
         match check {
-            KeyCheck::Valid(identity) => Ok(self.caller(Arc::new(identity), policy)),
-            KeyCheck::Revoked { .. } => {
-                self.guard.fail(ip, now);
-                Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "revoked_key",
-                    "this API key has been revoked",
-                ))
+            KeyCheck::Valid(identity) => {
+                if guarded {
+                    self.guard.refund(ip);
+                }
+                Ok(self.caller(Arc::new(identity), policy))
             }
-            KeyCheck::Unknown => {
-                self.guard.fail(ip, now);
-                Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unknown_key",
-                    "this API key is not valid",
-                ))
-            }
+            KeyCheck::Revoked { .. } => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "revoked_key",
+                "this API key has been revoked",
+            )),
+            KeyCheck::Unknown => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unknown_key",
+                "this API key is not valid",
+            )),
         }
     }
 

@@ -1,7 +1,9 @@
 //! RELIABILITY-PLAN F3 at CI size: a flood of invalid API keys (random
 //! garbage, wrong checksum, right prefix with a wrong secret, well-formed
 //! unknown ids) against the proxy, with the ledger's database operation
-//! counter (`Ledger::db_queries`) and the counter store's live counters.
+//! counters (`Ledger::identity_lookups`: key and account reads; and
+//! `Ledger::db_queries`: every database operation, background work included)
+//! and the counter store's live counters.
 //!
 //! Figures asserted: database lookups for checksum-invalid keys = 0; for
 //! well-formed unknown keys ≤ 1 per key id per negative-cache TTL
@@ -26,6 +28,9 @@ use crate::support::TOKEN;
 
 /// Invalid keys per test (RELIABILITY-PLAN's 1 M, scaled for CI).
 const FLOOD: usize = 20_000;
+/// Unknown keys sprayed from one address at the guard (it stops all but its
+/// budget, so a smaller flood shows the same bound in less CI time).
+const SPRAY: usize = 5_000;
 /// Requests in flight at once.
 const CONCURRENCY: usize = 16;
 
@@ -114,6 +119,11 @@ impl Gate {
     }
 
     fn queries(&self) -> u64 {
+        self.running.state.ledger.identity_lookups()
+    }
+
+    /// Every database operation, housekeeping included.
+    fn all_queries(&self) -> u64 {
         self.running.state.ledger.db_queries()
     }
 
@@ -160,12 +170,22 @@ async fn f3_invalid_keys_cost_no_lookups_and_no_limiter_state() {
 
     // 1. Checksum-invalid keys: no database operation at all.
     let before = gate.queries();
+    let all_before = gate.all_queries();
     let keys: Vec<String> = (0..FLOOD).map(|i| checksum_invalid(&mut rng, i)).collect();
+    let started = tokio::time::Instant::now();
     let statuses = gate.flood(keys).await;
     let lookups = gate.queries() - before;
-    println!("F3 checksum-invalid: {FLOOD} keys, {lookups} database operations");
+    let all = gate.all_queries() - all_before;
+    // Housekeeping (every 5 s: expire reservations, flush events) is the only
+    // other database work: at most two operations per tick.
+    let ticks = started.elapsed().as_secs() / 5 + 2;
+    println!(
+        "F3 checksum-invalid: {FLOOD} keys in {:?}: {lookups} key lookups, {all} database operations in all ({ticks} housekeeping ticks)",
+        started.elapsed()
+    );
     assert_eq!(count(&statuses, 401), FLOOD, "every invalid key is 401");
     assert_eq!(lookups, 0, "checksum-invalid keys must not reach the database");
+    assert!(all <= 2 * ticks, "{all} database operations beside housekeeping");
 
     // 2. Right prefix (a real key id), wrong secret: the id is cached, so no
     //    lookup either while it stays cached.
@@ -178,7 +198,7 @@ async fn f3_invalid_keys_cost_no_lookups_and_no_limiter_state() {
     let lookups = gate.queries() - before;
     let ttls = started.elapsed().as_secs_f64() / tollgate_ledger::REVOCATION_BOUND.as_secs_f64();
     println!(
-        "F3 right prefix, wrong secret: 2000 keys in {:.1} TTLs, {lookups} database operations",
+        "F3 right prefix, wrong secret: 2000 keys in {:.1} TTLs, {lookups} key lookups",
         ttls
     );
     assert_eq!(count(&statuses, 401), 2_000);
@@ -203,7 +223,7 @@ async fn f3_invalid_keys_cost_no_lookups_and_no_limiter_state() {
     let statuses = gate.flood(tripled).await;
     let lookups = gate.queries() - before;
     println!(
-        "F3 well-formed unknown: {ids} ids x 3 requests, {lookups} database operations ({:.3} per id)",
+        "F3 well-formed unknown: {ids} ids x 3 requests, {lookups} key lookups ({:.3} per id)",
         lookups as f64 / ids as f64
     );
     assert_eq!(count(&statuses, 401), 3 * ids);
@@ -213,10 +233,11 @@ async fn f3_invalid_keys_cost_no_lookups_and_no_limiter_state() {
     );
 
     // 4. No limiter state for any of them; the real key still works.
-    assert_eq!(
-        gate.live_counters(),
-        live,
-        "unknown keys created limiter state"
+    // (≤: the housekeeping sweep may drop the real key's counters meanwhile.)
+    assert!(
+        gate.live_counters() <= live,
+        "unknown keys created limiter state: {} live counters, {live} before",
+        gate.live_counters()
     );
     assert_eq!(Gate::get(&gate.client, gate.running.addr, real.key.expose()).await, 200);
     gate.running.shutdown().await;
@@ -238,7 +259,7 @@ async fn f3_invalid_keys_are_limited_by_address_before_the_database() {
 
     // Well-formed unknown ids (the kind that needs a lookup), all distinct.
     let before = gate.queries();
-    let keys: Vec<String> = (0..FLOOD)
+    let keys: Vec<String> = (0..SPRAY)
         .map(|_| forge_for_test(&rng.base62(12), &rng.base62(32)))
         .collect();
     let started = tokio::time::Instant::now();
@@ -247,10 +268,10 @@ async fn f3_invalid_keys_are_limited_by_address_before_the_database() {
     let elapsed = started.elapsed();
     let (refused, limited) = (count(&statuses, 401), count(&statuses, 429));
     println!(
-        "F3 guard: {FLOOD} unknown keys from one address: {refused} x 401, {limited} x 429, \
-         {lookups} database operations (budget {budget})"
+        "F3 guard: {SPRAY} unknown keys from one address: {refused} x 401, {limited} x 429, \
+         {lookups} key lookups (budget {budget})"
     );
-    assert_eq!(refused + limited, FLOOD);
+    assert_eq!(refused + limited, SPRAY);
     // The budget, plus what refills while the flood runs (budget per window).
     let window = defaults.auth_fail_window.as_secs_f64();
     let allowed = budget + (budget as f64 * elapsed.as_secs_f64() / window).ceil() as u64;
@@ -259,11 +280,17 @@ async fn f3_invalid_keys_are_limited_by_address_before_the_database() {
         lookups <= allowed,
         "{lookups} lookups: the guard did not stop the flood before the database"
     );
-    assert!(limited >= FLOOD - allowed as usize);
-    assert_eq!(gate.live_counters(), live, "no limiter state per unknown key");
+    assert!(limited >= SPRAY - allowed as usize);
+    assert!(
+        gate.live_counters() <= live,
+        "limiter state per unknown key: {} live counters, {live} before",
+        gate.live_counters()
+    );
     assert_eq!(gate.running.state.guard.tracked(), 1, "one address tracked");
 
-    // The blocked address: 429 with Retry-After, but its cached good key passes.
+    // The blocked address: 429 with Retry-After for unknown keys, but a real
+    // key still passes (its id is known to the ledger; its cache entry has
+    // expired long since, so this is a fresh lookup).
     let req = http::Request::get(format!("http://{}/hello", gate.running.addr))
         .header("x-api-key", forge_for_test(&rng.base62(12), &rng.base62(32)))
         .body(Empty::new())
