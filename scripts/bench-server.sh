@@ -5,7 +5,8 @@
 #
 # Needs: wrk, nginx (Debian: apt-get install -y wrk nginx-light), curl, and a
 # release build:
-#   cargo build --release -p tollgate -p tollgate-server --example bare_hyper
+#   cargo build --release -p tollgate --bin tollgate
+#   cargo build --release -p tollgate-server --example bare_hyper
 #
 # Usage: scripts/bench-server.sh [TARGET_DIR] [DURATION]   (default: target, 10s)
 # Servers run on core 0, wrk on core 1 (taskset).
@@ -25,10 +26,20 @@ trap cleanup EXIT
 
 UP=18190 TG=18180 ADMIN=18181 NGX=18280
 wait_port() { for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
-run_wrk() { # label, wrk args...
-  local label=$1; shift
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+run_wrk() { # label, server pid (its CPU time is measured), wrk args...
+  local label=$1 pid=$2; shift 2
   echo "### $label"
-  taskset -c 1 wrk -t1 "$@" | grep -E "Requests/sec|^ +(50|90|99)%|Latency  " || true
+  local t0 t1 out reqs
+  t0=$(cpu_ticks "$pid")
+  out=$(taskset -c 1 wrk -t1 "$@")
+  t1=$(cpu_ticks "$pid")
+  echo "$out" | grep -E "Requests/sec|^ +(50|90|99)%" || true
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  # Server CPU (user + system) per request, microseconds: robust to other
+  # load on the machine, unlike requests/s.
+  awk -v t="$((t1 - t0))" -v n="$reqs" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { if (n > 0) printf "    server CPU per request: %.2f us (%d requests)\n", t / hz * 1e6 / n, n }'
 }
 
 cat >"$WORK/check.lua" <<'EOF'
@@ -79,7 +90,7 @@ http {
 }
 EOF
 
-taskset -c 0 "$BIN/examples/bare_hyper" 127.0.0.1:$UP 2>/dev/null & PIDS+=($!)
+taskset -c 0 "$BIN/examples/bare_hyper" 127.0.0.1:$UP 2>/dev/null & BARE=$!; PIDS+=($BARE)
 wait_port $UP
 
 # Part 1: decision API on the built-in policy.
@@ -94,36 +105,37 @@ sed "s/\"account\":\"bench\"/\"key\":\"$KEY\"/" "$WORK/check.lua" >"$WORK/checkk
 
 for round in 1 2; do
   echo "## decision API, round $round"
-  run_wrk "bare hyper -c32" -c32 -d"$DUR" --latency -s "$WORK/check.lua" http://127.0.0.1:$UP/v1/check
-  run_wrk "tollgate by account -c32" -c32 -d"$DUR" --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
-  run_wrk "tollgate by key -c32" -c32 -d"$DUR" --latency -s "$WORK/checkkey.lua" http://127.0.0.1:$TG/v1/check
+  run_wrk "bare hyper -c32" $BARE -c32 -d"$DUR" --latency -s "$WORK/check.lua" http://127.0.0.1:$UP/v1/check
+  run_wrk "tollgate by account -c32" $TG1 -c32 -d"$DUR" --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
+  run_wrk "tollgate by key -c32" $TG1 -c32 -d"$DUR" --latency -s "$WORK/checkkey.lua" http://127.0.0.1:$TG/v1/check
 done
 echo "## decision API, low load"
-run_wrk "bare hyper -c4" -c4 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$UP/v1/check
-run_wrk "tollgate by account -c1" -c1 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
-run_wrk "tollgate by account -c4" -c4 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
-run_wrk "tollgate by key -c4" -c4 -d5s --latency -s "$WORK/checkkey.lua" http://127.0.0.1:$TG/v1/check
+run_wrk "bare hyper -c4" $BARE -c4 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$UP/v1/check
+run_wrk "tollgate by account -c1" $TG1 -c1 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
+run_wrk "tollgate by account -c4" $TG1 -c4 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
+run_wrk "tollgate by key -c4" $TG1 -c4 -d5s --latency -s "$WORK/checkkey.lua" http://127.0.0.1:$TG/v1/check
 kill $TG1; wait $TG1 2>/dev/null || true
 
 # Part 2: proxy vs nginx limit_req, same upstream.
 TOLLGATE_ADMIN_TOKEN=t taskset -c 0 "$BIN/tollgate" serve --config "$WORK/policy.toml" \
   --upstream http://127.0.0.1:$UP --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$ADMIN \
-  --data-dir "$WORK/data2" 2>"$WORK/tg2.log" & PIDS+=($!)
+  --data-dir "$WORK/data2" 2>"$WORK/tg2.log" & TG2=$!; PIDS+=($TG2)
 wait_port $ADMIN
 curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts -H 'Authorization: Bearer t' \
   -H 'content-type: application/json' -d '{"id":"bench","plan":"default"}' >/dev/null
 KEY=$(curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts/bench/keys -H 'Authorization: Bearer t' \
   | sed -E 's/.*"key":"([^"]+)".*/\1/')
-taskset -c 0 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+taskset -c 0 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' & NGM=$!; PIDS+=($NGM)
 wait_port $NGX
+NGW=$(pgrep -P $NGM | head -1)   # the one worker
 
 for round in 1 2; do
   echo "## proxy, round $round"
-  run_wrk "upstream alone -c32" -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$UP/x
-  run_wrk "nginx limit_req -c32" -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
-  run_wrk "tollgate proxy -c32" -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$TG/x
+  run_wrk "upstream alone -c32" $BARE -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$UP/x
+  run_wrk "nginx limit_req -c32" $NGW -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
+  run_wrk "tollgate proxy -c32" $TG2 -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$TG/x
 done
 echo "## proxy, one connection"
-run_wrk "upstream alone -c1" -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$UP/x
-run_wrk "nginx limit_req -c1" -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
-run_wrk "tollgate proxy -c1" -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$TG/x
+run_wrk "upstream alone -c1" $BARE -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$UP/x
+run_wrk "nginx limit_req -c1" $NGW -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
+run_wrk "tollgate proxy -c1" $TG2 -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$TG/x

@@ -741,12 +741,25 @@ fn build_request(
 ) -> Result<http::Request<Body>, ApiError> {
     let base = &st.upstream;
     let prefix = base.path().trim_end_matches('/');
-    let pq = req.parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = http::Uri::builder()
-        .scheme(base.scheme_str().unwrap_or("http"))
-        .authority(base.authority().map_or("127.0.0.1", |a| a.as_str()))
-        .path_and_query(format!("{prefix}{pq}"))
-        .build()
+    let original = req.parts.uri.path_and_query();
+    let path_and_query = match original {
+        // No prefix: the request's own path and query, shared (no copy, no parse).
+        Some(pq) if prefix.is_empty() => pq.clone(),
+        _ => {
+            let pq = original.map_or("/", |p| p.as_str());
+            http::uri::PathAndQuery::try_from(format!("{prefix}{pq}"))
+                .map_err(|_| ApiError::bad_request("request path cannot be forwarded"))?
+        }
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
+    uri.authority = Some(
+        base.authority()
+            .cloned()
+            .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1")),
+    );
+    uri.path_and_query = Some(path_and_query);
+    let uri = http::Uri::from_parts(uri)
         .map_err(|_| ApiError::bad_request("request path cannot be forwarded"))?;
     let mut out = http::Request::builder()
         .method(req.parts.method.clone())
