@@ -89,7 +89,8 @@ impl IntoResponse for ApiError {
         error.extend(self.extra);
         let mut r = json_response(self.status, &json!({ "error": error }));
         if let Some(s) = retry {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         r
     }

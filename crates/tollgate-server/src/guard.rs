@@ -100,8 +100,7 @@ impl AuthGuard {
             if !eval.admit {
                 return Err(eval.retry_after);
             }
-            match cell.compare_exchange_weak(current, next.0, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match cell.compare_exchange_weak(current, next.0, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(()),
                 Err(seen) => current = seen,
             }

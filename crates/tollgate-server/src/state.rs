@@ -82,8 +82,7 @@ impl AppState {
         policy: &CompiledPolicy,
         ip: IpAddr,
     ) -> Result<Caller, ApiError> {
-        let key =
-            presented_key(headers, &policy.key_header).ok_or_else(|| missing_key(policy))?;
+        let key = presented_key(headers, &policy.key_header).ok_or_else(|| missing_key(policy))?;
         self.authenticate_key(key, policy, ip).await
     }
 

@@ -164,7 +164,10 @@ fn count(statuses: &[u16], status: u16) -> usize {
 async fn f3_invalid_keys_cost_no_lookups_and_no_limiter_state() {
     let gate = Gate::start(0).await;
     let real = gate.account_key("victim").await;
-    assert_eq!(Gate::get(&gate.client, gate.running.addr, real.key.expose()).await, 200);
+    assert_eq!(
+        Gate::get(&gate.client, gate.running.addr, real.key.expose()).await,
+        200
+    );
     let live = gate.live_counters();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
 
@@ -184,8 +187,14 @@ async fn f3_invalid_keys_cost_no_lookups_and_no_limiter_state() {
         started.elapsed()
     );
     assert_eq!(count(&statuses, 401), FLOOD, "every invalid key is 401");
-    assert_eq!(lookups, 0, "checksum-invalid keys must not reach the database");
-    assert!(all <= 2 * ticks, "{all} database operations beside housekeeping");
+    assert_eq!(
+        lookups, 0,
+        "checksum-invalid keys must not reach the database"
+    );
+    assert!(
+        all <= 2 * ticks,
+        "{all} database operations beside housekeeping"
+    );
 
     // 2. Right prefix (a real key id), wrong secret: the id is cached, so no
     //    lookup either while it stays cached.
@@ -239,7 +248,10 @@ async fn f3_invalid_keys_cost_no_lookups_and_no_limiter_state() {
         "unknown keys created limiter state: {} live counters, {live} before",
         gate.live_counters()
     );
-    assert_eq!(Gate::get(&gate.client, gate.running.addr, real.key.expose()).await, 200);
+    assert_eq!(
+        Gate::get(&gate.client, gate.running.addr, real.key.expose()).await,
+        200
+    );
     gate.running.shutdown().await;
 }
 
@@ -253,7 +265,10 @@ async fn f3_invalid_keys_are_limited_by_address_before_the_database() {
     let gate = Gate::start(budget).await;
     let good = gate.account_key("good").await;
     let other = gate.account_key("other").await;
-    assert_eq!(Gate::get(&gate.client, gate.running.addr, good.key.expose()).await, 200);
+    assert_eq!(
+        Gate::get(&gate.client, gate.running.addr, good.key.expose()).await,
+        200
+    );
     let live = gate.live_counters();
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
 
@@ -292,7 +307,10 @@ async fn f3_invalid_keys_are_limited_by_address_before_the_database() {
     // key still passes (its id is known to the ledger; its cache entry has
     // expired long since, so this is a fresh lookup).
     let req = http::Request::get(format!("http://{}/hello", gate.running.addr))
-        .header("x-api-key", forge_for_test(&rng.base62(12), &rng.base62(32)))
+        .header(
+            "x-api-key",
+            forge_for_test(&rng.base62(12), &rng.base62(32)),
+        )
         .body(Empty::new())
         .expect("request");
     let resp = gate.client.request(req).await.expect("answer");
@@ -301,7 +319,10 @@ async fn f3_invalid_keys_are_limited_by_address_before_the_database() {
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(v["error"]["code"], "too_many_invalid_keys", "{v}");
-    assert_eq!(Gate::get(&gate.client, gate.running.addr, good.key.expose()).await, 200);
+    assert_eq!(
+        Gate::get(&gate.client, gate.running.addr, good.key.expose()).await,
+        200
+    );
 
     // Another address is not affected, even with a key not yet cached.
     let mut http = HttpConnector::new();
