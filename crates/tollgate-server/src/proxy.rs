@@ -61,7 +61,9 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    match proxy(&st, peer, req).await {
+    // The proxy future is large (every await point's locals); boxing it here
+    // moves it once instead of copying it through axum's handler layers.
+    match Box::pin(proxy(&st, peer, req)).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
