@@ -54,6 +54,7 @@ macro_rules! write_tx {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            $ledger.inner.count_query();
             let result = match &$ledger.inner.backend {
                 $crate::backend::Backend::Sqlite(pool) => {
                     $crate::backend::typed(async {
@@ -85,15 +86,19 @@ macro_rules! write_tx {
 
 /// `read!(ledger, |db| body)`: runs `body` with `db` bound to the pool (an
 /// executor for single statements, each its own snapshot).
+///
+/// Both macros count one database operation per run (a read, or one attempt
+/// of a write transaction): [`Ledger::db_queries`](crate::Ledger::db_queries).
 macro_rules! read {
-    ($ledger:expr, |$db:ident| $body:expr) => {
+    ($ledger:expr, |$db:ident| $body:expr) => {{
+        $ledger.inner.count_query();
         match &$ledger.inner.backend {
             $crate::backend::Backend::Sqlite($db) => $crate::backend::typed(async { $body }).await,
             $crate::backend::Backend::Postgres($db) => {
                 $crate::backend::typed(async { $body }).await
             }
         }
-    };
+    }};
 }
 
 pub(crate) use read;

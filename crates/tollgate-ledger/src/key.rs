@@ -129,24 +129,29 @@ pub(crate) struct Parsed<'a> {
 
 /// Checks shape and checksum; `None` for anything that is not a well-formed key.
 pub(crate) fn parse(presented: &str) -> Option<Parsed<'_>> {
-    if presented.len() != KEY_LEN || !presented.starts_with(KEY_PREFIX) {
-        return None;
-    }
-    let rest = &presented.as_bytes()[KEY_PREFIX.len()..];
-    if !rest.iter().all(u8::is_ascii_alphanumeric) {
-        return None;
-    }
-    let body_len = KEY_LEN - CHECKSUM_LEN;
-    let (body, sum) = presented.split_at(body_len);
-    if checksum(body).as_slice() != sum.as_bytes() {
-        return None;
-    }
-    let id = &presented[KEY_PREFIX.len()..KEY_PREFIX.len() + ID_LEN];
-    let secret = &presented[KEY_PREFIX.len() + ID_LEN..body_len];
+    let id = parse_id(presented)?;
+    let secret = &presented[KEY_PREFIX.len() + ID_LEN..KEY_LEN - CHECKSUM_LEN];
     Some(Parsed {
         id,
         secret_sha256: secret_sha256(secret),
     })
+}
+
+/// The public id of a well-formed key (shape and checksum checked, secret not hashed).
+pub(crate) fn parse_id(presented: &str) -> Option<&str> {
+    if presented.len() != KEY_LEN
+        || !presented.starts_with(KEY_PREFIX)
+        || !presented.as_bytes()[KEY_PREFIX.len()..]
+            .iter()
+            .all(u8::is_ascii_alphanumeric)
+    {
+        return None;
+    }
+    let (body, sum) = presented.split_at(KEY_LEN - CHECKSUM_LEN);
+    if checksum(body).as_slice() != sum.as_bytes() {
+        return None;
+    }
+    Some(&presented[KEY_PREFIX.len()..KEY_PREFIX.len() + ID_LEN])
 }
 
 /// Constant-time comparison of a presented secret's hash with the stored one.

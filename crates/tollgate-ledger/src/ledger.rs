@@ -18,6 +18,7 @@
 //! may reserve again. A key is therefore charged at most once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::future::Cache;
@@ -33,17 +34,27 @@ use crate::{
     ReserveOutcome, StoredResponse,
 };
 
-/// How long a verified key (or a known-unknown id) is cached in memory. A revoked
-/// key stops working on every replica at most this long after `revoke_key`
-/// returns (immediately on the replica that revoked it); plan and override changes
-/// reach cached identities within the same bound.
+/// How long a verified key (or a known-unknown id) is cached in memory, and an
+/// account looked up by [`Ledger::account_identity`] (or a known-unknown account
+/// id). A revoked key stops working on every replica at most this long after
+/// `revoke_key` returns (immediately on the replica that revoked it); plan and
+/// override changes reach cached identities within the same bound (at once on
+/// the replica that made them). It is also the negative-cache TTL: a well-formed
+/// but unknown key id costs at most one database read per id per this bound
+/// (concurrent misses for one id share that read).
 pub const REVOCATION_BOUND: Duration = Duration::from_secs(2);
 
 /// Largest amount of one grant, reservation or commit (10^12 credits).
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 
-/// Cached key lookups (entries, ≈ 300 B each).
+/// Cached key lookups (entries, ≈ 300 B each), positive and negative.
 const KEY_CACHE_CAPACITY: u64 = 100_000;
+/// Cached account identities (entries, ≈ 300 B each), positive and negative.
+const ACCOUNT_CACHE_CAPACITY: u64 = 100_000;
+/// Ids of keys that exist, remembered for [`KNOWN_ID_TTL`] (entries ≈ 100 B).
+const KNOWN_ID_CAPACITY: u64 = 100_000;
+/// How long a key id that was found in the database is remembered as real.
+const KNOWN_ID_TTL: Duration = Duration::from_secs(3600);
 /// SQLite waits this long for the write lock before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 const SQLITE_MAX_CONNECTIONS: u32 = 8;
@@ -66,6 +77,20 @@ pub struct Ledger {
 pub(crate) struct Inner {
     pub(crate) backend: Backend,
     keys: Cache<String, CachedKey>,
+    accounts: Cache<String, Option<Arc<KeyIdentity>>>,
+    /// Ids of keys found in the database lately (see [`Ledger::key_id_known`]).
+    known_ids: Cache<String, ()>,
+    /// Database operations run (see [`Ledger::db_queries`]).
+    queries: AtomicU64,
+    /// Key and account reads for identification (see [`Ledger::identity_lookups`]).
+    lookups: AtomicU64,
+}
+
+impl Inner {
+    /// Counts one database operation (called by `read!` and `write_tx!`).
+    pub(crate) fn count_query(&self) {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Ledger {
@@ -235,8 +260,23 @@ impl Ledger {
             .time_to_live(REVOCATION_BOUND)
             .support_invalidation_closures()
             .build();
+        let accounts = Cache::builder()
+            .max_capacity(ACCOUNT_CACHE_CAPACITY)
+            .time_to_live(REVOCATION_BOUND)
+            .build();
+        let known_ids = Cache::builder()
+            .max_capacity(KNOWN_ID_CAPACITY)
+            .time_to_live(KNOWN_ID_TTL)
+            .build();
         Ledger {
-            inner: Arc::new(Inner { backend, keys }),
+            inner: Arc::new(Inner {
+                backend,
+                keys,
+                accounts,
+                known_ids,
+                queries: AtomicU64::new(0),
+                lookups: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -317,6 +357,22 @@ impl Ledger {
         Ok(Self::from_backend(Backend::Postgres(pool)))
     }
 
+    /// Database operations this handle has run since it was opened: one per
+    /// read (a single statement, or a few in one call) and one per attempt of a
+    /// write transaction. Tests use it to prove that a path touches no database
+    /// (malformed keys) or touches it a bounded number of times (negative cache).
+    pub fn db_queries(&self) -> u64 {
+        self.inner.queries.load(Ordering::Relaxed)
+    }
+
+    /// Database reads made to identify a caller: key lookups by
+    /// [`Ledger::verify_key`] and account reads by [`Ledger::account_identity`]
+    /// (cache misses only; background work such as expiring reservations is
+    /// not counted here but in [`Ledger::db_queries`]).
+    pub fn identity_lookups(&self) -> u64 {
+        self.inner.lookups.load(Ordering::Relaxed)
+    }
+
     /// `"sqlite"` or `"postgres"`.
     pub fn backend_name(&self) -> &'static str {
         self.inner.backend.name()
@@ -348,7 +404,7 @@ impl Ledger {
         }
         let now = now_us();
         let created_at_us = new.created_at.map_or(now, |t| t.as_microsecond());
-        write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+        let account = write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
             sqlx::query(
                 "INSERT INTO orgs (id, created_at_us) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
             )
@@ -391,7 +447,10 @@ impl Ledger {
             }
             tx.commit().await?;
             account_from_row(row)
-        })
+        })?;
+        // A cached "unknown account" entry for this id must go.
+        self.inner.accounts.invalidate(&new.id).await;
+        Ok(account)
     }
 
     /// The account, or `None`.
@@ -408,6 +467,61 @@ impl Ledger {
             .await?)
         })?;
         row.map(account_from_row).transpose()
+    }
+
+    /// Who an account is, for deciding its requests without a key (the
+    /// decision API by account): its plan, org, creation time and overrides,
+    /// as a [`KeyIdentity`] with an empty `key_id` and app `default`. `None`
+    /// for an unknown account.
+    ///
+    /// Cached in memory, positive and negative, for [`REVOCATION_BOUND`] in a
+    /// bounded cache: a cached account costs no database read; an unknown id
+    /// costs at most one read per id per bound (concurrent misses share it);
+    /// ids that no account can have (empty, longer than 128 bytes) cost none.
+    /// Plan and override changes made on this replica apply at once, made on
+    /// another within the bound. The balance is not part of it (read
+    /// [`Ledger::balance`]).
+    ///
+    /// # Errors
+    /// Database errors; [`LedgerError::Corrupt`] for undecodable overrides.
+    pub async fn account_identity(
+        &self,
+        id: &str,
+    ) -> Result<Option<Arc<KeyIdentity>>, LedgerError> {
+        if check_id("account id", id).is_err() {
+            return Ok(None);
+        }
+        if let Some(hit) = self.inner.accounts.get(id).await {
+            return Ok(hit);
+        }
+        let load = || async {
+            self.inner.lookups.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, LedgerError>(self.account(id).await?.map(|a| {
+                Arc::new(KeyIdentity {
+                    key_id: String::new(),
+                    account: a.id,
+                    org: a.org,
+                    app: "default".to_owned(),
+                    plan: a.plan,
+                    account_created_at: a.created_at,
+                    overrides: a.overrides,
+                })
+            }))
+        };
+        let mut failed = None;
+        let loaded = self
+            .inner
+            .accounts
+            .optionally_get_with_by_ref(id, async {
+                load().await.map_err(|e| failed = Some(e)).ok()
+            })
+            .await;
+        match (loaded, failed) {
+            (Some(v), _) => Ok(v),
+            (None, Some(e)) => Err(e),
+            // The load this call waited on (another caller's) failed: try itself.
+            (None, None) => load().await,
+        }
     }
 
     /// Changes plan and/or overrides. Cached keys of the account on this replica
@@ -448,6 +562,7 @@ impl Ledger {
             Ok(row)
         })?;
         let account = account_from_row(row.ok_or_else(|| not_found("account", id))?)?;
+        self.inner.accounts.invalidate(&account.id).await;
         let owner = account.id.clone();
         // Only fails when invalidation closures are not enabled, and they are.
         let _ = self.inner.keys.invalidate_entries_if(
@@ -564,8 +679,9 @@ impl Ledger {
 
     /// Checks a presented API key. Malformed keys and bad checksums are refused
     /// without touching the database; lookups (including "no such id") are cached
-    /// for [`REVOCATION_BOUND`] in a bounded cache keyed by the public id; the
-    /// secret's SHA-256 is compared in constant time.
+    /// for [`REVOCATION_BOUND`] in a bounded cache keyed by the public id, and
+    /// concurrent misses for one id share one database read; the secret's
+    /// SHA-256 is compared in constant time.
     ///
     /// # Errors
     /// Database errors only (an unknown key is `Ok(KeyCheck::Unknown)`).
@@ -576,15 +692,54 @@ impl Ledger {
         let cached = match self.inner.keys.get(parsed.id).await {
             Some(c) => c,
             None => {
-                let loaded = self.load_key(parsed.id).await?;
-                self.inner
+                let mut failed = None;
+                let loaded = self
+                    .inner
                     .keys
-                    .insert(parsed.id.to_owned(), loaded.clone())
+                    .optionally_get_with_by_ref(parsed.id, async {
+                        self.load_key(parsed.id)
+                            .await
+                            .map_err(|e| failed = Some(e))
+                            .ok()
+                    })
                     .await;
-                loaded
+                match (loaded, failed) {
+                    (Some(c), _) => c,
+                    (None, Some(e)) => return Err(e),
+                    // The read this call waited on (another caller's) failed.
+                    (None, None) => self.load_key(parsed.id).await?,
+                }
             }
         };
-        Ok(match cached {
+        Ok(Self::judge(&parsed, cached))
+    }
+
+    /// [`Ledger::verify_key`] without the database: the answer when it needs no
+    /// query (a malformed key or bad checksum, or a key id in the cache), `None`
+    /// when only a database read can tell. Callers use it to let known-good keys
+    /// through before spending anything on the others (an abuse guard).
+    pub async fn verify_key_cached(&self, presented: &str) -> Option<KeyCheck> {
+        let Some(parsed) = key::parse(presented) else {
+            return Some(KeyCheck::Unknown);
+        };
+        let cached = self.inner.keys.get(parsed.id).await?;
+        Some(Self::judge(&parsed, cached))
+    }
+
+    /// Whether the presented key's public id belonged to a real key (valid or
+    /// revoked) when it was last looked up, within the last hour: no database
+    /// work. Such ids are a bounded set chosen by the operator, not by a
+    /// client, so an abuse guard may let them be looked up (at most once per
+    /// id per [`REVOCATION_BOUND`]) even from a client it otherwise blocks.
+    pub fn key_id_known(&self, presented: &str) -> bool {
+        match key::parse_id(presented) {
+            Some(id) => self.inner.known_ids.contains_key(id),
+            None => false,
+        }
+    }
+
+    fn judge(parsed: &key::Parsed<'_>, cached: CachedKey) -> KeyCheck {
+        match cached {
             CachedKey::Missing => KeyCheck::Unknown,
             CachedKey::Known {
                 secret_sha256,
@@ -601,10 +756,11 @@ impl Ledger {
                     KeyCheck::Valid((*identity).clone())
                 }
             }
-        })
+        }
     }
 
     async fn load_key(&self, id: &str) -> Result<CachedKey, LedgerError> {
+        self.inner.lookups.fetch_add(1, Ordering::Relaxed);
         type Row = (
             String,
             Option<i64>,
@@ -632,6 +788,7 @@ impl Ledger {
         let Some(secret_sha256) = key::decode_stored(&hash) else {
             return Ok(CachedKey::Missing);
         };
+        self.inner.known_ids.insert(id.to_owned(), ()).await;
         Ok(CachedKey::Known {
             secret_sha256,
             revoked: revoked_at.is_some(),

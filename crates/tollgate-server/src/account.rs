@@ -3,8 +3,9 @@
 //! decision).
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
@@ -14,9 +15,14 @@ use crate::error::{ApiError, json_response};
 use crate::state::{Caller, Shared};
 
 /// `GET /v1/account`.
-pub async fn get(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn get(
+    State(st): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let policy = st.policy.load_full();
-    let caller = st.authenticate(&headers, &policy).await?;
+    let client = crate::client_ip::client_ip(peer.ip(), &headers, &st.config.trusted_proxies);
+    let caller = st.authenticate(&headers, &policy, client).await?;
     let balance = st.ledger.balance(&caller.identity.account).await?;
     Ok(json_response(
         StatusCode::OK,

@@ -9,19 +9,20 @@
 //! an opaque `lease` string to pass to `/v1/check/release`.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::Json;
-use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::StatusCode;
-use axum::response::Response;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tollgate_core::headers::{self, ResponseKind};
 use tollgate_core::{CounterKey, Outcome};
 
 use crate::error::{ApiError, json_response};
-use crate::state::{Caller, Shared};
+use crate::state::{Caller, Shared, missing_key};
 
 /// Largest cost accepted in a check (2^40, as in the policy).
 const MAX_COST: u64 = 1 << 40;
@@ -52,12 +53,13 @@ pub struct CheckRequest {
 /// `POST /v1/check`.
 pub async fn check(
     State(st): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Json<CheckRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body
         .map_err(|e| ApiError::bad_request(format!("invalid check request: {}", e.body_text())))?;
     let policy = st.policy.load_full();
-    let caller = resolve(&st, &policy, &req).await?;
+    let caller = resolve(&st, &policy, &req, peer.ip()).await?;
     let op = match (&req.operation, &req.method, &req.path) {
         (Some(name), _, _) => policy
             .operation(name)
@@ -130,65 +132,118 @@ pub async fn check(
     } else {
         ResponseKind::Rejected
     };
-    let mut hdrs = Map::new();
+    let mut hdrs = BTreeMap::new();
     headers::render(&policy, &d, kind, None, &mut |n, v| {
-        hdrs.insert(n.to_owned(), Value::from(v));
+        hdrs.insert(n.to_owned(), v.to_owned());
     });
-    let limits: Vec<Value> = d
+    let limits: Vec<LimitAnswer<'_>> = d
         .results()
         .iter()
-        .map(|r| {
-            json!({
-                "name": policy.limits[usize::from(r.limit)].name,
-                "mode": r.mode.as_str(),
-                "limit": r.quota,
-                "remaining": r.eval.remaining,
-                "reset_s": tollgate_core::clock::ceil_secs(r.eval.reset),
-                "cost": r.cost,
-                "exceeded": r.exceeded(),
-            })
+        .map(|r| LimitAnswer {
+            cost: r.cost,
+            exceeded: r.exceeded(),
+            limit: r.quota,
+            mode: r.mode.as_str(),
+            name: &policy.limits[usize::from(r.limit)].name,
+            remaining: r.eval.remaining,
+            reset_s: tollgate_core::clock::ceil_secs(r.eval.reset),
         })
         .collect();
-    let mut out = json!({
-        "allowed": allowed,
-        "status": status,
-        "reason": reason,
-        "retry_after_s": if matches!(d.outcome, Outcome::Rejected { .. }) { tollgate_core::clock::ceil_secs(d.retry_after()).max(1) } else { 0 },
-        "operation": policy.operations[usize::from(op)].name,
-        "limits": limits,
-        "headers": hdrs,
-    });
-    if let Some(lease) = d.lease {
+    let lease = d.lease.map(|lease| {
         let keys: Vec<String> = d.lease_keys().map(|k| format!("{:032x}", k.0)).collect();
-        out["lease"] = Value::from(format!("{lease:016x}.{}", keys.join(".")));
-    }
-    Ok(json_response(StatusCode::OK, &out))
+        format!("{lease:016x}.{}", keys.join("."))
+    });
+    let out = CheckAnswer {
+        allowed,
+        headers: hdrs,
+        lease,
+        limits,
+        operation: &policy.operations[usize::from(op)].name,
+        reason,
+        retry_after_s: if matches!(d.outcome, Outcome::Rejected { .. }) {
+            tollgate_core::clock::ceil_secs(d.retry_after()).max(1)
+        } else {
+            0
+        },
+        status,
+    };
+    Ok(json_bytes(StatusCode::OK, &out))
 }
 
+/// The answer of `POST /v1/check`, serialised straight from borrowed data
+/// (no `serde_json::Value` tree). Fields are in alphabetical order, as the
+/// `Value` map they replace printed them.
+#[derive(Serialize)]
+struct CheckAnswer<'a> {
+    allowed: bool,
+    headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<String>,
+    limits: Vec<LimitAnswer<'a>>,
+    operation: &'a str,
+    reason: Option<String>,
+    retry_after_s: u64,
+    status: u16,
+}
+
+/// One limit of a check answer (alphabetical order, as above).
+#[derive(Serialize)]
+struct LimitAnswer<'a> {
+    cost: u64,
+    exceeded: bool,
+    limit: u64,
+    mode: &'static str,
+    name: &'a str,
+    remaining: u64,
+    reset_s: u64,
+}
+
+/// A JSON answer serialised from any `Serialize` value into one buffer.
+fn json_bytes<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut r = (status, bytes).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The caller a check names. A key is verified as on the proxy, with the
+/// invalid-key guard keyed by the check's `ip` (the end client) or, without
+/// one, by the address that sent the check. An account is read through the
+/// ledger's account cache (no database read while cached; changes made on
+/// another replica are seen within `REVOCATION_BOUND`).
 async fn resolve(
     st: &Shared,
     policy: &tollgate_core::policy::CompiledPolicy,
     req: &CheckRequest,
+    peer: IpAddr,
 ) -> Result<Caller, ApiError> {
     match (&req.key, &req.account) {
         (Some(key), _) => {
-            let mut h = axum::http::HeaderMap::new();
-            let v = axum::http::HeaderValue::from_str(key)
-                .map_err(|_| ApiError::bad_request("key is not a valid header value"))?;
-            h.insert(
-                axum::http::HeaderName::from_bytes(policy.key_header.as_bytes())
-                    .map_err(|_| ApiError::bad_request("bad key header"))?,
-                v,
-            );
-            st.authenticate(&h, policy).await
+            // As if sent in the key header: a valid header value, read only
+            // when ASCII, trimmed.
+            if !key.bytes().all(|b| b == b'\t' || (b >= 32 && b != 127)) {
+                return Err(ApiError::bad_request("key is not a valid header value"));
+            }
+            if !key.is_ascii() || key.trim().is_empty() {
+                return Err(missing_key(policy));
+            }
+            let ip = req
+                .ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+                .unwrap_or(peer);
+            st.authenticate_key(key.trim(), policy, ip).await
         }
         (None, Some(account)) => {
-            let a = st
+            let identity = st
                 .ledger
-                .account(account)
+                .account_identity(account)
                 .await?
                 .ok_or_else(|| ApiError::not_found(format!("unknown account `{account}`")))?;
-            Ok(st.account_caller(&a, policy))
+            Ok(st.caller(identity, policy))
         }
         (None, None) => Err(ApiError::bad_request(
             "name the caller with `key` or `account`",

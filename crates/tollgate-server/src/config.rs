@@ -89,6 +89,15 @@ pub struct ServerSection {
     pub reservation_ttl: Option<String>,
     /// `[server.webhooks]`: event delivery (see [`crate::webhooks`]). Default: none.
     pub webhooks: Option<crate::webhooks::WebhooksSection>,
+    /// Invalid-key guard: failed API keys (unknown, revoked, malformed) one
+    /// client address may present before it gets 429 without a lookup
+    /// (default 100; `0` turns the guard off). See [`crate::guard`].
+    pub auth_fail_limit: Option<u64>,
+    /// Invalid-key guard: the budget refills `auth_fail_limit` failures per this
+    /// window (default `1m`).
+    pub auth_fail_window: Option<String>,
+    /// Invalid-key guard: most client addresses tracked at once (default 100,000).
+    pub auth_guard_max_ips: Option<usize>,
 }
 
 /// Resolved server settings.
@@ -138,6 +147,12 @@ pub struct ServerConfig {
     pub reservation_ttl: Duration,
     /// Webhook delivery.
     pub webhooks: crate::webhooks::WebhookSettings,
+    /// Invalid-key guard: failures per address per window; 0 = off.
+    pub auth_fail_limit: u64,
+    /// Invalid-key guard: refill window.
+    pub auth_fail_window: Duration,
+    /// Invalid-key guard: most addresses tracked.
+    pub auth_guard_max_ips: usize,
 }
 
 impl Default for ServerConfig {
@@ -164,6 +179,9 @@ impl Default for ServerConfig {
             policy_path: None,
             reservation_ttl: Duration::from_secs(300),
             webhooks: crate::webhooks::WebhookSettings::default(),
+            auth_fail_limit: 100,
+            auth_fail_window: Duration::from_secs(60),
+            auth_guard_max_ips: 100_000,
         }
     }
 }
@@ -280,6 +298,20 @@ impl ServerConfig {
                 Ok(v) => self.webhooks = v,
                 Err(mut e) => errors.append(&mut e),
             }
+        }
+        if let Some(v) = s.auth_fail_limit {
+            self.auth_fail_limit = v;
+        }
+        if let Some(v) = &s.auth_fail_window {
+            match humantime::parse_duration(v) {
+                Ok(d) if !d.is_zero() => self.auth_fail_window = d,
+                _ => errors.push(format!(
+                    "[server] auth_fail_window = \"{v}\" is not a duration such as \"1m\""
+                )),
+            }
+        }
+        if let Some(v) = s.auth_guard_max_ips {
+            self.auth_guard_max_ips = v.max(1);
         }
         if errors.is_empty() {
             Ok(())

@@ -81,11 +81,18 @@ impl From<tollgate_ledger::LedgerError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // A `retry_after_s` field is also sent as `Retry-After`.
+        let retry = self.extra.get("retry_after_s").and_then(Value::as_u64);
         let mut error = Map::new();
         error.insert("code".into(), Value::from(self.code));
         error.insert("message".into(), Value::from(self.message));
         error.extend(self.extra);
-        json_response(self.status, &json!({ "error": error }))
+        let mut r = json_response(self.status, &json!({ "error": error }));
+        if let Some(s) = retry {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
     }
 }
 

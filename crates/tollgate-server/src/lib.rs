@@ -21,6 +21,8 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod events;
+pub mod guard;
+pub mod metric_cache;
 pub mod metrics;
 pub mod payload;
 pub mod proxy;
@@ -174,6 +176,12 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
         metrics: metrics::Metrics::new(),
         config: config.clone(),
         events: events::Events::default(),
+        counters: metric_cache::CounterCache::default(),
+        guard: guard::AuthGuard::new(
+            config.auth_fail_limit,
+            config.auth_fail_window,
+            config.auth_guard_max_ips,
+        ),
     });
     let proxy_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
@@ -385,6 +393,7 @@ async fn housekeeping(st: Shared, mut shutdown: watch::Receiver<bool>) {
         }
         let now = st.engine.clock().now();
         st.engine.store().sweep(now);
+        st.guard.sweep(now);
         st.metrics
             .live_counters
             .set(i64::try_from(st.engine.store().live_counters()).unwrap_or(i64::MAX));

@@ -39,6 +39,7 @@ use tollgate_ledger::{Idempotency, ReservationId, ReserveOutcome, StoredResponse
 use crate::client_ip::client_ip;
 use crate::error::{ApiError, json_response};
 use crate::events;
+use crate::metric_cache;
 use crate::metrics::{DecisionLabels, LimitLabels, StoreErrorLabels, UpstreamLabels, class};
 use crate::payload;
 use crate::state::{Caller, Shared};
@@ -63,7 +64,9 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    match proxy(&st, peer, req).await {
+    // The proxy future is large (every await point's locals); boxing it here
+    // moves it once instead of copying it through axum's handler layers.
+    match Box::pin(proxy(&st, peer, req)).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -72,7 +75,8 @@ pub async fn handle(
 async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, ApiError> {
     let policy = st.policy.load_full();
     let (parts, body) = req.into_parts();
-    let caller = st.authenticate(&parts.headers, &policy).await?;
+    let client = client_ip(peer.ip(), &parts.headers, &st.config.trusted_proxies);
+    let caller = st.authenticate(&parts.headers, &policy, client).await?;
     let op_id = policy
         .operation_for(parts.method.as_str(), parts.uri.path())
         .ok_or_else(|| {
@@ -135,7 +139,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     };
 
     // Limits.
-    let ip = client_ip(peer.ip(), &parts.headers, &st.config.trusted_proxies).to_string();
+    let ip = client.to_string();
     let attrs = attribute_values(&policy, op, &parts, &inspection);
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
     let decision = decide(st, &policy, op_id, &caller, &ip, &attr_refs).await;
@@ -422,21 +426,20 @@ pub async fn record_decision(
     d: &Decision,
     account: Option<&str>,
 ) {
-    let outcome = match d.outcome {
-        Outcome::Admitted => "allowed",
-        Outcome::Forwarded { .. } => "forwarded",
-        Outcome::Rejected { .. } => "rejected",
-        Outcome::CostAboveCapacity { .. } => "cost_above_capacity",
-        Outcome::StoreUnavailable => "store_unavailable",
+    let outcome = metric_cache::outcome_index(&d.outcome);
+    let counters = st.counters.for_policy(policy, || st.policy.load_full());
+    match &counters {
+        Some(c) => c.decision(&st.metrics, plan, op, outcome).inc(),
+        None => st
+            .metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                plan: policy.plans[usize::from(plan)].name.clone(),
+                operation: policy.operations[usize::from(op)].name.clone(),
+                outcome: metric_cache::OUTCOMES[outcome].to_owned(),
+            })
+            .inc(),
     };
-    st.metrics
-        .decisions
-        .get_or_create(&DecisionLabels {
-            plan: policy.plans[usize::from(plan)].name.clone(),
-            operation: policy.operations[usize::from(op)].name.clone(),
-            outcome: outcome.to_owned(),
-        })
-        .inc();
     if let Some(e) = &d.store_error {
         st.metrics
             .store_errors
@@ -452,19 +455,18 @@ pub async fn record_decision(
     }
     for r in d.results() {
         let name = &policy.limits[usize::from(r.limit)].name;
-        let result = match (r.exceeded(), r.mode) {
-            (false, _) => "within",
-            (true, Mode::Enforce) => "over",
-            (true, Mode::Soft) => "soft",
-            (true, Mode::Shadow) => "shadow",
+        let result = metric_cache::result_index(r.exceeded(), r.mode);
+        match &counters {
+            Some(c) => c.limit(&st.metrics, r.limit, result).inc(),
+            None => st
+                .metrics
+                .limits
+                .get_or_create(&LimitLabels {
+                    limit: name.clone(),
+                    result: metric_cache::RESULTS[result].to_owned(),
+                })
+                .inc(),
         };
-        st.metrics
-            .limits
-            .get_or_create(&LimitLabels {
-                limit: name.clone(),
-                result: result.to_owned(),
-            })
-            .inc();
         let Some(account) = account else { continue };
         if r.exceeded() && r.mode == Mode::Soft && st.events.soft_crossed(account, name, d.now) {
             events::record(
@@ -775,12 +777,25 @@ fn build_request(
 ) -> Result<http::Request<Body>, ApiError> {
     let base = &st.upstream;
     let prefix = base.path().trim_end_matches('/');
-    let pq = req.parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = http::Uri::builder()
-        .scheme(base.scheme_str().unwrap_or("http"))
-        .authority(base.authority().map_or("127.0.0.1", |a| a.as_str()))
-        .path_and_query(format!("{prefix}{pq}"))
-        .build()
+    let original = req.parts.uri.path_and_query();
+    let path_and_query = match original {
+        // No prefix: the request's own path and query, shared (no copy, no parse).
+        Some(pq) if prefix.is_empty() => pq.clone(),
+        _ => {
+            let pq = original.map_or("/", |p| p.as_str());
+            http::uri::PathAndQuery::try_from(format!("{prefix}{pq}"))
+                .map_err(|_| ApiError::bad_request("request path cannot be forwarded"))?
+        }
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
+    uri.authority = Some(
+        base.authority()
+            .cloned()
+            .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1")),
+    );
+    uri.path_and_query = Some(path_and_query);
+    let uri = http::Uri::from_parts(uri)
         .map_err(|_| ApiError::bad_request("request path cannot be forwarded"))?;
     let mut out = http::Request::builder()
         .method(req.parts.method.clone())

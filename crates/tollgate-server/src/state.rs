@@ -1,5 +1,6 @@
 //! Shared server state and caller identification.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -10,12 +11,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tollgate_core::policy::{
     AccountOverrides, CompiledPolicy, OperationId, OverrideValues, PlanId,
 };
-use tollgate_core::{Engine, Nanos};
+use tollgate_core::{Clock, Engine, Nanos};
 use tollgate_ledger::{KeyCheck, KeyIdentity, Ledger};
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::events::Events;
+use crate::guard::AuthGuard;
 use crate::metrics::Metrics;
 
 /// Everything a handler needs.
@@ -36,6 +38,10 @@ pub struct AppState {
     pub config: ServerConfig,
     /// Event bookkeeping.
     pub events: Events,
+    /// Handles to the decision counters of the policy in force.
+    pub counters: crate::metric_cache::CounterCache,
+    /// Per-address budget of failed API keys, checked before any lookup.
+    pub guard: AuthGuard,
 }
 
 impl std::fmt::Debug for AppState {
@@ -52,8 +58,8 @@ pub type Shared = Arc<AppState>;
 /// An authenticated caller.
 #[derive(Debug)]
 pub struct Caller {
-    /// Who, from the ledger.
-    pub identity: KeyIdentity,
+    /// Who, from the ledger (shared with the ledger's account cache).
+    pub identity: Arc<KeyIdentity>,
     /// Plan in the current policy.
     pub plan: PlanId,
     /// Per-account overrides valid in the current policy.
@@ -63,25 +69,75 @@ pub struct Caller {
 }
 
 impl AppState {
-    /// Identifies the caller by the policy's key header (or `Authorization: Bearer`).
+    /// Identifies the caller by the policy's key header (or `Authorization: Bearer`),
+    /// presented from client address `ip`.
     ///
     /// # Errors
-    /// 401 without a key or with an unknown one, 403 for a revoked key, 503 if
-    /// the database is down.
+    /// 401 without a key or with an unknown one, 403 for a revoked key, 429 when
+    /// `ip` is over its budget of failed keys ([`crate::guard`]), 503 if the
+    /// database is down.
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         policy: &CompiledPolicy,
+        ip: IpAddr,
     ) -> Result<Caller, ApiError> {
-        let key = presented_key(headers, &policy.key_header).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing_key",
-                format!("send your API key in the `{}` header", policy.key_header),
+        let key = presented_key(headers, &policy.key_header).ok_or_else(|| missing_key(policy))?;
+        self.authenticate_key(key, policy, ip).await
+    }
+
+    /// Verifies an API key presented from client address `ip`: a key in the
+    /// ledger's cache that is valid passes at once; a key whose id is not known
+    /// to be real first takes a token from `ip`'s invalid-key budget (429 when
+    /// there is none, before any database work), then is verified; a valid
+    /// key gives the token back.
+    ///
+    /// # Errors
+    /// As [`AppState::authenticate`].
+    pub async fn authenticate_key(
+        &self,
+        key: &str,
+        policy: &CompiledPolicy,
+        ip: IpAddr,
+    ) -> Result<Caller, ApiError> {
+        let cached = self.ledger.verify_key_cached(key).await;
+        if let Some(KeyCheck::Valid(identity)) = cached {
+            return Ok(self.caller(Arc::new(identity), policy));
+        }
+        // Ids of real keys (seen in the database lately) skip the guard: their
+        // lookups are bounded by the key count, not by what a client sends.
+        let guarded = !self.ledger.key_id_known(key);
+        let now = self.engine.clock().now();
+        if guarded && let Err(wait) = self.guard.acquire(ip, now) {
+            let retry = tollgate_core::clock::ceil_secs(wait).max(1);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_invalid_keys",
+                format!(
+                    "too many requests with invalid API keys from this address; retry after {retry} s"
+                ),
             )
-        })?;
-        match self.ledger.verify_key(key).await? {
-            KeyCheck::Valid(identity) => Ok(self.caller(identity, policy)),
+            .with("retry_after_s", retry));
+        }
+        let check = match cached {
+            Some(c) => c,
+            None => match self.ledger.verify_key(key).await {
+                Ok(c) => c,
+                Err(e) => {
+                    if guarded {
+                        self.guard.refund(ip);
+                    }
+                    return Err(e.into());
+                }
+            },
+        };
+        match check {
+            KeyCheck::Valid(identity) => {
+                if guarded {
+                    self.guard.refund(ip);
+                }
+                Ok(self.caller(Arc::new(identity), policy))
+            }
             KeyCheck::Revoked { .. } => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "revoked_key",
@@ -95,8 +151,8 @@ impl AppState {
         }
     }
 
-    /// The caller for an account itself (no key: the decision API by
-    /// account, the admin API's usage view); its app is `default`.
+    /// The caller for an account itself (no key: the admin API's usage
+    /// view); its app is `default`.
     pub fn account_caller(&self, a: &tollgate_ledger::Account, policy: &CompiledPolicy) -> Caller {
         let identity = KeyIdentity {
             key_id: String::new(),
@@ -107,11 +163,11 @@ impl AppState {
             account_created_at: a.created_at,
             overrides: a.overrides.clone(),
         };
-        self.caller(identity, policy)
+        self.caller(Arc::new(identity), policy)
     }
 
     /// The caller for an identity under `policy` (unknown plans fall back to the default plan).
-    pub fn caller(&self, identity: KeyIdentity, policy: &CompiledPolicy) -> Caller {
+    pub fn caller(&self, identity: Arc<KeyIdentity>, policy: &CompiledPolicy) -> Caller {
         let plan = policy.plan(&identity.plan).unwrap_or_else(|| {
             tracing::warn!(plan = %identity.plan, "account plan not in the policy; using the default plan");
             policy.default_plan
@@ -164,6 +220,15 @@ pub fn overrides_of(policy: &CompiledPolicy, json: &serde_json::Value) -> Option
             None
         }
     }
+}
+
+/// 401 `missing_key`.
+pub fn missing_key(policy: &CompiledPolicy) -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "missing_key",
+        format!("send your API key in the `{}` header", policy.key_header),
+    )
 }
 
 /// The API key a request presents.

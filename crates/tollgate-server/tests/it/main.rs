@@ -8,6 +8,7 @@ mod flood;
 mod hardening;
 mod health;
 mod http2;
+mod invalid_keys;
 mod outage;
 mod replicas;
 mod secrets;

@@ -1,0 +1,141 @@
+//! Per-policy handles to the labelled decision counters, so that counting a
+//! decision is an index and an atomic add instead of building label strings
+//! and hashing them into the metric family on every request.
+//!
+//! A handle is created on first use (the family's `get_or_create`), so the
+//! `/metrics` exposition is exactly what it was: a series appears once it has
+//! been counted. The table belongs to one policy (it holds it, so its address
+//! cannot be reused by a reloaded one); a reload builds a new table on the
+//! next decision.
+
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::counter::Counter;
+use tollgate_core::Outcome;
+use tollgate_core::policy::{CompiledPolicy, LimitId, Mode, OperationId, PlanId};
+
+use crate::metrics::{DecisionLabels, LimitLabels, Metrics};
+
+/// Decision outcomes, in table order.
+pub const OUTCOMES: [&str; 5] = [
+    "allowed",
+    "forwarded",
+    "rejected",
+    "cost_above_capacity",
+    "store_unavailable",
+];
+/// Per-limit results, in table order.
+pub const RESULTS: [&str; 4] = ["within", "over", "soft", "shadow"];
+
+/// The table index of a decision outcome.
+pub fn outcome_index(outcome: &Outcome) -> usize {
+    match outcome {
+        Outcome::Admitted => 0,
+        Outcome::Forwarded { .. } => 1,
+        Outcome::Rejected { .. } => 2,
+        Outcome::CostAboveCapacity { .. } => 3,
+        Outcome::StoreUnavailable => 4,
+    }
+}
+
+/// The table index of a limit result.
+pub fn result_index(exceeded: bool, mode: Mode) -> usize {
+    match (exceeded, mode) {
+        (false, _) => 0,
+        (true, Mode::Enforce) => 1,
+        (true, Mode::Soft) => 2,
+        (true, Mode::Shadow) => 3,
+    }
+}
+
+/// Counter handles of one policy.
+pub struct PolicyCounters {
+    policy: Arc<CompiledPolicy>,
+    decisions: Box<[OnceLock<Counter>]>,
+    limits: Box<[OnceLock<Counter>]>,
+}
+
+impl PolicyCounters {
+    fn new(policy: Arc<CompiledPolicy>) -> PolicyCounters {
+        let n = policy.plans.len() * policy.operations.len() * OUTCOMES.len();
+        let m = policy.limits.len() * RESULTS.len();
+        PolicyCounters {
+            decisions: (0..n).map(|_| OnceLock::new()).collect(),
+            limits: (0..m).map(|_| OnceLock::new()).collect(),
+            policy,
+        }
+    }
+
+    /// The decisions counter of (plan, operation, outcome).
+    pub fn decision(
+        &self,
+        metrics: &Metrics,
+        plan: PlanId,
+        op: OperationId,
+        outcome: usize,
+    ) -> &Counter {
+        let (p, o) = (usize::from(plan), usize::from(op));
+        let i = (p * self.policy.operations.len() + o) * OUTCOMES.len() + outcome;
+        self.decisions[i].get_or_init(|| {
+            metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    plan: self.policy.plans[p].name.clone(),
+                    operation: self.policy.operations[o].name.clone(),
+                    outcome: OUTCOMES[outcome].to_owned(),
+                })
+                .clone()
+        })
+    }
+
+    /// The per-limit results counter of (limit, result).
+    pub fn limit(&self, metrics: &Metrics, limit: LimitId, result: usize) -> &Counter {
+        let l = usize::from(limit);
+        self.limits[l * RESULTS.len() + result].get_or_init(|| {
+            metrics
+                .limits
+                .get_or_create(&LimitLabels {
+                    limit: self.policy.limits[l].name.clone(),
+                    result: RESULTS[result].to_owned(),
+                })
+                .clone()
+        })
+    }
+}
+
+/// The handles of the policy in force, rebuilt after a reload.
+#[derive(Default)]
+pub struct CounterCache {
+    current: ArcSwapOption<PolicyCounters>,
+}
+
+impl std::fmt::Debug for CounterCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CounterCache")
+    }
+}
+
+impl CounterCache {
+    /// The handles for `policy`; `in_force` is the policy now in force (used to
+    /// build a new table when `policy` is it). `None` when `policy` is an older
+    /// one (a request that started before a reload): count the slow way then.
+    pub fn for_policy(
+        &self,
+        policy: &CompiledPolicy,
+        in_force: impl FnOnce() -> Arc<CompiledPolicy>,
+    ) -> Option<Arc<PolicyCounters>> {
+        if let Some(c) = self.current.load_full()
+            && std::ptr::eq(Arc::as_ptr(&c.policy), policy)
+        {
+            return Some(c);
+        }
+        let now = in_force();
+        if !std::ptr::eq(Arc::as_ptr(&now), policy) {
+            return None;
+        }
+        let table = Arc::new(PolicyCounters::new(now));
+        self.current.store(Some(Arc::clone(&table)));
+        Some(table)
+    }
+}

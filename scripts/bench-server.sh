@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Side-by-side server benchmarks of BENCHMARKS.md ("Server: decision API and
+# proxy"): POST /v1/check vs a bare hyper server, and the proxy vs nginx
+# limit_req in front of the same upstream. Loopback only, bounded in time.
+#
+# Needs: wrk, nginx (Debian: apt-get install -y wrk nginx-light), curl, and a
+# release build:
+#   cargo build --release -p tollgate --bin tollgate
+#   cargo build --release -p tollgate-server --example bare_hyper
+#
+# Usage: scripts/bench-server.sh [TARGET_DIR] [DURATION]   (default: target, 10s)
+# Servers run on core 0, wrk on core 1 (taskset).
+set -euo pipefail
+
+TARGET=${1:-${CARGO_TARGET_DIR:-target}}
+DUR=${2:-10s}
+BIN=$TARGET/release
+WORK=$(mktemp -d /tmp/tg-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+UP=18190 TG=18180 ADMIN=18181 NGX=18280
+wait_port() { for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+run_wrk() { # label, server pid (its CPU time is measured), wrk args...
+  local label=$1 pid=$2; shift 2
+  echo "### $label"
+  local t0 t1 out reqs
+  t0=$(cpu_ticks "$pid")
+  out=$(taskset -c 1 wrk -t1 "$@")
+  t1=$(cpu_ticks "$pid")
+  echo "$out" | grep -E "Requests/sec|^ +(50|90|99)%" || true
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  # Server CPU (user + system) per request, microseconds: robust to other
+  # load on the machine, unlike requests/s.
+  awk -v t="$((t1 - t0))" -v n="$reqs" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { if (n > 0) printf "    server CPU per request: %.2f us (%d requests)\n", t / hz * 1e6 / n, n }'
+}
+
+cat >"$WORK/check.lua" <<'EOF'
+wrk.method = "POST"
+wrk.body   = '{"account":"bench","operation":"default","cost":0}'
+wrk.headers["Content-Type"] = "application/json"
+EOF
+
+cat >"$WORK/policy.toml" <<'EOF'
+[policy]
+name = "bench-huge"
+key_header = "x-api-key"
+default_plan = "default"
+unmatched = "forward"
+
+[limits.huge]
+algorithm = "token_bucket"
+capacity = 1000000000
+refill = 1000000000
+refill_every = "1s"
+scope = ["account"]
+
+[plans.default]
+description = "bench"
+EOF
+
+mkdir -p "$WORK/nginx/logs"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+error_log $WORK/nginx/logs/error.log warn;
+pid $WORK/nginx/nginx.pid;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    limit_req_zone \$http_x_api_key zone=bench:10m rate=100000000r/s;
+    upstream up { server 127.0.0.1:$UP; keepalive 64; }
+    server {
+        listen 127.0.0.1:$NGX;
+        location / {
+            limit_req zone=bench burst=1000000 nodelay;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://up;
+        }
+    }
+}
+EOF
+
+taskset -c 0 "$BIN/examples/bare_hyper" 127.0.0.1:$UP 2>/dev/null & BARE=$!; PIDS+=($BARE)
+wait_port $UP
+
+# Part 1: decision API on the built-in policy.
+TOLLGATE_ADMIN_TOKEN=t taskset -c 0 "$BIN/tollgate" serve --listen 127.0.0.1:$TG \
+  --admin-listen 127.0.0.1:$ADMIN --data-dir "$WORK/data1" 2>"$WORK/tg1.log" & TG1=$!; PIDS+=($TG1)
+wait_port $ADMIN
+curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts -H 'Authorization: Bearer t' \
+  -H 'content-type: application/json' -d '{"id":"bench","plan":"pro"}' >/dev/null
+KEY=$(curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts/bench/keys -H 'Authorization: Bearer t' \
+  | sed -E 's/.*"key":"([^"]+)".*/\1/')
+sed "s/\"account\":\"bench\"/\"key\":\"$KEY\"/" "$WORK/check.lua" >"$WORK/checkkey.lua"
+
+for round in 1 2; do
+  echo "## decision API, round $round"
+  run_wrk "bare hyper -c32" $BARE -c32 -d"$DUR" --latency -s "$WORK/check.lua" http://127.0.0.1:$UP/v1/check
+  run_wrk "tollgate by account -c32" $TG1 -c32 -d"$DUR" --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
+  run_wrk "tollgate by key -c32" $TG1 -c32 -d"$DUR" --latency -s "$WORK/checkkey.lua" http://127.0.0.1:$TG/v1/check
+done
+echo "## decision API, low load"
+run_wrk "bare hyper -c4" $BARE -c4 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$UP/v1/check
+run_wrk "tollgate by account -c1" $TG1 -c1 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
+run_wrk "tollgate by account -c4" $TG1 -c4 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
+run_wrk "tollgate by key -c4" $TG1 -c4 -d5s --latency -s "$WORK/checkkey.lua" http://127.0.0.1:$TG/v1/check
+kill $TG1; wait $TG1 2>/dev/null || true
+
+# Part 2: proxy vs nginx limit_req, same upstream.
+TOLLGATE_ADMIN_TOKEN=t taskset -c 0 "$BIN/tollgate" serve --config "$WORK/policy.toml" \
+  --upstream http://127.0.0.1:$UP --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$ADMIN \
+  --data-dir "$WORK/data2" 2>"$WORK/tg2.log" & TG2=$!; PIDS+=($TG2)
+wait_port $ADMIN
+curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts -H 'Authorization: Bearer t' \
+  -H 'content-type: application/json' -d '{"id":"bench","plan":"default"}' >/dev/null
+KEY=$(curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts/bench/keys -H 'Authorization: Bearer t' \
+  | sed -E 's/.*"key":"([^"]+)".*/\1/')
+taskset -c 0 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' & NGM=$!; PIDS+=($NGM)
+wait_port $NGX
+NGW=$(pgrep -P $NGM | head -1)   # the one worker
+
+for round in 1 2; do
+  echo "## proxy, round $round"
+  run_wrk "upstream alone -c32" $BARE -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$UP/x
+  run_wrk "nginx limit_req -c32" $NGW -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
+  run_wrk "tollgate proxy -c32" $TG2 -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$TG/x
+done
+echo "## proxy, one connection"
+run_wrk "upstream alone -c1" $BARE -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$UP/x
+run_wrk "nginx limit_req -c1" $NGW -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
+run_wrk "tollgate proxy -c1" $TG2 -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$TG/x
