@@ -34,53 +34,7 @@
 -- Every key written gets a TTL in the same SET (PX): when it expires the
 -- counter is back to its fresh state, so no key ever lives without a TTL.
 
-local E9 = 1000000000
 local EXACT = 9007199254740992 -- 2^53
-
-local function parse(s) -- decimal string -> {hi, lo}
-  local n = #s
-  if n <= 9 then
-    return { 0, tonumber(s) }
-  end
-  return { tonumber(string.sub(s, 1, n - 9)), tonumber(string.sub(s, n - 8)) }
-end
-
-local function fmt(a)
-  if a[1] > 0 then
-    return string.format('%d%09d', a[1], a[2])
-  end
-  return string.format('%d', a[2])
-end
-
-local function diff(a, b) -- a - b in ns
-  return (a[1] - b[1]) * E9 + (a[2] - b[2])
-end
-
-local function add(a, d) -- a + d ns (d integral, may be negative)
-  local q = math.floor(d / E9)
-  local hi, lo = a[1] + q, a[2] + (d - q * E9)
-  while lo >= E9 do hi, lo = hi + 1, lo - E9 end
-  while lo < 0 do hi, lo = hi - 1, lo + E9 end
-  return { hi, lo }
-end
-
-local function idiv(a, b) -- floor(a / b) for integral a >= 0, b > 0
-  local q = math.floor(a / b)
-  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
-  return q
-end
-
-local function divmod(s, w) -- floor(s / w), s mod w for a decimal string s
-  local q, r = 0, 0
-  for i = 1, #s do
-    r = r * 10 + string.byte(s, i) - 48
-    local d = math.floor(r / w)
-    r = r - d * w
-    if r < 0 then d, r = d - 1, r + w elseif r >= w then d, r = d + 1, r - w end
-    q = q * 10 + d
-  end
-  return q, r
-end
 
 local function num(x) -- reply value: integer when exact, else decimal string
   if x < 0 then x = 0 end
@@ -88,13 +42,6 @@ local function num(x) -- reply value: integer when exact, else decimal string
   return string.format('%.0f', x)
 end
 
--- now
-local now_str = ARGV[1]
-if now_str == '' then
-  local t = redis.call('TIME')
-  now_str = fmt({ tonumber(t[1]), tonumber(t[2]) * 1000 })
-end
-local now = parse(now_str)
 local owner = ARGV[2]
 
 -- Each function takes the raw stored string (or false) and the check, and

@@ -8,27 +8,6 @@
 -- Expired leases are pruned on the way; a counter left with no live lease is
 -- deleted, otherwise rewritten with a TTL that ends with its last lease.
 
-local E9 = 1000000000
-
-local function parse(s)
-  local n = #s
-  if n <= 9 then return { 0, tonumber(s) } end
-  return { tonumber(string.sub(s, 1, n - 9)), tonumber(string.sub(s, n - 8)) }
-end
-
-local function fmt(a)
-  if a[1] > 0 then return string.format('%d%09d', a[1], a[2]) end
-  return string.format('%d', a[2])
-end
-
-local function diff(a, b) return (a[1] - b[1]) * E9 + (a[2] - b[2]) end
-
-local now_str = ARGV[1]
-if now_str == '' then
-  local t = redis.call('TIME')
-  now_str = fmt({ tonumber(t[1]), tonumber(t[2]) * 1000 })
-end
-local now = parse(now_str)
 local owner = ARGV[2]
 local released = 0
 for i = 1, #KEYS do

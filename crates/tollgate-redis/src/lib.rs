@@ -181,7 +181,21 @@ pub use store::{
     store_error,
 };
 
+// Every script is its own text after `scripts/instants.lua` (instant
+// arithmetic and `now`, written once for all three).
+
 /// The decision script, for benchmarks and tools (`redis-benchmark`, `redis-cli --eval`).
-pub const DECIDE_SCRIPT: &str = include_str!("../scripts/decide.lua");
+pub const DECIDE_SCRIPT: &str = concat!(
+    include_str!("../scripts/instants.lua"),
+    include_str!("../scripts/decide.lua")
+);
 /// The lease release script.
-pub const RELEASE_SCRIPT: &str = include_str!("../scripts/release.lua");
+pub const RELEASE_SCRIPT: &str = concat!(
+    include_str!("../scripts/instants.lua"),
+    include_str!("../scripts/release.lua")
+);
+/// The cross-slot refund script (Redis Cluster).
+pub const REFUND_SCRIPT: &str = concat!(
+    include_str!("../scripts/instants.lua"),
+    include_str!("../scripts/refund.lua")
+);

@@ -19,11 +19,9 @@ use crate::health::{self, DEFAULT_MAX_IN_FLIGHT, Health};
 mod cross_slot;
 
 /// The decision script, loaded once per server and run by its SHA1.
-static DECIDE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../scripts/decide.lua")));
+static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(crate::DECIDE_SCRIPT));
 /// The lease release script.
-static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../scripts/release.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(crate::RELEASE_SCRIPT));
 
 /// Shortest wait before a reconnection attempt (jittered up to twice as long).
 const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);

@@ -29,8 +29,7 @@ use tollgate_core::{Check, StoreError};
 use super::{MAX_CHECKS, RedisStore, add_check, params_of, parse_reply};
 
 /// Gives back what `decide.lua` took in one slot.
-static REFUND: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../scripts/refund.lua")));
+static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(crate::REFUND_SCRIPT));
 
 /// A group of checks of one scope, in the order they first appear.
 #[derive(Clone, Copy)]
