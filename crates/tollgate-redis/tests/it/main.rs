@@ -9,5 +9,6 @@ mod cluster;
 mod conformance;
 mod errors;
 mod faults;
+mod flood;
 mod resilience;
 mod support;
