@@ -231,6 +231,38 @@ macro_rules! insert_event {
     };
 }
 
+/// Settles a reservation's money in `$tx`: adds `$back` to the account's
+/// balance and appends the journal row (`$kind` of `$amount`, `$refund` back
+/// for a commit, 0 otherwise). Evaluates to the new balance. Commit, release and expiry
+/// all end a reservation with this one step.
+macro_rules! settle_journal {
+    ($tx:expr, $account:expr, $back:expr, $kind:expr, $amount:expr, $refund:expr,
+     $reservation:expr, $idem_key:expr, $at_us:expr) => {{
+        let (balance,): (i64,) = sqlx::query_as(
+            "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance",
+        )
+        .bind($account)
+        .bind($back)
+        .fetch_one(&mut *$tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO credit_journal (id, account, kind, amount, refund, reservation, idempotency_key, at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind($account)
+        .bind($kind)
+        .bind($amount)
+        .bind($refund)
+        .bind($reservation)
+        .bind($idem_key)
+        .bind($at_us)
+        .execute(&mut *$tx)
+        .await?;
+        balance
+    }};
+}
+
 /// How a settlement ends a reservation.
 #[derive(Clone, Copy)]
 enum Release {
@@ -1137,26 +1169,17 @@ impl Ledger {
                 return Err(LedgerError::ReservationSettled);
             }
             let refund = reserved - amount;
-            let (balance,): (i64,) = sqlx::query_as(
-                "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance",
-            )
-            .bind(&account)
-            .bind(refund)
-            .fetch_one(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO credit_journal (id, account, kind, amount, refund, reservation, idempotency_key, at_us) \
-                 VALUES ($1, $2, 'commit', $3, $4, $5, $6, $7)",
-            )
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(&account)
-            .bind(amount)
-            .bind(refund)
-            .bind(id)
-            .bind(idem_key.as_deref())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            let balance = settle_journal!(
+                tx,
+                &account,
+                refund,
+                "commit",
+                amount,
+                refund,
+                id,
+                idem_key.as_deref(),
+                now
+            );
             if idem_key.is_some() {
                 sqlx::query(
                     "UPDATE idempotency SET state = 'completed', status = $2, content_type = $3, body = $4 \
@@ -1223,26 +1246,17 @@ impl Ledger {
                     None => not_found("reservation", id),
                 });
             };
-            let (balance,): (i64,) = sqlx::query_as(
-                "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance",
-            )
-            .bind(&account)
-            .bind(amount)
-            .fetch_one(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO credit_journal (id, account, kind, amount, reservation, idempotency_key, at_us) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(&account)
-            .bind(how.journal_kind())
-            .bind(amount)
-            .bind(id)
-            .bind(idem_key.as_deref())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            let balance = settle_journal!(
+                tx,
+                &account,
+                amount,
+                how.journal_kind(),
+                amount,
+                0_i64,
+                id,
+                idem_key.as_deref(),
+                now
+            );
             if idem_key.is_some() {
                 sqlx::query("DELETE FROM idempotency WHERE reservation = $1")
                     .bind(id)
