@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test of tollgate. Installs what the tests need when it is missing,
 # so a fresh Debian machine passes: cargo-nextest (from crates.io), and — for
-# the store and ledger tests that arrive with later crates — redis-server and
-# PostgreSQL from Debian packages.
+# the store and ledger tests that arrive with later crates — redis-server,
+# PostgreSQL and faketime (the clock-skew test A11) from Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
 if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${need_apt[*]} from Debian packages"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null

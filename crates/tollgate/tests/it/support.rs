@@ -185,6 +185,11 @@ pub struct Opts {
     pub token: Option<String>,
     /// Further arguments.
     pub args: Vec<String>,
+    /// Further environment variables of the child (e.g. libfaketime's
+    /// `LD_PRELOAD` and `FAKETIME`, to skew its wall clock: see
+    /// `multi::faketime_env`). Set on the binary itself rather than through a
+    /// wrapper command, so the child stays the process that drop kills.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Opts {
@@ -194,6 +199,7 @@ impl Default for Opts {
             upstream: None,
             token: Some(ADMIN_TOKEN.to_owned()),
             args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -288,6 +294,7 @@ impl Tollgate {
             cmd.args(["--admin-token", t]);
         }
         cmd.args(&opts.args);
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().expect("spawn tollgate");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
