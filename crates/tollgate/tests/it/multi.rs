@@ -40,8 +40,13 @@ const MAX_LOAD: Duration = Duration::from_secs(10);
 /// Hard limits of each algorithm, per account, none refilling within the
 /// test: a token bucket of 150 refilling 1 an hour, 150 per sliding hour,
 /// 150 per calendar hour. Store errors refuse (fail-closed), so an error
-/// can never hide an over-admission.
+/// can never hide an over-admission; the store timeout is generous (the
+/// default 50 ms fails decisions on a loaded 2-core machine, and a decision
+/// that timed out may still have been counted by Redis: under-admission).
 const POLICY: &str = r#"
+[server]
+store_timeout = "2s"
+
 [policy]
 name = "multi-process-accuracy"
 key_header = "x-api-key"
