@@ -250,6 +250,27 @@ impl RedisStore {
         }
     }
 
+    /// Redis's `maxmemory-policy` when it can evict keys that have no TTL
+    /// relation to their windows (`allkeys-*`): evicting a live counter hands
+    /// its capacity out again (RELIABILITY-PLAN B4). `None` when the policy
+    /// is safe (`noeviction`, `volatile-*`: every counter has a TTL, and
+    /// `volatile-ttl` evicts the ones closest to their fresh state first) or
+    /// cannot be read (`CONFIG` disabled on managed Redis, or Redis away).
+    pub async fn evicting_policy(&self) -> Option<String> {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        let reply = tokio::time::timeout(self.timeout, async {
+            match self.conn.clone() {
+                Conn::Single(mut c) => cmd.query_async::<Vec<String>>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<Vec<String>>(&mut c).await,
+            }
+        })
+        .await
+        .ok()?
+        .ok()?;
+        reply.get(1).filter(|p| p.starts_with("allkeys-")).cloned()
+    }
+
     /// Whether the store is taking calls: `false` while the circuit breaker
     /// is open (Redis stopped answering; calls fail at once). What the
     /// server's `store_unavailable` gauge shows. Never blocks.

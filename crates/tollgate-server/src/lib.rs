@@ -164,6 +164,13 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
             .map_err(|e| {
                 ServerError::Config(format!("store {}: {e}", redact_url(&config.store)))
             })?;
+        if let Some(p) = redis.evicting_policy().await {
+            tracing::warn!(
+                maxmemory_policy = %p,
+                "Redis may evict live counters under memory pressure, which hands their \
+                 capacity out again; set maxmemory-policy to noeviction or volatile-ttl"
+            );
+        }
         Engine::new(AnyStore::redis(redis, config.max_counters))
             .with_key_seed(store::SHARED_KEY_SEED)
     };

@@ -91,3 +91,27 @@ async fn b4_oom_is_a_store_error() {
     assert!(matches!(err, StoreError::Unavailable(m) if m.contains("OOM")));
     assert_eq!(error_kind(&err), "oom", "store_errors_total{{kind}}");
 }
+
+/// B4: a `maxmemory-policy` that can evict live counters (`allkeys-*`) is
+/// reported (the server logs a warning at startup); safe ones are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b4_evicting_policy_is_reported() {
+    for (policy, reported) in [
+        ("allkeys-lru", true),
+        ("allkeys-random", true),
+        ("noeviction", false),
+        ("volatile-ttl", false),
+    ] {
+        let server = OwnRedis::start(free_port(), &["--maxmemory-policy", policy]);
+        let store = RedisStore::builder(server.url())
+            .connect()
+            .await
+            .expect("store");
+        let got = store.evicting_policy().await;
+        println!("B4: maxmemory-policy {policy}: reported {got:?}");
+        assert_eq!(got.is_some(), reported, "{policy}");
+        if reported {
+            assert_eq!(got.as_deref(), Some(policy));
+        }
+    }
+}
