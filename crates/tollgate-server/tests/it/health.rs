@@ -3,81 +3,11 @@
 //! `/healthz` (liveness) stays up while the store is degraded. The test runs
 //! its own `redis-server` on a free loopback port and stops it on drop.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::support::{Server, TOKEN};
-
-/// Our own `redis-server`, killed on drop (also when a test panics).
-struct OwnRedis {
-    child: Child,
-    port: u16,
-}
-
-impl OwnRedis {
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port()
-    }
-
-    async fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test.sh installs it)");
-        // Owned (and so killed on drop) before anything can panic.
-        let redis = OwnRedis { child, port };
-        for _ in 0..250 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return redis;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("redis-server did not start on {port}");
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill {sig}");
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        // A stopped process must be continued to die cleanly.
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        self.kill();
-    }
-}
+use crate::support::{OwnRedis, Server, TOKEN};
 
 async fn status(s: &Server, path: &str) -> u16 {
     s.call(false, "GET", path, &[], "").await.status

@@ -5,12 +5,11 @@
 //! `deny` limits answer 503. Store errors are counted by kind, the
 //! `store_unavailable` gauge is set within 1 s and cleared after recovery.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::support::{Server, TOKEN};
+use crate::support::{OwnRedis, Server, TOKEN};
 
 /// L of the local limit, and each replica's share of it.
 const L: usize = 20;
@@ -61,40 +60,6 @@ operations = ["closed"]
 [plans.basic]
 "#;
 
-/// A redis-server of our own on a fixed port; killed (only it) on drop.
-struct OwnRedis(Child);
-
-impl OwnRedis {
-    async fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        // Owned at once, so a panic below still kills it.
-        let server = OwnRedis(child);
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("redis-server did not start on {port}");
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Sum of every sample of metric `name` whose labels contain `labels`.
 fn metric(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
@@ -131,11 +96,7 @@ async fn hits(s: &Server, key: &str, path: &str, n: usize) -> [usize; 3] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b1_outage_follows_each_limits_policy_and_local_share() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = OwnRedis::free_port();
     let redis = OwnRedis::start(port).await;
     let store = format!("redis://127.0.0.1:{port}/0");
     let dir = tempfile::tempdir().expect("temp dir");

@@ -1,67 +1,12 @@
 //! Two replicas sharing Redis (their own `redis-server` on a free loopback
 //! port) and one database behave as one gateway: a limit holds across them.
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-use crate::support::{Server, TOKEN};
-
-struct OwnRedis {
-    child: Child,
-    port: u16,
-}
-
-impl OwnRedis {
-    fn start() -> Option<OwnRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        Some(OwnRedis { child, port })
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_for_port(port: u16) {
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("redis-server did not start on {port}");
-}
+use crate::support::{OwnRedis, Server, TOKEN};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::disallowed_methods)] // a black-box test measures real elapsed time
 async fn two_replicas_share_one_limit_through_redis() {
-    let redis = OwnRedis::start().expect("redis-server is installed (scripts/test.sh installs it)");
-    wait_for_port(redis.port).await;
+    let redis = OwnRedis::start(OwnRedis::free_port()).await;
     let store = format!("redis://127.0.0.1:{}/0", redis.port);
     let dir = tempfile::tempdir().expect("temp dir");
     let shared = dir.path().to_path_buf();

@@ -1,6 +1,7 @@
 //! A server per test and a small HTTP client.
 
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -208,5 +209,81 @@ impl Upstream {
 
     pub fn hits(&self) -> usize {
         self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A `redis-server` of the test's own on a loopback port, killed on drop
+/// (also when a test panics); never the machine's shared Redis.
+pub struct OwnRedis {
+    child: Child,
+    /// The loopback port it listens on.
+    pub port: u16,
+}
+
+impl OwnRedis {
+    /// A loopback port nothing listens on now.
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    }
+
+    /// Starts `redis-server` on `port` (no persistence) and waits until it
+    /// accepts connections.
+    pub async fn start(port: u16) -> OwnRedis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        // Owned (and so killed on drop) before anything can panic.
+        let redis = OwnRedis { child, port };
+        for _ in 0..250 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return redis;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start on {port}");
+    }
+
+    /// `kill -9`, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal such as `-STOP` or `-CONT`.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die cleanly.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        self.kill();
     }
 }
