@@ -67,6 +67,15 @@ pub enum LedgerError {
     /// The operating system's random source failed while generating a key.
     #[error("the operating system's random source failed")]
     Random(#[source] getrandom::Error),
+    /// The database could not be opened at start: the reason in plain words
+    /// (the server's message without its source line) and what to change.
+    #[error("{reason}{hint}")]
+    Open {
+        /// What went wrong.
+        reason: String,
+        /// What to change, or empty.
+        hint: &'static str,
+    },
     /// A schema migration failed.
     #[error("database migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
@@ -82,11 +91,49 @@ impl From<sqlx::Error> for LedgerError {
 }
 
 impl LedgerError {
+    /// A failure to open a database, in words an operator can act on: the
+    /// server's own message (PostgreSQL's comes with the C source line it
+    /// was raised at, which tells an operator nothing) plus a hint for the
+    /// usual mistakes. Errors that are not about reaching or logging in to
+    /// the database stay [`LedgerError::Database`].
+    pub(crate) fn open(e: sqlx::Error) -> LedgerError {
+        let hint = match &e {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("28000") => {
+                    " (name an existing role in the URL: postgres://USER@HOST:PORT/DATABASE)"
+                }
+                Some("28P01") => " (check the user and password in the URL)",
+                Some("3D000") => {
+                    " (create it first, e.g. `createdb NAME`, or name an existing database in the URL)"
+                }
+                // SQLite: SQLITE_CANTOPEN.
+                Some("14") => " (check that the directory exists and is writable)",
+                _ => "",
+            },
+            sqlx::Error::PoolTimedOut => {
+                return LedgerError::Open {
+                    reason: "no connection could be made before the connect timeout".to_owned(),
+                    hint: " (is the database server running, and is the host and port in the URL right?)",
+                };
+            }
+            sqlx::Error::Io(_) => {
+                " (is the database server running, and is the host and port in the URL right?)"
+            }
+            _ => return LedgerError::Database(e),
+        };
+        let reason = match &e {
+            sqlx::Error::Database(db) => db.message().to_owned(),
+            other => other.to_string(),
+        };
+        LedgerError::Open { reason, hint }
+    }
+
     /// True when the database is down, unreachable, overloaded or shutting down:
     /// the request did not happen and may be retried later (the server answers 503).
     pub fn is_unavailable(&self) -> bool {
         match self {
             LedgerError::Database(e) => sqlx_unavailable(e),
+            LedgerError::Open { .. } => true,
             LedgerError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => sqlx_unavailable(e),
             _ => false,
         }

@@ -59,7 +59,11 @@ const KNOWN_ID_TTL: Duration = Duration::from_secs(3600);
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 const SQLITE_MAX_CONNECTIONS: u32 = 8;
 const PG_MAX_CONNECTIONS: u32 = 10;
-/// Reservations settled per `expire_reservations` batch.
+/// How long opening a PostgreSQL ledger (and any later wait for a pooled
+/// connection) may take before it fails.
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reservations settled per `expire_reservations` batch, and idempotency
+/// records deleted per `prune_idempotency` batch.
 const EXPIRY_BATCH: i64 = 500;
 const MAX_ID_LEN: usize = 128;
 /// Idempotency record and journal row of the one-time grant made at account creation.
@@ -347,7 +351,8 @@ impl Ledger {
         let pool = SqlitePoolOptions::new()
             .max_connections(SQLITE_MAX_CONNECTIONS)
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(LedgerError::open)?;
         SQLITE_MIGRATOR
             .run(&pool)
             .await
@@ -370,7 +375,9 @@ impl Ledger {
         let options: PgConnectOptions = url.parse().map_err(|_| LedgerError::InvalidDatabase {
             reason: "not a valid postgres:// URL",
         })?;
-        let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+        let mut conn = sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(LedgerError::open)?;
         sqlx::query(AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
         )))
@@ -383,8 +390,10 @@ impl Ledger {
     async fn open_pg(options: PgConnectOptions) -> Result<Ledger, LedgerError> {
         let pool = PgPoolOptions::new()
             .max_connections(PG_MAX_CONNECTIONS)
+            .acquire_timeout(PG_CONNECT_TIMEOUT)
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(LedgerError::open)?;
         PG_MIGRATOR.run(&pool).await.map_err(LedgerError::Migrate)?;
         Ok(Self::from_backend(Backend::Postgres(pool)))
     }
@@ -1298,6 +1307,39 @@ impl Ledger {
             }
             if (batch as i64) < EXPIRY_BATCH {
                 return Ok(expired);
+            }
+        }
+    }
+
+    /// Deletes completed idempotency records created more than `retention` ago;
+    /// returns how many. A request retried with such a key after that is a new
+    /// request (and charged again), so `retention` must exceed the longest time a
+    /// client keeps retrying (the server's default is 24 hours). Records of open
+    /// reservations are never pruned (settling them removes or completes them).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn prune_idempotency(&self, retention: Duration) -> Result<u64, LedgerError> {
+        let cutoff =
+            now_us().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
+        let mut pruned = 0u64;
+        loop {
+            let deleted = write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+                let done = sqlx::query(
+                    "DELETE FROM idempotency WHERE (account, key) IN \
+                     (SELECT account, key FROM idempotency \
+                      WHERE state = 'completed' AND created_at_us < $1 LIMIT $2)",
+                )
+                .bind(cutoff)
+                .bind(EXPIRY_BATCH)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(done.rows_affected())
+            })?;
+            pruned += deleted;
+            if deleted < EXPIRY_BATCH as u64 {
+                return Ok(pruned);
             }
         }
     }

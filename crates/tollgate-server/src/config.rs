@@ -87,6 +87,10 @@ pub struct ServerSection {
     /// How long a credit reservation lives if never settled (default `300s`;
     /// must exceed `request_timeout`).
     pub reservation_ttl: Option<String>,
+    /// How long a completed `Idempotency-Key` is remembered: a retry with the
+    /// same key within it replays the stored answer instead of charging again
+    /// (default `24h`).
+    pub idempotency_retention: Option<String>,
     /// `[server.webhooks]`: event delivery (see [`crate::webhooks`]). Default: none.
     pub webhooks: Option<crate::webhooks::WebhooksSection>,
     /// Invalid-key guard: failed API keys (unknown, revoked, malformed) one
@@ -145,6 +149,8 @@ pub struct ServerConfig {
     pub policy_path: Option<PathBuf>,
     /// Lifetime of an unsettled credit reservation.
     pub reservation_ttl: Duration,
+    /// How long completed idempotency records are kept.
+    pub idempotency_retention: Duration,
     /// Webhook delivery.
     pub webhooks: crate::webhooks::WebhookSettings,
     /// Invalid-key guard: failures per address per window; 0 = off.
@@ -178,6 +184,7 @@ impl Default for ServerConfig {
             admin_token: None,
             policy_path: None,
             reservation_ttl: Duration::from_secs(300),
+            idempotency_retention: Duration::from_secs(24 * 3600),
             webhooks: crate::webhooks::WebhookSettings::default(),
             auth_fail_limit: 100,
             auth_fail_window: Duration::from_secs(60),
@@ -255,6 +262,11 @@ impl ServerConfig {
                 &mut self.body_read_timeout,
             ),
             ("body_timeout", &s.body_timeout, &mut self.body_timeout),
+            (
+                "idempotency_retention",
+                &s.idempotency_retention,
+                &mut self.idempotency_retention,
+            ),
             ("send_timeout", &s.send_timeout, &mut self.send_timeout),
         ] {
             if let Some(v) = value {
@@ -342,4 +354,32 @@ pub fn server_section(src: &str) -> Result<ServerSection, String> {
     toml::from_str::<File>(src)
         .map(|f| f.server.unwrap_or_default())
         .map_err(|e| format!("[server]: {}", e.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(server: &str) -> Result<ServerConfig, Vec<String>> {
+        let section = server_section(&format!("[server]\n{server}\n")).expect("parses");
+        let mut config = ServerConfig::default();
+        config.apply(&section).map(|()| config)
+    }
+
+    #[test]
+    fn idempotency_retention_defaults_to_a_day_and_takes_durations() {
+        assert_eq!(
+            ServerConfig::default().idempotency_retention,
+            Duration::from_secs(86_400)
+        );
+        let c = applied(r#"idempotency_retention = "7days""#).expect("valid");
+        assert_eq!(c.idempotency_retention, Duration::from_secs(7 * 86_400));
+        for bad in [r#""0s""#, r#""soon""#] {
+            let errors = applied(&format!("idempotency_retention = {bad}")).expect_err(bad);
+            assert!(
+                errors[0].contains("idempotency_retention") && errors[0].contains("not a duration"),
+                "{errors:?}"
+            );
+        }
+    }
 }

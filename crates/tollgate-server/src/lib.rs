@@ -69,7 +69,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The database could not be opened.
-    #[error("cannot open the database: {0}")]
+    #[error("cannot open the database")]
     Database(#[source] tollgate_ledger::LedgerError),
     /// A setting is invalid.
     #[error("{0}")]
@@ -382,7 +382,8 @@ fn echo_router() -> Router {
 }
 
 /// Expires unsettled reservations every second (so none outlives its TTL by
-/// more than that); every 5 s also sweeps idle counters and flushes events.
+/// more than that); every 5 s also sweeps idle counters and flushes events;
+/// every minute prunes idempotency records past their retention.
 async fn housekeeping(st: Shared, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks = 0u64;
@@ -408,6 +409,14 @@ async fn housekeeping(st: Shared, mut shutdown: watch::Receiver<bool>) {
             tracing::warn!(error = %e, "could not expire reservations");
         }
         st.events.flush(&st.ledger, now).await;
+        if ticks % 60 == 1
+            && let Err(e) = st
+                .ledger
+                .prune_idempotency(st.config.idempotency_retention)
+                .await
+        {
+            tracing::warn!(error = %e, "could not prune idempotency records");
+        }
     }
     st.events.flush(&st.ledger, st.engine.clock().now()).await;
 }

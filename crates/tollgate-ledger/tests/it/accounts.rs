@@ -142,3 +142,38 @@ async fn accounts_and_events(kind: Kind) {
     assert_eq!(ledger.events(None, None, 2).await.expect("events").len(), 2);
 }
 both!(accounts_and_events_outbox, super::accounts_and_events);
+
+/// A database that cannot be opened says why in plain words and what to change
+/// (no PostgreSQL source line, no message repeated).
+#[tokio::test]
+async fn open_errors_say_what_to_fix() {
+    let pg = crate::common::pg_url();
+    let base = pg.split_once('@').map_or(pg.as_str(), |(_, host)| host);
+    let cases = [
+        (
+            format!("postgres://no_such_role_tg@{base}"),
+            "role \"no_such_role_tg\" does not exist (name an existing role",
+        ),
+        (
+            format!(
+                "postgres://postgres@{}/no_such_db_tg",
+                base.split('/').next().expect("host")
+            ),
+            "database \"no_such_db_tg\" does not exist (create it first",
+        ),
+        (
+            "/proc/no/such/dir/ledger.db".to_owned(),
+            "unable to open database file (check that the directory exists",
+        ),
+    ];
+    for (url, want) in cases {
+        let Err(e) = tollgate_ledger::Ledger::open(&url).await else {
+            panic!("{url} opened");
+        };
+        let shown = e.to_string();
+        assert!(matches!(e, LedgerError::Open { .. }), "{url}: {e:?}");
+        assert!(shown.starts_with(want), "{url}: {shown}");
+        assert!(!shown.contains("at line"), "{shown}");
+        assert!(e.is_unavailable());
+    }
+}

@@ -222,6 +222,72 @@ async fn c2_idempotency(kind: Kind) {
 }
 both!(c2_idempotency_one_charge, super::c2_idempotency);
 
+/// Completed idempotency records are pruned after the retention; open ones stay,
+/// so a request in flight still cannot be charged twice.
+async fn idempotency_records_are_pruned(kind: Kind) {
+    let db = fresh(kind).await;
+    let ledger = &db.ledger;
+    account(ledger, "prune", 100).await;
+    let done = idem("done", "fp");
+    let ReserveOutcome::Reserved { id, .. } = ledger
+        .reserve("prune", 5, Some(&done), TTL)
+        .await
+        .expect("r")
+    else {
+        panic!("reserve")
+    };
+    ledger.commit(id, 5, None).await.expect("commit");
+    let open = idem("open", "fp");
+    assert!(matches!(
+        ledger
+            .reserve("prune", 5, Some(&open), TTL)
+            .await
+            .expect("r"),
+        ReserveOutcome::Reserved { .. }
+    ));
+    // Within the retention nothing goes.
+    assert_eq!(
+        ledger
+            .prune_idempotency(Duration::from_secs(3600))
+            .await
+            .expect("prune"),
+        0
+    );
+    assert!(matches!(
+        ledger
+            .reserve("prune", 5, Some(&done), TTL)
+            .await
+            .expect("r"),
+        ReserveOutcome::Completed(_)
+    ));
+    // Past it the completed record goes; the open one stays.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        ledger
+            .prune_idempotency(Duration::from_millis(1))
+            .await
+            .expect("prune"),
+        1
+    );
+    assert_eq!(
+        ledger
+            .reserve("prune", 5, Some(&open), TTL)
+            .await
+            .expect("r"),
+        ReserveOutcome::InProgress
+    );
+    // The pruned key is a new request now.
+    assert!(matches!(
+        ledger
+            .reserve("prune", 5, Some(&done), TTL)
+            .await
+            .expect("r"),
+        ReserveOutcome::Reserved { .. }
+    ));
+    assert!(ledger.audit("prune").await.expect("audit").is_consistent());
+}
+both!(idempotency_pruning, super::idempotency_records_are_pruned);
+
 /// C8: commit vs release vs expiry of the same reservation, concurrently: exactly one
 /// outcome every time; commit above the reservation is rejected and changes nothing.
 async fn c8_settlement_races(kind: Kind) {
