@@ -41,6 +41,42 @@ impl std::fmt::Debug for AdminToken {
     }
 }
 
+/// The secret that seeds counter-key hashing when replicas share a Redis
+/// store (`TOLLGATE_STORE_SECRET`). Counter keys hash the scope values (API
+/// key ids, IPs, file names) with a seed; with a public seed a caller who can
+/// choose a scope value (a file name) could search for one whose key collides
+/// with another caller's counter. Every replica must be given the same secret;
+/// changing it starts every counter afresh.
+#[derive(Clone)]
+pub struct StoreSecret(String);
+
+impl StoreSecret {
+    /// A secret; empty strings are refused (`None`).
+    pub fn new(secret: String) -> Option<StoreSecret> {
+        (!secret.trim().is_empty()).then_some(StoreSecret(secret))
+    }
+
+    /// The 64-bit hashing seed derived from the secret (SHA-256).
+    pub fn key_seed(&self) -> u64 {
+        use sha2::Digest;
+        let digest = sha2::Sha256::new()
+            .chain_update(b"tollgate counter keys\0")
+            .chain_update(self.0.as_bytes())
+            .finalize();
+        u64::from_le_bytes(
+            digest[..8]
+                .try_into()
+                .expect("a SHA-256 digest has 32 bytes"),
+        )
+    }
+}
+
+impl std::fmt::Debug for StoreSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// `[server]` as written in the policy file. Every field optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,6 +181,8 @@ pub struct ServerConfig {
     pub inspect_body_max: u64,
     /// Admin token; `None` refuses every admin call.
     pub admin_token: Option<AdminToken>,
+    /// Seeds counter-key hashing on a shared store (`TOLLGATE_STORE_SECRET`).
+    pub store_secret: Option<StoreSecret>,
     /// The policy file, watched for reloads; `None` = built-in policy.
     pub policy_path: Option<PathBuf>,
     /// Lifetime of an unsettled credit reservation.
@@ -182,6 +220,7 @@ impl Default for ServerConfig {
             max_counters: tollgate_core::store::memory::DEFAULT_MAX_COUNTERS,
             inspect_body_max: 64_000_000,
             admin_token: None,
+            store_secret: None,
             policy_path: None,
             reservation_ttl: Duration::from_secs(300),
             idempotency_retention: Duration::from_secs(24 * 3600),
@@ -364,6 +403,22 @@ mod tests {
         let section = server_section(&format!("[server]\n{server}\n")).expect("parses");
         let mut config = ServerConfig::default();
         config.apply(&section).map(|()| config)
+    }
+
+    #[test]
+    fn store_secrets_give_distinct_stable_seeds() {
+        let a = StoreSecret::new("first".into()).expect("non-empty");
+        let b = StoreSecret::new("second".into()).expect("non-empty");
+        assert_eq!(
+            a.key_seed(),
+            StoreSecret::new("first".into())
+                .expect("non-empty")
+                .key_seed()
+        );
+        assert_ne!(a.key_seed(), b.key_seed());
+        assert_ne!(a.key_seed(), crate::store::SHARED_KEY_SEED);
+        assert!(StoreSecret::new("  ".into()).is_none());
+        assert_eq!(format!("{a:?}"), "***");
     }
 
     #[test]

@@ -171,8 +171,18 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
                  capacity out again; set maxmemory-policy to noeviction or volatile-ttl"
             );
         }
-        Engine::new(AnyStore::redis(redis, config.max_counters))
-            .with_key_seed(store::SHARED_KEY_SEED)
+        let seed = match &config.store_secret {
+            Some(secret) => secret.key_seed(),
+            None => {
+                tracing::warn!(
+                    "counter keys on the shared store use the public default seed; set \
+                     TOLLGATE_STORE_SECRET (the same on every replica) so that callers \
+                     cannot craft scope values that land on other callers' counters"
+                );
+                store::SHARED_KEY_SEED
+            }
+        };
+        Engine::new(AnyStore::redis(redis, config.max_counters)).with_key_seed(seed)
     };
     let state = Arc::new(AppState {
         policy: ArcSwap::from_pointee(policy),

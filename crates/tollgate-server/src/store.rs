@@ -25,8 +25,10 @@ pub enum AnyStore {
 /// …): the `kind` label of `store_errors_total`.
 pub use tollgate_redis::error_kind;
 
-/// Seed of counter-key hashing when replicas share a store: every replica
-/// must derive the same Redis key for the same counter (ASCII of tollgate).
+/// Seed of counter-key hashing when replicas share a store and no
+/// `TOLLGATE_STORE_SECRET` is set: every replica must derive the same Redis
+/// key for the same counter (ASCII of tollgate). Public, hence the warning at
+/// startup; see [`crate::config::StoreSecret`].
 pub const SHARED_KEY_SEED: u64 = 0x746f_6c6c_6761_7465;
 
 impl AnyStore {

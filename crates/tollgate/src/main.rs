@@ -57,7 +57,9 @@ struct Serve {
     /// Directory of the SQLite database [default: ./tollgate-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Counter store: `memory` [default: memory].
+    /// Counter store: `memory`, `redis://host:port/db` or
+    /// `redis-cluster://host:port,host:port` [default: memory]. Replicas sharing
+    /// Redis should share a secret in TOLLGATE_STORE_SECRET (seeds counter keys).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
     /// Database: an SQLite file path, or postgres://… [default: DATA_DIR/tollgate.db].
@@ -185,6 +187,10 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         cfg.database = Some(v);
     }
     cfg.admin_token = args.admin_token.and_then(config::AdminToken::new);
+    // Environment only: a flag would show in `ps`.
+    cfg.store_secret = std::env::var("TOLLGATE_STORE_SECRET")
+        .ok()
+        .and_then(config::StoreSecret::new);
     cfg.policy_path = args.config;
     if cfg.admin_token.is_none() {
         tracing::warn!(

@@ -189,9 +189,15 @@ async fn replicas_share_the_store(
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, POLICY).expect("policy");
     let database = dir.path().join("shared.db").display().to_string();
+    // One secret for every replica: the counters are shared only if each
+    // derives the same keys from it (with a secret per replica, A5 measures
+    // max admitted/L 3.000).
+    let secret = format!("a5-secret-{}", std::process::id());
     let start = |i: usize| {
+        let mut env = skews[i].map(faketime_env).unwrap_or_default();
+        env.push(("TOLLGATE_STORE_SECRET".to_owned(), secret.clone()));
         Tollgate::start(Opts {
-            env: skews[i].map(faketime_env).unwrap_or_default(),
+            env,
             config: Some(policy.clone()),
             args: vec![
                 "--store".to_owned(),
@@ -223,6 +229,12 @@ async fn replicas_share_the_store(
                 t.pid()
             );
         }
+    }
+    for t in &replicas {
+        assert!(
+            !t.log().contains("public default seed"),
+            "a replica ignored TOLLGATE_STORE_SECRET"
+        );
     }
     let addrs: Vec<_> = replicas.iter().map(|t| t.addr).collect();
     // Warm-up, outside the figures: each process opens its store connections
