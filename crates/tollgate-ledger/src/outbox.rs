@@ -243,6 +243,22 @@ impl Ledger {
         })
     }
 
+    /// Enables an endpoint that [`Ledger::disable_endpoint`] disabled; events
+    /// still pending are sent to it again. Returns whether it was disabled.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn enable_endpoint(&self, endpoint: &str) -> Result<bool, LedgerError> {
+        write_tx!(self, IMMEDIATE, ATTEMPTS, |tx| {
+            let done = sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1")
+                .bind(endpoint)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(done.rows_affected() > 0)
+        })
+    }
+
     /// Ids of the endpoints disabled by [`Ledger::disable_endpoint`].
     ///
     /// # Errors

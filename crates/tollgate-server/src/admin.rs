@@ -39,6 +39,8 @@ pub fn router(st: Shared) -> Router {
         .route("/admin/v1/accounts/{id}/credits", post(add_credits))
         .route("/admin/v1/events", get(events))
         .route("/admin/v1/reload", post(reload))
+        .route("/admin/v1/webhooks", get(webhooks))
+        .route("/admin/v1/webhooks/{id}/enable", post(enable_webhook))
         .fallback(|| async { ApiError::not_found("no such admin route") })
         .layer(middleware::from_fn_with_state(st.clone(), require_token));
     Router::new()
@@ -347,6 +349,55 @@ async fn events(
     let out: Vec<Value> =
         events.into_iter().map(|e| json!({ "id": e.id, "at": e.at.to_string(), "account": e.account, "kind": e.kind, "data": e.data })).collect();
     Ok(json_response(StatusCode::OK, &Value::from(out)))
+}
+
+/// The configured webhook endpoints (origin only: a URL's path or query may
+/// carry a secret), whether each is disabled (after a 410), and the outbox.
+async fn webhooks(State(st): State<Shared>) -> Result<Response, ApiError> {
+    let disabled = st.ledger.disabled_endpoints().await?;
+    let stats = st.ledger.outbox_stats().await?;
+    let endpoints: Vec<Value> = st
+        .config
+        .webhooks
+        .endpoints
+        .iter()
+        .map(|ep| {
+            json!({
+                "id": ep.id,
+                "origin": ep.url.origin().ascii_serialization(),
+                "events": ep.events,
+                "disabled": disabled.contains(&ep.id),
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "endpoints": endpoints,
+            "outbox": {
+                "pending": stats.pending,
+                "delivered": stats.delivered,
+                "failed": stats.failed,
+            },
+        }),
+    ))
+}
+
+/// Enables an endpoint disabled after a 410; pending events go to it again.
+async fn enable_webhook(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !st.config.webhooks.endpoints.iter().any(|ep| ep.id == id) {
+        return Err(ApiError::not_found(
+            "no such webhook endpoint in [server.webhooks]",
+        ));
+    }
+    let was_disabled = st.ledger.enable_endpoint(&id).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "id": id, "disabled": false, "was_disabled": was_disabled }),
+    ))
 }
 
 async fn reload(State(st): State<Shared>) -> Result<Response, ApiError> {

@@ -241,6 +241,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
     tasks.extend(webhooks::Dispatcher::spawn(
         state.ledger.clone(),
         config.webhooks.clone(),
+        state.metrics.webhooks.clone(),
         rx.clone(),
     ));
     tasks.push(tokio::spawn(watch_reloads(state.clone(), rx)));

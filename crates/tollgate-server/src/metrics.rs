@@ -47,6 +47,37 @@ pub struct UpstreamLabels {
     pub class: String,
 }
 
+/// Labels of a webhook delivery attempt.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// Endpoint id (from the policy's `[server.webhooks]`, so bounded).
+    pub endpoint: String,
+    /// `accepted` (2xx), `failed` (an error, a timeout or another status; retried),
+    /// `gone` (410: the endpoint is disabled).
+    pub outcome: String,
+}
+
+/// The webhook dispatcher's metrics (handles into [`Metrics`]' registry).
+#[derive(Debug, Clone, Default)]
+pub struct WebhookMetrics {
+    /// Delivery attempts by endpoint and outcome.
+    pub deliveries: Family<WebhookLabels, Counter>,
+    /// Events whose delivery rounds ran out (kept in the outbox, marked failed).
+    pub given_up: Counter,
+}
+
+impl WebhookMetrics {
+    /// Counts one attempt.
+    pub fn attempt(&self, endpoint: &str, outcome: &str) {
+        self.deliveries
+            .get_or_create(&WebhookLabels {
+                endpoint: endpoint.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+}
+
 /// Every metric tollgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -80,6 +111,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Proxy connections closed at once because `max_connections` were open.
     pub connections_refused: Counter,
+    /// Webhook deliveries.
+    pub webhooks: WebhookMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -188,6 +221,17 @@ impl Metrics {
             "Proxy connections closed at once because max_connections were open",
             connections_refused.clone(),
         );
+        let webhooks = WebhookMetrics::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by endpoint and outcome (accepted, failed, gone)",
+            webhooks.deliveries.clone(),
+        );
+        registry.register(
+            "webhook_events_given_up",
+            "Events whose webhook delivery rounds ran out",
+            webhooks.given_up.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -205,6 +249,7 @@ impl Metrics {
             reloads,
             connections_open,
             connections_refused,
+            webhooks,
         }
     }
 

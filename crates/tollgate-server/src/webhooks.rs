@@ -70,6 +70,8 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tollgate_ledger::{ClaimedEvent, Event, Ledger};
 
+use crate::metrics::WebhookMetrics;
+
 /// How far a receiver should accept `webhook-timestamp` from its own clock.
 pub const TOLERANCE: Duration = Duration::from_secs(300);
 /// Most signatures [`verify`] looks at in one `webhook-signature` header.
@@ -631,6 +633,7 @@ pub struct Dispatcher {
     settings: Arc<WebhookSettings>,
     client: reqwest::Client,
     owner: String,
+    metrics: WebhookMetrics,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -677,20 +680,28 @@ impl Dispatcher {
             settings: Arc::new(settings),
             client,
             owner: uuid::Uuid::now_v7().to_string(),
+            metrics: WebhookMetrics::default(),
         })
+    }
+
+    /// Counts deliveries into `metrics` (by default into handles no registry shows).
+    pub fn with_metrics(mut self, metrics: WebhookMetrics) -> Dispatcher {
+        self.metrics = metrics;
+        self
     }
 
     /// Starts the delivery loop when endpoints are configured.
     pub fn spawn(
         ledger: Ledger,
         settings: WebhookSettings,
+        metrics: WebhookMetrics,
         shutdown: watch::Receiver<bool>,
     ) -> Option<tokio::task::JoinHandle<()>> {
         if settings.endpoints.is_empty() {
             return None;
         }
         match Dispatcher::new(ledger, settings) {
-            Ok(d) => Some(tokio::spawn(d.run(shutdown))),
+            Ok(d) => Some(tokio::spawn(d.with_metrics(metrics).run(shutdown))),
             Err(e) => {
                 tracing::error!(error = %e, "webhook delivery disabled");
                 None
@@ -766,15 +777,18 @@ impl Dispatcher {
             }
             match self.send(ep, &c.event.id, body.clone()).await {
                 Attempt::Accepted(status) => {
+                    self.metrics.attempt(&ep.id, "accepted");
                     self.ledger
                         .record_delivery(&c.event.id, &ep.id, status)
                         .await?;
                 }
                 Attempt::Gone => {
+                    self.metrics.attempt(&ep.id, "gone");
                     tracing::warn!(endpoint = %ep.id, "webhook endpoint answered 410 Gone; disabled");
                     self.ledger.disable_endpoint(&ep.id, 410).await?;
                 }
                 outcome => {
+                    self.metrics.attempt(&ep.id, "failed");
                     tracing::debug!(endpoint = %ep.id, ?outcome, "webhook delivery failed");
                     failed = true;
                 }
@@ -786,6 +800,7 @@ impl Dispatcher {
         let round = c.attempts.saturating_add(1);
         let give_up = round >= self.settings.max_attempts;
         if give_up {
+            self.metrics.given_up.inc();
             tracing::warn!(event = %c.event.id, rounds = round, "webhook event given up");
         }
         self.ledger
@@ -1308,7 +1323,19 @@ mod tests {
             ),
             endpoint("gone", &format!("http://{g_addr}/hook"), vec![key.clone()]),
         ];
-        let d = Dispatcher::new(ledger.clone(), settings(eps, true)).expect("dispatcher");
+        let metrics = WebhookMetrics::default();
+        let d = Dispatcher::new(ledger.clone(), settings(eps, true))
+            .expect("dispatcher")
+            .with_metrics(metrics.clone());
+        let attempts = |endpoint: &str, outcome: &str| {
+            metrics
+                .deliveries
+                .get_or_create(&crate::metrics::WebhookLabels {
+                    endpoint: endpoint.to_owned(),
+                    outcome: outcome.to_owned(),
+                })
+                .get()
+        };
         ledger
             .record_event(&tollgate_ledger::NewEvent {
                 account: Some("acme".into()),
@@ -1332,6 +1359,16 @@ mod tests {
             vec!["gone".to_owned()]
         );
         assert_eq!(ledger.outbox_stats().await.expect("stats").pending, 1);
+        assert_eq!(attempts("gone", "gone"), 1);
+        assert_eq!(attempts("redirector", "failed"), redirector.count() as u64);
+        assert_eq!(attempts("redirector", "accepted"), 0);
+        // Enabled again, the endpoint gets the pending event (and, answering
+        // 410 again, is disabled again).
+        assert!(ledger.enable_endpoint("gone").await.expect("enable"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        d.round().await.expect("round");
+        assert_eq!(gone.count(), 2, "an enabled endpoint was not sent to");
+        assert_eq!(attempts("gone", "gone"), 2);
         let (headers, body) = redirector.seen.lock().expect("seen")[0].clone();
         let now = jiff::Timestamp::now().as_second();
         assert_eq!(verify_headers(&[key], &headers, &body, now), Ok(()));

@@ -127,6 +127,9 @@ async fn lifecycle(kind: Kind) {
         l.disabled_endpoints().await.expect("list"),
         vec!["gone".to_owned()]
     );
+    assert!(l.enable_endpoint("gone").await.expect("enable"));
+    assert!(!l.enable_endpoint("gone").await.expect("enable again"));
+    assert!(l.disabled_endpoints().await.expect("list").is_empty());
 }
 both!(outbox_lifecycle, super::lifecycle);
 

@@ -3,7 +3,7 @@
 
 use crate::support::{Server, TOKEN};
 
-const ROUTES: [(&str, &str, &str); 8] = [
+const ROUTES: [(&str, &str, &str); 10] = [
     ("POST", "/admin/v1/accounts", r#"{"id":"x"}"#),
     ("GET", "/admin/v1/accounts/x", ""),
     ("PATCH", "/admin/v1/accounts/x", r#"{"plan":"pro"}"#),
@@ -16,6 +16,8 @@ const ROUTES: [(&str, &str, &str); 8] = [
         r#"{"amount":5,"idempotency_key":"k"}"#,
     ),
     ("GET", "/admin/v1/events", ""),
+    ("GET", "/admin/v1/webhooks", ""),
+    ("POST", "/admin/v1/webhooks/ops/enable", ""),
 ];
 
 #[tokio::test]
@@ -306,5 +308,58 @@ async fn metrics_and_health_carry_no_secrets() {
     );
     assert_eq!(s.call(false, "GET", "/healthz", &[], "").await.status, 200);
     assert_eq!(s.call(false, "GET", "/readyz", &[], "").await.status, 200);
+    s.running.shutdown().await;
+}
+
+/// Webhook endpoints: listed by origin only (a URL's path and query may hold
+/// a secret), disabled after a 410, enabled again by the admin.
+#[tokio::test]
+async fn webhook_endpoints_are_listed_and_enabled_again() {
+    use tollgate_server::webhooks::{Endpoint, WebhookSecret, WebhookSettings};
+    let s = Server::configured(
+        Some(TOKEN),
+        tollgate_server::config::DEFAULT_POLICY,
+        None,
+        |c| {
+            c.webhooks = WebhookSettings {
+                endpoints: vec![Endpoint {
+                    id: "ops".into(),
+                    url: "http://127.0.0.1:9/hook?token=s3cret".parse().expect("url"),
+                    secrets: vec![WebhookSecret::generate().expect("secret").0],
+                    events: Some(vec!["credits_low".into()]),
+                }],
+                allow_private_targets: true,
+                ..WebhookSettings::default()
+            };
+        },
+    )
+    .await;
+    let listed = s.admin("GET", "/admin/v1/webhooks", "").await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    assert!(!listed.text.contains("s3cret"), "{}", listed.text);
+    assert_eq!(listed.body["endpoints"][0]["id"], "ops");
+    assert_eq!(listed.body["endpoints"][0]["origin"], "http://127.0.0.1:9");
+    assert_eq!(listed.body["endpoints"][0]["events"][0], "credits_low");
+    assert_eq!(listed.body["endpoints"][0]["disabled"], false);
+    assert_eq!(listed.body["outbox"]["failed"], 0);
+
+    s.running
+        .state
+        .ledger
+        .disable_endpoint("ops", 410)
+        .await
+        .expect("disable");
+    let listed = s.admin("GET", "/admin/v1/webhooks", "").await;
+    assert_eq!(listed.body["endpoints"][0]["disabled"], true);
+    let enabled = s.admin("POST", "/admin/v1/webhooks/ops/enable", "").await;
+    assert_eq!(enabled.status, 200, "{}", enabled.text);
+    assert_eq!(enabled.body["was_disabled"], true);
+    let listed = s.admin("GET", "/admin/v1/webhooks", "").await;
+    assert_eq!(listed.body["endpoints"][0]["disabled"], false);
+    let again = s.admin("POST", "/admin/v1/webhooks/ops/enable", "").await;
+    assert_eq!(again.body["was_disabled"], false);
+    let unknown = s.admin("POST", "/admin/v1/webhooks/nope/enable", "").await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.body["error"]["code"], "not_found");
     s.running.shutdown().await;
 }
