@@ -43,27 +43,47 @@ async fn server() -> (Server, Upstream) {
     (s, up)
 }
 
-/// C1 (CI size 64 clients × 200 attempts, balance 100): exactly as many
-/// successes as credits, then 402s; the balance never goes negative.
+/// C1 (CI size: 64 clients × 16 attempts, balance 500): exactly as many
+/// successes as credits, the rest 402; the upstream never sees an unpaid
+/// request; the balance, read every 10 ms during the run, never goes
+/// negative; final balance 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_charges_never_overspend() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const CLIENTS: usize = 64;
+    const ATTEMPTS: usize = 16;
+    const BALANCE: usize = 500;
     let (s, up) = server().await;
     let key = s.account_with_key("acme", "default").await;
     let g = s
         .admin(
             "POST",
             "/admin/v1/accounts/acme/credits",
-            r#"{"amount":100,"idempotency_key":"seed"}"#,
+            &format!(r#"{{"amount":{BALANCE},"idempotency_key":"seed"}}"#),
         )
         .await;
     assert_eq!(g.status, 200);
     let s = Arc::new(s);
+    let done = Arc::new(AtomicBool::new(false));
+    let observer = {
+        let (s, done) = (s.clone(), done.clone());
+        tokio::spawn(async move {
+            let (mut min, mut reads) = (i64::MAX, 0);
+            while !done.load(Ordering::Relaxed) {
+                let a = s.admin("GET", "/admin/v1/accounts/acme", "").await;
+                min = min.min(a.body["credits"]["available"].as_i64().expect("available"));
+                reads += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            (min, reads)
+        })
+    };
     let mut tasks = Vec::new();
-    for _ in 0..64 {
+    for _ in 0..CLIENTS {
         let (s, key) = (s.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
             let mut codes = Vec::new();
-            for _ in 0..4 {
+            for _ in 0..ATTEMPTS {
                 codes.push(
                     s.call(false, "POST", "/charge", &[("x-api-key", &key)], "{}")
                         .await
@@ -84,14 +104,30 @@ async fn concurrent_charges_never_overspend() {
             }
         }
     }
-    assert_eq!(ok, 100, "successes = credits");
-    assert_eq!(paid, 156);
-    assert_eq!(up.hits(), 100, "the upstream never saw an unpaid request");
+    done.store(true, Ordering::Relaxed);
+    let (min, reads) = observer.await.expect("observer");
     let a = s.admin("GET", "/admin/v1/accounts/acme", "").await;
+    println!(
+        "C1: {} attempts: {ok} × 200, {paid} × 402, upstream {}; lowest balance of {reads} reads {min}, final {}",
+        CLIENTS * ATTEMPTS,
+        up.hits(),
+        a.body["credits"]["available"]
+    );
+    assert_eq!(ok, BALANCE, "successes = credits");
+    assert_eq!(paid, CLIENTS * ATTEMPTS - BALANCE);
+    assert_eq!(
+        up.hits(),
+        BALANCE,
+        "the upstream never saw an unpaid request"
+    );
+    assert!(min >= 0, "a negative balance was observed: {min}");
     assert_eq!(a.body["credits"]["available"], 0);
 }
 
-/// C2: concurrent identical requests with one Idempotency-Key run once and charge once.
+/// C2 (32 concurrent identical requests, one Idempotency-Key): the upstream
+/// runs it once → 1; the others get 409 or the stored answer → 100 %; a
+/// replay gets the stored response; the same key with another body → 422;
+/// charged exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_idempotency_key_charges_once() {
     let (s, up) = server().await;
@@ -104,7 +140,7 @@ async fn one_idempotency_key_charges_once() {
     .await;
     let s = Arc::new(s);
     let mut tasks = Vec::new();
-    for _ in 0..16 {
+    for _ in 0..32 {
         let (s, key) = (s.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
             s.call(
@@ -351,4 +387,167 @@ async fn committed_credits_come_from_the_upstream_header_capped_at_the_reservati
         .await;
     assert_eq!(r.status, 402, "{}", r.text);
     s.running.shutdown().await;
+}
+
+const LEASE_POLICY: &str = r#"
+[policy]
+name = "leases"
+
+[operations.hold]
+method = "GET"
+path = "/hold/*"
+
+[limits.inflight]
+algorithm = "concurrency"
+limit = 4
+lease_ttl = "30s"
+operations = ["hold"]
+
+[plans.default]
+"#;
+
+/// A14 (CI size: 16 clients at limit 4, 2 s): requests held 100 ms by the
+/// upstream. Figures: requests in flight at the upstream > 4 at any instant
+/// → 0 (its peak); every answer 200 or 429; once the load ends, every lease
+/// is back (4 concurrent requests admitted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a14_sixteen_clients_never_hold_more_than_the_limit() {
+    use std::sync::atomic::Ordering;
+    let (up, now, peak) = crate::support::holding_upstream().await;
+    let s = Arc::new(Server::with_upstream(Some(TOKEN), LEASE_POLICY, Some(up)).await);
+    let key = s.account_with_key("acme", "default").await;
+    let t0 = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (s, key) = (s.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0, 0);
+            while t0.elapsed() < std::time::Duration::from_secs(2) {
+                match s
+                    .call(false, "GET", "/hold/100", &[("x-api-key", &key)], "")
+                    .await
+                    .status
+                {
+                    200 => ok += 1,
+                    429 => {
+                        refused += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (o, r) = t.await.expect("client");
+        ok += o;
+        refused += r;
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    println!("A14: 16 clients, limit 4: {ok} admitted, {refused} refused, peak in flight {peak}");
+    assert!(peak <= 4, "{peak} requests in flight at limit 4");
+    assert!(ok >= 20 && refused > 0, "the limit was not exercised");
+    assert_eq!(now.load(Ordering::SeqCst), 0);
+    let mut again = Vec::new();
+    for _ in 0..4 {
+        let (s, key) = (s.clone(), key.clone());
+        again.push(tokio::spawn(async move {
+            s.call(false, "GET", "/hold/200", &[("x-api-key", &key)], "")
+                .await
+                .status
+        }));
+    }
+    for t in again {
+        assert_eq!(t.await.expect("client"), 200, "a lease was not released");
+    }
+}
+
+/// Polls `/hold/10` until it is admitted; returns how long that took.
+async fn admitted_within(
+    s: &Server,
+    key: &str,
+    limit: std::time::Duration,
+) -> Option<std::time::Duration> {
+    let t0 = tokio::time::Instant::now();
+    while t0.elapsed() < limit {
+        if s.call(false, "GET", "/hold/10", &[("x-api-key", key)], "")
+            .await
+            .status
+            == 200
+        {
+            return Some(t0.elapsed());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// A14 (client disconnect): 4 clients hold every lease (the upstream holds
+/// their requests 10 s) and then hang up while the upstream still works.
+/// Figures: leases released on client disconnect → 100 % (a new request is
+/// admitted ≤ 1 s after the hang-up, not after the 30 s lease TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a14_leases_are_released_when_the_client_hangs_up() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    let (up, now, _) = crate::support::holding_upstream().await;
+    let s = Server::with_upstream(Some(TOKEN), LEASE_POLICY, Some(up)).await;
+    let key = s.account_with_key("acme", "default").await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = tokio::net::TcpStream::connect(s.running.addr)
+            .await
+            .expect("connect");
+        c.write_all(
+            format!("GET /hold/10000 HTTP/1.1\r\nHost: tollgate\r\nx-api-key: {key}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("request");
+        held.push(c);
+    }
+    let t0 = tokio::time::Instant::now();
+    while now.load(Ordering::SeqCst) < 4 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "requests not forwarded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let r = s
+        .call(false, "GET", "/hold/10", &[("x-api-key", &key)], "")
+        .await;
+    assert_eq!(r.status, 429, "every lease is held: {}", r.text);
+    drop(held);
+    let waited = admitted_within(&s, &key, std::time::Duration::from_secs(5)).await;
+    println!("A14 client hang-up: a new request admitted after {waited:?} (lease TTL 30 s)");
+    let waited = waited.expect("leases of disconnected clients were not released within 5 s");
+    assert!(
+        waited <= std::time::Duration::from_secs(1),
+        "leases released {waited:?} after the hang-up"
+    );
+}
+
+/// A14 (upstream failure): a request whose upstream cannot be reached is
+/// answered 502 and gives its lease back → 100 % (at limit 4, eight failed
+/// requests in a row are all 502, none 429).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a14_leases_are_released_when_the_upstream_fails() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let s = Server::with_upstream(Some(TOKEN), LEASE_POLICY, Some(closed)).await;
+    let key = s.account_with_key("acme", "default").await;
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(
+            s.call(false, "GET", "/hold/10", &[("x-api-key", &key)], "")
+                .await
+                .status,
+        );
+    }
+    println!("A14 upstream down: {codes:?}");
+    assert!(codes.iter().all(|c| *c == 502 || *c == 504), "{codes:?}");
 }

@@ -212,6 +212,51 @@ impl Upstream {
     }
 }
 
+/// An upstream that holds each request before answering `held`: 20 ms, or
+/// N ms for `/hold/N`. Returns its address and the number of requests it
+/// holds now and the most it ever held at once.
+pub async fn holding_upstream() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (n, p) = (now.clone(), peak.clone());
+    let app = axum::Router::new().fallback(move |uri: http::Uri| {
+        let (n, p) = (n.clone(), p.clone());
+        async move {
+            let ms = uri
+                .path()
+                .strip_prefix("/hold/")
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(20);
+            let held = n.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(held, Ordering::SeqCst);
+            // Counted down also when the proxy gives up on the request.
+            struct Done(Arc<AtomicUsize>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let _done = Done(n);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            "held"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, now, peak)
+}
+
 /// A `redis-server` of the test's own on a loopback port, killed on drop
 /// (also when a test panics); never the machine's shared Redis.
 pub struct OwnRedis {
