@@ -9,6 +9,7 @@ mod hardening;
 mod health;
 mod http2;
 mod invalid_keys;
+mod modes;
 mod outage;
 mod replicas;
 mod secrets;
