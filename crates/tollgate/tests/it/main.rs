@@ -7,4 +7,5 @@ mod crash;
 mod leases;
 mod multi;
 mod serve;
+mod smuggling;
 mod support;
