@@ -6,6 +6,7 @@ mod client;
 mod crash;
 mod leases;
 mod multi;
+mod reload;
 mod serve;
 mod smuggling;
 mod support;
