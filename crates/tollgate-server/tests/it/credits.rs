@@ -551,3 +551,139 @@ async fn a14_leases_are_released_when_the_upstream_fails() {
     println!("A14 upstream down: {codes:?}");
     assert!(codes.iter().all(|c| *c == 502 || *c == 504), "{codes:?}");
 }
+
+const E7_POLICY: &str = r#"
+[policy]
+name = "upstream-misbehaviour"
+
+[operations.slow]
+method = "GET"
+path = "/slow"
+credits = 1
+
+[operations.status]
+method = "POST"
+path = "/status/{code}"
+credits = 1
+
+[operations.once]
+method = "PUT"
+path = "/status/{code}"
+credits = 1
+retry = false
+
+[operations.other]
+method = "GET"
+path = "/*"
+credits = 1
+
+[upstream]
+retries = 2
+backoff = "10ms"
+max_backoff = "50ms"
+timeout = "200ms"
+
+[plans.default]
+"#;
+
+/// An upstream that accepts connections and drops them at once (a reset);
+/// returns its address and how many connections it took.
+async fn resetting_upstream() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.set_linger(Some(std::time::Duration::ZERO));
+            drop(s);
+        }
+    });
+    (addr, accepted)
+}
+
+/// E7 (upstream misbehaviour): a slow upstream (attempt timeout 200 ms, 2
+/// retries), 503s on a retryable and on a `retry = false` operation, a 400,
+/// and an upstream that resets every connection. Figures: attempts = 1 +
+/// retries where the policy allows, 1 where it does not, 1 for a 400 →
+/// 100 %; total time of a timed-out request ≤ 3 × 200 ms + back-off
+/// (asserted ≤ 1.5 s); credits reserved for every failed request released
+/// → 100 % (the balance moves only for the one success).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e7_upstream_failures_are_retried_within_bounds_and_cost_nothing() {
+    let up = Upstream::start().await;
+    let s = Server::with_upstream(Some(TOKEN), E7_POLICY, Some(up.addr)).await;
+    let key = s.account_with_key("acme", "default").await;
+    s.admin(
+        "POST",
+        "/admin/v1/accounts/acme/credits",
+        r#"{"amount":5,"idempotency_key":"seed"}"#,
+    )
+    .await;
+    let k = [("x-api-key", key.as_str())];
+
+    let t0 = tokio::time::Instant::now();
+    let slow = s.call(false, "GET", "/slow", &k, "").await;
+    let slow_took = t0.elapsed();
+    let slow_hits = up.hits();
+    let r503 = s.call(false, "POST", "/status/503", &k, "{}").await;
+    let retried_hits = up.hits() - slow_hits;
+    let once = s.call(false, "PUT", "/status/503", &k, "{}").await;
+    let once_hits = up.hits() - slow_hits - retried_hits;
+    let r400 = s.call(false, "POST", "/status/400", &k, "{}").await;
+    let bad_hits = up.hits() - slow_hits - retried_hits - once_hits;
+    let ok = s.call(false, "GET", "/fine", &k, "").await;
+    let a = s.admin("GET", "/admin/v1/accounts/acme", "").await;
+    let available = a.body["credits"]["available"].clone();
+
+    let (reset_addr, accepted) = resetting_upstream().await;
+    let r = Server::with_upstream(Some(TOKEN), E7_POLICY, Some(reset_addr)).await;
+    let rkey = r.account_with_key("acme", "default").await;
+    r.admin(
+        "POST",
+        "/admin/v1/accounts/acme/credits",
+        r#"{"amount":5,"idempotency_key":"seed"}"#,
+    )
+    .await;
+    let t1 = tokio::time::Instant::now();
+    let reset = r
+        .call(false, "GET", "/fine", &[("x-api-key", rkey.as_str())], "")
+        .await;
+    let reset_took = t1.elapsed();
+    let reset_attempts = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let ra = r.admin("GET", "/admin/v1/accounts/acme", "").await;
+
+    println!(
+        "E7: slow upstream {} after {slow_took:?} ({slow_hits} attempts); 503 retryable {} \
+         ({retried_hits} attempts); 503 retry=false {} ({once_hits}); 400 {} ({bad_hits}); \
+         success {}; balance {available} of 5 (one success); resetting upstream {} after \
+         {reset_took:?} ({reset_attempts} connections), balance {}",
+        slow.status,
+        r503.status,
+        once.status,
+        r400.status,
+        ok.status,
+        reset.status,
+        ra.body["credits"]["available"]
+    );
+    assert_eq!((slow.status, slow_hits), (504, 3), "timeouts retried twice");
+    assert!(
+        slow_took <= std::time::Duration::from_millis(1_500),
+        "a timed-out request took {slow_took:?}"
+    );
+    assert_eq!((r503.status, retried_hits), (503, 3));
+    assert_eq!((once.status, once_hits), (503, 1), "retry = false");
+    assert_eq!((r400.status, bad_hits), (400, 1), "a 400 is not retried");
+    assert_eq!(ok.status, 200);
+    assert_eq!(available, 4, "failed requests are not charged");
+    assert_eq!(reset.status, 502, "{}", reset.text);
+    assert!(
+        (1..=3).contains(&reset_attempts),
+        "{reset_attempts} connections for one request"
+    );
+    assert!(reset_took <= std::time::Duration::from_secs(2));
+    assert_eq!(ra.body["credits"]["available"], 5, "a reset is not charged");
+}
