@@ -1,8 +1,9 @@
 //! RELIABILITY-PLAN E1, E2 and E5 against the real binary, with the figures
 //! that need the server in a process of its own: the latency of legit
 //! traffic while slow clients attack, compared with the same traffic without
-//! them (E1/E2: p99 ≤ 2× baseline), and the CPU the server spends on an
-//! HTTP/2 CONTINUATION flood (E5: ≤ 1 core), read from `/proc/PID/stat`.
+//! them (E1/E2: p99 ≤ 2× baseline), the memory a hostile connection costs
+//! (E3: ≤ 1 MiB, from `/proc/PID/status`) and the CPU the server spends on
+//! an HTTP/2 CONTINUATION flood (E5: ≤ 1 core, from `/proc/PID/stat`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::support::{Opts, Tollgate, Upstream};
+use crate::support::{Opts, Tollgate, Upstream, raw};
 
 const POLICY: &str = r#"
 [policy]
@@ -30,6 +31,13 @@ algorithm = "token_bucket"
 capacity = 1000000
 refill = 1000000
 scope = ["account"]
+
+[operations.upload]
+method = "POST"
+path = "/upload"
+
+[operations.upload.payload]
+max_body = 1024
 
 [plans.default]
 
@@ -492,4 +500,160 @@ async fn e5_continuation_flood_gets_goaway_and_costs_under_one_core() {
         "legit success {}/{total} < 99 %",
         ok.len()
     );
+}
+
+// ------------------------------------------------------------------ E3
+
+/// Resident memory of a process in KiB (`VmRSS` of `/proc/PID/status`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// The status code of the first response in `out`, if any.
+fn status_of(out: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(out);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// E3 (CI size): oversize input against the real binary. Figures: 8 KiB
+/// header → 200; 64 KiB header → 431; 150 headers → 431; 16 KiB request
+/// line → 414; body over the operation's `max_body` (1 KiB), announced or
+/// chunked → 413 → 100 %; 200 connections each holding 60 KiB of
+/// unfinished headers cost ≤ 1 MiB of server RSS each; an 8 MiB chunked
+/// body to a 1 KiB operation grows the server's RSS by ≤ 4 MiB (never
+/// buffered beyond the limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e3_oversize_input_gets_its_status_and_bounded_memory() {
+    const HOLDERS: usize = 200;
+    let dir = tempfile::tempdir().expect("dir");
+    let up = Upstream::start().await;
+    let (tg, key) = server(&dir, &up).await;
+    let addr = tg.addr;
+    let k = format!("x-api-key: {key}\r\n");
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let big_body = "b".repeat(4096);
+    let cases = [
+        (
+            "8 KiB header",
+            format!(
+                "GET /ok HTTP/1.1\r\nHost: x\r\n{k}X-Pad: {}\r\n\r\n",
+                "p".repeat(8 * 1024)
+            ),
+            200,
+        ),
+        (
+            "64 KiB header",
+            format!(
+                "GET /ok HTTP/1.1\r\nHost: x\r\n{k}X-Big: {}\r\n\r\n",
+                "a".repeat(64 * 1024)
+            ),
+            431,
+        ),
+        (
+            "150 headers",
+            format!("GET /ok HTTP/1.1\r\nHost: x\r\n{k}{many}\r\n"),
+            431,
+        ),
+        (
+            "16 KiB request line",
+            format!(
+                "GET /{} HTTP/1.1\r\nHost: x\r\n{k}\r\n",
+                "u".repeat(16 * 1024)
+            ),
+            414,
+        ),
+        (
+            "body over max_body",
+            format!(
+                "POST /upload HTTP/1.1\r\nHost: x\r\n{k}Content-Length: {}\r\n\r\n{big_body}",
+                big_body.len()
+            ),
+            413,
+        ),
+        (
+            "chunked body over max_body",
+            format!(
+                "POST /upload HTTP/1.1\r\nHost: x\r\n{k}Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{big_body}\r\n0\r\n\r\n",
+                big_body.len()
+            ),
+            413,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (name, bytes, want) in &cases {
+        let got = status_of(&raw(addr, bytes.as_bytes()).await);
+        println!("E3 {name}: {got:?} (goal {want})");
+        if got != Some(*want) {
+            wrong.push(format!("{name}: {got:?}, goal {want}"));
+        }
+    }
+
+    // Memory of connections holding unfinished 60 KiB headers.
+    let before = rss_kib(tg.pid());
+    let mut holders = Vec::new();
+    let partial = format!(
+        "GET /ok HTTP/1.1\r\nHost: x\r\nX-Big: {}",
+        "a".repeat(60 * 1024)
+    );
+    for _ in 0..HOLDERS {
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(partial.as_bytes()).await.expect("write");
+        holders.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = rss_kib(tg.pid());
+    drop(holders);
+    let per_conn = held.saturating_sub(before) / HOLDERS as u64;
+
+    // An 8 MiB chunked body to an operation of 1 KiB.
+    let before_body = rss_kib(tg.pid());
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(
+        format!("POST /upload HTTP/1.1\r\nHost: x\r\n{k}Transfer-Encoding: chunked\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("head");
+    let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "c".repeat(64 * 1024));
+    let (mut rd, mut wr) = c.into_split();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        for _ in 0..128 {
+            if wr.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+            sent += 64 * 1024;
+        }
+        let _ = wr.write_all(b"0\r\n\r\n").await;
+        sent
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut answer)).await;
+    let sent = writer.await.expect("writer");
+    let after_body = rss_kib(tg.pid());
+    let body_growth = after_body.saturating_sub(before_body);
+    let body_status = status_of(&answer);
+    println!(
+        "E3 memory: {HOLDERS} connections with 60 KiB of unfinished headers: RSS {before} → {held} KiB, \
+         {per_conn} KiB each; 8 MiB chunked body to a 1 KiB operation: {body_status:?} after \
+         {sent} bytes written, RSS +{body_growth} KiB"
+    );
+    assert!(wrong.is_empty(), "wrong statuses:\n{}", wrong.join("\n"));
+    assert!(
+        per_conn <= 1024,
+        "{per_conn} KiB per hostile connection (goal ≤ 1 MiB)"
+    );
+    assert_eq!(body_status, Some(413));
+    assert!(
+        body_growth <= 4 * 1024,
+        "RSS grew {body_growth} KiB for a refused body"
+    );
+    // Still serving.
+    let r = tg.call("x-api-key", &key, "GET", "/after").await;
+    assert_eq!(r.status, 200);
 }
