@@ -13,4 +13,5 @@ mod modes;
 mod outage;
 mod replicas;
 mod secrets;
+mod spoofing;
 mod support;
