@@ -598,7 +598,7 @@ async fn resetting_upstream() -> (std::net::SocketAddr, Arc<std::sync::atomic::A
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let _ = s.set_linger(Some(std::time::Duration::ZERO));
+            let _ = s.set_zero_linger();
             drop(s);
         }
     });
