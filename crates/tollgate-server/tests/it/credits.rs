@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::support::{Server, TOKEN, Upstream};
+use crate::support::{PgSchema, Server, TOKEN, Upstream};
 
 const POLICY: &str = r#"
 [policy]
@@ -43,17 +43,43 @@ async fn server() -> (Server, Upstream) {
     (s, up)
 }
 
+/// [`server`] with its ledger in `database` (`None`: SQLite).
+async fn server_on(database: Option<String>) -> (Server, Upstream) {
+    let up = Upstream::start().await;
+    let s = Server::configured(Some(TOKEN), POLICY, Some(up.addr), |c| {
+        c.database = database;
+    })
+    .await;
+    (s, up)
+}
+
 /// C1 (CI size: 64 clients × 16 attempts, balance 500): exactly as many
 /// successes as credits, the rest 402; the upstream never sees an unpaid
 /// request; the balance, read every 10 ms during the run, never goes
 /// negative; final balance 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_charges_never_overspend() {
+    c1(None).await;
+}
+
+/// C1 with the ledger on PostgreSQL (a schema of the test's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c1_concurrent_charges_never_overspend_on_postgresql() {
+    let pg = PgSchema::create("c1").await;
+    c1(Some(pg.url())).await;
+}
+
+async fn c1(database: Option<String>) {
     use std::sync::atomic::{AtomicBool, Ordering};
     const CLIENTS: usize = 64;
     const ATTEMPTS: usize = 16;
     const BALANCE: usize = 500;
-    let (s, up) = server().await;
+    let backend = if database.is_some() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    let (s, up) = server_on(database).await;
     let key = s.account_with_key("acme", "default").await;
     let g = s
         .admin(
@@ -108,7 +134,7 @@ async fn concurrent_charges_never_overspend() {
     let (min, reads) = observer.await.expect("observer");
     let a = s.admin("GET", "/admin/v1/accounts/acme", "").await;
     println!(
-        "C1: {} attempts: {ok} × 200, {paid} × 402, upstream {}; lowest balance of {reads} reads {min}, final {}",
+        "C1 {backend}: {} attempts: {ok} × 200, {paid} × 402, upstream {}; lowest balance of {reads} reads {min}, final {}",
         CLIENTS * ATTEMPTS,
         up.hits(),
         a.body["credits"]["available"]
@@ -130,7 +156,18 @@ async fn concurrent_charges_never_overspend() {
 /// charged exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_idempotency_key_charges_once() {
-    let (s, up) = server().await;
+    c2(None).await;
+}
+
+/// C2 with the ledger on PostgreSQL (a schema of the test's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c2_one_idempotency_key_charges_once_on_postgresql() {
+    let pg = PgSchema::create("c2").await;
+    c2(Some(pg.url())).await;
+}
+
+async fn c2(database: Option<String>) {
+    let (s, up) = server_on(database).await;
     let key = s.account_with_key("acme", "default").await;
     s.admin(
         "POST",

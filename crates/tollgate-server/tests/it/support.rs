@@ -257,6 +257,66 @@ pub async fn holding_upstream() -> (
     (addr, now, peak)
 }
 
+/// A PostgreSQL schema of the test's own on the machine's server
+/// (`TOLLGATE_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`),
+/// created and migrated on start, dropped on drop; never anyone else's.
+pub struct PgSchema {
+    base: String,
+    /// The schema's name.
+    pub schema: String,
+}
+
+impl PgSchema {
+    pub async fn create(tag: &str) -> PgSchema {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::var("TOLLGATE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let nanos = jiff::Timestamp::now().as_nanosecond() % 1_000_000_000;
+        let schema = format!(
+            "tg_srv_{tag}_{}_{}_{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let ledger = tollgate_ledger::Ledger::open_postgres_schema(&base, &schema)
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (or TOLLGATE_TEST_DATABASE_URL)");
+        ledger.close().await;
+        PgSchema { base, schema }
+    }
+
+    /// A `postgres://` URL whose connections use only this schema.
+    pub fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{sep}options=-c%20search_path%3D{}",
+            self.base, self.schema
+        )
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (base, schema) = (self.base.clone(), self.schema.clone());
+        // Drop runs inside the test's runtime: a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(l) = tollgate_ledger::Ledger::open_postgres_schema(&base, &schema).await {
+                    let _ = l
+                        .execute_for_test(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                        .await;
+                    l.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 /// A `redis-server` of the test's own on a loopback port, killed on drop
 /// (also when a test panics); never the machine's shared Redis.
 pub struct OwnRedis {
