@@ -517,6 +517,39 @@ fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
+/// For a PostgreSQL run: creates (and migrates) a schema of the run's own
+/// and points `sup` at it; returns its name.
+async fn use_postgres(sup: &mut Supervisor, tag: &str) -> String {
+    let schema = format!("tg_{tag}_{}_{}", std::process::id(), now_us());
+    let created = Ledger::open_postgres_schema(&pg_url(), &schema)
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 (or TOLLGATE_TEST_DATABASE_URL)");
+    created.close().await;
+    let url = pg_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    sup.database = Some(format!("{url}{sep}options=-c%20search_path%3D{schema}"));
+    schema
+}
+
+/// The ledger `sup` writes, opened beside it.
+async fn open_ledger(sup: &Supervisor, schema: Option<&String>) -> Ledger {
+    match schema {
+        Some(schema) => Ledger::open_postgres_schema(&pg_url(), schema).await,
+        None => Ledger::open(&sup.database()).await,
+    }
+    .expect("open ledger")
+}
+
+/// Kills `sup` (its outbox poller uses the schema), then drops the schema.
+async fn drop_schema(sup: &mut Supervisor, ledger: &Ledger, schema: &str) {
+    sup.kill();
+    ledger
+        .execute_for_test(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .expect("drop the run's schema");
+    ledger.close().await;
+}
+
 async fn c3(postgres: bool) {
     const KILLS: usize = 20;
     const CLIENTS: usize = 32;
@@ -534,16 +567,11 @@ async fn c3(postgres: bool) {
     let mut sup = Supervisor::new(dir.path(), &policy(consumer_addr, "50ms"), &up);
     // PostgreSQL: a schema of this run's own (created and migrated here; the
     // binary reaches it through the connection's search_path).
-    let schema = postgres.then(|| format!("tg_c3_{}_{}", std::process::id(), now_us()));
-    if let Some(schema) = &schema {
-        let created = Ledger::open_postgres_schema(&pg_url(), schema)
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 (or TOLLGATE_TEST_DATABASE_URL)");
-        created.close().await;
-        let url = pg_url();
-        let sep = if url.contains('?') { '&' } else { '?' };
-        sup.database = Some(format!("{url}{sep}options=-c%20search_path%3D{schema}"));
-    }
+    let schema = if postgres {
+        Some(use_postgres(&mut sup, "c3").await)
+    } else {
+        None
+    };
     let backend = if postgres { "PostgreSQL" } else { "SQLite" };
     sup.start().await;
 
@@ -591,11 +619,7 @@ async fn c3(postgres: bool) {
 
     // An auditor beside the server: after every restart the invariant must
     // hold for every account (one snapshot per account).
-    let auditor = match &schema {
-        Some(schema) => Ledger::open_postgres_schema(&pg_url(), schema).await,
-        None => Ledger::open(&sup.database()).await,
-    }
-    .expect("open ledger");
+    let auditor = open_ledger(&sup, schema.as_ref()).await;
     assert_eq!(
         auditor.backend_name(),
         if postgres { "postgres" } else { "sqlite" }
@@ -699,13 +723,7 @@ async fn c3(postgres: bool) {
     let max = sorted[sorted.len() - 1];
     let panics = sup.panics();
     if let Some(schema) = &schema {
-        // The server first (it polls the outbox), then this run's schema.
-        sup.kill();
-        ledger
-            .execute_for_test(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-            .await
-            .expect("drop the run's schema");
-        ledger.close().await;
+        drop_schema(&mut sup, &ledger, schema).await;
     }
     eprintln!(
         "C3 {backend}: {KILLS} kills, {} charges acknowledged, {} committed, {attempts} attempts, \
@@ -753,11 +771,26 @@ async fn c3(postgres: bool) {
 /// by `webhook-id`) 0, while without the dedupe there would be ≥ 2 extra per event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c10_redelivered_events_have_one_effect_and_survive_kill_9() {
+    c10(false).await;
+}
+
+/// C10 with the ledger (and its outbox) on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c10_on_postgresql_redelivered_events_have_one_effect() {
+    c10(true).await;
+}
+
+async fn c10(postgres: bool) {
     const CHARGES: usize = 40;
     let dir = tempfile::tempdir().expect("dir");
     let up = Upstream::start().await;
     let (consumer, consumer_addr) = Consumer::start(2).await;
     let mut sup = Supervisor::new(dir.path(), &policy(consumer_addr, "100ms"), &up);
+    let schema = if postgres {
+        Some(use_postgres(&mut sup, "c10").await)
+    } else {
+        None
+    };
     sup.start().await;
     let (s, _) = sup
         .admin(
@@ -800,9 +833,12 @@ async fn c10_redelivered_events_have_one_effect_and_survive_kill_9() {
     let accepted_at_kill = consumer.inner.lock().expect("consumer").accepted.len();
     sup.start().await;
 
-    let ledger = Ledger::open(&sup.database()).await.expect("open ledger");
+    let ledger = open_ledger(&sup, schema.as_ref()).await;
     let stats = drain(&ledger, Duration::from_secs(45)).await;
     let (charges, events) = charges_and_events(&ledger).await;
+    if let Some(schema) = &schema {
+        drop_schema(&mut sup, &ledger, schema).await;
+    }
     let st = consumer.inner.lock().expect("consumer");
     let lost = events
         .values()
@@ -815,9 +851,10 @@ async fn c10_redelivered_events_have_one_effect_and_survive_kill_9() {
     let duplicate_effects = st.effects.values().filter(|n| **n > 1).count();
     let deliveries: u32 = st.deliveries.values().sum();
     eprintln!(
-        "C10: {} charges, {} events, {deliveries} deliveries, accepted before the kill \
+        "C10 {}: {} charges, {} events, {deliveries} deliveries, accepted before the kill \
          {accepted_at_kill}, lost {lost}, delivered < 3 times {under_three}, duplicate effects \
          {duplicate_effects}, outbox {stats:?}",
+        if postgres { "PostgreSQL" } else { "SQLite" },
         charges.len(),
         events.len()
     );
