@@ -16,6 +16,10 @@
 //! - **Slow reads**: a response write that stays blocked (the client does
 //!   not read) for `send_timeout` fails and the connection is closed
 //!   ([`io`]).
+//! - **Long request targets**: a path and query longer than
+//!   [`MAX_REQUEST_TARGET`] (8 KiB, nginx's default line buffer) is answered
+//!   414 and, on HTTP/1, the connection closed ([`uri_too_long_response`]);
+//!   hyper alone accepts up to 64 KiB and tollgate would forward it.
 //! - **HTTP/2**: at most [`MAX_CONCURRENT_STREAMS`] streams per connection,
 //!   advertised in SETTINGS; hyper/h2 answer rapid resets and stream floods
 //!   with GOAWAY (their defaults, which we keep).
@@ -43,6 +47,31 @@ use crate::error::ApiError;
 
 /// `SETTINGS_MAX_CONCURRENT_STREAMS` advertised on every HTTP/2 connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+
+/// Longest path and query (bytes) a request may carry; longer gets 414.
+pub const MAX_REQUEST_TARGET: usize = 8 * 1024;
+
+/// Whether `uri`'s path and query exceed [`MAX_REQUEST_TARGET`].
+pub fn target_too_long(uri: &axum::http::Uri) -> bool {
+    uri.path_and_query()
+        .is_some_and(|pq| pq.as_str().len() > MAX_REQUEST_TARGET)
+}
+
+/// The 414 answer to a request whose target is too long; on HTTP/1 it
+/// closes the connection (the request's body is never read).
+pub fn uri_too_long_response(http1: bool) -> Response {
+    let mut resp = ApiError::new(
+        StatusCode::URI_TOO_LONG,
+        "uri_too_long",
+        "the request target is longer than 8 KiB",
+    )
+    .into_response();
+    if http1 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
 
 /// Open connections allowed on the admin listener (apart from the proxy's
 /// cap, so a flood on the proxy never locks operators out).

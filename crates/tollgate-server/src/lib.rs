@@ -322,6 +322,9 @@ async fn serve(
                 let router = router.clone();
                 async move {
                     let http1 = req.version() < http::Version::HTTP_2;
+                    if connection::target_too_long(req.uri()) {
+                        return Ok::<_, Infallible>(connection::uri_too_long_response(http1));
+                    }
                     let body_timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let req = req.map(|b| connection::guard_body(b, &limits, &body_timed_out));
                     let resp =

@@ -143,6 +143,9 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     let attrs = attribute_values(&policy, op, &parts, &inspection);
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
     let decision = decide(st, &policy, op_id, &caller, &ip, &attr_refs).await;
+    // From here on, every way out gives the leases back: the response body's
+    // end, an error, or the client going away (the future is dropped).
+    let lease = LeaseGuard::new(st, &decision);
     match decision.outcome {
         Outcome::Admitted | Outcome::Forwarded { .. } => {}
         _ => {
@@ -171,7 +174,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
             Some(balance),
             resp.headers_mut(),
         );
-        return Ok(with_lease(st, resp, decision));
+        return Ok(with_lease(resp, lease));
     }
 
     // Forward.
@@ -280,9 +283,8 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     };
     add_rate_headers(&policy, &decision, kind, balance, &mut resp_parts.headers);
     Ok(with_lease(
-        st,
         Response::from_parts(resp_parts, resp_body),
-        decision,
+        lease,
     ))
 }
 
@@ -572,13 +574,9 @@ pub fn add_rate_headers(
 
 /// Holds the decision's concurrency leases until the response body ends or
 /// the client goes away.
-fn with_lease(st: &Shared, resp: Response, decision: Decision) -> Response {
-    if decision.lease.is_none() {
+fn with_lease(resp: Response, guard: Option<LeaseGuard>) -> Response {
+    let Some(guard) = guard else {
         return resp;
-    }
-    let guard = LeaseGuard {
-        st: Arc::clone(st),
-        decision,
     };
     let (parts, body) = resp.into_parts();
     let stream = body.into_data_stream().map(move |chunk| {
@@ -588,9 +586,22 @@ fn with_lease(st: &Shared, resp: Response, decision: Decision) -> Response {
     Response::from_parts(parts, Body::from_stream(stream))
 }
 
+/// Releases a decision's concurrency leases when dropped.
 struct LeaseGuard {
     st: Shared,
     decision: Decision,
+}
+
+impl LeaseGuard {
+    /// A guard when `decision` holds leases (an admitted request with a
+    /// concurrency limit); `None` otherwise.
+    fn new(st: &Shared, decision: &Decision) -> Option<LeaseGuard> {
+        decision.lease.as_ref()?;
+        Some(LeaseGuard {
+            st: Arc::clone(st),
+            decision: decision.clone(),
+        })
+    }
 }
 
 impl Drop for LeaseGuard {

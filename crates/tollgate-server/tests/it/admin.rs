@@ -363,3 +363,71 @@ async fn webhook_endpoints_are_listed_and_enabled_again() {
     assert_eq!(unknown.body["error"]["code"], "not_found");
     s.running.shutdown().await;
 }
+
+/// G4: the admin listener binds 127.0.0.1 by default; no debug, profiling
+/// or config-dump endpoint answers on either listener (with the admin
+/// token on the admin listener, with an API key on the proxy listener,
+/// where such paths are forwarded to the upstream, never served by
+/// tollgate); `/metrics` is served by the admin listener only.
+#[tokio::test]
+async fn g4_admin_binds_loopback_and_no_debug_endpoint_exists() {
+    let defaults = tollgate_server::config::ServerConfig::default();
+    assert!(
+        defaults.admin_listen.ip().is_loopback(),
+        "default admin bind {}",
+        defaults.admin_listen
+    );
+    // No upstream: the built-in echo answers forwarded paths with a JSON
+    // echo of the request (never tollgate data).
+    let s = Server::start(Some(TOKEN)).await;
+    let key = s.account_with_key("acme", "pro").await;
+    let probes = [
+        "/debug/pprof/",
+        "/debug/pprof/heap",
+        "/debug/vars",
+        "/debug",
+        "/pprof",
+        "/admin/v1/debug",
+        "/admin/v1/config",
+        "/admin/v1/policy/dump",
+        "/config",
+        "/env",
+        "/actuator",
+        "/server-status",
+        "/tokio-console",
+    ];
+    let mut served = Vec::new();
+    for p in probes {
+        let a = s.admin("GET", p, "").await;
+        if a.status == 200 {
+            served.push(format!("admin {p}: {}", a.text));
+        }
+    }
+    // The proxy listener: the data plane's own answers are /healthz,
+    // /readyz and /v1/*; /metrics must not be among them.
+    let m = s.call(false, "GET", "/metrics", &[], "").await;
+    let m_keyed = s
+        .call(false, "GET", "/metrics", &[("x-api-key", &key)], "")
+        .await;
+    println!(
+        "G4: {} debug probes on the admin listener, {} answered 200; proxy /metrics without a \
+         key {}, with a key {} (forwarded: {})",
+        probes.len(),
+        served.len(),
+        m.status,
+        m_keyed.status,
+        !m_keyed.text.contains("tollgate_")
+    );
+    assert!(
+        served.is_empty(),
+        "debug endpoints served:\n{}",
+        served.join("\n")
+    );
+    assert_ne!(m.status, 200, "/metrics on the proxy listener: {}", m.text);
+    assert!(
+        !m_keyed.text.contains("tollgate_decisions_total"),
+        "the proxy listener served metrics"
+    );
+    assert_eq!(s.admin("GET", "/metrics", "").await.status, 200);
+    s.running.shutdown().await;
+}

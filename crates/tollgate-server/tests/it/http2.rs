@@ -15,7 +15,7 @@ use h2::client::SendRequest;
 use tokio::net::TcpStream;
 
 use crate::hardening::legit_traffic;
-use crate::support::{Server, TOKEN};
+use crate::support::{Server, TOKEN, holding_upstream};
 
 const POLICY: &str = r#"
 [policy]
@@ -109,34 +109,8 @@ fn legit_h2(
     })
 }
 
-/// An upstream whose `/hold` answers after 20 ms and records the most
-/// requests it ever held at once.
-async fn holding_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    let now = Arc::new(AtomicUsize::new(0));
-    let peak = Arc::new(AtomicUsize::new(0));
-    let (n, p) = (now.clone(), peak.clone());
-    let app = axum::Router::new().fallback(move || {
-        let (n, p) = (n.clone(), p.clone());
-        async move {
-            let held = n.fetch_add(1, Ordering::SeqCst) + 1;
-            p.fetch_max(held, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            n.fetch_sub(1, Ordering::SeqCst);
-            "held"
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, peak)
-}
-
 async fn server() -> (Server, String, String, Arc<AtomicUsize>) {
-    let (upstream, peak) = holding_upstream().await;
+    let (upstream, _, peak) = holding_upstream().await;
     let s = Server::with_upstream(Some(TOKEN), POLICY, Some(upstream)).await;
     let attacker = s.account_with_key("attacker", "default").await;
     let legit = s.account_with_key("legit", "default").await;

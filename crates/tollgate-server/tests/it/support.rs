@@ -212,6 +212,111 @@ impl Upstream {
     }
 }
 
+/// An upstream that holds each request before answering `held`: 20 ms, or
+/// N ms for `/hold/N`. Returns its address and the number of requests it
+/// holds now and the most it ever held at once.
+pub async fn holding_upstream() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (n, p) = (now.clone(), peak.clone());
+    let app = axum::Router::new().fallback(move |uri: http::Uri| {
+        let (n, p) = (n.clone(), p.clone());
+        async move {
+            let ms = uri
+                .path()
+                .strip_prefix("/hold/")
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(20);
+            let held = n.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(held, Ordering::SeqCst);
+            // Counted down also when the proxy gives up on the request.
+            struct Done(Arc<AtomicUsize>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let _done = Done(n);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            "held"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, now, peak)
+}
+
+/// A PostgreSQL schema of the test's own on the machine's server
+/// (`TOLLGATE_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`),
+/// created and migrated on start, dropped on drop; never anyone else's.
+pub struct PgSchema {
+    base: String,
+    /// The schema's name.
+    pub schema: String,
+}
+
+impl PgSchema {
+    pub async fn create(tag: &str) -> PgSchema {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::var("TOLLGATE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let nanos = jiff::Timestamp::now().as_nanosecond() % 1_000_000_000;
+        let schema = format!(
+            "tg_srv_{tag}_{}_{}_{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let ledger = tollgate_ledger::Ledger::open_postgres_schema(&base, &schema)
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (or TOLLGATE_TEST_DATABASE_URL)");
+        ledger.close().await;
+        PgSchema { base, schema }
+    }
+
+    /// A `postgres://` URL whose connections use only this schema.
+    pub fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{sep}options=-c%20search_path%3D{}",
+            self.base, self.schema
+        )
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (base, schema) = (self.base.clone(), self.schema.clone());
+        // Drop runs inside the test's runtime: a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(l) = tollgate_ledger::Ledger::open_postgres_schema(&base, &schema).await {
+                    let _ = l
+                        .execute_for_test(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                        .await;
+                    l.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 /// A `redis-server` of the test's own on a loopback port, killed on drop
 /// (also when a test panics); never the machine's shared Redis.
 pub struct OwnRedis {

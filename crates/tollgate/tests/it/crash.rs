@@ -192,6 +192,8 @@ struct Supervisor {
     child: Option<Child>,
     starts: u32,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// `--database` (PostgreSQL); `None`: SQLite in the data directory.
+    database: Option<String>,
 }
 
 impl Drop for Supervisor {
@@ -218,6 +220,7 @@ impl Supervisor {
             child: None,
             starts: 0,
             client: client.build_http(),
+            database: None,
         }
     }
 
@@ -236,6 +239,11 @@ impl Supervisor {
             .args(["--admin-listen", &self.admin.to_string()])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
+            .args(
+                self.database
+                    .iter()
+                    .flat_map(|d| ["--database", d.as_str()]),
+            )
             .args(["--upstream", &self.upstream])
             .args(["--admin-token", ADMIN_TOKEN])
             .env_remove("TOLLGATE_ADMIN_TOKEN")
@@ -493,6 +501,56 @@ async fn drain(ledger: &Ledger, within: Duration) -> tollgate_ledger::OutboxStat
 /// loaded 2-core CI machine). The seed is printed; set `C3_SEED` to replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn c3_kill_9_while_charging_keeps_the_ledger_exact() {
+    c3(false).await;
+}
+
+/// C3 on PostgreSQL (the machine's server, in a schema of this run's own,
+/// dropped afterwards): the same kills, clients and figures as on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn c3_kill_9_on_postgresql_keeps_the_ledger_exact() {
+    c3(true).await;
+}
+
+/// PostgreSQL for tests; override with `TOLLGATE_TEST_DATABASE_URL`.
+fn pg_url() -> String {
+    std::env::var("TOLLGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// For a PostgreSQL run: creates (and migrates) a schema of the run's own
+/// and points `sup` at it; returns its name.
+async fn use_postgres(sup: &mut Supervisor, tag: &str) -> String {
+    let schema = format!("tg_{tag}_{}_{}", std::process::id(), now_us());
+    let created = Ledger::open_postgres_schema(&pg_url(), &schema)
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 (or TOLLGATE_TEST_DATABASE_URL)");
+    created.close().await;
+    let url = pg_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    sup.database = Some(format!("{url}{sep}options=-c%20search_path%3D{schema}"));
+    schema
+}
+
+/// The ledger `sup` writes, opened beside it.
+async fn open_ledger(sup: &Supervisor, schema: Option<&String>) -> Ledger {
+    match schema {
+        Some(schema) => Ledger::open_postgres_schema(&pg_url(), schema).await,
+        None => Ledger::open(&sup.database()).await,
+    }
+    .expect("open ledger")
+}
+
+/// Kills `sup` (its outbox poller uses the schema), then drops the schema.
+async fn drop_schema(sup: &mut Supervisor, ledger: &Ledger, schema: &str) {
+    sup.kill();
+    ledger
+        .execute_for_test(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .expect("drop the run's schema");
+    ledger.close().await;
+}
+
+async fn c3(postgres: bool) {
     const KILLS: usize = 20;
     const CLIENTS: usize = 32;
     const ACCOUNTS: usize = 4;
@@ -501,12 +559,20 @@ async fn c3_kill_9_while_charging_keeps_the_ledger_exact() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0xc3c3_2026);
-    eprintln!("C3 seed {seed}");
+    eprintln!("C3 seed {seed}, postgres {postgres}");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().expect("dir");
     let up = Upstream::start().await;
     let (consumer, consumer_addr) = Consumer::start(0).await;
     let mut sup = Supervisor::new(dir.path(), &policy(consumer_addr, "50ms"), &up);
+    // PostgreSQL: a schema of this run's own (created and migrated here; the
+    // binary reaches it through the connection's search_path).
+    let schema = if postgres {
+        Some(use_postgres(&mut sup, "c3").await)
+    } else {
+        None
+    };
+    let backend = if postgres { "PostgreSQL" } else { "SQLite" };
     sup.start().await;
 
     let mut keys = Vec::new();
@@ -553,7 +619,11 @@ async fn c3_kill_9_while_charging_keeps_the_ledger_exact() {
 
     // An auditor beside the server: after every restart the invariant must
     // hold for every account (one snapshot per account).
-    let auditor = Ledger::open(&sup.database()).await.expect("open ledger");
+    let auditor = open_ledger(&sup, schema.as_ref()).await;
+    assert_eq!(
+        auditor.backend_name(),
+        if postgres { "postgres" } else { "sqlite" }
+    );
     let mut audit_violations = 0;
     let mut restarts = Vec::new();
     for _ in 0..KILLS {
@@ -631,22 +701,32 @@ async fn c3_kill_9_while_charging_keeps_the_ledger_exact() {
 
     // Every event reaches the consumer (the server is still up).
     let stats = drain(&ledger, Duration::from_secs(90)).await;
-    let st = consumer.inner.lock().expect("consumer");
-    let undelivered = events
-        .values()
-        .filter(|id| !st.accepted.contains(*id))
-        .count();
-    let duplicate_effects = st.effects.values().filter(|n| **n > 1).count();
-    let redeliveries: u32 = st.deliveries.values().map(|n| n - 1).sum();
-    let bad_signatures = st.bad_signatures;
-    drop(st);
+    let (undelivered, duplicate_effects, redeliveries, bad_signatures) = {
+        let st = consumer.inner.lock().expect("consumer");
+        let undelivered = events
+            .values()
+            .filter(|id| !st.accepted.contains(*id))
+            .count();
+        let duplicate_effects = st.effects.values().filter(|n| **n > 1).count();
+        let redeliveries: u32 = st.deliveries.values().map(|n| n - 1).sum();
+        (
+            undelivered,
+            duplicate_effects,
+            redeliveries,
+            st.bad_signatures,
+        )
+    };
 
     let mut sorted = restarts.clone();
     sorted.sort();
     let median = sorted[sorted.len() / 2];
     let max = sorted[sorted.len() - 1];
+    let panics = sup.panics();
+    if let Some(schema) = &schema {
+        drop_schema(&mut sup, &ledger, schema).await;
+    }
     eprintln!(
-        "C3: {KILLS} kills, {} charges acknowledged, {} committed, {attempts} attempts, \
+        "C3 {backend}: {KILLS} kills, {} charges acknowledged, {} committed, {attempts} attempts, \
          {} unfinished, restart-to-serving median {median:?} max {max:?}; \
          violations {violations}, duplicate charges {}, acked without commit {acked_uncommitted}, \
          stale reservations {}, charges without event {lost_events}, \
@@ -657,7 +737,7 @@ async fn c3_kill_9_while_charging_keeps_the_ledger_exact() {
         unfinished.len(),
         duplicates.len(),
         stale.len(),
-        sup.panics(),
+        panics,
     );
     assert!(acked.len() > 50, "too little traffic to mean anything");
     assert_eq!(violations, 0, "Σ grants = balance + committed + open");
@@ -673,7 +753,7 @@ async fn c3_kill_9_while_charging_keeps_the_ledger_exact() {
     assert_eq!(undelivered, 0, "events never delivered");
     assert_eq!(duplicate_effects, 0, "duplicate effects at the consumer");
     assert_eq!(bad_signatures, 0, "deliveries failing verification");
-    assert_eq!(sup.panics(), 0, "panics:\n{}", sup.logs());
+    assert_eq!(panics, 0, "panics:\n{}", sup.logs());
     assert!(
         median <= Duration::from_secs(1),
         "restart-to-serving median {median:?} (goal 1 s)"
@@ -691,11 +771,26 @@ async fn c3_kill_9_while_charging_keeps_the_ledger_exact() {
 /// by `webhook-id`) 0, while without the dedupe there would be ≥ 2 extra per event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c10_redelivered_events_have_one_effect_and_survive_kill_9() {
+    c10(false).await;
+}
+
+/// C10 with the ledger (and its outbox) on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c10_on_postgresql_redelivered_events_have_one_effect() {
+    c10(true).await;
+}
+
+async fn c10(postgres: bool) {
     const CHARGES: usize = 40;
     let dir = tempfile::tempdir().expect("dir");
     let up = Upstream::start().await;
     let (consumer, consumer_addr) = Consumer::start(2).await;
     let mut sup = Supervisor::new(dir.path(), &policy(consumer_addr, "100ms"), &up);
+    let schema = if postgres {
+        Some(use_postgres(&mut sup, "c10").await)
+    } else {
+        None
+    };
     sup.start().await;
     let (s, _) = sup
         .admin(
@@ -738,9 +833,12 @@ async fn c10_redelivered_events_have_one_effect_and_survive_kill_9() {
     let accepted_at_kill = consumer.inner.lock().expect("consumer").accepted.len();
     sup.start().await;
 
-    let ledger = Ledger::open(&sup.database()).await.expect("open ledger");
+    let ledger = open_ledger(&sup, schema.as_ref()).await;
     let stats = drain(&ledger, Duration::from_secs(45)).await;
     let (charges, events) = charges_and_events(&ledger).await;
+    if let Some(schema) = &schema {
+        drop_schema(&mut sup, &ledger, schema).await;
+    }
     let st = consumer.inner.lock().expect("consumer");
     let lost = events
         .values()
@@ -753,9 +851,10 @@ async fn c10_redelivered_events_have_one_effect_and_survive_kill_9() {
     let duplicate_effects = st.effects.values().filter(|n| **n > 1).count();
     let deliveries: u32 = st.deliveries.values().sum();
     eprintln!(
-        "C10: {} charges, {} events, {deliveries} deliveries, accepted before the kill \
+        "C10 {}: {} charges, {} events, {deliveries} deliveries, accepted before the kill \
          {accepted_at_kill}, lost {lost}, delivered < 3 times {under_three}, duplicate effects \
          {duplicate_effects}, outbox {stats:?}",
+        if postgres { "PostgreSQL" } else { "SQLite" },
         charges.len(),
         events.len()
     );

@@ -81,7 +81,8 @@ impl Reply {
 }
 
 /// A small HTTP server on 127.0.0.1:0: records every request, answers the
-/// scripted replies in order, then 200 `{"ok":true}`.
+/// scripted replies in order, then 200 `{"ok":true}`; `/hold/N` answers
+/// after N ms.
 #[derive(Clone)]
 pub struct Upstream {
     /// Its address.
@@ -124,6 +125,15 @@ impl Upstream {
             headers: parts.headers,
             body_len,
         });
+        // `/hold/N`: answer after N ms (a slow upstream).
+        if let Some(ms) = parts
+            .uri
+            .path()
+            .strip_prefix("/hold/")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let reply = self
             .script
             .lock()
