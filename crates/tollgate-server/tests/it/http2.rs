@@ -2,7 +2,9 @@
 //! serves `/v1/check`), driven by the `h2` crate's client over h2c with prior
 //! knowledge. The server advertises at most 200 concurrent streams; a rapid
 //! reset flood and a connection that opens 10 k streams at once are answered
-//! with GOAWAY within hyper/h2's limits; legit traffic keeps succeeding.
+//! with GOAWAY within hyper/h2's limits; a client that ignores the limit
+//! (raw frames) never gets more than it running; legit traffic keeps
+//! succeeding.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -345,5 +347,135 @@ async fn e5_ten_thousand_streams_on_one_connection_get_goaway() {
     let (ok, total) = (ok1 + ok2, total1 + total2);
     assert!(total >= 20, "too little legit traffic to judge: {total}");
     assert!(ok * 100 >= total * 99, "legit success {ok}/{total} < 99 %");
+    s.running.shutdown().await;
+}
+
+/// One HTTP/2 frame: 9-byte header (length, type, flags, stream) + payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("small frame");
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// An HPACK string literal (no Huffman; short strings only).
+fn hpack_string(out: &mut Vec<u8>, s: &str) {
+    assert!(s.len() < 127, "one-byte length prefix");
+    out.push(s.len() as u8);
+    out.extend(s.as_bytes());
+}
+
+/// Reads one frame: (type, flags, stream, payload).
+async fn read_frame(io: &mut TcpStream) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    io.read_exact(&mut head).await?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    io.read_exact(&mut payload).await?;
+    Ok((head[3], head[4], stream, payload))
+}
+
+/// E5 (streams beyond the limit, after the SETTINGS exchange): a client
+/// that ignores the advertised `SETTINGS_MAX_CONCURRENT_STREAMS` (raw
+/// frames; a library client would queue them) opens 300 streams whose
+/// upstream answers take 3 s. Figures: streams running at once upstream
+/// ≤ the advertised limit, and every stream beyond it refused
+/// (RST_STREAM or GOAWAY) → 100 %, none of them forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e5_streams_beyond_the_advertised_limit_never_run() {
+    use tokio::io::AsyncWriteExt;
+    const STREAMS: u32 = 300;
+    const SETTINGS: u8 = 0x4;
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const GOAWAY: u8 = 0x7;
+    let (s, key, _, peak) = server().await;
+    let addr = s.running.addr;
+    let mut io = TcpStream::connect(addr).await.expect("connect");
+    io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    io.write_all(&frame(SETTINGS, 0, 0, &[]))
+        .await
+        .expect("settings");
+    // The server's SETTINGS: its limit, then our ACK (from here on the
+    // limit is in force for the streams we open).
+    let advertised = loop {
+        let (kind, flags, _, payload) =
+            tokio::time::timeout(Duration::from_secs(5), read_frame(&mut io))
+                .await
+                .expect("server settings in time")
+                .expect("read");
+        if kind == SETTINGS && flags & 0x1 == 0 {
+            let limit = payload
+                .chunks(6)
+                .find(|p| u16::from_be_bytes([p[0], p[1]]) == 0x3)
+                .map(|p| u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+                .expect("SETTINGS_MAX_CONCURRENT_STREAMS advertised");
+            break limit;
+        }
+    };
+    io.write_all(&frame(SETTINGS, 0x1, 0, &[]))
+        .await
+        .expect("ack");
+    let authority = addr.to_string();
+    let mut burst = Vec::new();
+    for i in 0..STREAMS {
+        let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
+        block.push(0x04); // :path, literal without indexing
+        hpack_string(&mut block, "/hold/3000");
+        block.push(0x01); // :authority
+        hpack_string(&mut block, &authority);
+        block.push(0x00); // x-api-key, new name
+        hpack_string(&mut block, "x-api-key");
+        hpack_string(&mut block, &key);
+        // END_STREAM | END_HEADERS on stream 2i + 1.
+        burst.extend(frame(HEADERS, 0x5, 2 * i + 1, &block));
+    }
+    io.write_all(&burst).await.expect("burst");
+    let (mut answered, mut reset, mut goaway) = (0u32, 0u32, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while answered + reset < STREAMS && !goaway {
+        let Ok(read) = tokio::time::timeout_at(deadline, read_frame(&mut io)).await else {
+            break;
+        };
+        let Ok((kind, _, stream, _)) = read else {
+            break;
+        };
+        match kind {
+            HEADERS if stream != 0 => answered += 1,
+            RST_STREAM => reset += 1,
+            GOAWAY => goaway = true,
+            _ => {}
+        }
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    println!(
+        "E5 beyond the limit: advertised {advertised}, {STREAMS} streams opened; \
+         {answered} answered, {reset} reset, GOAWAY {goaway}; peak held upstream {peak}"
+    );
+    assert!((1..=200).contains(&advertised));
+    assert!(
+        peak <= advertised as usize,
+        "{peak} streams ran at once over a limit of {advertised}"
+    );
+    assert!(answered <= advertised, "{answered} answered");
+    // Every stream beyond the limit is refused: reset one by one, or all
+    // at once by a GOAWAY.
+    assert!(
+        goaway || reset >= STREAMS - advertised,
+        "{reset} of the {} streams beyond the limit were refused",
+        STREAMS - advertised
+    );
+    // The ones within the limit did run (the limit is not refusing everything).
+    assert!(
+        peak as u32 >= advertised / 2,
+        "only {peak} of {advertised} allowed streams reached the upstream"
+    );
+    drop(io);
     s.running.shutdown().await;
 }
