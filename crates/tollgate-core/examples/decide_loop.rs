@@ -40,6 +40,7 @@ const WINDOWS: &str = r#"
 algorithm = "sliding_window"
 limit = 4000000000
 window = "1m"
+precision = "approximate"
 scope = ["account"]
 
 [limits.daily]
