@@ -350,11 +350,14 @@ impl<C: Clock> Engine<MemoryStore, C> {
 
     fn decide_now_into(&self, policy: &CompiledPolicy, req: &Request<'_>, decision: &mut Decision) {
         // Most requests meet a few limits: size the check and evaluation
-        // arrays for them, so each decision sets up 0.5 KB of stack, not 2 KB.
-        if policy.applicable(req.plan, req.operation).len() <= FEW_LIMITS {
-            self.decide_into::<FEW_LIMITS>(policy, req, decision);
-        } else {
-            self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, req, decision);
+        // arrays for exactly that many (each unused check is 80 B of stack
+        // to set up, and so on down the store).
+        match policy.applicable(req.plan, req.operation).len() {
+            0 | 1 => self.decide_into::<1>(policy, req, decision),
+            2 => self.decide_into::<2>(policy, req, decision),
+            3 => self.decide_into::<3>(policy, req, decision),
+            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(policy, req, decision),
+            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, req, decision),
         }
     }
 

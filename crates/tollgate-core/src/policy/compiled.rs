@@ -542,6 +542,7 @@ impl PlanLimit {
 
     /// The store numbers at `now` without an account override: the
     /// prepared ones, with a calendar window's end resolved.
+    #[inline]
     pub(crate) fn params_at(&self, now: Nanos) -> Params {
         match self.prepared.params {
             Params::Calendar { limit, .. } => {

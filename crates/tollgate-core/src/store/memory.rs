@@ -505,11 +505,14 @@ impl MemoryStore {
         lease: u64,
         out: &mut [Evaluation],
     ) -> Result<bool, StoreError> {
-        // Most requests meet a few limits: size the stack arrays for them.
-        if checks.len() <= FEW_CHECKS {
-            self.decide_n::<FEW_CHECKS>(now, checks, lease, out)
-        } else {
-            self.decide_n::<MAX_LIMITS_PER_REQUEST>(now, checks, lease, out)
+        // Most requests meet a few limits: size the stack arrays for exactly
+        // that many.
+        match checks.len() {
+            0 | 1 => self.decide_n::<1>(now, checks, lease, out),
+            2 => self.decide_n::<2>(now, checks, lease, out),
+            3 => self.decide_n::<3>(now, checks, lease, out),
+            ..=FEW_CHECKS => self.decide_n::<FEW_CHECKS>(now, checks, lease, out),
+            _ => self.decide_n::<MAX_LIMITS_PER_REQUEST>(now, checks, lease, out),
         }
     }
 
