@@ -11,6 +11,8 @@
 //! Rows (the same policies, quota and key as `benches/decide.rs`):
 //! `tollgate-1-limit`, `tollgate-3-limits`, `governor`. Run each with 0
 //! iterations too, and subtract: what is left is the cost of the decisions.
+//! A third argument sets the number of keys (default 1; e.g. 1000000 with
+//! `--cache-sim=yes` counts cache misses per decision).
 #![allow(clippy::disallowed_methods)] // times itself with `Instant::now`
 
 use std::hint::black_box;
@@ -40,6 +42,7 @@ const WINDOWS: &str = r#"
 algorithm = "sliding_window"
 limit = 4000000000
 window = "1m"
+precision = "approximate"
 scope = ["account"]
 
 [limits.daily]
@@ -56,7 +59,21 @@ fn main() {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(1_000_000);
-    let key = String::from("acct-0000000");
+    // Optional: how many keys (default 1), each decided once before the
+    // loop, then picked with a xorshift as in the bench (for cache misses:
+    // `valgrind --tool=callgrind --cache-sim=yes`).
+    let n_keys: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(1).max(1);
+    let keys: Vec<String> = (0..n_keys).map(|i| format!("acct-{i:07}")).collect();
+    let mut rng = 0x5EED_0001_u64;
+    let mut pick = move || {
+        if n_keys == 1 {
+            return 0;
+        }
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % n_keys as u64) as usize
+    };
     let start = Instant::now();
     let admitted = match row.as_str() {
         "tollgate-1-limit" | "tollgate-3-limits" => {
@@ -70,11 +87,19 @@ fn main() {
                 .operation_for("GET", "/v1/call")
                 .expect("operation matches");
             let clock = ManualClock::new(Nanos::from_secs(1_700_000_000));
-            let engine = Engine::with_clock(MemoryStore::new(16), clock).with_key_seed(7);
+            let engine =
+                Engine::with_clock(MemoryStore::new(16.max(4 * n_keys)), clock).with_key_seed(7);
+            for key in &keys {
+                let req = Request {
+                    account: key,
+                    ..Request::new(policy.default_plan, op)
+                };
+                engine.decide_now(&policy, &req);
+            }
             let mut admitted = 0u64;
             for _ in 0..iterations {
                 let req = Request {
-                    account: black_box(&key),
+                    account: black_box(&keys[pick()]),
                     ..Request::new(policy.default_plan, op)
                 };
                 admitted +=
@@ -89,9 +114,12 @@ fn main() {
                 .expect("non-zero period")
                 .allow_burst(NonZeroU32::MAX);
             let limiter = RateLimiter::dashmap_with_clock(quota, clock);
+            for key in &keys {
+                let _ = limiter.check_key(key);
+            }
             let mut admitted = 0u64;
             for _ in 0..iterations {
-                admitted += u64::from(limiter.check_key(black_box(&key)).is_ok());
+                admitted += u64::from(limiter.check_key(black_box(&keys[pick()])).is_ok());
             }
             admitted
         }

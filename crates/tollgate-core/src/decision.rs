@@ -99,12 +99,14 @@ impl Decision {
         }
     }
 
+    #[inline]
     pub(crate) fn push(&mut self, r: LimitResult) {
         if self.results.len() < MAX_LIMITS_PER_REQUEST {
             self.results.push(r);
         }
     }
 
+    #[inline]
     pub(crate) fn results_mut(&mut self) -> &mut [LimitResult] {
         &mut self.results
     }

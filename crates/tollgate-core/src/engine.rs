@@ -17,7 +17,7 @@ use crate::clock::{Clock, Nanos, SystemClock};
 use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{
-    AccountOverrides, Action, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride,
+    AccountOverrides, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitId, LimitOverride,
     LocalShare, MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
 };
 use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
@@ -146,8 +146,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let now = self.clock.now();
         let mut checks = [EMPTY_CHECK; MAX_LIMITS_PER_REQUEST];
         let mut decision = Decision::new(now);
-        let n = self.prepare(policy, req, now, &mut checks, &mut decision);
-        let lease = self.lease_id(&decision);
+        let (n, lease) = self.prepare(policy, req, now, &mut checks, &mut decision);
         let mut evals = [Evaluation::default(); MAX_LIMITS_PER_REQUEST];
         let result = if n == 0 {
             Ok(true)
@@ -187,15 +186,13 @@ impl<S: Store, C: Clock> Engine<S, C> {
             .await
     }
 
-    fn lease_id(&self, decision: &Decision) -> u64 {
-        if decision.results().iter().any(|r| r.is_lease) {
-            self.next_lease.fetch_add(1, Ordering::Relaxed)
-        } else {
-            0
-        }
-    }
-
-    /// Fills `checks` and the decision's results for `req`; returns how many.
+    /// Fills `checks` and the decision's results for `req`; returns how
+    /// many, and the lease id to use (0 when no concurrency limit applies).
+    ///
+    /// The per-limit numbers come ready from the policy ([`crate::policy::PlanLimit`]'s
+    /// prepared constants); a request only adds its keys, its cost, a
+    /// calendar window's end, and (when it has them) its account's overrides
+    /// and rollout date.
     fn prepare(
         &self,
         policy: &CompiledPolicy,
@@ -203,26 +200,29 @@ impl<S: Store, C: Clock> Engine<S, C> {
         now: Nanos,
         checks: &mut [Check],
         decision: &mut Decision,
-    ) -> usize {
+    ) -> (usize, u64) {
         let mut n = 0;
+        let mut leases = false;
         let mut last = None;
         for pl in policy.applicable(req.plan, req.operation) {
-            let limit = &policy.limits[usize::from(pl.limit)];
-            let Some(key) = self.counter_key(limit.name_hash, &limit.scope, req, &mut last) else {
+            let p = &pl.prepared;
+            let scope = &policy.limits[usize::from(pl.limit)].scope;
+            let Some(key) = self.counter_key(p.name_hash, scope, req, &mut last) else {
                 continue;
             };
-            let ov = req.overrides.and_then(|o| o.get(pl.limit));
-            let (params, quota) = params(&pl.algorithm, ov, now);
-            let rolled_back = limit
+            let (params, quota) = match req.overrides.and_then(|o| o.get(pl.limit)) {
+                Some(ov) => params(&pl.algorithm, Some(ov), now),
+                None => (pl.params_at(now), p.quota),
+            };
+            let rolled_back = p
                 .rollout_after
                 .is_some_and(|at| req.account_created_at.is_some_and(|c| c < at));
-            let mode = if limit.mode == Mode::Enforce && rolled_back {
+            let mode = if p.mode == Mode::Enforce && rolled_back {
                 Mode::Shadow
             } else {
-                limit.mode
+                p.mode
             };
-            let blocking =
-                mode == Mode::Enforce && matches!(limit.on_exceed, Action::Reject { .. });
+            let blocking = mode == Mode::Enforce && p.reject;
             let cost = req.cost.unwrap_or(pl.cost);
             checks[n] = Check {
                 key,
@@ -230,6 +230,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 cost,
                 blocking,
             };
+            leases |= p.is_lease;
             decision.push(LimitResult {
                 limit: pl.limit,
                 mode,
@@ -239,14 +240,19 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 eval: Evaluation::default(),
                 blocking,
                 key,
-                is_lease: matches!(params, Params::Concurrency { .. }),
+                is_lease: p.is_lease,
             });
             n += 1;
             if n == checks.len() {
                 break;
             }
         }
-        n
+        let lease = if leases {
+            self.next_lease.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        (n, lease)
     }
 
     /// The counter key of the limit whose name hashes to `name` for `req`: the high 64 bits hash the
@@ -279,27 +285,26 @@ impl<S: Store, C: Clock> Engine<S, C> {
 
     /// 128-bit hash of the scope values, laid out in a stack buffer and hashed
     /// in one shot (the streaming hasher derives a seeded secret and keeps a
-    /// 0.5 KB state per call). Values too long for the buffer go through the
-    /// streaming hasher, which gives the same hash for the same bytes.
+    /// 0.5 KB state per call). The usual scope (an id or two) goes in a
+    /// 64-byte buffer, which is cheaper to set up than the 256-byte one;
+    /// values too long for either go through the streaming hasher. The bytes
+    /// hashed are the same whichever way (each value's length as `u32` LE,
+    /// then the value), and XXH3 gives the same hash for the same bytes
+    /// streamed or in one shot, so every key is the same whatever the path.
     fn scope_hash(&self, scope: &[ScopePart], req: &Request<'_>) -> Option<u128> {
-        let mut buf = [0u8; KEY_BUFFER];
         let mut len = 0;
-        let mut fits = true;
-        for part in scope.iter().map(|&p| req.part(p)) {
+        for &p in scope {
+            let part = req.part(p);
             if part.is_empty() {
                 return None;
             }
-            let end = len + 4 + part.len();
-            if fits && end <= KEY_BUFFER {
-                buf[len..len + 4].copy_from_slice(&(part.len() as u32).to_le_bytes());
-                buf[len + 4..end].copy_from_slice(part.as_bytes());
-            } else {
-                fits = false;
-            }
-            len = end;
+            len += 4 + part.len();
         }
-        if fits {
-            return Some(xxh3_128_with_seed(&buf[..len], self.seed));
+        if len <= SMALL_KEY_BUFFER {
+            return Some(self.hash_in::<SMALL_KEY_BUFFER>(scope, req, len));
+        }
+        if len <= KEY_BUFFER {
+            return Some(self.hash_in::<KEY_BUFFER>(scope, req, len));
         }
         let mut h = Xxh3::with_seed(self.seed);
         for part in scope.iter().map(|&p| req.part(p)) {
@@ -308,6 +313,19 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
         Some(h.digest128())
     }
+
+    /// [`Engine::scope_hash`] in a `B`-byte buffer (`len <= B` bytes to lay out).
+    fn hash_in<const B: usize>(&self, scope: &[ScopePart], req: &Request<'_>, len: usize) -> u128 {
+        let mut buf = [0u8; B];
+        let mut at = 0;
+        for part in scope.iter().map(|&p| req.part(p)) {
+            let end = at + 4 + part.len();
+            buf[at..at + 4].copy_from_slice(&(part.len() as u32).to_le_bytes());
+            buf[at + 4..end].copy_from_slice(part.as_bytes());
+            at = end;
+        }
+        xxh3_128_with_seed(&buf[..len.min(B)], self.seed)
+    }
 }
 
 /// Limits per request that [`Engine::decide_now`] sizes its arrays for.
@@ -315,6 +333,9 @@ const FEW_LIMITS: usize = 4;
 
 /// Bytes of a counter key laid out on the stack before hashing.
 const KEY_BUFFER: usize = 256;
+
+/// The smaller stack buffer, for the usual short scope values.
+const SMALL_KEY_BUFFER: usize = 64;
 
 impl<C: Clock> Engine<MemoryStore, C> {
     /// [`Engine::decide`] without a future, for the in-memory store (which never waits).
@@ -329,11 +350,14 @@ impl<C: Clock> Engine<MemoryStore, C> {
 
     fn decide_now_into(&self, policy: &CompiledPolicy, req: &Request<'_>, decision: &mut Decision) {
         // Most requests meet a few limits: size the check and evaluation
-        // arrays for them, so each decision sets up 0.5 KB of stack, not 2 KB.
-        if policy.applicable(req.plan, req.operation).len() <= FEW_LIMITS {
-            self.decide_into::<FEW_LIMITS>(policy, req, decision);
-        } else {
-            self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, req, decision);
+        // arrays for exactly that many (each unused check is 80 B of stack
+        // to set up, and so on down the store).
+        match policy.applicable(req.plan, req.operation).len() {
+            0 | 1 => self.decide_into::<1>(policy, req, decision),
+            2 => self.decide_into::<2>(policy, req, decision),
+            3 => self.decide_into::<3>(policy, req, decision),
+            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(policy, req, decision),
+            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, req, decision),
         }
     }
 
@@ -345,8 +369,7 @@ impl<C: Clock> Engine<MemoryStore, C> {
     ) {
         let now = decision.now;
         let mut checks = [EMPTY_CHECK; N];
-        let n = self.prepare(policy, req, now, &mut checks, decision);
-        let lease = self.lease_id(decision);
+        let (n, lease) = self.prepare(policy, req, now, &mut checks, decision);
         let mut evals = [Evaluation::default(); N];
         let result = if n == 0 {
             Ok(true)
@@ -511,30 +534,39 @@ fn finish(
 ) {
     match result {
         Ok(admitted) => {
+            // One pass: copy each evaluation, and note what the outcome needs.
+            let mut forwarded = None; // first enforced non-blocking limit exceeded
+            let mut never = None; // first blocking limit the cost can never pass
+            let mut longest: Option<(std::time::Duration, LimitId)> = None; // last longest wait
+            let mut leased = false;
             for (r, e) in d.results_mut().iter_mut().zip(evals) {
                 r.eval = *e;
+                if e.admit {
+                    leased |= r.is_lease;
+                } else if r.blocking {
+                    if e.never && never.is_none() {
+                        never = Some(r.limit);
+                    }
+                    if longest.is_none_or(|(t, _)| e.retry_after >= t) {
+                        longest = Some((e.retry_after, r.limit));
+                    }
+                } else if r.mode == Mode::Enforce && forwarded.is_none() {
+                    forwarded = Some(r.limit);
+                }
             }
             if admitted {
-                let forwarded = d
-                    .results()
-                    .iter()
-                    .find(|r| r.mode == Mode::Enforce && !r.blocking && r.exceeded())
-                    .map(|r| r.limit);
                 d.outcome = match forwarded {
                     Some(limit) => Outcome::Forwarded { limit },
                     None => Outcome::Admitted,
                 };
-                if d.results().iter().any(|r| r.is_lease && r.eval.admit) {
+                if leased {
                     d.lease = Some(lease);
                 }
             } else {
-                let refusing = d.results().iter().filter(|r| r.blocking && r.exceeded());
-                d.outcome = match refusing.clone().find(|r| r.eval.never) {
-                    Some(r) => Outcome::CostAboveCapacity { limit: r.limit },
-                    None => match refusing.max_by_key(|r| r.eval.retry_after) {
-                        Some(r) => Outcome::Rejected { limit: r.limit },
-                        None => Outcome::Admitted,
-                    },
+                d.outcome = match (never, longest) {
+                    (Some(limit), _) => Outcome::CostAboveCapacity { limit },
+                    (None, Some((_, limit))) => Outcome::Rejected { limit },
+                    (None, None) => Outcome::Admitted,
                 };
             }
         }
@@ -714,6 +746,37 @@ mod tests {
             unreachable!()
         };
         assert_eq!(limit, 1, "never below 1");
+    }
+
+    #[test]
+    fn scope_hash_is_the_same_bytes_whatever_the_buffer() {
+        let e = engine().with_key_seed(7);
+        for n in [1, 20, 59, 60, 61, 100, 252, 253, 400] {
+            let account = "a".repeat(n);
+            let app = "b".repeat(n / 2 + 1);
+            let req = Request {
+                account: &account,
+                app: &app,
+                ..Request::new(0, 0)
+            };
+            for scope in [
+                &[ScopePart::Account][..],
+                &[ScopePart::Account, ScopePart::App],
+            ] {
+                let mut bytes = Vec::new();
+                for &p in scope {
+                    let v = req.part(p);
+                    bytes.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                    bytes.extend_from_slice(v.as_bytes());
+                }
+                assert_eq!(
+                    e.scope_hash(scope, &req),
+                    Some(xxh3_128_with_seed(&bytes, 7)),
+                    "{n} bytes, {} parts",
+                    scope.len()
+                );
+            }
+        }
     }
 
     #[test]

@@ -66,6 +66,12 @@ impl Calendar {
         }
     }
 
+    /// The length of every window when the zone is UTC (boundaries are then
+    /// plain arithmetic on the epoch); `None` for other zones.
+    pub fn utc_length(&self) -> Option<u64> {
+        self.is_utc.then(|| self.unit.nanos())
+    }
+
     /// The window `[start, end)` containing `now`.
     pub fn window(&self, now: Nanos) -> (Nanos, Nanos) {
         if self.is_utc {

@@ -168,14 +168,6 @@ impl SlidingState {
         a.iter().chain(b)
     }
 
-    fn total(&self) -> u64 {
-        match self {
-            SlidingState::Empty => 0,
-            SlidingState::One(e) => u64::from(e.cost),
-            SlidingState::Many(l) => l.total,
-        }
-    }
-
     fn newest(&self) -> Option<&Entry> {
         match self {
             SlidingState::Empty => None,
@@ -186,9 +178,17 @@ impl SlidingState {
 
     /// Cost still in the window at `now`, and how many (oldest) entries left it.
     fn live(&self, now: u64, length: u64) -> (u64, usize) {
-        let mut used = self.total();
+        let log = match self {
+            SlidingState::Empty => return (0, 0),
+            SlidingState::One(e) if now < e.at.saturating_add(length) => {
+                return (u64::from(e.cost), 0);
+            }
+            SlidingState::One(_) => return (0, 1),
+            SlidingState::Many(log) => log,
+        };
+        let mut used = log.total;
         let mut gone = 0;
-        for e in self.iter() {
+        for e in &log.entries {
             if now < e.at.saturating_add(length) {
                 break;
             }
@@ -224,20 +224,22 @@ impl SlidingState {
     pub fn evaluate(&self, now: Nanos, cost: u64, window: &SlidingWindow) -> Evaluation {
         let (now, t) = (now.0, window.length);
         let (used, gone) = self.live(now, t);
-        let reset = match self.newest() {
-            Some(e) if used > 0 => until(now, e.at.saturating_add(t)),
+        let newest = self.newest().map(|e| e.at);
+        // Until the cost now in the window has left it.
+        let reset = || match newest {
+            Some(at) if used > 0 => until(now, at.saturating_add(t)),
             _ => Duration::ZERO,
         };
         if cost > window.limit {
-            return Evaluation::never(window.limit.saturating_sub(used), reset);
+            return Evaluation::never(window.limit.saturating_sub(used), reset());
         }
         if used + cost <= window.limit {
             let reset = if cost > 0 {
                 // Recorded at `now`, or merged into a newer entry.
-                let newest = self.newest().map_or(now, |e| e.at.max(now));
+                let newest = newest.map_or(now, |at| at.max(now));
                 until(now, newest.saturating_add(t))
             } else {
-                reset
+                reset()
             };
             return Evaluation {
                 admit: true,
@@ -262,7 +264,7 @@ impl SlidingState {
             admit: false,
             never: false,
             remaining: window.limit - used.min(window.limit),
-            reset,
+            reset: reset(),
             retry_after,
         }
     }
@@ -273,10 +275,18 @@ impl SlidingState {
     pub fn admit(&mut self, now: Nanos, cost: u64, window: &SlidingWindow) -> Evaluation {
         let e = self.evaluate(now, cost, window);
         if e.admit {
-            self.prune(now.0, window.length);
-            self.record(now.0, cost, window);
+            self.record_admitted(now, cost, window);
         }
         e
+    }
+
+    /// Records `cost` at `now` (and drops the entries that left the window),
+    /// for a request that [`SlidingState::evaluate`] admitted on this same
+    /// state: what [`SlidingState::admit`] does after evaluating, without
+    /// evaluating again.
+    pub fn record_admitted(&mut self, now: Nanos, cost: u64, window: &SlidingWindow) {
+        self.prune(now.0, window.length);
+        self.record(now.0, cost, window);
     }
 
     fn prune(&mut self, now: u64, length: u64) {

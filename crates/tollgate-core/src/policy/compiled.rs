@@ -13,6 +13,7 @@ use crate::algorithm::calendar_window::Calendar;
 use crate::algorithm::gcra::GcraRate;
 use crate::algorithm::sliding_window::SlidingWindow;
 use crate::clock::Nanos;
+use crate::store::Params;
 
 /// Index of a limit in [`CompiledPolicy::limits`].
 pub type LimitId = u16;
@@ -490,6 +491,95 @@ pub struct PlanLimit {
     pub cost: u64,
     /// Advertised window in whole seconds (`algorithm.window_secs()`, computed at load).
     pub window_secs: u64,
+    /// What a request without an account override sends to the store for
+    /// this limit, resolved at load.
+    pub(crate) prepared: Prepared,
+}
+
+impl PlanLimit {
+    /// `limit` (the policy's limit `id`) as it applies with `algorithm` (after the
+    /// plan's overrides) and `cost`.
+    pub(crate) fn new(id: LimitId, limit: &Limit, algorithm: Algorithm, cost: u64) -> PlanLimit {
+        let (params, quota) = match &algorithm {
+            Algorithm::TokenBucket { rate, .. } => (Params::Gcra(*rate), rate.capacity),
+            Algorithm::SlidingWindow { window, .. } => (Params::Sliding(*window), window.limit),
+            Algorithm::CalendarWindow { limit, .. } => (
+                Params::Calendar {
+                    limit: *limit,
+                    end: Nanos(0),
+                },
+                *limit,
+            ),
+            Algorithm::Concurrency { limit, ttl } => (
+                Params::Concurrency {
+                    limit: *limit,
+                    ttl: *ttl,
+                },
+                *limit,
+            ),
+        };
+        let utc_len = match &algorithm {
+            Algorithm::CalendarWindow { calendar, .. } => calendar.utc_length().unwrap_or(0),
+            _ => 0,
+        };
+        PlanLimit {
+            limit: id,
+            window_secs: algorithm.window_secs(),
+            prepared: Prepared {
+                params,
+                quota,
+                mode: limit.mode,
+                reject: matches!(limit.on_exceed, Action::Reject { .. }),
+                is_lease: matches!(params, Params::Concurrency { .. }),
+                name_hash: limit.name_hash,
+                rollout_after: limit.rollout_after,
+                utc_len,
+            },
+            algorithm,
+            cost,
+        }
+    }
+
+    /// The store numbers at `now` without an account override: the
+    /// prepared ones, with a calendar window's end resolved.
+    #[inline]
+    pub(crate) fn params_at(&self, now: Nanos) -> Params {
+        match self.prepared.params {
+            Params::Calendar { limit, .. } => {
+                let end = match self.prepared.utc_len {
+                    0 => match &self.algorithm {
+                        Algorithm::CalendarWindow { calendar, .. } => calendar.window(now).1,
+                        _ => unreachable!("calendar params come from a calendar window"),
+                    },
+                    len => Nanos((now.0 - now.0 % len).saturating_add(len)),
+                };
+                Params::Calendar { limit, end }
+            }
+            p => p,
+        }
+    }
+}
+
+/// A [`PlanLimit`]'s per-request constants, resolved at load so that a
+/// decision copies them instead of matching on the algorithm and the limit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prepared {
+    /// Store numbers (a calendar window's `end` is set per request).
+    pub(crate) params: Params,
+    /// The quota (capacity or N).
+    pub(crate) quota: u64,
+    /// The limit's mode (a rollout may turn enforce into shadow per request).
+    pub(crate) mode: Mode,
+    /// Whether the limit's action on exceed is to reject.
+    pub(crate) reject: bool,
+    /// Whether it is a concurrency limit (holds a lease when admitted).
+    pub(crate) is_lease: bool,
+    /// [`Limit::name_hash`].
+    pub(crate) name_hash: u64,
+    /// [`Limit::rollout_after`].
+    pub(crate) rollout_after: Option<Nanos>,
+    /// A UTC calendar window's length in ns (its end is arithmetic); 0 otherwise.
+    pub(crate) utc_len: u64,
 }
 
 /// The header profile of a policy.

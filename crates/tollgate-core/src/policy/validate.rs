@@ -1095,12 +1095,7 @@ impl<'a> Ctx<'a> {
                         None => limit.algorithm.clone(),
                     };
                     let cost = op_cost(raw, &ops[op_id].name, &limit.name);
-                    list.push(PlanLimit {
-                        limit: i as LimitId,
-                        window_secs: algorithm.window_secs(),
-                        algorithm,
-                        cost,
-                    });
+                    list.push(PlanLimit::new(i as LimitId, limit, algorithm, cost));
                 }
                 if list.len() > MAX_LIMITS_PER_REQUEST {
                     let span = p.map_or(0..0, Spanned::span);

@@ -505,11 +505,14 @@ impl MemoryStore {
         lease: u64,
         out: &mut [Evaluation],
     ) -> Result<bool, StoreError> {
-        // Most requests meet a few limits: size the stack arrays for them.
-        if checks.len() <= FEW_CHECKS {
-            self.decide_n::<FEW_CHECKS>(now, checks, lease, out)
-        } else {
-            self.decide_n::<MAX_LIMITS_PER_REQUEST>(now, checks, lease, out)
+        // Most requests meet a few limits: size the stack arrays for exactly
+        // that many.
+        match checks.len() {
+            0 | 1 => self.decide_n::<1>(now, checks, lease, out),
+            2 => self.decide_n::<2>(now, checks, lease, out),
+            3 => self.decide_n::<3>(now, checks, lease, out),
+            ..=FEW_CHECKS => self.decide_n::<FEW_CHECKS>(now, checks, lease, out),
+            _ => self.decide_n::<MAX_LIMITS_PER_REQUEST>(now, checks, lease, out),
         }
     }
 
@@ -667,6 +670,8 @@ enum Next {
     OnCommit,
     Gcra(Nanos),
     Calendar(CalendarState),
+    /// Admitted on the log as it is: record the cost (no second evaluation).
+    Sliding,
 }
 
 /// [`decide_locked`] once every scope entry is locked: `groups[scope_of[i]]`
@@ -689,8 +694,15 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
         let g = groups[usize::from(scope_of[i])]
             .as_deref()
             .expect("every scope is locked");
-        let cell = g.cells.find(tag(check.key));
-        let counter = cell.map_or(&Counter::Fresh, |k| &g.cells.as_slice()[k].counter);
+        let cells = g.cells.as_slice();
+        let t = tag(check.key);
+        // An entry's counters are usually in the order of the checks that
+        // created them: try that one first.
+        let cell = match cells.get(i) {
+            Some(c) if c.tag == t => Some(i),
+            _ => cells.iter().position(|c| c.tag == t),
+        };
+        let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
         evaluate(counter, check, now, &mut out[i], &mut next[i]);
         let admit = out[i].admit;
         if check.blocking && !admit {
@@ -745,6 +757,18 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             &Next::Calendar(state) => {
                 cell.fresh_at = state.end;
                 cell.counter = Counter::Calendar(state);
+            }
+            Next::Sliding => {
+                let Params::Sliding(window) = check.params else {
+                    unreachable!("set for sliding checks only")
+                };
+                if !matches!(cell.counter, Counter::Sliding(_)) {
+                    cell.counter = Counter::Sliding(SlidingState::Empty);
+                }
+                if let Counter::Sliding(log) = &mut cell.counter {
+                    log.record_admitted(now, check.cost, &window);
+                }
+                cell.fresh_at = now.plus(out[i].reset);
             }
         }
     }
@@ -802,6 +826,7 @@ impl LoomSlot {
 
 /// Evaluates one check against its counter, without changing it, into `out`;
 /// and into `next` the state to write if the request is admitted.
+#[inline]
 fn evaluate(counter: &Counter, check: &Check, now: Nanos, out: &mut Evaluation, next: &mut Next) {
     let cost = check.cost;
     match check.params {
@@ -819,9 +844,9 @@ fn evaluate(counter: &Counter, check: &Check, now: Nanos, out: &mut Evaluation, 
                 Counter::Sliding(s) => s,
                 _ => &SlidingState::Empty,
             };
-            // The log is taken from in place on commit (it may hold a ring).
+            // The log is written in place on commit (it may hold a ring).
             *out = state.evaluate(now, cost, &window);
-            *next = Next::OnCommit;
+            *next = Next::Sliding;
         }
         Params::Calendar { limit, end } => {
             let state = match counter {
