@@ -358,3 +358,21 @@ pub fn server_section(src: &str) -> Result<ServerSection, String> {
         .map(|f| f.server.unwrap_or_default())
         .map_err(|e| format!("[server]: {}", e.message()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_must_be_positive() {
+        let section = |src: &str| server_section(src).expect("section");
+        let mut c = ServerConfig::default();
+        assert_eq!(c.workers, None, "default: tokio's own choice");
+        c.apply(&section("[server]\nworkers = 2\n")).expect("valid");
+        assert_eq!(c.workers, Some(2));
+        let e = c
+            .apply(&section("[server]\nworkers = 0\n"))
+            .expect_err("0 refused");
+        assert!(e[0].contains("workers = 0"), "{e:?}");
+    }
+}
