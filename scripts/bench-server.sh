@@ -10,6 +10,18 @@
 #
 # Usage: scripts/bench-server.sh [TARGET_DIR] [DURATION]   (default: target, 10s)
 # Servers run on core 0, wrk on core 1 (taskset).
+#
+# WORKERS (default 1): worker threads of every server, the same for all:
+# bare_hyper gets TOKIO_WORKER_THREADS, tollgate --workers, nginx
+# worker_processes. WORKERS=default sets none of them (tokio then starts one
+# worker per CPU the process may use, which under `taskset -c 0` is also 1;
+# nginx's Debian default is auto, again 1 core here).
+#
+# Besides wrk (closed loop), the decision API is driven at a fixed rate with
+# `tollgate load --rate` (open loop) at half of what tollgate served by
+# account in round 1 (or RATE=N per second), against tollgate and bare hyper
+# alike: p50/p99 at that load. The load tool runs on one core: past about
+# 30k/s it falls behind (its "achieved" rate says so).
 set -euo pipefail
 
 TARGET=${1:-${CARGO_TARGET_DIR:-target}}
@@ -25,9 +37,22 @@ cleanup() {
 trap cleanup EXIT
 
 UP=18190 TG=18180 ADMIN=18181 NGX=18280
+WORKERS=${WORKERS:-1}
+if [ "$WORKERS" = default ]; then
+  TG_WORKERS=() NGX_WORKERS=auto
+else
+  export TOKIO_WORKER_THREADS=$WORKERS
+  TG_WORKERS=() NGX_WORKERS=$WORKERS
+  # --workers where the build has it (older builds honour the variable).
+  if "$BIN/tollgate" serve --help 2>/dev/null | grep -- --workers >/dev/null; then TG_WORKERS=(--workers "$WORKERS"); fi
+fi
 wait_port() { for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-run_wrk() { # label, server pid (its CPU time is measured), wrk args...
+cpu_ticks() { # summed over the pids in $1 (space-separated)
+  local p s=0
+  for p in $1; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo "$s"
+}
+run_wrk() { # label, server pid(s) (their CPU time is measured), wrk args...
   local label=$1 pid=$2; shift 2
   echo "### $label"
   local t0 t1 out reqs
@@ -36,10 +61,22 @@ run_wrk() { # label, server pid (its CPU time is measured), wrk args...
   t1=$(cpu_ticks "$pid")
   echo "$out" | grep -E "Requests/sec|^ +(50|90|99)%" || true
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  LAST_RPS=$(echo "$out" | awk '/Requests\/sec/ {printf "%d", $2}')
   # Server CPU (user + system) per request, microseconds: robust to other
   # load on the machine, unlike requests/s.
   awk -v t="$((t1 - t0))" -v n="$reqs" -v hz="$(getconf CLK_TCK)" \
     'BEGIN { if (n > 0) printf "    server CPU per request: %.2f us (%d requests)\n", t / hz * 1e6 / n, n }'
+}
+run_rate() { # label, server pid, rate, URL: open loop with tollgate load
+  local label=$1 pid=$2 rate=$3 url=$4
+  echo "### $label, fixed rate $rate/s"
+  local t0 t1 out
+  t0=$(cpu_ticks "$pid")
+  out=$(TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/tollgate" load "$url" --rate "$rate" --duration 10s \
+    -X POST -H 'content-type: application/json' --body "$WORK/check.json" --json | tail -1)
+  t1=$(cpu_ticks "$pid")
+  echo "$out" | sed -E 's/.*"latency_ms":\{([^}]*)\}.*"requests_per_s":([0-9.]+).*/    latency ms \1; achieved \2\/s/'
+  echo "$out" | sed -E 's/.*"counts":\{([^}]*)\}.*"dropped":([0-9]+).*/    statuses \1; dropped ticks \2/'
 }
 
 cat >"$WORK/check.lua" <<'EOF'
@@ -47,6 +84,8 @@ wrk.method = "POST"
 wrk.body   = '{"account":"bench","operation":"default","cost":0}'
 wrk.headers["Content-Type"] = "application/json"
 EOF
+
+printf '%s' '{"account":"bench","operation":"default","cost":0}' >"$WORK/check.json"
 
 cat >"$WORK/policy.toml" <<'EOF'
 [policy]
@@ -68,7 +107,7 @@ EOF
 
 mkdir -p "$WORK/nginx/logs"
 cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes $NGX_WORKERS;
 error_log $WORK/nginx/logs/error.log warn;
 pid $WORK/nginx/nginx.pid;
 events { worker_connections 1024; }
@@ -94,7 +133,7 @@ taskset -c 0 "$BIN/examples/bare_hyper" 127.0.0.1:$UP 2>/dev/null & BARE=$!; PID
 wait_port $UP
 
 # Part 1: decision API on the built-in policy.
-TOLLGATE_ADMIN_TOKEN=t taskset -c 0 "$BIN/tollgate" serve --listen 127.0.0.1:$TG \
+TOLLGATE_ADMIN_TOKEN=t taskset -c 0 "$BIN/tollgate" serve "${TG_WORKERS[@]}" --listen 127.0.0.1:$TG \
   --admin-listen 127.0.0.1:$ADMIN --data-dir "$WORK/data1" 2>"$WORK/tg1.log" & TG1=$!; PIDS+=($TG1)
 wait_port $ADMIN
 curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts -H 'Authorization: Bearer t' \
@@ -103,12 +142,19 @@ KEY=$(curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts/bench/keys -H 'Authoriz
   | sed -E 's/.*"key":"([^"]+)".*/\1/')
 sed "s/\"account\":\"bench\"/\"key\":\"$KEY\"/" "$WORK/check.lua" >"$WORK/checkkey.lua"
 
+echo "## worker threads: bare_hyper $(grep -c . <(cat /proc/$BARE/task/*/comm | grep tokio-rt)), tollgate $(grep -c . <(cat /proc/$TG1/task/*/comm | grep tokio-rt)) (WORKERS=$WORKERS)"
+HALF=0
 for round in 1 2; do
   echo "## decision API, round $round"
   run_wrk "bare hyper -c32" $BARE -c32 -d"$DUR" --latency -s "$WORK/check.lua" http://127.0.0.1:$UP/v1/check
   run_wrk "tollgate by account -c32" $TG1 -c32 -d"$DUR" --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
+  [ "$round" = 1 ] && HALF=$((LAST_RPS / 2))
   run_wrk "tollgate by key -c32" $TG1 -c32 -d"$DUR" --latency -s "$WORK/checkkey.lua" http://127.0.0.1:$TG/v1/check
 done
+HALF=${RATE:-$HALF}
+echo "## decision API at a fixed rate (open loop; half of tollgate's round-1 throughput unless RATE is set)"
+run_rate "bare hyper" $BARE $HALF http://127.0.0.1:$UP/v1/check
+run_rate "tollgate by account" $TG1 $HALF http://127.0.0.1:$TG/v1/check
 echo "## decision API, low load"
 run_wrk "bare hyper -c4" $BARE -c4 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$UP/v1/check
 run_wrk "tollgate by account -c1" $TG1 -c1 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
@@ -117,7 +163,7 @@ run_wrk "tollgate by key -c4" $TG1 -c4 -d5s --latency -s "$WORK/checkkey.lua" ht
 kill $TG1; wait $TG1 2>/dev/null || true
 
 # Part 2: proxy vs nginx limit_req, same upstream.
-TOLLGATE_ADMIN_TOKEN=t taskset -c 0 "$BIN/tollgate" serve --config "$WORK/policy.toml" \
+TOLLGATE_ADMIN_TOKEN=t taskset -c 0 "$BIN/tollgate" serve "${TG_WORKERS[@]}" --config "$WORK/policy.toml" \
   --upstream http://127.0.0.1:$UP --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$ADMIN \
   --data-dir "$WORK/data2" 2>"$WORK/tg2.log" & TG2=$!; PIDS+=($TG2)
 wait_port $ADMIN
@@ -127,15 +173,15 @@ KEY=$(curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts/bench/keys -H 'Authoriz
   | sed -E 's/.*"key":"([^"]+)".*/\1/')
 taskset -c 0 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' & NGM=$!; PIDS+=($NGM)
 wait_port $NGX
-NGW=$(pgrep -P $NGM | head -1)   # the one worker
+NGW=$(pgrep -P $NGM | tr '\n' ' ')   # every worker
 
 for round in 1 2; do
   echo "## proxy, round $round"
   run_wrk "upstream alone -c32" $BARE -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$UP/x
-  run_wrk "nginx limit_req -c32" $NGW -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
+  run_wrk "nginx limit_req -c32" "$NGW" -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
   run_wrk "tollgate proxy -c32" $TG2 -c32 -d"$DUR" --latency -H "x-api-key: $KEY" http://127.0.0.1:$TG/x
 done
 echo "## proxy, one connection"
 run_wrk "upstream alone -c1" $BARE -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$UP/x
-run_wrk "nginx limit_req -c1" $NGW -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
+run_wrk "nginx limit_req -c1" "$NGW" -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$NGX/x
 run_wrk "tollgate proxy -c1" $TG2 -c1 -d5s --latency -H "x-api-key: $KEY" http://127.0.0.1:$TG/x

@@ -794,7 +794,7 @@ impl Ledger {
                         key_id: identity.key_id.clone(),
                     }
                 } else {
-                    KeyCheck::Valid((*identity).clone())
+                    KeyCheck::Valid(identity)
                 }
             }
         }

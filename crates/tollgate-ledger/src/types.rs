@@ -78,8 +78,8 @@ pub struct KeyInfo {
 /// The outcome of [`Ledger::verify_key`](crate::Ledger::verify_key).
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyCheck {
-    /// A live key, and who it belongs to.
-    Valid(KeyIdentity),
+    /// A live key, and who it belongs to (shared with the key cache: no copy).
+    Valid(std::sync::Arc<KeyIdentity>),
     /// A real key that was revoked (403).
     Revoked {
         /// Its id.

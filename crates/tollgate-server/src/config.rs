@@ -118,6 +118,10 @@ pub struct ServerSection {
     pub max_connections: Option<usize>,
     /// Most live counters in memory (default 1,000,000).
     pub max_counters: Option<usize>,
+    /// Runtime worker threads (default: `TOKIO_WORKER_THREADS` if set, else
+    /// one per CPU the process may run on). Read by the `tollgate` binary,
+    /// which builds the runtime.
+    pub workers: Option<usize>,
     /// Largest body read to inspect it when an operation has no `max_body` (default `64MB`).
     pub inspect_body_max: Option<String>,
     /// How long a credit reservation lives if never settled (default `300s`;
@@ -177,6 +181,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Live counter cap.
     pub max_counters: usize,
+    /// Runtime worker threads; `None` = tokio's default (`TOKIO_WORKER_THREADS`,
+    /// else one per CPU the process may run on).
+    pub workers: Option<usize>,
     /// Inspection cap for bodies.
     pub inspect_body_max: u64,
     /// Admin token; `None` refuses every admin call.
@@ -218,6 +225,7 @@ impl Default for ServerConfig {
             send_timeout: Duration::from_secs(10),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_counters: tollgate_core::store::memory::DEFAULT_MAX_COUNTERS,
+            workers: None,
             inspect_body_max: 64_000_000,
             admin_token: None,
             store_secret: None,
@@ -330,6 +338,13 @@ impl ServerConfig {
         if let Some(v) = s.max_counters {
             self.max_counters = v.max(1);
         }
+        match s.workers {
+            Some(0) => errors.push(
+                "[server] workers = 0 would run nothing; use a positive number such as 1, or leave it out for one per CPU".to_owned(),
+            ),
+            Some(v) => self.workers = Some(v),
+            None => {}
+        }
         if let Some(v) = &s.inspect_body_max {
             match tollgate_core::policy::parse_size(v) {
                 Some(n) => self.inspect_body_max = n,
@@ -436,5 +451,18 @@ mod tests {
                 "{errors:?}"
             );
         }
+    }
+
+    #[test]
+    fn workers_must_be_positive() {
+        let section = |src: &str| server_section(src).expect("section");
+        let mut c = ServerConfig::default();
+        assert_eq!(c.workers, None, "default: tokio's own choice");
+        c.apply(&section("[server]\nworkers = 2\n")).expect("valid");
+        assert_eq!(c.workers, Some(2));
+        let e = c
+            .apply(&section("[server]\nworkers = 0\n"))
+            .expect_err("0 refused");
+        assert!(e[0].contains("workers = 0"), "{e:?}");
     }
 }

@@ -24,15 +24,16 @@
 //!   advertised in SETTINGS; hyper/h2 answer rapid resets and stream floods
 //!   with GOAWAY (their defaults, which we keep).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
@@ -40,7 +41,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_io_timeout::TimeoutWriter;
-use tower_http::timeout::{DeadlineBody, TimeoutBody, TimeoutError};
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
@@ -215,30 +215,83 @@ pub fn io(
 }
 
 /// A request body that must keep arriving: at most `body_read_timeout`
-/// between two pieces and `body_timeout` in all. Past either it fails with
-/// [`TimeoutError`] and sets `timed_out`, and the request is answered with
-/// [`body_timeout_response`]. An empty body is passed through untouched (so
-/// its size hints stay exact).
+/// between two pieces and `body_timeout` in all (counted from now). Past
+/// either it fails with [`BodyTimeout`] and sets the returned flag, and the
+/// request is answered with [`body_timeout_response`]. An empty body is passed
+/// through untouched (so its size hints stay exact) and gets no flag.
 pub fn guard_body(
     body: hyper::body::Incoming,
     limits: &ConnLimits,
-    timed_out: &Arc<AtomicBool>,
-) -> Body {
+) -> (Body, Option<Arc<AtomicBool>>) {
     if body.is_end_stream() {
-        return Body::new(body);
+        return (Body::new(body), None);
     }
-    let flag = Arc::clone(timed_out);
-    let guarded = DeadlineBody::new(
-        limits.body_timeout,
-        TimeoutBody::new(limits.body_read_timeout, body),
-    )
-    .map_err(move |e| {
-        if e.is::<TimeoutError>() {
-            flag.store(true, Ordering::Relaxed);
+    let flag = Arc::new(AtomicBool::new(false));
+    let guarded = GuardedBody {
+        inner: body,
+        read_timeout: limits.body_read_timeout,
+        deadline: tokio::time::Instant::now() + limits.body_timeout,
+        idle: None,
+        total: None,
+        timed_out: Arc::clone(&flag),
+    };
+    (Body::new(guarded), Some(flag))
+}
+
+/// The error of a request body that did not arrive in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+pub struct BodyTimeout;
+
+/// The body of [`guard_body`]. The body is polled first and the timers are
+/// armed only while it waits, so a body that came with its headers (the usual
+/// small JSON body) never touches the timer wheel.
+struct GuardedBody {
+    inner: hyper::body::Incoming,
+    read_timeout: Duration,
+    deadline: tokio::time::Instant,
+    /// Pause timer, armed when a wait starts and dropped when a piece arrives.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whole-body timer, armed at the first wait.
+    total: Option<Pin<Box<tokio::time::Sleep>>>,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.idle = None;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        e
-    });
-    Body::new(guarded)
+        let (read_timeout, deadline) = (this.read_timeout, this.deadline);
+        let idle = this
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(read_timeout)));
+        let idle_over = idle.as_mut().poll(cx).is_ready();
+        let total = this
+            .total
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if idle_over || total.as_mut().poll(cx).is_ready() {
+            this.timed_out.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// 408 for a request whose body did not arrive in time; HTTP/1 connections

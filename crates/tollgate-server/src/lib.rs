@@ -126,6 +126,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
             tasks.push(tokio::spawn(serve(
                 listener,
                 echo_router(),
+                None,
                 rx.clone(),
                 limits,
                 Gate::new(limits.max_connections, None),
@@ -189,6 +190,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
         engine,
         ledger,
         client,
+        upstream_host: upstream_host(&upstream),
         upstream,
         metrics: metrics::Metrics::new(),
         config: config.clone(),
@@ -225,6 +227,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
     tasks.push(tokio::spawn(serve(
         proxy_listener,
         proxy_router(state.clone()),
+        Some(state.clone()),
         rx.clone(),
         proxy_limits,
         connections.clone(),
@@ -233,6 +236,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
     tasks.push(tokio::spawn(serve(
         admin_listener,
         admin::router(state.clone()),
+        None,
         rx.clone(),
         admin_limits,
         Gate::new(admin_limits.max_connections, None),
@@ -257,22 +261,74 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
     })
 }
 
+/// The `Host` value hyper's client would write for `uri`: the host, and the
+/// port unless it is the scheme's default.
+fn upstream_host(uri: &http::Uri) -> Option<http::HeaderValue> {
+    let host = uri.host()?;
+    let secure = matches!(uri.scheme_str(), Some("https" | "wss"));
+    match uri.port() {
+        Some(p) if !matches!((p.as_u16(), secure), (443, true) | (80, false)) => {
+            http::HeaderValue::from_str(&format!("{host}:{}", p.as_u16())).ok()
+        }
+        _ => http::HeaderValue::from_str(host).ok(),
+    }
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// The proxy listener's own paths (every other path is proxied).
+pub const OWN_PATHS: [&str; 5] = [
+    "/healthz",
+    "/readyz",
+    CHECK_PATH,
+    "/v1/check/release",
+    "/v1/account",
+];
+
+/// The decision API's path.
+pub const CHECK_PATH: &str = "/v1/check";
+
 /// The proxy listener's routes.
 pub fn proxy_router(st: Shared) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/v1/check", post(check::check))
-        .route("/v1/check/release", post(check::release))
-        .route("/v1/account", get(account::get))
+        .route(OWN_PATHS[0], get(|| async { "ok" }))
+        .route(OWN_PATHS[1], get(readyz))
+        .route(OWN_PATHS[2], post(check::check))
+        .route(OWN_PATHS[3], post(check::release))
+        .route(OWN_PATHS[4], get(account::get))
         .fallback(any(proxy::handle))
         .with_state(st)
+}
+
+/// Serves one request. On the proxy listener (`fast` set) the two busy
+/// routes skip the router: `POST /v1/check` and every path that is not one
+/// of [`OWN_PATHS`] (the proxy) are called directly, with the same answers
+/// the router would give (it has no layers; its fallback is the proxy).
+async fn route(
+    router: Router,
+    fast: Option<&Shared>,
+    peer: SocketAddr,
+    mut req: http::Request<axum::body::Body>,
+) -> Response {
+    if let Some(st) = fast {
+        let path = req.uri().path();
+        if path == CHECK_PATH {
+            if req.method() == http::Method::POST {
+                return check::check_direct(st, peer, req).await;
+            }
+        } else if !OWN_PATHS.contains(&path) {
+            return proxy::handle_direct(st, peer, req).await;
+        }
+    }
+    req.extensions_mut().insert(ConnectInfo(peer));
+    match router.oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
 }
 
 /// `GET /readyz`: 200 when the counter store and the database answer, 503 otherwise.
@@ -293,6 +349,7 @@ pub async fn readyz(State(st): State<Shared>) -> Response {
 async fn serve(
     listener: TcpListener,
     router: Router,
+    fast: Option<Shared>,
     mut shutdown: watch::Receiver<bool>,
     limits: ConnLimits,
     gate: Gate,
@@ -316,31 +373,36 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
+        let fast = fast.clone();
         let service =
-            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let router = router.clone();
+                let fast = fast.clone();
                 async move {
                     let http1 = req.version() < http::Version::HTTP_2;
                     if connection::target_too_long(req.uri()) {
                         return Ok::<_, Infallible>(connection::uri_too_long_response(http1));
                     }
-                    let body_timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let req = req.map(|b| connection::guard_body(b, &limits, &body_timed_out));
-                    let resp =
-                        match tokio::time::timeout(limits.request_timeout, router.oneshot(req))
-                            .await
-                        {
-                            Ok(Ok(r)) => r,
-                            Ok(Err(never)) => match never {},
-                            Err(_) => error::ApiError::new(
-                                StatusCode::GATEWAY_TIMEOUT,
-                                "request_timeout",
-                                "the request took too long",
-                            )
-                            .into_response(),
-                        };
-                    let resp = if body_timed_out.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (parts, body) = req.into_parts();
+                    let (body, body_timed_out) = connection::guard_body(body, &limits);
+                    let req = http::Request::from_parts(parts, body);
+                    let resp = match tokio::time::timeout(
+                        limits.request_timeout,
+                        route(router, fast.as_ref(), peer, req),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => error::ApiError::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "request_timeout",
+                            "the request took too long",
+                        )
+                        .into_response(),
+                    };
+                    let timed_out = body_timed_out
+                        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+                    let resp = if timed_out {
                         connection::body_timeout_response(http1)
                     } else {
                         resp
@@ -543,6 +605,15 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_host_is_what_the_client_would_write() {
+        let host = |u: &str| upstream_host(&u.parse().expect("uri")).expect("host");
+        assert_eq!(host("http://127.0.0.1:9000"), "127.0.0.1:9000");
+        assert_eq!(host("http://api.internal"), "api.internal");
+        assert_eq!(host("http://api.internal:80/prefix"), "api.internal");
+        assert_eq!(host("http://[::1]:8080"), "[::1]:8080");
+    }
 
     #[test]
     fn passwords_never_reach_logs() {

@@ -64,9 +64,14 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
+    handle_direct(&st, peer, req).await
+}
+
+/// The proxy, called without the router (see `route` in the crate root).
+pub async fn handle_direct(st: &Shared, peer: SocketAddr, req: Request) -> Response {
     // The proxy future is large (every await point's locals); boxing it here
-    // moves it once instead of copying it through axum's handler layers.
-    match Box::pin(proxy(&st, peer, req)).await {
+    // moves it once instead of copying it through the connection's layers.
+    match Box::pin(proxy(st, peer, req)).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -139,10 +144,10 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     };
 
     // Limits.
-    let ip = client.to_string();
+    let ip = IpText::new(client);
     let attrs = attribute_values(&policy, op, &parts, &inspection);
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
-    let decision = decide(st, &policy, op_id, &caller, &ip, &attr_refs).await;
+    let decision = decide(st, &policy, op_id, &caller, ip.as_str(), &attr_refs).await;
     // From here on, every way out gives the leases back: the response body's
     // end, an error, or the client going away (the future is dropped).
     let lease = LeaseGuard::new(st, &decision);
@@ -563,13 +568,48 @@ pub fn add_rate_headers(
     out: &mut HeaderMap,
 ) {
     headers::render(policy, d, kind, credits, &mut |name, value| {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
+        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::from_str(value)) {
             out.insert(n, v);
         }
     });
+}
+
+/// The header name of a rate-limit field: the fixed names without parsing or
+/// copying them, a policy's own (vendor) names parsed.
+fn header_name(name: &str) -> Option<HeaderName> {
+    Some(match name {
+        headers::RETRY_AFTER => header::RETRY_AFTER,
+        headers::RATELIMIT_POLICY => HeaderName::from_static("ratelimit-policy"),
+        headers::RATELIMIT => HeaderName::from_static("ratelimit"),
+        "X-RateLimit-Limit" => HeaderName::from_static("x-ratelimit-limit"),
+        "X-RateLimit-Remaining" => HeaderName::from_static("x-ratelimit-remaining"),
+        "X-RateLimit-Reset" => HeaderName::from_static("x-ratelimit-reset"),
+        "X-RateLimit-Cost" => HeaderName::from_static("x-ratelimit-cost"),
+        "X-Credits-Remaining" => HeaderName::from_static("x-credits-remaining"),
+        _ => return HeaderName::from_bytes(name.as_bytes()).ok(),
+    })
+}
+
+/// An IP address written on the stack (no `String`).
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: std::net::IpAddr) -> IpText {
+        use std::io::Write;
+        let mut buf = [0u8; 48];
+        let mut w: &mut [u8] = &mut buf;
+        // 48 bytes hold any IPv6 text (at most 45).
+        let _ = write!(w, "{ip}");
+        let len = 48 - w.len();
+        IpText { buf, len }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
 }
 
 /// Holds the decision's concurrency leases until the response body ends or
@@ -829,7 +869,7 @@ fn build_request(
     // X-Forwarded-For: the chain is kept only from trusted proxies.
     let peer = req.peer.ip();
     let trusted = st.config.trusted_proxies.iter().any(|n| n.contains(&peer));
-    let chain = if trusted {
+    let value = if trusted && req.parts.headers.contains_key("x-forwarded-for") {
         let prior: Vec<&str> = req
             .parts
             .headers
@@ -838,14 +878,15 @@ fn build_request(
             .filter_map(|v| v.to_str().ok())
             .collect();
         if prior.is_empty() {
-            peer.to_string()
+            HeaderValue::from_str(&peer.to_string())
         } else {
-            format!("{}, {peer}", prior.join(", "))
+            HeaderValue::from_str(&format!("{}, {peer}", prior.join(", ")))
         }
     } else {
-        peer.to_string()
+        // The usual case: the peer alone, written without a `String`.
+        HeaderValue::from_str(IpText::new(peer).as_str())
     };
-    if let Ok(v) = HeaderValue::from_str(&chain) {
+    if let Ok(v) = value {
         h.insert("x-forwarded-for", v);
     }
     if let Ok(v) = HeaderValue::from_str(&req.caller.identity.account) {
@@ -859,11 +900,20 @@ fn build_request(
     {
         h.insert(n, v);
     }
+    // Last, where the client would add it (it adds none when one is set).
+    if let Some(host) = &st.upstream_host {
+        h.insert(header::HOST, host.clone());
+    }
     Ok(out)
 }
 
+/// [`HOP_BY_HOP`] as header names, built once (removing by a `&str` parses
+/// the name on every call).
+static HOP_BY_HOP_NAMES: std::sync::LazyLock<[HeaderName; 8]> =
+    std::sync::LazyLock::new(|| HOP_BY_HOP.map(HeaderName::from_static));
+
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    for n in HOP_BY_HOP {
+    for n in HOP_BY_HOP_NAMES.iter() {
         h.remove(n);
     }
 }

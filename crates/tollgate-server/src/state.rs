@@ -32,6 +32,9 @@ pub struct AppState {
     pub client: Client<HttpConnector, Body>,
     /// Upstream base (scheme and authority, optional path prefix).
     pub upstream: http::Uri,
+    /// The `Host` header sent upstream (the upstream's authority, as the
+    /// client would write it), built once.
+    pub upstream_host: Option<http::HeaderValue>,
     /// Metrics.
     pub metrics: Metrics,
     /// Settings.
@@ -102,7 +105,7 @@ impl AppState {
     ) -> Result<Caller, ApiError> {
         let cached = self.ledger.verify_key_cached(key).await;
         if let Some(KeyCheck::Valid(identity)) = cached {
-            return Ok(self.caller(Arc::new(identity), policy));
+            return Ok(self.caller(identity, policy));
         }
         // Ids of real keys (seen in the database lately) skip the guard: their
         // lookups are bounded by the key count, not by what a client sends.
@@ -136,7 +139,7 @@ impl AppState {
                 if guarded {
                     self.guard.refund(ip);
                 }
-                Ok(self.caller(Arc::new(identity), policy))
+                Ok(self.caller(identity, policy))
             }
             KeyCheck::Revoked { .. } => Err(ApiError::new(
                 StatusCode::FORBIDDEN,

@@ -76,6 +76,10 @@ struct Serve {
     /// Trusted proxy address or CIDR whose X-Forwarded-For is believed (repeatable).
     #[arg(long = "trusted-proxy", value_name = "CIDR")]
     trusted_proxies: Vec<String>,
+    /// Runtime worker threads [default: TOKIO_WORKER_THREADS if set, else one
+    /// per CPU the process may run on].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -171,6 +175,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
     let flags = config::ServerSection {
         upstream: args.upstream,
         store: args.store,
+        workers: args.workers,
         trusted_proxies: if args.trusted_proxies.is_empty() {
             section.trusted_proxies.clone()
         } else {
@@ -197,9 +202,11 @@ fn serve(args: Serve) -> anyhow::Result<()> {
             "no admin token: the admin API refuses every call (set TOLLGATE_ADMIN_TOKEN or --admin-token)"
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.workers {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         let running = tollgate_server::start(cfg, policy).await?;
         eprintln!(

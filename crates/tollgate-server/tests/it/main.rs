@@ -3,6 +3,7 @@
 
 mod admin;
 mod cardinality;
+mod check_api;
 mod credits;
 mod flood;
 mod hardening;
