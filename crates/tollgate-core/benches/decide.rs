@@ -41,36 +41,10 @@ use governor::{Quota, RateLimiter, middleware::NoOpMiddleware};
 use tollgate_core::policy::{self, CompiledPolicy, OperationId};
 use tollgate_core::{Engine, ManualClock, MemoryStore, Nanos, Outcome, Request};
 
-/// Token bucket: 4,294,967,295 tokens, refilling 1 per nanosecond (as the
-/// governor quota below). Sliding window: 4e9 per minute (precision = "approximate"). Calendar: 2^40 per
-/// UTC day. A run decides well under 1e9 requests per key.
-const BUCKET: &str = r#"
-[operations.call]
-method = "GET"
-path = "/v1/call"
-
-[limits.bucket]
-algorithm = "token_bucket"
-capacity = 4294967295
-refill = 1000000000
-refill_every = "1s"
-scope = ["account"]
-"#;
-
-const WINDOWS: &str = r#"
-[limits.minute]
-algorithm = "sliding_window"
-limit = 4000000000
-window = "1m"
-precision = "approximate"
-scope = ["account"]
-
-[limits.daily]
-algorithm = "calendar_window"
-limit = 1099511627776
-window = "day"
-scope = ["account"]
-"#;
+/// The policies every row runs (shared with `examples/decide_loop.rs`; see
+/// the files for their numbers).
+const BUCKET: &str = include_str!("policies/bucket.toml");
+const WINDOWS: &str = include_str!("policies/windows.toml");
 
 const SAMPLE_CLOCK_STEP: Duration = Duration::from_millis(1);
 

@@ -24,33 +24,10 @@ use governor::{Quota, RateLimiter};
 use tollgate_core::policy;
 use tollgate_core::{Engine, ManualClock, MemoryStore, Nanos, Outcome, Request};
 
-const BUCKET: &str = r#"
-[operations.call]
-method = "GET"
-path = "/v1/call"
-
-[limits.bucket]
-algorithm = "token_bucket"
-capacity = 4294967295
-refill = 1000000000
-refill_every = "1s"
-scope = ["account"]
-"#;
-
-const WINDOWS: &str = r#"
-[limits.minute]
-algorithm = "sliding_window"
-limit = 4000000000
-window = "1m"
-precision = "approximate"
-scope = ["account"]
-
-[limits.daily]
-algorithm = "calendar_window"
-limit = 1099511627776
-window = "day"
-scope = ["account"]
-"#;
+/// The policies every row runs (shared with `examples/decide_loop.rs`; see
+/// the files for their numbers).
+const BUCKET: &str = include_str!("../benches/policies/bucket.toml");
+const WINDOWS: &str = include_str!("../benches/policies/windows.toml");
 
 fn main() {
     let mut args = std::env::args().skip(1);
