@@ -37,7 +37,10 @@
 //! never stored.
 
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
@@ -261,11 +264,11 @@ impl BuildHasher for KeyHasher {
 /// Counters in process memory. See the module docs for its guarantees.
 #[derive(Debug)]
 pub struct MemoryStore {
-    /// The current index, under the key `()`: replaced by a smaller copy when
-    /// a sweep leaves it mostly empty (papaya never shrinks a table on
-    /// removals). A one-entry map, so that the index a decision reads stays
-    /// valid until its guard ends, without a lock.
-    index: papaya::HashMap<(), Index, KeyHasher>,
+    /// The current index: replaced by a smaller copy when a sweep leaves it
+    /// mostly empty (papaya never shrinks a table on removals). A decision
+    /// loads it without a lock; the index it loaded stays alive until it is
+    /// done (and is freed then, once replaced).
+    index: ArcSwap<Index>,
     room: Room,
     last_sweep: AtomicU64,
     /// Held while the index is rebuilt (one rebuild at a time).
@@ -326,15 +329,8 @@ pub(crate) enum Locked {
 impl MemoryStore {
     /// A store holding at most `max_counters` live counters.
     pub fn new(max_counters: usize) -> MemoryStore {
-        let index = papaya::HashMap::builder()
-            .hasher(KeyHasher(0))
-            // A replaced index is freed as soon as no decision can see it,
-            // not after 32 more replacements.
-            .collector(seize::Collector::new().batch_size(1))
-            .build();
-        index.pin().insert((), Index::new());
         MemoryStore {
-            index,
+            index: ArcSwap::from_pointee(Index::new()),
             room: Room {
                 live: AtomicUsize::new(0),
                 max: max_counters.max(1),
@@ -343,13 +339,6 @@ impl MemoryStore {
             rebuilding: std::sync::Mutex::new(()),
             rebuilds: AtomicU64::new(0),
         }
-    }
-
-    /// The current index (valid while `guard` lives).
-    fn current<'g>(&self, guard: &'g impl papaya::Guard) -> &'g Index {
-        self.index
-            .get(&(), guard)
-            .expect("the index is inserted at construction and only ever replaced")
     }
 
     /// Number of live counters.
@@ -374,8 +363,7 @@ impl MemoryStore {
     /// live entry); decisions on existing scopes go on.
     pub fn sweep(&self, now: Nanos) -> usize {
         self.last_sweep.store(now.0, Ordering::Relaxed);
-        let outer = self.index.guard();
-        let index = self.current(&outer);
+        let index = self.index.load();
         let guard = index.map.guard();
         // Entries are only removed by sweeps: the length before this one is
         // the most the index held since the last sweep.
@@ -400,7 +388,7 @@ impl MemoryStore {
         let high_water = index.high_water.load(Ordering::Relaxed);
         if high_water >= SHRINK_MIN_ENTRIES && index.map.len() * SHRINK_RATIO <= high_water {
             drop(guard);
-            self.rebuild(index, &outer);
+            self.rebuild(&index);
         }
         dropped
     }
@@ -410,11 +398,11 @@ impl MemoryStore {
     /// so a decision that locks it afterwards looks it up again (in the new
     /// index, once published); no entry is added to `old` once the rebuild
     /// starts (`frozen`, and `inserting` drained), so none is lost.
-    fn rebuild(&self, old: &Index, outer: &impl papaya::Guard) {
+    fn rebuild(&self, old: &Arc<Index>) {
         let Ok(_one) = self.rebuilding.try_lock() else {
             return; // another sweep is rebuilding
         };
-        if !std::ptr::eq(self.current(outer), old) {
+        if !Arc::ptr_eq(&self.index.load(), old) {
             return; // already replaced
         }
         old.frozen.store(true, Ordering::SeqCst);
@@ -440,7 +428,7 @@ impl MemoryStore {
             }
         }
         new.high_water.store(new.map.len(), Ordering::Relaxed);
-        self.index.insert((), new, outer);
+        self.index.store(Arc::new(new));
         self.rebuilds.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -552,7 +540,6 @@ impl MemoryStore {
                 *o = scopes[..m].partition_point(|&x| x < s) as u8;
             }
         }
-        let outer = self.index.guard();
         let mut swept = false;
         let mut retries = 0u32;
         loop {
@@ -561,11 +548,11 @@ impl MemoryStore {
                 std::thread::yield_now();
             }
             retries += 1;
-            let index = self.current(&outer);
+            let index = self.index.load();
             let guard = index.map.guard();
             let mut slots: [Option<&Slot>; N] = [None; N];
             for (slot, &s) in slots.iter_mut().zip(&scopes[..m]) {
-                *slot = self.slot(index, s, now, &guard)?;
+                *slot = self.slot(&index, s, now, &guard)?;
             }
             if slots[..m].iter().any(Option::is_none) {
                 continue;
@@ -594,10 +581,9 @@ impl MemoryStore {
 
     /// Releases lease `lease` on the concurrency counters `keys`.
     pub fn release_now(&self, now: Nanos, keys: &[CounterKey], lease: u64) {
-        let outer = self.index.guard();
         for &key in keys {
             loop {
-                let index = self.current(&outer);
+                let index = self.index.load();
                 let guard = index.map.guard();
                 let Some(slot) = index.map.get(&scope(key), &guard) else {
                     break;
