@@ -87,23 +87,7 @@ EOF
 
 printf '%s' '{"account":"bench","operation":"default","cost":0}' >"$WORK/check.json"
 
-cat >"$WORK/policy.toml" <<'EOF'
-[policy]
-name = "bench-huge"
-key_header = "x-api-key"
-default_plan = "default"
-unmatched = "forward"
-
-[limits.huge]
-algorithm = "token_bucket"
-capacity = 1000000000
-refill = 1000000000
-refill_every = "1s"
-scope = ["account"]
-
-[plans.default]
-description = "bench"
-EOF
+cp "$(dirname "$0")/bench-policy.toml" "$WORK/policy.toml"
 
 mkdir -p "$WORK/nginx/logs"
 cat >"$WORK/nginx/nginx.conf" <<EOF

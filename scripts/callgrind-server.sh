@@ -15,21 +15,7 @@ L=${2:-tollgate}
 W=$(mktemp -d /tmp/tg-callgrind.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
 
-cat >"$W/p.toml" <<'P'
-[policy]
-name = "bench-huge"
-key_header = "x-api-key"
-default_plan = "default"
-unmatched = "forward"
-[limits.huge]
-algorithm = "token_bucket"
-capacity = 1000000000
-refill = 1000000000
-refill_every = "1s"
-scope = ["account"]
-[plans.default]
-description = "bench"
-P
+cp "$(dirname "$0")/bench-policy.toml" "$W/p.toml"
 printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\n' \
   "'{\"account\":\"bench\",\"operation\":\"default\",\"cost\":0}'" >"$W/a.lua"
 
