@@ -390,6 +390,24 @@ impl A9Figures {
     }
 }
 
+impl std::fmt::Display for A9Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} decisions, over-admissions {}, spans > N {}, wrong-decision rate {:.4} % ({}), \
+             mean rate error {:.3} % (max {:.3} %), retry_after above T by {} ns",
+            self.decisions,
+            self.over,
+            self.spans_over,
+            self.wrong_rate() * 100.0,
+            self.wrong,
+            self.mean_rate_error() * 100.0,
+            self.max_rate_error() * 100.0,
+            self.retry_over_t
+        )
+    }
+}
+
 /// Runs `decisions` seeded Poisson decisions spread over `configs` (N, T in
 /// seconds, offered load × N/T, largest weighted cost) through a window of
 /// `precision`, each decision also put to an exact sliding log that saw the
@@ -476,18 +494,7 @@ const A9_CONFIGS: [(u32, u64, f64, u64); 12] = [
 #[test]
 fn a9_sliding_window_vs_exact_log_under_admission_is_bounded_and_never_over() {
     let f = a9_run(Precision::Exact, &A9_CONFIGS, 1_000_000);
-    println!(
-        "A9 exact sliding window vs exact log: {} decisions, over-admissions {}, spans > N {}, \
-         wrong-decision rate {:.4} % ({}), mean rate error {:.3} % (max {:.3} %), retry_after above T by {} ns",
-        f.decisions,
-        f.over,
-        f.spans_over,
-        f.wrong_rate() * 100.0,
-        f.wrong,
-        f.mean_rate_error() * 100.0,
-        f.max_rate_error() * 100.0,
-        f.retry_over_t
-    );
+    println!("A9 exact sliding window vs exact log: {f}");
     assert_eq!(f.over, 0, "the window admitted what an exact log refuses");
     assert_eq!(f.spans_over, 0, "a span of length T held more than N");
     assert!(
@@ -521,18 +528,7 @@ fn a9_sliding_window_vs_exact_log_under_admission_is_bounded_and_never_over() {
 #[test]
 fn a9_approximate_sliding_window_is_safe_and_within_one_sub_window() {
     let report = |what: &str, f: &A9Figures| {
-        println!(
-            "A9 approximate sliding window ({what}) vs exact log: {} decisions, over-admissions {}, spans > N {}, \
-             wrong-decision rate {:.3} % ({}), mean rate error {:.3} % (max {:.3} %), retry_after above T by {} ns",
-            f.decisions,
-            f.over,
-            f.spans_over,
-            f.wrong_rate() * 100.0,
-            f.wrong,
-            f.mean_rate_error() * 100.0,
-            f.max_rate_error() * 100.0,
-            f.retry_over_t
-        );
+        println!("A9 approximate sliding window ({what}) vs exact log: {f}");
         assert_eq!(f.over, 0, "{what}: admitted what an exact log refuses");
         assert_eq!(
             f.spans_over, 0,
