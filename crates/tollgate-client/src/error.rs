@@ -76,7 +76,7 @@ impl Error {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    /// The target is not an `http://` URL.
+    /// The target is not an `http://` or `https://` URL.
     #[error("target `{url}`: {reason}")]
     Target {
         /// The URL given.

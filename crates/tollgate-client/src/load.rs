@@ -41,7 +41,7 @@ pub enum Mode {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Target URL (`http://` only: the client is built without TLS).
+    /// Target URL (`http://` or `https://`).
     pub url: String,
     /// Method (default GET).
     pub method: Method,
@@ -239,17 +239,17 @@ fn percentile(sorted: &[u64], p: f64) -> Duration {
 /// Runs the load and returns what it saw.
 ///
 /// # Errors
-/// [`LoadError`] when the options are unusable (not an `http://` URL, a
+/// [`LoadError`] when the options are unusable (not an `http(s)://` URL, a
 /// zero duration); nothing is sent then.
 pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
     let url = reqwest::Url::parse(&opts.url).map_err(|e| LoadError::Target {
         url: opts.url.clone(),
         reason: e.to_string(),
     })?;
-    if url.scheme() != "http" {
+    if !matches!(url.scheme(), "http" | "https") {
         return Err(LoadError::Target {
             url: opts.url.clone(),
-            reason: "only http:// targets are supported (no TLS in this build)".into(),
+            reason: "only http:// and https:// targets are supported".into(),
         });
     }
     if opts.duration.is_zero() {

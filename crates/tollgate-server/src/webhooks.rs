@@ -11,10 +11,11 @@
 //! poll_interval = "1s"   # how often the outbox is polled when idle (default 1s)
 //! charge_events = false  # also record a `credits_charged` event per charge (default false)
 //! allow_private_targets = false  # allow loopback/private targets: tests and local use only
+//! # ca_file = "/etc/tollgate/webhook-ca.pem"  # extra trusted CA certificates (PEM) for https
 //!
 //! [[server.webhooks.endpoints]]
 //! id = "billing"                     # stable name (default: the URL)
-//! url = "http://hooks.example.com/tollgate"
+//! url = "https://hooks.example.com/tollgate"
 //! secrets_env = "TOLLGATE_WEBHOOK_SECRETS"  # env var with one or more whsec_ secrets
 //! # secrets = ["whsec_…"]            # or inline (prefer the environment)
 //! events = ["credits_low", "credits_exhausted"]  # default: every kind
@@ -50,8 +51,11 @@
 //! DNS rebinding cannot swap them), redirects are not followed, no proxy is
 //! used, and the response body is never read or stored.
 //!
-//! Limitation: this build has no TLS client, so endpoints are `http://` URLs
-//! (terminate TLS in a relay next to the receiver if the path is untrusted).
+//! **TLS** — `https://` endpoints are verified against the system's trusted
+//! roots (rustls with the platform verifier), plus the certificates of
+//! `ca_file` when set (a private CA); a certificate that does not verify is a
+//! failed attempt, retried like any other. `http://` endpoints are allowed:
+//! the body is signed (integrity), not encrypted.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -270,6 +274,9 @@ pub struct WebhooksSection {
     pub charge_events: Option<bool>,
     /// Allow loopback/private targets (default false; tests and local use).
     pub allow_private_targets: Option<bool>,
+    /// A PEM file of CA certificates trusted for `https://` endpoints besides
+    /// the system's roots (default: none, system roots only).
+    pub ca_file: Option<std::path::PathBuf>,
     /// The endpoints.
     #[serde(default)]
     pub endpoints: Vec<EndpointSection>,
@@ -281,7 +288,7 @@ pub struct WebhooksSection {
 pub struct EndpointSection {
     /// Stable name (default: the URL).
     pub id: Option<String>,
-    /// `http://host[:port]/path`.
+    /// `https://host[:port]/path` (or `http://`).
     pub url: String,
     /// Inline `whsec_` secrets (prefer `secrets_env`).
     #[serde(default)]
@@ -344,6 +351,8 @@ pub struct WebhookSettings {
     pub charge_events: bool,
     /// Skip the SSRF guard.
     pub allow_private_targets: bool,
+    /// CA certificates trusted for `https://` endpoints besides the system's.
+    pub extra_roots: Vec<reqwest::Certificate>,
 }
 
 impl Default for WebhookSettings {
@@ -357,6 +366,7 @@ impl Default for WebhookSettings {
             poll_interval: Duration::from_secs(1),
             charge_events: false,
             allow_private_targets: false,
+            extra_roots: Vec::new(),
         }
     }
 }
@@ -395,21 +405,20 @@ impl WebhookSettings {
         }
         out.charge_events = s.charge_events.unwrap_or(false);
         out.allow_private_targets = s.allow_private_targets.unwrap_or(false);
+        if let Some(path) = &s.ca_file {
+            match read_roots(path) {
+                Ok(roots) => out.extra_roots = roots,
+                Err(m) => errors.push(format!("[server.webhooks] ca_file: {m}")),
+            }
+        }
         let mut ids = HashSet::new();
         for (i, e) in s.endpoints.iter().enumerate() {
             let at = format!("[[server.webhooks.endpoints]] #{}", i + 1);
             let url = match reqwest::Url::parse(&e.url) {
-                Ok(u) if u.scheme() == "http" && u.host().is_some() => u,
-                Ok(u) if u.scheme() == "https" => {
-                    errors.push(format!(
-                        "{at}: url \"{}\": this build has no TLS client; use an http:// URL",
-                        e.url
-                    ));
-                    continue;
-                }
+                Ok(u) if matches!(u.scheme(), "https" | "http") && u.host().is_some() => u,
                 _ => {
                     errors.push(format!(
-                        "{at}: url \"{}\" must be an http:// URL such as \"http://hooks.example.com/tollgate\"",
+                        "{at}: url \"{}\" must be an https:// or http:// URL such as \"https://hooks.example.com/tollgate\"",
                         e.url
                     ));
                     continue;
@@ -469,6 +478,23 @@ impl WebhookSettings {
             .unwrap_or(u32::MAX)
             .max(1);
         self.timeout.saturating_mul(n + 1) + Duration::from_secs(1)
+    }
+}
+
+/// The CA certificates of a PEM file (at least one; the file is read once,
+/// at load).
+fn read_roots(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(roots) if !roots.is_empty() => Ok(roots),
+        Ok(_) => Err(format!(
+            "{} holds no certificate (expected PEM blocks \"-----BEGIN CERTIFICATE-----\")",
+            path.display()
+        )),
+        Err(e) => Err(format!(
+            "{} is not a PEM certificate file: {e}",
+            path.display()
+        )),
     }
 }
 
@@ -668,6 +694,7 @@ impl Dispatcher {
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
             .pool_max_idle_per_host(4)
+            .tls_certs_merge(settings.extra_roots.iter().cloned())
             .user_agent(concat!("tollgate-webhooks/", env!("CARGO_PKG_VERSION")))
             .dns_resolver(GuardedResolver::new(
                 resolver,
@@ -1169,12 +1196,53 @@ mod tests {
 
     impl Receiver {
         async fn start(status: u16, location: Option<String>) -> (Receiver, SocketAddr) {
-            let r = Receiver::default();
-            let seen = r.seen.clone();
+            let (r, app) = Receiver::app(status, location);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
             let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            (r, addr)
+        }
+
+        /// The same receiver behind TLS with `tls`'s certificate.
+        async fn start_tls(
+            status: u16,
+            tls: tokio_rustls::rustls::ServerConfig,
+        ) -> (Receiver, SocketAddr) {
+            let (r, app) = Receiver::app(status, None);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let (acceptor, app) = (acceptor.clone(), app.clone());
+                    tokio::spawn(async move {
+                        // A client that refuses the certificate ends here.
+                        let Ok(stream) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let service = hyper::service::service_fn(move |req| {
+                            tower::ServiceExt::oneshot(app.clone(), req)
+                        });
+                        let _ = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                    });
+                }
+            });
+            (r, addr)
+        }
+
+        fn app(status: u16, location: Option<String>) -> (Receiver, axum::Router) {
+            let r = Receiver::default();
+            let seen = r.seen.clone();
             let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
                 let seen = seen.clone();
                 let location = location.clone();
@@ -1193,10 +1261,7 @@ mod tests {
                         .expect("response")
                 }
             });
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
-            });
-            (r, addr)
+            (r, app)
         }
 
         fn count(&self) -> usize {
@@ -1375,5 +1440,104 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(doc["type"], "credits_low");
         assert_eq!(doc["data"]["account"], "acme");
+    }
+
+    /// A private CA and a certificate it issued for `localhost`: the CA's
+    /// PEM and the receiver's TLS settings.
+    fn private_ca() -> (String, tokio_rustls::rustls::ServerConfig) {
+        use tokio_rustls::rustls;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().expect("key"))
+            .expect("ca");
+        let leaf_key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("leaf params")
+            .signed_by(&leaf_key, &ca)
+            .expect("leaf");
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()).into(),
+        )
+        .expect("server config");
+        (ca.pem(), tls)
+    }
+
+    /// `https://` endpoints: delivered when the certificate verifies against
+    /// `ca_file`, refused (a failed attempt, nothing sent) when it does not.
+    #[tokio::test]
+    async fn https_endpoints_verify_the_receivers_certificate() {
+        let (_dir, ledger) = temp_ledger().await;
+        let (key, key_text) = secret(6);
+        let (ca_pem, tls) = private_ca();
+        let (receiver, addr) = Receiver::start_tls(200, tls).await;
+        let url = format!("https://localhost:{}/hook", addr.port());
+        let ca_dir = tempfile::tempdir().expect("dir");
+        let ca_file = ca_dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca_pem).expect("write ca");
+        let section = |ca_file: Option<std::path::PathBuf>| WebhooksSection {
+            allow_private_targets: Some(true),
+            ca_file,
+            endpoints: vec![EndpointSection {
+                id: Some("tls".into()),
+                url: url.clone(),
+                secrets: vec![key_text.clone()],
+                ..EndpointSection::default()
+            }],
+            ..WebhooksSection::default()
+        };
+        let body = Bytes::from_static(b"{\"type\":\"credits_low\"}");
+
+        let trusted = WebhookSettings::parse(&section(Some(ca_file))).expect("settings");
+        assert_eq!(trusted.extra_roots.len(), 1);
+        let ep = trusted.endpoints[0].clone();
+        let d = Dispatcher::new(ledger.clone(), trusted).expect("dispatcher");
+        assert_eq!(
+            d.send(&ep, "evt_1", body.clone()).await,
+            Attempt::Accepted(200)
+        );
+        assert_eq!(receiver.count(), 1);
+        let (headers, seen) = receiver.seen.lock().expect("seen")[0].clone();
+        let now = jiff::Timestamp::now().as_second();
+        assert_eq!(verify_headers(&[key], &headers, &seen, now), Ok(()));
+
+        // Without the CA the system roots do not know the certificate.
+        let untrusted = WebhookSettings::parse(&section(None)).expect("settings");
+        let d = Dispatcher::new(ledger, untrusted).expect("dispatcher");
+        assert_eq!(d.send(&ep, "evt_2", body).await, Attempt::Unreachable);
+        assert_eq!(
+            receiver.count(),
+            1,
+            "a request went to an unverified server"
+        );
+    }
+
+    #[test]
+    fn ca_file_problems_are_reported() {
+        let dir = tempfile::tempdir().expect("dir");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").expect("write");
+        for (path, expect) in [
+            (dir.path().join("missing.pem"), "cannot read"),
+            (garbage, "holds no certificate"),
+        ] {
+            let errors = WebhookSettings::parse(&WebhooksSection {
+                ca_file: Some(path),
+                ..WebhooksSection::default()
+            })
+            .expect_err("invalid");
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].starts_with("[server.webhooks] ca_file: "),
+                "{errors:?}"
+            );
+            assert!(errors[0].contains(expect), "{errors:?}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use tollgate_client::load::{self as engine, LoadOptions, Mode};
 /// unusable (bad URL, header or body file); 2 bad command-line usage.
 #[derive(Debug, clap::Args)]
 pub struct Load {
-    /// Target URL (http:// only).
+    /// Target URL (http:// or https://).
     url: String,
     /// Start N calls per second (open loop).
     #[arg(long, value_name = "N", conflicts_with = "concurrency")]

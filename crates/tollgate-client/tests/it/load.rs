@@ -52,6 +52,12 @@ async fn concurrency_run_with_retry_counts_every_attempt() {
 
 #[tokio::test]
 async fn refuses_non_http_targets() {
-    assert!(run(LoadOptions::new("https://127.0.0.1:1/")).await.is_err());
+    let err = run(LoadOptions::new("ftp://127.0.0.1:1/"))
+        .await
+        .expect_err("ftp is refused");
+    assert!(
+        err.to_string().contains("only http:// and https://"),
+        "{err}"
+    );
     assert!(run(LoadOptions::new("not a url")).await.is_err());
 }
