@@ -59,9 +59,13 @@ const KNOWN_ID_TTL: Duration = Duration::from_secs(3600);
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 const SQLITE_MAX_CONNECTIONS: u32 = 8;
 const PG_MAX_CONNECTIONS: u32 = 10;
-/// How long opening a PostgreSQL ledger (and any later wait for a pooled
-/// connection) may take before it fails.
+/// How long reaching PostgreSQL at start may take before opening fails.
 const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request waits for a pooled PostgreSQL connection (including
+/// making one) before its ledger call fails as unavailable: short, so that
+/// while the database is down or overloaded charging requests get a prompt
+/// 503 (RELIABILITY-PLAN B9/C4) instead of waiting out the request timeout.
+const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Reservations settled per `expire_reservations` batch, and idempotency
 /// records deleted per `prune_idempotency` batch.
 const EXPIRY_BATCH: i64 = 500;
@@ -388,12 +392,20 @@ impl Ledger {
     }
 
     async fn open_pg(options: PgConnectOptions) -> Result<Ledger, LedgerError> {
+        // Reach the server once, with the longer start-up bound and a clear
+        // error; the pool's own bound is the short per-request one.
+        let first = tokio::time::timeout(
+            PG_CONNECT_TIMEOUT,
+            sqlx::PgConnection::connect_with(&options),
+        )
+        .await
+        .map_err(|_| LedgerError::open(sqlx::Error::PoolTimedOut))?
+        .map_err(LedgerError::open)?;
+        let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(PG_MAX_CONNECTIONS)
-            .acquire_timeout(PG_CONNECT_TIMEOUT)
-            .connect_with(options)
-            .await
-            .map_err(LedgerError::open)?;
+            .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
         PG_MIGRATOR.run(&pool).await.map_err(LedgerError::Migrate)?;
         Ok(Self::from_backend(Backend::Postgres(pool)))
     }

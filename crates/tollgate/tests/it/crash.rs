@@ -25,7 +25,7 @@ use crate::support::{ADMIN_TOKEN, Upstream};
 const SECRET: [u8; 32] = [0x5a; 32];
 const TTL_S: u64 = 3;
 
-fn secret_text() -> String {
+pub(super) fn secret_text() -> String {
     format!(
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(SECRET)
@@ -33,7 +33,7 @@ fn secret_text() -> String {
 }
 
 /// A free loopback port (bound, then released for the child to take).
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -41,7 +41,7 @@ fn free_port() -> u16 {
 }
 
 /// Deterministic pseudo-random numbers (splitmix64) from the test's seed.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -51,7 +51,7 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(super) fn between(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo)
     }
 }
@@ -64,7 +64,7 @@ impl Rng {
 /// `fail_first` deliveries of every event (a lost acknowledgement: the
 /// effect happened, the sender must retry).
 #[derive(Clone, Default)]
-struct Consumer {
+pub(super) struct Consumer {
     inner: Arc<Mutex<ConsumerState>>,
     fail_first: u32,
 }
@@ -80,7 +80,7 @@ struct ConsumerState {
 }
 
 impl Consumer {
-    async fn start(fail_first: u32) -> (Consumer, SocketAddr) {
+    pub(super) async fn start(fail_first: u32) -> (Consumer, SocketAddr) {
         let c = Consumer {
             inner: Arc::default(),
             fail_first,
@@ -183,17 +183,17 @@ fn signature_ok(id: &str, ts: &str, sigs: &str, body: &[u8]) -> bool {
 
 /// One `tollgate serve` on fixed ports and a fixed data directory, restarted
 /// after each `kill -9`. Killed on drop.
-struct Supervisor {
+pub(super) struct Supervisor {
     dir: PathBuf,
     config: PathBuf,
     upstream: String,
-    listen: SocketAddr,
+    pub(super) listen: SocketAddr,
     admin: SocketAddr,
     child: Option<Child>,
     starts: u32,
     client: Client<HttpConnector, Full<Bytes>>,
     /// `--database` (PostgreSQL); `None`: SQLite in the data directory.
-    database: Option<String>,
+    pub(super) database: Option<String>,
 }
 
 impl Drop for Supervisor {
@@ -206,7 +206,7 @@ impl Drop for Supervisor {
 }
 
 impl Supervisor {
-    fn new(dir: &Path, policy: &str, upstream: &Upstream) -> Supervisor {
+    pub(super) fn new(dir: &Path, policy: &str, upstream: &Upstream) -> Supervisor {
         let config = dir.join("policy.toml");
         std::fs::write(&config, policy).expect("write policy");
         let mut client = Client::builder(TokioExecutor::new());
@@ -226,7 +226,7 @@ impl Supervisor {
 
     /// Starts the binary and returns how long it took until `/readyz`
     /// answered 200 on the proxy listener.
-    async fn start(&mut self) -> Duration {
+    pub(super) async fn start(&mut self) -> Duration {
         self.starts += 1;
         let log = std::fs::File::create(self.dir.join(format!("tollgate-{}.log", self.starts)))
             .expect("log file");
@@ -277,14 +277,14 @@ impl Supervisor {
     }
 
     /// `kill -9`.
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().expect("SIGKILL");
             let _ = c.wait();
         }
     }
 
-    fn logs(&self) -> String {
+    pub(super) fn logs(&self) -> String {
         (1..=self.starts)
             .map(|i| {
                 std::fs::read_to_string(self.dir.join(format!("tollgate-{i}.log")))
@@ -294,7 +294,7 @@ impl Supervisor {
             .join("\n---\n")
     }
 
-    fn panics(&self) -> usize {
+    pub(super) fn panics(&self) -> usize {
         self.logs().matches("panicked").count()
     }
 
@@ -308,7 +308,7 @@ impl Supervisor {
         }
     }
 
-    async fn admin(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+    pub(super) async fn admin(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
         let req = hyper::Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.admin))
@@ -330,7 +330,7 @@ impl Supervisor {
     }
 }
 
-fn policy(consumer: SocketAddr, retry_min: &str) -> String {
+pub(super) fn policy(consumer: SocketAddr, retry_min: &str) -> String {
     format!(
         r#"
 [policy]
@@ -375,12 +375,67 @@ secrets_env = "C3_WEBHOOK_SECRETS"
 
 /// One client's outcome log.
 #[derive(Default)]
-struct Outcomes {
+pub(super) struct Outcomes {
     /// (account, idempotency key) answered 2xx.
-    acked: Vec<(String, String)>,
+    pub(super) acked: Vec<(String, String)>,
+    /// When each 2xx arrived.
+    pub(super) acked_at: Vec<Instant>,
     /// Keys still without a definitive answer when the run ended.
-    unfinished: Vec<(String, String)>,
-    attempts: u64,
+    pub(super) unfinished: Vec<(String, String)>,
+    pub(super) attempts: u64,
+    /// Attempts that ended 5xx (`Some`) or without an answer (`None`), and when.
+    pub(super) failures: Vec<(Instant, Option<u16>)>,
+}
+
+/// `n` charging clients over `keys` (round robin).
+pub(super) struct Clients {
+    stop: Arc<AtomicBool>,
+    hard_stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Outcomes>>,
+}
+
+impl Clients {
+    pub(super) fn start(addr: SocketAddr, keys: &[(String, String)], n: usize) -> Clients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let hard_stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|i| {
+                let (account, key) = keys[i % keys.len()].clone();
+                tokio::spawn(charging_client(
+                    addr,
+                    account,
+                    key,
+                    i,
+                    stop.clone(),
+                    hard_stop.clone(),
+                ))
+            })
+            .collect();
+        Clients {
+            stop,
+            hard_stop,
+            tasks,
+        }
+    }
+
+    /// Stops the clients: each finishes its current key (a killed request's
+    /// key waits for its reservation to expire: TTL + the 1 s expiry
+    /// period), then all outcomes together.
+    pub(super) async fn finish(self) -> Outcomes {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(TTL_S + 4)).await;
+        self.hard_stop.store(true, Ordering::Relaxed);
+        let mut all = Outcomes::default();
+        for t in self.tasks {
+            let o = t.await.expect("client");
+            all.attempts += o.attempts;
+            all.acked.extend(o.acked);
+            all.acked_at.extend(o.acked_at);
+            all.unfinished.extend(o.unfinished);
+            all.failures.extend(o.failures);
+        }
+        all
+    }
 }
 
 /// Charges with one Idempotency-Key until a definitive answer (2xx or 402),
@@ -424,10 +479,16 @@ async fn charging_client(
             match status {
                 Some(s) if (200..300).contains(&s) => {
                     out.acked.push((account.clone(), idem.clone()));
+                    out.acked_at.push(Instant::now());
                     break;
                 }
                 Some(402) => break,
-                _ => tokio::time::sleep(Duration::from_millis(25)).await,
+                other => {
+                    if other.is_none_or(|s| s >= 500) {
+                        out.failures.push((Instant::now(), other));
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -439,7 +500,7 @@ async fn charging_client(
     clippy::disallowed_methods,
     reason = "compares with reservation expiry times written from the wall clock"
 )]
-fn now_us() -> i64 {
+pub(super) fn now_us() -> i64 {
     i64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -451,7 +512,9 @@ fn now_us() -> i64 {
 
 /// Reservation ids of every commit with an amount, from `credits_charged`
 /// events and from the journal.
-async fn charges_and_events(ledger: &Ledger) -> (HashSet<String>, HashMap<String, String>) {
+pub(super) async fn charges_and_events(
+    ledger: &Ledger,
+) -> (HashSet<String>, HashMap<String, String>) {
     let commits: HashSet<String> = ledger
         .query_strings_for_test(
             "SELECT reservation FROM credit_journal WHERE kind = 'commit' AND amount > 0",
@@ -550,6 +613,119 @@ async fn drop_schema(sup: &mut Supervisor, ledger: &Ledger, schema: &str) {
     ledger.close().await;
 }
 
+/// `n` accounts `acct-0`… on plan `paid`, each with a key and a grant of
+/// `grant` credits; returns (account, key) pairs.
+pub(super) async fn open_accounts(
+    sup: &Supervisor,
+    n: usize,
+    grant: i64,
+    tag: &str,
+) -> Vec<(String, String)> {
+    let mut keys = Vec::new();
+    for a in 0..n {
+        let id = format!("acct-{a}");
+        let (s, _) = sup
+            .admin(
+                "POST",
+                "/admin/v1/accounts",
+                json!({ "id": id, "plan": "paid" }),
+            )
+            .await;
+        assert_eq!(s, 201);
+        let (s, v) = sup
+            .admin("POST", &format!("/admin/v1/accounts/{id}/keys"), json!({}))
+            .await;
+        assert_eq!(s, 201);
+        keys.push((id.clone(), v["key"].as_str().expect("key").to_owned()));
+        let (s, _) = sup
+            .admin(
+                "POST",
+                &format!("/admin/v1/accounts/{id}/credits"),
+                json!({ "amount": grant, "reason": tag, "idempotency_key": format!("{tag}-grant") }),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    keys
+}
+
+/// What the ledger shows after a run, read beside the server (C3, C4).
+pub(super) struct LedgerFigures {
+    /// Reservations still open more than TTL + 1 s after their expiry.
+    pub(super) stale: Vec<String>,
+    /// Accounts whose audit fails (Σ grants ≠ balance + committed + open,
+    /// journal replay drift, or a negative balance).
+    pub(super) violations: usize,
+    /// (account, idempotency key) charged more than once.
+    pub(super) duplicates: Vec<String>,
+    /// (account, idempotency key) of every commit.
+    pub(super) committed: HashSet<(String, String)>,
+    /// Keys answered 2xx with no commit.
+    pub(super) acked_uncommitted: usize,
+    /// Reservations with a commit of an amount.
+    pub(super) charges: HashSet<String>,
+    /// Reservation → event id of the `credits_charged` events.
+    pub(super) events: HashMap<String, String>,
+    /// Charges without their event.
+    pub(super) lost_events: usize,
+}
+
+impl LedgerFigures {
+    pub(super) async fn read(
+        ledger: &Ledger,
+        keys: &[(String, String)],
+        acked: &HashSet<(String, String)>,
+    ) -> LedgerFigures {
+        let stale = ledger
+            .query_strings_for_test(&format!(
+                "SELECT id FROM reservations WHERE state = 'open' AND expires_at_us < {}",
+                now_us() - 1_000_000
+            ))
+            .await
+            .expect("stale reservations");
+        let mut violations = 0;
+        for (account, _) in keys {
+            let audit = ledger.audit(account).await.expect("audit");
+            if !audit.is_consistent() {
+                eprintln!("{account}: {audit:?}");
+                violations += 1;
+            }
+        }
+        let duplicates = ledger
+            .query_strings_for_test(
+                "SELECT account || ':' || idempotency_key FROM credit_journal WHERE kind = 'commit' \
+                 GROUP BY account, idempotency_key HAVING COUNT(*) > 1",
+            )
+            .await
+            .expect("duplicates");
+        let committed: HashSet<(String, String)> = ledger
+            .query_strings_for_test(
+                "SELECT account || ' ' || idempotency_key FROM credit_journal WHERE kind = 'commit'",
+            )
+            .await
+            .expect("committed")
+            .into_iter()
+            .map(|s| {
+                let (a, k) = s.split_once(' ').expect("pair");
+                (a.to_owned(), k.to_owned())
+            })
+            .collect();
+        let acked_uncommitted = acked.iter().filter(|k| !committed.contains(*k)).count();
+        let (charges, events) = charges_and_events(ledger).await;
+        let lost_events = charges.iter().filter(|r| !events.contains_key(*r)).count();
+        LedgerFigures {
+            stale,
+            violations,
+            duplicates,
+            committed,
+            acked_uncommitted,
+            charges,
+            events,
+            lost_events,
+        }
+    }
+}
+
 async fn c3(postgres: bool) {
     const KILLS: usize = 20;
     const CLIENTS: usize = 32;
@@ -575,47 +751,9 @@ async fn c3(postgres: bool) {
     let backend = if postgres { "PostgreSQL" } else { "SQLite" };
     sup.start().await;
 
-    let mut keys = Vec::new();
-    for a in 0..ACCOUNTS {
-        let id = format!("acct-{a}");
-        let (s, _) = sup
-            .admin(
-                "POST",
-                "/admin/v1/accounts",
-                json!({ "id": id, "plan": "paid" }),
-            )
-            .await;
-        assert_eq!(s, 201);
-        let (s, v) = sup
-            .admin("POST", &format!("/admin/v1/accounts/{id}/keys"), json!({}))
-            .await;
-        assert_eq!(s, 201);
-        keys.push((id.clone(), v["key"].as_str().expect("key").to_owned()));
-        let (s, _) = sup
-            .admin(
-                "POST",
-                &format!("/admin/v1/accounts/{id}/credits"),
-                json!({ "amount": GRANT, "reason": "c3", "idempotency_key": "c3-grant" }),
-            )
-            .await;
-        assert_eq!(s, 200);
-    }
+    let keys = open_accounts(&sup, ACCOUNTS, GRANT, "c3").await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let hard_stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let (account, key) = keys[i % ACCOUNTS].clone();
-            tokio::spawn(charging_client(
-                sup.listen,
-                account,
-                key,
-                i,
-                stop.clone(),
-                hard_stop.clone(),
-            ))
-        })
-        .collect();
+    let clients = Clients::start(sup.listen, &keys, CLIENTS);
 
     // An auditor beside the server: after every restart the invariant must
     // hold for every account (one snapshot per account).
@@ -641,63 +779,30 @@ async fn c3(postgres: bool) {
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    // Clients finish their current key (a killed request's key waits for its
-    // reservation to expire: TTL + the 1 s expiry period).
-    tokio::time::sleep(Duration::from_secs(TTL_S + 4)).await;
-    hard_stop.store(true, Ordering::Relaxed);
-    let mut acked = HashSet::new();
-    let mut unfinished = Vec::new();
-    let mut attempts = 0;
-    for c in clients {
-        let o = c.await.expect("client");
-        attempts += o.attempts;
-        acked.extend(o.acked);
-        unfinished.extend(o.unfinished);
-    }
+    let Outcomes {
+        acked,
+        unfinished,
+        attempts,
+        ..
+    } = clients.finish().await;
+    let acked: HashSet<(String, String)> = acked.into_iter().collect();
 
     // Expiry has run (every second) for more than TTL + 1 s since the last
     // request; no reservation may be older than that.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ledger = auditor;
-    let stale = ledger
-        .query_strings_for_test(&format!(
-            "SELECT id FROM reservations WHERE state = 'open' AND expires_at_us < {}",
-            now_us() - 1_000_000
-        ))
-        .await
-        .expect("stale reservations");
-
-    let mut violations = audit_violations;
-    for (account, _) in &keys {
-        let audit = ledger.audit(account).await.expect("audit");
-        if !audit.is_consistent() {
-            eprintln!("{account}: {audit:?}");
-            violations += 1;
-        }
-    }
-    let duplicates = ledger
-        .query_strings_for_test(
-            "SELECT account || ':' || idempotency_key FROM credit_journal WHERE kind = 'commit' \
-             GROUP BY account, idempotency_key HAVING COUNT(*) > 1",
-        )
-        .await
-        .expect("duplicates");
-    let committed: HashSet<(String, String)> = ledger
-        .query_strings_for_test(
-            "SELECT account || ' ' || idempotency_key FROM credit_journal WHERE kind = 'commit'",
-        )
-        .await
-        .expect("committed")
-        .into_iter()
-        .map(|s| {
-            let (a, k) = s.split_once(' ').expect("pair");
-            (a.to_owned(), k.to_owned())
-        })
-        .collect();
-    let acked_uncommitted = acked.iter().filter(|k| !committed.contains(*k)).count();
-    let (charges, events) = charges_and_events(&ledger).await;
-    let lost_events = charges.iter().filter(|r| !events.contains_key(*r)).count();
+    let figures = LedgerFigures::read(&ledger, &keys, &acked).await;
+    let violations = audit_violations + figures.violations;
+    let LedgerFigures {
+        stale,
+        duplicates,
+        committed,
+        acked_uncommitted,
+        charges,
+        events,
+        lost_events,
+        ..
+    } = figures;
 
     // Every event reaches the consumer (the server is still up).
     let stats = drain(&ledger, Duration::from_secs(90)).await;

@@ -4,6 +4,7 @@ mod abuse;
 mod check_config;
 mod client;
 mod crash;
+mod db_crash;
 mod leases;
 mod multi;
 mod reload;
