@@ -8,6 +8,7 @@ mod credits;
 mod flood;
 mod hardening;
 mod health;
+mod hostile_inputs;
 mod http2;
 mod invalid_keys;
 mod modes;
