@@ -18,13 +18,13 @@ use ipnet::IpNet;
 use tokio::time::Instant;
 use tollgate_server::{client_ip, payload, webhooks};
 
-use crate::support::{Server, TOKEN};
+use crate::support::{Rng, Server, TOKEN};
 
 const MAX_INPUTS: u64 = 50_000;
 const MAX_PER_INPUT: Duration = Duration::from_secs(1);
 
 /// Mutates seeds (splitmix64 from the run's seed).
-struct Mutator(u64);
+struct Mutator(Rng);
 
 impl Mutator {
     fn from_env() -> Mutator {
@@ -33,22 +33,18 @@ impl Mutator {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0x6666_2026);
         eprintln!("G6 seed {seed}");
-        Mutator(seed)
+        Mutator(Rng(seed))
     }
 
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next()
     }
 
     fn below(&mut self, n: usize) -> usize {
         if n == 0 {
             0
         } else {
-            usize::try_from(self.next() % n as u64).expect("fits")
+            usize::try_from(self.0.below(n as u64)).expect("fits")
         }
     }
 

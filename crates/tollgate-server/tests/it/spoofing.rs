@@ -11,7 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::support::{Server, TOKEN, Upstream};
+use crate::support::{Rng, Server, TOKEN, Upstream};
 
 /// Per client address: 50 requests an hour.
 const LIMIT: usize = 50;
@@ -29,22 +29,6 @@ scope = ["ip"]
 
 [plans.default]
 "#;
-
-/// Deterministic pseudo-random numbers (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// One forged address in one of the forms clients and proxies write.
 fn forged(rng: &mut Rng) -> String {
