@@ -368,6 +368,29 @@ impl<C: Clock> Engine<MemoryStore, C> {
         decision: &mut Decision,
     ) {
         let now = decision.now;
+        if policy.is_one_scope(req.plan, req.operation) {
+            let limits = policy.applicable(req.plan, req.operation);
+            let overridden = req
+                .overrides
+                .is_some_and(|o| limits.iter().any(|pl| o.get(pl.limit).is_some()));
+            if !overridden {
+                let scope = &policy.limits[usize::from(limits[0].limit)].scope;
+                let Some(values) = self.scope_hash(scope, req) else {
+                    // A scope value is unknown: no limit applies.
+                    return;
+                };
+                // The store pushes the results (nothing when it fails: the
+                // general path below then decides again, and answers a
+                // store error by each limit's `on_store_error`).
+                if let Ok(admitted) = self
+                    .store
+                    .decide_scope::<N>(now, values, limits, req.cost, decision)
+                {
+                    settle(decision, admitted, 0);
+                    return;
+                }
+            }
+        }
         let mut checks = [EMPTY_CHECK; N];
         let (n, lease) = self.prepare(policy, req, now, &mut checks, decision);
         let mut evals = [Evaluation::default(); N];
@@ -534,41 +557,10 @@ fn finish(
 ) {
     match result {
         Ok(admitted) => {
-            // One pass: copy each evaluation, and note what the outcome needs.
-            let mut forwarded = None; // first enforced non-blocking limit exceeded
-            let mut never = None; // first blocking limit the cost can never pass
-            let mut longest: Option<(std::time::Duration, LimitId)> = None; // last longest wait
-            let mut leased = false;
             for (r, e) in d.results_mut().iter_mut().zip(evals) {
                 r.eval = *e;
-                if e.admit {
-                    leased |= r.is_lease;
-                } else if r.blocking {
-                    if e.never && never.is_none() {
-                        never = Some(r.limit);
-                    }
-                    if longest.is_none_or(|(t, _)| e.retry_after >= t) {
-                        longest = Some((e.retry_after, r.limit));
-                    }
-                } else if r.mode == Mode::Enforce && forwarded.is_none() {
-                    forwarded = Some(r.limit);
-                }
             }
-            if admitted {
-                d.outcome = match forwarded {
-                    Some(limit) => Outcome::Forwarded { limit },
-                    None => Outcome::Admitted,
-                };
-                if leased {
-                    d.lease = Some(lease);
-                }
-            } else {
-                d.outcome = match (never, longest) {
-                    (Some(limit), _) => Outcome::CostAboveCapacity { limit },
-                    (None, Some((_, limit))) => Outcome::Rejected { limit },
-                    (None, None) => Outcome::Admitted,
-                };
-            }
+            settle(d, admitted, lease);
         }
         Err(_) => {
             let closed = d.results().iter().any(|r| {
@@ -582,6 +574,48 @@ fn finish(
                 Outcome::Admitted
             };
         }
+    }
+}
+
+/// Sets the outcome of a decision the store answered (`admitted`), from
+/// its results (each holding its evaluation); `lease` is held when admitted
+/// and a concurrency limit took it.
+#[inline]
+fn settle(d: &mut Decision, admitted: bool, lease: u64) {
+    // One pass: note what the outcome needs.
+    let mut forwarded = None; // first enforced non-blocking limit exceeded
+    let mut never = None; // first blocking limit the cost can never pass
+    let mut longest: Option<(std::time::Duration, LimitId)> = None; // last longest wait
+    let mut leased = false;
+    for r in d.results() {
+        let e = &r.eval;
+        if e.admit {
+            leased |= r.is_lease;
+        } else if r.blocking {
+            if e.never && never.is_none() {
+                never = Some(r.limit);
+            }
+            if longest.is_none_or(|(t, _)| e.retry_after >= t) {
+                longest = Some((e.retry_after, r.limit));
+            }
+        } else if r.mode == Mode::Enforce && forwarded.is_none() {
+            forwarded = Some(r.limit);
+        }
+    }
+    if admitted {
+        d.outcome = match forwarded {
+            Some(limit) => Outcome::Forwarded { limit },
+            None => Outcome::Admitted,
+        };
+        if leased {
+            d.lease = Some(lease);
+        }
+    } else {
+        d.outcome = match (never, longest) {
+            (Some(limit), _) => Outcome::CostAboveCapacity { limit },
+            (None, Some((_, limit))) => Outcome::Rejected { limit },
+            (None, None) => Outcome::Admitted,
+        };
     }
 }
 
@@ -777,6 +811,54 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The in-memory one-scope path (`decide_now`) decides exactly as the
+    /// general path (`decide`, per-limit checks through the `Store` trait):
+    /// same outcomes, same results, request after request, on limits of
+    /// every algorithm, mode and action, with request costs and a clock
+    /// that moves.
+    #[test]
+    fn one_scope_path_decides_as_the_general_path() {
+        let p = policy::parse(
+            "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 7\nrefill = 2\nrefill_every = \"1s\"\n\
+             [limits.w]\nalgorithm = \"sliding_window\"\nlimit = 9\nwindow = \"3s\"\n\
+             [limits.d]\nalgorithm = \"calendar_window\"\nlimit = 40\nwindow = \"minute\"\non_exceed = { action = \"forward\" }\n\
+             [limits.s]\nalgorithm = \"token_bucket\"\ncapacity = 3\nrefill = 1\nmode = \"soft\"\n",
+            "t",
+        )
+        .unwrap();
+        let op = p.default_operation();
+        assert!(p.is_one_scope(p.default_plan, op));
+        let fast = engine().with_key_seed(3);
+        let general = engine().with_key_seed(3);
+        let accounts = ["a", "b", "c", ""];
+        let mut x = 0x2545_F491_4F6C_DD1D_u64;
+        let mut outcomes = std::collections::HashSet::new();
+        for step in 0..3_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let r = Request {
+                account: accounts[(x % 4) as usize],
+                cost: [None, Some(0), Some(2), Some(8)][(x >> 8) as usize % 4],
+                ..Request::new(p.default_plan, op)
+            };
+            let a = fast.decide_now(&p, &r);
+            let b = crate::store::conformance::block_on(general.decide(&p, &r));
+            assert_eq!(a.outcome, b.outcome, "step {step}");
+            assert_eq!(a.results(), b.results(), "step {step}");
+            assert_eq!(a.lease, b.lease);
+            outcomes.insert(format!("{:?}", a.outcome));
+            let dt = Duration::from_millis((x >> 16) % 400);
+            fast.clock().advance(dt);
+            general.clock().advance(dt);
+        }
+        assert_eq!(fast.store().len(), general.store().len());
+        assert!(
+            outcomes.len() >= 4,
+            "admitted, rejected, forwarded, above capacity: {outcomes:?}"
+        );
     }
 
     #[test]
