@@ -618,8 +618,12 @@ impl MemoryStore {
             retries += 1;
             let index = self.index.load();
             let guard = index.map.guard();
-            let Some(slot) = self.slot(&index, scope, now, &guard)? else {
-                continue;
+            let slot = match index.map.get(&scope, &guard) {
+                Some(slot) => slot,
+                None => match self.slot(&index, scope, now, &guard)? {
+                    Some(slot) => slot,
+                    None => continue,
+                },
             };
             let mut g = slot.lock();
             if g.dead {
