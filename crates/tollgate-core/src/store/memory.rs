@@ -606,10 +606,8 @@ impl MemoryStore {
     ) -> Result<bool, StoreError> {
         let limits = &limits[..limits.len().min(N)];
         let scope = (values >> 64) as u64;
-        let low = values as u64;
         let mut swept = false;
         let mut retries = 0u32;
-        let mut evals = [Evaluation::default(); N];
         loop {
             if retries > 1 {
                 // An index rebuild is moving this entry.
@@ -629,76 +627,17 @@ impl MemoryStore {
             if g.dead {
                 continue;
             }
-            let mut next = [Next::OnCommit; N];
-            let mut at = [NO_CELL; N];
-            let mut admitted = true;
-            let mut new = 0;
-            let cells = g.cells.as_slice();
-            for (i, pl) in limits.iter().enumerate() {
-                let t = low ^ pl.prepared.name_hash;
-                // Cells are usually in the order of the limits that made them.
-                let cell = match cells.get(i) {
-                    Some(c) if c.tag == t => Some(i),
-                    _ => cells.iter().position(|c| c.tag == t),
-                };
-                let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
-                let params = pl.params_at(now);
-                let c = cost.unwrap_or(pl.cost);
-                evaluate(counter, &params, c, now, &mut evals[i], &mut next[i]);
-                let admit = evals[i].admit;
-                if !admit && pl.prepared.mode == Mode::Enforce && pl.prepared.reject {
-                    admitted = false;
-                }
-                match cell {
-                    Some(k) => at[i] = u8::try_from(k).unwrap_or(NO_CELL),
-                    None if admit => new += 1,
-                    None => {}
-                }
-            }
-            if admitted {
-                if new > 0 && !self.room.reserve(new) {
+            match scope_locked::<N>(&mut g, now, values, limits, cost, &self.room, decision) {
+                Locked::Decided(admitted) => return Ok(admitted),
+                Locked::Dead => {}
+                Locked::Full => {
                     drop(g);
                     if swept || !self.sweep_when_full(now) {
                         return Err(StoreError::CounterCapReached { cap: self.room.max });
                     }
                     swept = true;
-                    continue;
-                }
-                for (i, pl) in limits.iter().enumerate() {
-                    if !evals[i].admit {
-                        continue;
-                    }
-                    let t = low ^ pl.prepared.name_hash;
-                    let k = match at[i] {
-                        NO_CELL => match g.cells.find(t) {
-                            Some(k) => k,
-                            None => g.cells.push(t),
-                        },
-                        k => usize::from(k),
-                    };
-                    let cell = &mut g.cells.as_mut_slice()[k];
-                    let c = cost.unwrap_or(pl.cost);
-                    if !write_next(cell, &next[i], c, now, &evals[i]) {
-                        commit(cell, &pl.params_at(now), c, now, 0);
-                    }
                 }
             }
-            drop(g);
-            for (pl, eval) in limits.iter().zip(evals) {
-                let p = &pl.prepared;
-                decision.push(LimitResult {
-                    limit: pl.limit,
-                    mode: p.mode,
-                    quota: p.quota,
-                    window_secs: pl.window_secs,
-                    cost: cost.unwrap_or(pl.cost),
-                    eval,
-                    blocking: p.mode == Mode::Enforce && p.reject,
-                    key: CounterKey(values ^ u128::from(p.name_hash)),
-                    is_lease: false,
-                });
-            }
-            return Ok(admitted);
         }
     }
 
@@ -871,6 +810,89 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
     Locked::Decided(true)
 }
 
+/// [`MemoryStore::decide_scope`] once the scope's entry `g` is locked:
+/// evaluates every limit's counter, writes them only if the request is
+/// admitted, and pushes the results (nothing when the new counters do not
+/// fit: [`Locked::Full`]).
+#[inline]
+fn scope_locked<const N: usize>(
+    g: &mut Group,
+    now: Nanos,
+    values: u128,
+    limits: &[PlanLimit],
+    cost: Option<u64>,
+    room: &Room,
+    decision: &mut Decision,
+) -> Locked {
+    let limits = &limits[..limits.len().min(N)];
+    let low = values as u64;
+    let mut evals = [Evaluation::default(); N];
+    let mut next = [Next::OnCommit; N];
+    let mut at = [NO_CELL; N];
+    let mut admitted = true;
+    let mut new = 0;
+    let cells = g.cells.as_slice();
+    for (i, pl) in limits.iter().enumerate() {
+        let t = low ^ pl.prepared.name_hash;
+        // Cells are usually in the order of the limits that made them.
+        let cell = match cells.get(i) {
+            Some(c) if c.tag == t => Some(i),
+            _ => cells.iter().position(|c| c.tag == t),
+        };
+        let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
+        let params = pl.params_at(now);
+        let c = cost.unwrap_or(pl.cost);
+        evaluate(counter, &params, c, now, &mut evals[i], &mut next[i]);
+        let admit = evals[i].admit;
+        if !admit && pl.prepared.mode == Mode::Enforce && pl.prepared.reject {
+            admitted = false;
+        }
+        match cell {
+            Some(k) => at[i] = u8::try_from(k).unwrap_or(NO_CELL),
+            None if admit => new += 1,
+            None => {}
+        }
+    }
+    if admitted {
+        if new > 0 && !room.reserve(new) {
+            return Locked::Full;
+        }
+        for (i, pl) in limits.iter().enumerate() {
+            if !evals[i].admit {
+                continue;
+            }
+            let t = low ^ pl.prepared.name_hash;
+            let k = match at[i] {
+                NO_CELL => match g.cells.find(t) {
+                    Some(k) => k,
+                    None => g.cells.push(t),
+                },
+                k => usize::from(k),
+            };
+            let cell = &mut g.cells.as_mut_slice()[k];
+            let c = cost.unwrap_or(pl.cost);
+            if !write_next(cell, &next[i], c, now, &evals[i]) {
+                commit(cell, &pl.params_at(now), c, now, 0);
+            }
+        }
+    }
+    for (pl, eval) in limits.iter().zip(evals) {
+        let p = &pl.prepared;
+        decision.push(LimitResult {
+            limit: pl.limit,
+            mode: p.mode,
+            quota: p.quota,
+            window_secs: pl.window_secs,
+            cost: cost.unwrap_or(pl.cost),
+            eval,
+            blocking: p.mode == Mode::Enforce && p.reject,
+            key: CounterKey(values ^ u128::from(p.name_hash)),
+            is_lease: false,
+        });
+    }
+    Locked::Decided(admitted)
+}
+
 /// Marks "no counter yet" in `decide_groups`' index array.
 const NO_CELL: u8 = u8::MAX;
 
@@ -884,6 +906,48 @@ pub struct LoomSlot(Slot);
 
 #[cfg(tollgate_loom)]
 impl LoomSlot {
+    /// Decides the one-scope `limits` (see [`MemoryStore::decide_scope`])
+    /// against `slot` with `scope_locked`, the one-scope path's locked
+    /// part; returns whether admitted and each limit's `remaining`, or
+    /// `None` if the slot was dead.
+    #[doc(hidden)]
+    pub fn decide_scope(
+        now: Nanos,
+        values: u128,
+        limits: &[PlanLimit],
+        cost: Option<u64>,
+        slot: &LoomSlot,
+    ) -> Option<(bool, Vec<u64>)> {
+        let room = Room {
+            live: AtomicUsize::new(0),
+            max: usize::MAX,
+        };
+        let mut decision = Decision::new(now);
+        let mut g = slot.0.lock();
+        if g.dead {
+            return None;
+        }
+        match scope_locked::<MAX_LIMITS_PER_REQUEST>(
+            &mut g,
+            now,
+            values,
+            limits,
+            cost,
+            &room,
+            &mut decision,
+        ) {
+            Locked::Decided(admitted) => Some((
+                admitted,
+                decision
+                    .results()
+                    .iter()
+                    .map(|r| r.eval.remaining)
+                    .collect(),
+            )),
+            Locked::Dead | Locked::Full => None,
+        }
+    }
+
     /// Decides `checks` (distinct keys) against `slots`, one scope entry per
     /// check, with `decide_locked`; `None` if a slot was dead.
     #[doc(hidden)]
