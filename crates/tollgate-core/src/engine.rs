@@ -5,6 +5,12 @@
 //! by hashing the limit name and the scope values on the stack, hands every
 //! check to the store at once, and turns the store's answer into a
 //! [`Decision`]. Nothing on this path allocates or takes a lock of its own.
+//!
+//! On the in-memory store ([`Engine::decide_now`]), a request whose limits
+//! share one scope (resolved at policy load: no lease, no rollout date, no
+//! account override on the request) skips the checks: the scope values are
+//! hashed once and the store decides straight from the compiled limits
+//! (`MemoryStore::decide_scope`). Everything else takes the general path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -876,6 +882,27 @@ mod tests {
             outcomes.len() >= 4,
             "admitted, rejected, forwarded, above capacity: {outcomes:?}"
         );
+    }
+
+    /// Which limit sets take the one-scope path: one scope, no lease, no
+    /// rollout date.
+    #[test]
+    fn one_scope_is_resolved_at_load() {
+        let flag = |src: &str| {
+            let p = policy::parse(src, "t").unwrap();
+            p.is_one_scope(p.default_plan, p.default_operation())
+        };
+        let bucket = "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = 1\n";
+        let window = "[limits.w]\nalgorithm = \"sliding_window\"\nlimit = 9\nwindow = \"3s\"\n";
+        assert!(flag(bucket));
+        assert!(flag(&format!("{bucket}{window}")));
+        assert!(!flag(&format!("{bucket}{window}scope = [\"ip\"]\n")));
+        assert!(!flag(&format!(
+            "{bucket}[limits.c]\nalgorithm = \"concurrency\"\nlimit = 1\n"
+        )));
+        assert!(!flag(&format!(
+            "{bucket}rollout_after = \"2026-06-01T00:00:00Z\"\n"
+        )));
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! holds the counters inline (one, or a short vector). A request whose three
 //! limits are all scoped by account therefore costs one map lookup and one
 //! lock, not three: that is what makes multi-limit decisions about as cheap as
-//! single-limit ones.
+//! single-limit ones. When the policy resolved at load that every limit of a
+//! request shares its scope (and none holds a lease or has a rollout date),
+//! the engine takes the *one-scope path* ([`MemoryStore::decide_scope`]): one
+//! hash of the scope values, and the store reads each limit's numbers from
+//! the compiled policy and pushes the results into the decision, with no
+//! per-limit [`Check`]s; the same counters, the same guarantees.
 //!
 //! **Exact.** A request locks the entries of all its scopes (in scope order, so
 //! two requests can never deadlock), evaluates every counter, and writes them
