@@ -536,7 +536,8 @@ mod loom_models {
     /// → 0; the bucket consumed exactly 2 (rejected requests took nothing).
     #[test]
     fn a4_loom_one_scope_path_three_threads_all_or_nothing() {
-        let policy = Arc::new(
+        // Immutable and made outside the model: a std `Arc`, not loom's.
+        let policy = std::sync::Arc::new(
             tollgate_core::policy::parse(
                 "[limits.d]\nalgorithm = \"calendar_window\"\nlimit = 2\nwindow = \"minute\"\n\
                  [limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 3\nrefill = 1\nrefill_every = \"1h\"\n",
@@ -570,8 +571,8 @@ mod loom_models {
                 LoomSlot::decide_scope(now, 7, limits, Some(0), &slot).expect("live slot");
             assert_eq!(
                 remaining,
-                vec![0, 1],
-                "window used up, bucket consumed exactly twice"
+                vec![1, 0],
+                "limits in name order: bucket `b` consumed exactly twice, window `d` used up"
             );
         });
     }
