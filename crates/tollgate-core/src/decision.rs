@@ -112,6 +112,7 @@ impl Decision {
     }
 
     /// Results of every limit that applied, in policy order.
+    #[inline]
     pub fn results(&self) -> &[LimitResult] {
         &self.results
     }

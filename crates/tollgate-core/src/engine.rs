@@ -5,6 +5,12 @@
 //! by hashing the limit name and the scope values on the stack, hands every
 //! check to the store at once, and turns the store's answer into a
 //! [`Decision`]. Nothing on this path allocates or takes a lock of its own.
+//!
+//! On the in-memory store ([`Engine::decide_now`]), a request whose limits
+//! share one scope (resolved at policy load: no lease, no rollout date, no
+//! account override on the request) skips the checks: the scope values are
+//! hashed once and the store decides straight from the compiled limits
+//! (`MemoryStore::decide_scope`). Everything else takes the general path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -292,6 +298,20 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// then the value), and XXH3 gives the same hash for the same bytes
     /// streamed or in one shot, so every key is the same whatever the path.
     fn scope_hash(&self, scope: &[ScopePart], req: &Request<'_>) -> Option<u128> {
+        if let [p] = scope {
+            // One value (the usual scope: an id): no loops, a 32-byte buffer.
+            let part = req.part(*p);
+            if part.is_empty() {
+                return None;
+            }
+            let len = 4 + part.len();
+            if len <= TINY_KEY_BUFFER {
+                let mut buf = [0u8; TINY_KEY_BUFFER];
+                buf[..4].copy_from_slice(&(part.len() as u32).to_le_bytes());
+                buf[4..len].copy_from_slice(part.as_bytes());
+                return Some(xxh3_128_with_seed(&buf[..len], self.seed));
+            }
+        }
         let mut len = 0;
         for &p in scope {
             let part = req.part(p);
@@ -337,6 +357,9 @@ const KEY_BUFFER: usize = 256;
 /// The smaller stack buffer, for the usual short scope values.
 const SMALL_KEY_BUFFER: usize = 64;
 
+/// The buffer of a scope of one short value.
+const TINY_KEY_BUFFER: usize = 32;
+
 impl<C: Clock> Engine<MemoryStore, C> {
     /// [`Engine::decide`] without a future, for the in-memory store (which never waits).
     #[inline]
@@ -368,6 +391,29 @@ impl<C: Clock> Engine<MemoryStore, C> {
         decision: &mut Decision,
     ) {
         let now = decision.now;
+        if policy.is_one_scope(req.plan, req.operation) {
+            let limits = policy.applicable(req.plan, req.operation);
+            let overridden = req
+                .overrides
+                .is_some_and(|o| limits.iter().any(|pl| o.get(pl.limit).is_some()));
+            if !overridden {
+                let scope = &policy.limits[usize::from(limits[0].limit)].scope;
+                let Some(values) = self.scope_hash(scope, req) else {
+                    // A scope value is unknown: no limit applies.
+                    return;
+                };
+                // The store pushes the results (nothing when it fails: the
+                // general path below then decides again, and answers a
+                // store error by each limit's `on_store_error`).
+                if let Ok(admitted) = self
+                    .store
+                    .decide_scope::<N>(now, values, limits, req.cost, decision)
+                {
+                    settle(decision, admitted, 0);
+                    return;
+                }
+            }
+        }
         let mut checks = [EMPTY_CHECK; N];
         let (n, lease) = self.prepare(policy, req, now, &mut checks, decision);
         let mut evals = [Evaluation::default(); N];
@@ -534,41 +580,10 @@ fn finish(
 ) {
     match result {
         Ok(admitted) => {
-            // One pass: copy each evaluation, and note what the outcome needs.
-            let mut forwarded = None; // first enforced non-blocking limit exceeded
-            let mut never = None; // first blocking limit the cost can never pass
-            let mut longest: Option<(std::time::Duration, LimitId)> = None; // last longest wait
-            let mut leased = false;
             for (r, e) in d.results_mut().iter_mut().zip(evals) {
                 r.eval = *e;
-                if e.admit {
-                    leased |= r.is_lease;
-                } else if r.blocking {
-                    if e.never && never.is_none() {
-                        never = Some(r.limit);
-                    }
-                    if longest.is_none_or(|(t, _)| e.retry_after >= t) {
-                        longest = Some((e.retry_after, r.limit));
-                    }
-                } else if r.mode == Mode::Enforce && forwarded.is_none() {
-                    forwarded = Some(r.limit);
-                }
             }
-            if admitted {
-                d.outcome = match forwarded {
-                    Some(limit) => Outcome::Forwarded { limit },
-                    None => Outcome::Admitted,
-                };
-                if leased {
-                    d.lease = Some(lease);
-                }
-            } else {
-                d.outcome = match (never, longest) {
-                    (Some(limit), _) => Outcome::CostAboveCapacity { limit },
-                    (None, Some((_, limit))) => Outcome::Rejected { limit },
-                    (None, None) => Outcome::Admitted,
-                };
-            }
+            settle(d, admitted, lease);
         }
         Err(_) => {
             let closed = d.results().iter().any(|r| {
@@ -582,6 +597,48 @@ fn finish(
                 Outcome::Admitted
             };
         }
+    }
+}
+
+/// Sets the outcome of a decision the store answered (`admitted`), from
+/// its results (each holding its evaluation); `lease` is held when admitted
+/// and a concurrency limit took it.
+#[inline]
+fn settle(d: &mut Decision, admitted: bool, lease: u64) {
+    // One pass: note what the outcome needs.
+    let mut forwarded = None; // first enforced non-blocking limit exceeded
+    let mut never = None; // first blocking limit the cost can never pass
+    let mut longest: Option<(std::time::Duration, LimitId)> = None; // last longest wait
+    let mut leased = false;
+    for r in d.results() {
+        let e = &r.eval;
+        if e.admit {
+            leased |= r.is_lease;
+        } else if r.blocking {
+            if e.never && never.is_none() {
+                never = Some(r.limit);
+            }
+            if longest.is_none_or(|(t, _)| e.retry_after >= t) {
+                longest = Some((e.retry_after, r.limit));
+            }
+        } else if r.mode == Mode::Enforce && forwarded.is_none() {
+            forwarded = Some(r.limit);
+        }
+    }
+    if admitted {
+        d.outcome = match forwarded {
+            Some(limit) => Outcome::Forwarded { limit },
+            None => Outcome::Admitted,
+        };
+        if leased {
+            d.lease = Some(lease);
+        }
+    } else {
+        d.outcome = match (never, longest) {
+            (Some(limit), _) => Outcome::CostAboveCapacity { limit },
+            (None, Some((_, limit))) => Outcome::Rejected { limit },
+            (None, None) => Outcome::Admitted,
+        };
     }
 }
 
@@ -751,7 +808,7 @@ mod tests {
     #[test]
     fn scope_hash_is_the_same_bytes_whatever_the_buffer() {
         let e = engine().with_key_seed(7);
-        for n in [1, 20, 59, 60, 61, 100, 252, 253, 400] {
+        for n in [1, 20, 27, 28, 29, 59, 60, 61, 100, 252, 253, 400] {
             let account = "a".repeat(n);
             let app = "b".repeat(n / 2 + 1);
             let req = Request {
@@ -777,6 +834,75 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The in-memory one-scope path (`decide_now`) decides exactly as the
+    /// general path (`decide`, per-limit checks through the `Store` trait):
+    /// same outcomes, same results, request after request, on limits of
+    /// every algorithm, mode and action, with request costs and a clock
+    /// that moves.
+    #[test]
+    fn one_scope_path_decides_as_the_general_path() {
+        let p = policy::parse(
+            "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 7\nrefill = 2\nrefill_every = \"1s\"\n\
+             [limits.w]\nalgorithm = \"sliding_window\"\nlimit = 9\nwindow = \"3s\"\n\
+             [limits.d]\nalgorithm = \"calendar_window\"\nlimit = 40\nwindow = \"minute\"\non_exceed = { action = \"forward\" }\n\
+             [limits.s]\nalgorithm = \"token_bucket\"\ncapacity = 3\nrefill = 1\nmode = \"soft\"\n",
+            "t",
+        )
+        .unwrap();
+        let op = p.default_operation();
+        assert!(p.is_one_scope(p.default_plan, op));
+        let fast = engine().with_key_seed(3);
+        let general = engine().with_key_seed(3);
+        let accounts = ["a", "b", "c", ""];
+        let mut x = 0x2545_F491_4F6C_DD1D_u64;
+        let mut outcomes = std::collections::HashSet::new();
+        for step in 0..3_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let r = Request {
+                account: accounts[(x % 4) as usize],
+                cost: [None, Some(0), Some(2), Some(8)][(x >> 8) as usize % 4],
+                ..Request::new(p.default_plan, op)
+            };
+            let a = fast.decide_now(&p, &r);
+            let b = crate::store::conformance::block_on(general.decide(&p, &r));
+            assert_eq!(a.outcome, b.outcome, "step {step}");
+            assert_eq!(a.results(), b.results(), "step {step}");
+            assert_eq!(a.lease, b.lease);
+            outcomes.insert(format!("{:?}", a.outcome));
+            let dt = Duration::from_millis((x >> 16) % 400);
+            fast.clock().advance(dt);
+            general.clock().advance(dt);
+        }
+        assert_eq!(fast.store().len(), general.store().len());
+        assert!(
+            outcomes.len() >= 4,
+            "admitted, rejected, forwarded, above capacity: {outcomes:?}"
+        );
+    }
+
+    /// Which limit sets take the one-scope path: one scope, no lease, no
+    /// rollout date.
+    #[test]
+    fn one_scope_is_resolved_at_load() {
+        let flag = |src: &str| {
+            let p = policy::parse(src, "t").unwrap();
+            p.is_one_scope(p.default_plan, p.default_operation())
+        };
+        let bucket = "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = 1\n";
+        let window = "[limits.w]\nalgorithm = \"sliding_window\"\nlimit = 9\nwindow = \"3s\"\n";
+        assert!(flag(bucket));
+        assert!(flag(&format!("{bucket}{window}")));
+        assert!(!flag(&format!("{bucket}{window}scope = [\"ip\"]\n")));
+        assert!(!flag(&format!(
+            "{bucket}[limits.c]\nalgorithm = \"concurrency\"\nlimit = 1\n"
+        )));
+        assert!(!flag(&format!(
+            "{bucket}rollout_after = \"2026-06-01T00:00:00Z\"\n"
+        )));
     }
 
     #[test]

@@ -59,7 +59,54 @@ impl GcraRate {
 /// Evaluates `cost` tokens at `now` against a bucket whose TAT is `tat`
 /// (`None` for a full bucket). Returns the evaluation and the TAT to store if
 /// the request is admitted.
+#[inline]
 pub fn gcra(tat: Option<Nanos>, now: Nanos, cost: u64, rate: &GcraRate) -> (Evaluation, Nanos) {
+    gcra_u64(tat, now, cost, rate).unwrap_or_else(|| gcra_u128(tat, now, cost, rate))
+}
+
+/// [`gcra`] in 64-bit arithmetic, for the usual numbers: `None` when the
+/// burst tolerance or the new TAT would not fit in `u64`, or the cost is
+/// above the capacity (then [`gcra_u128`], the same math, decides). Where
+/// both run they give the same answer (a unit test compares them).
+#[inline]
+fn gcra_u64(
+    tat: Option<Nanos>,
+    now: Nanos,
+    cost: u64,
+    rate: &GcraRate,
+) -> Option<(Evaluation, Nanos)> {
+    let interval = rate.interval;
+    let tau = rate.capacity.checked_mul(interval)?;
+    if cost > rate.capacity || interval == 0 {
+        return None;
+    }
+    let base = tat.map_or(now.0, |t| t.0.max(now.0));
+    let ahead = base - now.0;
+    let new_tat = base.checked_add(cost.checked_mul(interval)?)?;
+    let new_ahead = new_tat - now.0;
+    Some(if new_ahead <= tau {
+        let eval = Evaluation {
+            admit: true,
+            never: false,
+            remaining: (tau - new_ahead) / interval,
+            reset: Duration::from_nanos(new_ahead),
+            retry_after: Duration::ZERO,
+        };
+        (eval, Nanos(new_tat))
+    } else {
+        let eval = Evaluation {
+            admit: false,
+            never: false,
+            remaining: tau.saturating_sub(ahead) / interval,
+            reset: Duration::from_nanos(ahead),
+            retry_after: Duration::from_nanos(new_ahead - tau),
+        };
+        (eval, Nanos(base))
+    })
+}
+
+/// [`gcra`] in 128-bit arithmetic: any numbers.
+fn gcra_u128(tat: Option<Nanos>, now: Nanos, cost: u64, rate: &GcraRate) -> (Evaluation, Nanos) {
     let interval = u128::from(rate.interval);
     let tau = rate.tau();
     let now_n = u128::from(now.0);
@@ -170,6 +217,41 @@ mod tests {
         let (_, t) = gcra(None, Nanos::from_secs(1), 5, &r);
         let (e, _) = gcra(Some(t), Nanos::from_secs(1_000_000), 0, &r);
         assert_eq!(e.remaining, 5);
+    }
+
+    #[test]
+    fn the_64_bit_path_gives_the_128_bit_answer() {
+        let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        let mut compared = 0;
+        for _ in 0..100_000 {
+            let scale = [10, 1_000, 1_000_000, u64::MAX][next(4) as usize];
+            let rate = GcraRate {
+                capacity: 1 + next(scale.min(1 << 40)),
+                interval: 1 + next(scale),
+            };
+            let now = Nanos(next(u64::MAX));
+            let tat = [
+                None,
+                Some(Nanos(next(u64::MAX))),
+                Some(Nanos(now.0.saturating_add(next(scale)))),
+            ][next(3) as usize];
+            let cost = next(rate.capacity.saturating_add(2));
+            if let Some(fast) = gcra_u64(tat, now, cost, &rate) {
+                assert_eq!(
+                    fast,
+                    gcra_u128(tat, now, cost, &rate),
+                    "{rate:?} {tat:?} {now:?} {cost}"
+                );
+                compared += 1;
+            }
+        }
+        assert!(compared > 10_000, "the 64-bit path ran {compared} times");
     }
 
     #[test]

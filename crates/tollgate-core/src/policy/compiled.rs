@@ -54,6 +54,10 @@ pub struct CompiledPolicy {
     /// Upstream retry rules.
     pub upstream: UpstreamRetry,
     pub(crate) router: Router,
+    /// By plan, then operation: whether the limits that apply all share one
+    /// scope and can take the in-memory store's one-scope path (see
+    /// [`one_scope`]), resolved at load.
+    pub(crate) one_scope: Vec<Vec<bool>>,
 }
 
 impl CompiledPolicy {
@@ -108,6 +112,35 @@ impl CompiledPolicy {
     pub fn applicable(&self, plan: PlanId, operation: OperationId) -> &[PlanLimit] {
         &self.plans[usize::from(plan)].by_operation[usize::from(operation)]
     }
+
+    /// Whether the limits of `operation` under `plan` take the one-scope
+    /// path of the in-memory store (see [`one_scope`]).
+    #[inline]
+    pub(crate) fn is_one_scope(&self, plan: PlanId, operation: OperationId) -> bool {
+        self.one_scope[usize::from(plan)][usize::from(operation)]
+    }
+}
+
+/// Whether the limits `applicable` (one plan and operation) can be decided
+/// by the in-memory store's one-scope path: at least one limit, every one
+/// keyed by the same scope (so one hash of the scope values, one map entry,
+/// one lock), none of them a concurrency limit (leases) or under a rollout
+/// date (its mode depends on the request), and no two of them with the same
+/// name hash (so their counters are distinct cells of the entry). Anything
+/// else takes the general path, which handles every case.
+pub(crate) fn one_scope(limits: &[Limit], applicable: &[PlanLimit]) -> bool {
+    let Some(first) = applicable.first() else {
+        return false;
+    };
+    let scope = &limits[usize::from(first.limit)].scope;
+    applicable.iter().enumerate().all(|(i, pl)| {
+        !pl.prepared.is_lease
+            && pl.prepared.rollout_after.is_none()
+            && limits[usize::from(pl.limit)].scope == *scope
+            && applicable[..i]
+                .iter()
+                .all(|other| other.prepared.name_hash != pl.prepared.name_hash)
+    })
 }
 
 /// What happens to requests that match no operation.

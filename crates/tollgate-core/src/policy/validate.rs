@@ -284,7 +284,16 @@ impl<'a> Ctx<'a> {
             .into_iter()
             .map(|(l, _)| l.expect("no errors"))
             .collect();
-        let plans = plans.into_iter().map(|p| p.plan).collect();
+        let plans: Vec<Plan> = plans.into_iter().map(|p| p.plan).collect();
+        let one_scope = plans
+            .iter()
+            .map(|p| {
+                p.by_operation
+                    .iter()
+                    .map(|pls| super::compiled::one_scope(&limits, pls))
+                    .collect()
+            })
+            .collect();
         Some(CompiledPolicy {
             name,
             key_header: key_header?,
@@ -298,6 +307,7 @@ impl<'a> Ctx<'a> {
             credits: credits?,
             upstream: upstream?,
             router: Router::new(routes),
+            one_scope,
         })
     }
 

@@ -7,7 +7,12 @@
 //! holds the counters inline (one, or a short vector). A request whose three
 //! limits are all scoped by account therefore costs one map lookup and one
 //! lock, not three: that is what makes multi-limit decisions about as cheap as
-//! single-limit ones.
+//! single-limit ones. When the policy resolved at load that every limit of a
+//! request shares its scope (and none holds a lease or has a rollout date),
+//! the engine takes the *one-scope path* ([`MemoryStore::decide_scope`]): one
+//! hash of the scope values, and the store reads each limit's numbers from
+//! the compiled policy and pushes the results into the decision, with no
+//! per-limit [`Check`]s; the same counters, the same guarantees.
 //!
 //! **Exact.** A request locks the entries of all its scopes (in scope order, so
 //! two requests can never deadlock), evaluates every counter, and writes them
@@ -46,10 +51,11 @@ use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
 use crate::algorithm::concurrency::{self, Lease, LeaseSet};
 use crate::algorithm::gcra::gcra;
-use crate::algorithm::sliding_window::SlidingState;
+use crate::algorithm::sliding_window::{SlidingState, SlidingWindow};
 use crate::clock::Nanos;
+use crate::decision::{Decision, LimitResult};
 use crate::error::StoreError;
-use crate::policy::MAX_LIMITS_PER_REQUEST;
+use crate::policy::{MAX_LIMITS_PER_REQUEST, Mode, PlanLimit};
 use crate::store::{Check, CounterKey, Params, Store};
 
 #[cfg(tollgate_loom)]
@@ -579,6 +585,67 @@ impl MemoryStore {
         }
     }
 
+    /// The one-scope path: decides the `limits` of one request (the policy
+    /// resolved at load that they share one scope, hold no lease and have
+    /// distinct names: [`crate::policy::CompiledPolicy`]'s one-scope flag)
+    /// whose scope values hash to `values`, and pushes one result per limit
+    /// into `decision`, in order. Returns whether the request is admitted.
+    ///
+    /// The same counters as [`MemoryStore::decide_now`] (a limit's counter
+    /// key is `values ^ name_hash`, as the engine builds it), the same
+    /// guarantees, without the per-limit [`Check`]s and the scope sorting of
+    /// the general path: one lookup and one lock, each limit's numbers read
+    /// from the policy, each counter evaluated once and written only if the
+    /// request is admitted.
+    ///
+    /// # Errors
+    /// [`StoreError::CounterCapReached`] when a new counter does not fit;
+    /// nothing was consumed nor pushed.
+    pub(crate) fn decide_scope<const N: usize>(
+        &self,
+        now: Nanos,
+        values: u128,
+        limits: &[PlanLimit],
+        cost: Option<u64>,
+        decision: &mut Decision,
+    ) -> Result<bool, StoreError> {
+        let limits = &limits[..limits.len().min(N)];
+        let scope = (values >> 64) as u64;
+        let mut swept = false;
+        let mut retries = 0u32;
+        loop {
+            if retries > 1 {
+                // An index rebuild is moving this entry.
+                std::thread::yield_now();
+            }
+            retries += 1;
+            let index = self.index.load();
+            let guard = index.map.guard();
+            let slot = match index.map.get(&scope, &guard) {
+                Some(slot) => slot,
+                None => match self.slot(&index, scope, now, &guard)? {
+                    Some(slot) => slot,
+                    None => continue,
+                },
+            };
+            let mut g = slot.lock();
+            if g.dead {
+                continue;
+            }
+            match scope_locked::<N>(&mut g, now, values, limits, cost, &self.room, decision) {
+                Locked::Decided(admitted) => return Ok(admitted),
+                Locked::Dead => {}
+                Locked::Full => {
+                    drop(g);
+                    if swept || !self.sweep_when_full(now) {
+                        return Err(StoreError::CounterCapReached { cap: self.room.max });
+                    }
+                    swept = true;
+                }
+            }
+        }
+    }
+
     /// Releases lease `lease` on the concurrency counters `keys`.
     pub fn release_now(&self, now: Nanos, keys: &[CounterKey], lease: u64) {
         for &key in keys {
@@ -657,7 +724,7 @@ enum Next {
     Gcra(Nanos),
     Calendar(CalendarState),
     /// Admitted on the log as it is: record the cost (no second evaluation).
-    Sliding,
+    Sliding(SlidingWindow),
 }
 
 /// [`decide_locked`] once every scope entry is locked: `groups[scope_of[i]]`
@@ -689,7 +756,14 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             _ => cells.iter().position(|c| c.tag == t),
         };
         let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
-        evaluate(counter, check, now, &mut out[i], &mut next[i]);
+        evaluate(
+            counter,
+            &check.params,
+            check.cost,
+            now,
+            &mut out[i],
+            &mut next[i],
+        );
         let admit = out[i].admit;
         if check.blocking && !admit {
             admitted = false;
@@ -734,31 +808,94 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             k => usize::from(k),
         };
         let cell = &mut g.cells.as_mut_slice()[k];
-        match &next[i] {
-            Next::OnCommit => commit(cell, check, now, lease),
-            &Next::Gcra(tat) => {
-                cell.counter = Counter::Gcra(tat);
-                cell.fresh_at = tat;
-            }
-            &Next::Calendar(state) => {
-                cell.fresh_at = state.end;
-                cell.counter = Counter::Calendar(state);
-            }
-            Next::Sliding => {
-                let Params::Sliding(window) = check.params else {
-                    unreachable!("set for sliding checks only")
-                };
-                if !matches!(cell.counter, Counter::Sliding(_)) {
-                    cell.counter = Counter::Sliding(SlidingState::Empty);
-                }
-                if let Counter::Sliding(log) = &mut cell.counter {
-                    log.record_admitted(now, check.cost, &window);
-                }
-                cell.fresh_at = now.plus(out[i].reset);
-            }
+        if !write_next(cell, &next[i], check.cost, now, &out[i]) {
+            commit(cell, &check.params, check.cost, now, lease);
         }
     }
     Locked::Decided(true)
+}
+
+/// [`MemoryStore::decide_scope`] once the scope's entry `g` is locked:
+/// evaluates every limit's counter, writes them only if the request is
+/// admitted, and pushes the results (nothing when the new counters do not
+/// fit: [`Locked::Full`]).
+#[inline]
+fn scope_locked<const N: usize>(
+    g: &mut Group,
+    now: Nanos,
+    values: u128,
+    limits: &[PlanLimit],
+    cost: Option<u64>,
+    room: &Room,
+    decision: &mut Decision,
+) -> Locked {
+    let limits = &limits[..limits.len().min(N)];
+    let low = values as u64;
+    let mut evals = [Evaluation::default(); N];
+    let mut next = [Next::OnCommit; N];
+    let mut at = [NO_CELL; N];
+    let mut admitted = true;
+    let mut new = 0;
+    let cells = g.cells.as_slice();
+    for (i, pl) in limits.iter().enumerate() {
+        let t = low ^ pl.prepared.name_hash;
+        // Cells are usually in the order of the limits that made them.
+        let cell = match cells.get(i) {
+            Some(c) if c.tag == t => Some(i),
+            _ => cells.iter().position(|c| c.tag == t),
+        };
+        let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
+        let params = pl.params_at(now);
+        let c = cost.unwrap_or(pl.cost);
+        evaluate(counter, &params, c, now, &mut evals[i], &mut next[i]);
+        let admit = evals[i].admit;
+        if !admit && pl.prepared.mode == Mode::Enforce && pl.prepared.reject {
+            admitted = false;
+        }
+        match cell {
+            Some(k) => at[i] = u8::try_from(k).unwrap_or(NO_CELL),
+            None if admit => new += 1,
+            None => {}
+        }
+    }
+    if admitted {
+        if new > 0 && !room.reserve(new) {
+            return Locked::Full;
+        }
+        for (i, pl) in limits.iter().enumerate() {
+            if !evals[i].admit {
+                continue;
+            }
+            let t = low ^ pl.prepared.name_hash;
+            let k = match at[i] {
+                NO_CELL => match g.cells.find(t) {
+                    Some(k) => k,
+                    None => g.cells.push(t),
+                },
+                k => usize::from(k),
+            };
+            let cell = &mut g.cells.as_mut_slice()[k];
+            let c = cost.unwrap_or(pl.cost);
+            if !write_next(cell, &next[i], c, now, &evals[i]) {
+                commit(cell, &pl.params_at(now), c, now, 0);
+            }
+        }
+    }
+    for (pl, eval) in limits.iter().zip(evals) {
+        let p = &pl.prepared;
+        decision.push(LimitResult {
+            limit: pl.limit,
+            mode: p.mode,
+            quota: p.quota,
+            window_secs: pl.window_secs,
+            cost: cost.unwrap_or(pl.cost),
+            eval,
+            blocking: p.mode == Mode::Enforce && p.reject,
+            key: CounterKey(values ^ u128::from(p.name_hash)),
+            is_lease: false,
+        });
+    }
+    Locked::Decided(admitted)
 }
 
 /// Marks "no counter yet" in `decide_groups`' index array.
@@ -774,6 +911,48 @@ pub struct LoomSlot(Slot);
 
 #[cfg(tollgate_loom)]
 impl LoomSlot {
+    /// Decides the one-scope `limits` (see [`MemoryStore::decide_scope`])
+    /// against `slot` with `scope_locked`, the one-scope path's locked
+    /// part; returns whether admitted and each limit's `remaining`, or
+    /// `None` if the slot was dead.
+    #[doc(hidden)]
+    pub fn decide_scope(
+        now: Nanos,
+        values: u128,
+        limits: &[PlanLimit],
+        cost: Option<u64>,
+        slot: &LoomSlot,
+    ) -> Option<(bool, Vec<u64>)> {
+        let room = Room {
+            live: AtomicUsize::new(0),
+            max: usize::MAX,
+        };
+        let mut decision = Decision::new(now);
+        let mut g = slot.0.lock();
+        if g.dead {
+            return None;
+        }
+        match scope_locked::<MAX_LIMITS_PER_REQUEST>(
+            &mut g,
+            now,
+            values,
+            limits,
+            cost,
+            &room,
+            &mut decision,
+        ) {
+            Locked::Decided(admitted) => Some((
+                admitted,
+                decision
+                    .results()
+                    .iter()
+                    .map(|r| r.eval.remaining)
+                    .collect(),
+            )),
+            Locked::Dead | Locked::Full => None,
+        }
+    }
+
     /// Decides `checks` (distinct keys) against `slots`, one scope entry per
     /// check, with `decide_locked`; `None` if a slot was dead.
     #[doc(hidden)]
@@ -813,9 +992,15 @@ impl LoomSlot {
 /// Evaluates one check against its counter, without changing it, into `out`;
 /// and into `next` the state to write if the request is admitted.
 #[inline]
-fn evaluate(counter: &Counter, check: &Check, now: Nanos, out: &mut Evaluation, next: &mut Next) {
-    let cost = check.cost;
-    match check.params {
+fn evaluate(
+    counter: &Counter,
+    params: &Params,
+    cost: u64,
+    now: Nanos,
+    out: &mut Evaluation,
+    next: &mut Next,
+) {
+    match *params {
         Params::Gcra(rate) => {
             let tat = match counter {
                 Counter::Gcra(t) => Some(*t),
@@ -832,7 +1017,7 @@ fn evaluate(counter: &Counter, check: &Check, now: Nanos, out: &mut Evaluation, 
             };
             // The log is written in place on commit (it may hold a ring).
             *out = state.evaluate(now, cost, &window);
-            *next = Next::Sliding;
+            *next = Next::Sliding(window);
         }
         Params::Calendar { limit, end } => {
             let state = match counter {
@@ -853,12 +1038,39 @@ fn evaluate(counter: &Counter, check: &Check, now: Nanos, out: &mut Evaluation, 
     }
 }
 
+/// Writes an admitted limit's counter with the state `next` computed when
+/// it was evaluated (`eval`); returns `false`, writing nothing, for
+/// [`Next::OnCommit`] (the caller then calls [`commit`]).
+#[inline]
+fn write_next(cell: &mut Cell, next: &Next, cost: u64, now: Nanos, eval: &Evaluation) -> bool {
+    match next {
+        Next::OnCommit => return false,
+        &Next::Gcra(tat) => {
+            cell.counter = Counter::Gcra(tat);
+            cell.fresh_at = tat;
+        }
+        &Next::Calendar(state) => {
+            cell.fresh_at = state.end;
+            cell.counter = Counter::Calendar(state);
+        }
+        Next::Sliding(window) => {
+            if !matches!(cell.counter, Counter::Sliding(_)) {
+                cell.counter = Counter::Sliding(SlidingState::Empty);
+            }
+            if let Counter::Sliding(log) = &mut cell.counter {
+                log.record_admitted(now, cost, window);
+            }
+            cell.fresh_at = now.plus(eval.reset);
+        }
+    }
+    true
+}
+
 /// Takes an admitted check's cost from its counter, evaluated again on the
 /// state as it is now: for leases, and for a counter that an earlier check of
 /// the same request already took from (so that both count).
-fn commit(s: &mut Cell, check: &Check, now: Nanos, lease: u64) {
-    let cost = check.cost;
-    match check.params {
+fn commit(s: &mut Cell, params: &Params, cost: u64, now: Nanos, lease: u64) {
+    match *params {
         Params::Gcra(rate) => {
             let tat = match s.counter {
                 Counter::Gcra(t) => Some(t),

@@ -530,6 +530,53 @@ mod loom_models {
         }
     }
 
+    /// A4 — loom: 3 threads decide one-scope requests (a calendar window of
+    /// 2 and a token bucket of 3, one scope) through the in-memory store's
+    /// one-scope path (`scope_locked`). Figures: interleavings admitting ≠ 2
+    /// → 0; the bucket consumed exactly 2 (rejected requests took nothing).
+    #[test]
+    fn a4_loom_one_scope_path_three_threads_all_or_nothing() {
+        // Immutable and made outside the model: a std `Arc`, not loom's.
+        let policy = std::sync::Arc::new(
+            tollgate_core::policy::parse(
+                "[limits.d]\nalgorithm = \"calendar_window\"\nlimit = 2\nwindow = \"minute\"\n\
+                 [limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 3\nrefill = 1\nrefill_every = \"1h\"\n",
+                "loom.toml",
+            )
+            .expect("valid policy"),
+        );
+        loom::model(move || {
+            let slot = Arc::new(LoomSlot::default());
+            let admitted = Arc::new(AtomicUsize::new(0));
+            let now = Nanos::from_secs(1);
+            let handles: Vec<_> = (0..3)
+                .map(|_| {
+                    let (slot, admitted, policy) = (slot.clone(), admitted.clone(), policy.clone());
+                    loom::thread::spawn(move || {
+                        let limits =
+                            policy.applicable(policy.default_plan, policy.default_operation());
+                        if let Some((true, _)) = LoomSlot::decide_scope(now, 7, limits, None, &slot)
+                        {
+                            admitted.fetch_add(1, Ordering::SeqCst);
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("thread");
+            }
+            assert_eq!(admitted.load(Ordering::SeqCst), 2);
+            let limits = policy.applicable(policy.default_plan, policy.default_operation());
+            let (_, remaining) =
+                LoomSlot::decide_scope(now, 7, limits, Some(0), &slot).expect("live slot");
+            assert_eq!(
+                remaining,
+                vec![1, 0],
+                "limits in name order: bucket `b` consumed exactly twice, window `d` used up"
+            );
+        });
+    }
+
     /// A4 — loom: two requests locking the same two counters given in
     /// opposite order (lock order by key: no deadlock), counter A of limit 1,
     /// B of limit 2. Figures: deadlocks → 0; admitted requests → exactly 1;
