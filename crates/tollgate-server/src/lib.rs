@@ -151,9 +151,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(http);
+    let client = proxy::UpstreamClient::new(upstream.clone(), http);
     let engine = if config.store == "memory" {
         Engine::new(AnyStore::Memory(MemoryStore::new(config.max_counters)))
     } else {
@@ -478,6 +476,7 @@ async fn housekeeping(st: Shared, mut shutdown: watch::Receiver<bool>) {
         let now = st.engine.clock().now();
         st.engine.store().sweep(now);
         st.guard.sweep(now);
+        st.client.sweep(tokio::time::Instant::now());
         st.metrics
             .live_counters
             .set(i64::try_from(st.engine.store().live_counters()).unwrap_or(i64::MAX));

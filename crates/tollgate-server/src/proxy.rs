@@ -44,6 +44,9 @@ use crate::metrics::{DecisionLabels, LimitLabels, StoreErrorLabels, UpstreamLabe
 use crate::payload;
 use crate::state::{Caller, Shared};
 
+mod upstream;
+pub use upstream::{UpstreamBody, UpstreamClient, UpstreamError};
+
 /// Longest idempotent response body kept for replay.
 pub const STORED_BODY_MAX: u64 = 64 * 1024;
 
@@ -136,8 +139,14 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
         payload::check(rules, &inspection)?;
     }
 
-    // Credits first, so a refused request can give them back.
-    let reservation = reserve(st, &policy, op, &caller, &parts, buffered.as_ref()).await?;
+    // Credits first, so a refused request can give them back. The ledger's
+    // futures are large and off the common path: boxed where awaited, the
+    // proxy future stays small (it is moved into a box per request).
+    let reservation = if op.credits == 0 {
+        Reserved::Ready(None)
+    } else {
+        Box::pin(reserve(st, &policy, op, &caller, &parts, buffered.as_ref())).await?
+    };
     let reservation = match reservation {
         Reserved::Ready(r) => r,
         Reserved::Answer(resp) => return Ok(resp),
@@ -155,7 +164,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
         Outcome::Admitted | Outcome::Forwarded { .. } => {}
         _ => {
             if let Some((id, _)) = &reservation {
-                let _ = st.ledger.release(id.clone()).await;
+                let _ = Box::pin(st.ledger.release(id.clone())).await;
             }
             return Ok(refusal(st, &policy, &decision, &caller));
         }
@@ -164,12 +173,14 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     // Answered by tollgate itself.
     if let Some(respond) = op.respond {
         if let Some((id, _)) = &reservation {
-            let _ = st.ledger.release(id.clone()).await;
+            let _ = Box::pin(st.ledger.release(id.clone())).await;
         }
         let balance = st.ledger.balance(&caller.identity.account).await?;
         let body = match respond {
             Respond::Balance => json!({ "credits": { "available": balance } }),
-            Respond::Account => crate::account::account_json(st, &policy, &caller, balance).await,
+            Respond::Account => {
+                Box::pin(crate::account::account_json(st, &policy, &caller, balance)).await
+            }
         };
         let mut resp = json_response(StatusCode::OK, &body);
         add_rate_headers(
@@ -210,7 +221,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
         Ok(r) => r,
         Err(e) => {
             if let Some((id, _)) = &reservation {
-                let _ = st.ledger.release(id.clone()).await;
+                let _ = Box::pin(st.ledger.release(id.clone())).await;
             }
             return Err(e);
         }
@@ -261,16 +272,17 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
                 charged: st.config.webhooks.charge_events,
                 low_below,
             };
-            let after = st
-                .ledger
-                .commit_with_events(id, amount, stored.as_ref(), events)
-                .await?;
+            let after = Box::pin(
+                st.ledger
+                    .commit_with_events(id, amount, stored.as_ref(), events),
+            )
+            .await?;
             st.metrics
                 .credits_charged
                 .inc_by(u64::try_from(amount).unwrap_or(0));
             balance = Some(after);
         } else {
-            balance = Some(st.ledger.release(id).await?);
+            balance = Some(Box::pin(st.ledger.release(id)).await?);
         }
     } else if policy
         .headers
@@ -476,12 +488,12 @@ pub async fn record_decision(
         };
         let Some(account) = account else { continue };
         if r.exceeded() && r.mode == Mode::Soft && st.events.soft_crossed(account, name, d.now) {
-            events::record(
+            Box::pin(events::record(
                 &st.ledger,
                 account,
                 "soft_limit_crossed",
                 json!({ "limit": name, "quota": r.quota }),
-            )
+            ))
             .await;
         }
     }
@@ -629,7 +641,8 @@ fn with_lease(resp: Response, guard: Option<LeaseGuard>) -> Response {
 /// Releases a decision's concurrency leases when dropped.
 struct LeaseGuard {
     st: Shared,
-    decision: Decision,
+    /// Boxed: a `Decision` is large, and the guard lives across the proxy's awaits.
+    decision: Box<Decision>,
 }
 
 impl LeaseGuard {
@@ -639,7 +652,7 @@ impl LeaseGuard {
         decision.lease.as_ref()?;
         Some(LeaseGuard {
             st: Arc::clone(st),
-            decision: decision.clone(),
+            decision: Box::new(decision.clone()),
         })
     }
 }
@@ -698,7 +711,7 @@ struct UpstreamRequest<'a> {
 
 enum Attempt {
     /// A retryable status; the upstream's Retry-After, if any.
-    Status(Response<hyper::body::Incoming>, Option<Duration>),
+    Status(Response<UpstreamBody>, Option<Duration>),
     /// No answer.
     Failed(ApiError, bool),
 }
@@ -710,7 +723,7 @@ async fn send_with_retries(
     buffered: Option<Bytes>,
     streaming: Option<Body>,
     retries: u32,
-) -> Result<Response<hyper::body::Incoming>, ApiError> {
+) -> Result<Response<UpstreamBody>, ApiError> {
     let retry_on = &policy.upstream.retry_on;
     let timeout = policy.upstream.timeout;
     if let Some(body) = streaming {
@@ -766,10 +779,10 @@ async fn attempt(
     body: Body,
     timeout: Duration,
     retry_on: &[u16],
-) -> Result<Response<hyper::body::Incoming>, Attempt> {
+) -> Result<Response<UpstreamBody>, Attempt> {
     let upstream_req = build_request(st, req, body).map_err(|e| Attempt::Failed(e, false))?;
     let started = st.engine.clock().now();
-    let sent = tokio::time::timeout(timeout, st.client.request(upstream_req)).await;
+    let sent = tokio::time::timeout(timeout, st.client.send(upstream_req)).await;
     st.metrics
         .upstream_seconds
         .observe(st.engine.clock().now().0.saturating_sub(started.0) as f64 / 1e9);
@@ -838,16 +851,8 @@ fn build_request(
                 .map_err(|_| ApiError::bad_request("request path cannot be forwarded"))?
         }
     };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
-    uri.authority = Some(
-        base.authority()
-            .cloned()
-            .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1")),
-    );
-    uri.path_and_query = Some(path_and_query);
-    let uri = http::Uri::from_parts(uri)
-        .map_err(|_| ApiError::bad_request("request path cannot be forwarded"))?;
+    // Origin-form: the connection already goes to the upstream's address.
+    let uri = http::Uri::from(path_and_query);
     let mut out = http::Request::builder()
         .method(req.parts.method.clone())
         .uri(uri)

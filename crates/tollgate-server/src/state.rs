@@ -4,10 +4,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tollgate_core::policy::{
     AccountOverrides, CompiledPolicy, OperationId, OverrideValues, PlanId,
 };
@@ -29,7 +26,7 @@ pub struct AppState {
     /// Accounts, keys, credits, events.
     pub ledger: Ledger,
     /// Pooled upstream client.
-    pub client: Client<HttpConnector, Body>,
+    pub client: crate::proxy::UpstreamClient,
     /// Upstream base (scheme and authority, optional path prefix).
     pub upstream: http::Uri,
     /// The `Host` header sent upstream (the upstream's authority, as the
@@ -124,7 +121,8 @@ impl AppState {
         }
         let check = match cached {
             Some(c) => c,
-            None => match self.ledger.verify_key(key).await {
+            // Boxed: a cache miss is rare, and its future is large.
+            None => match Box::pin(self.ledger.verify_key(key)).await {
                 Ok(c) => c,
                 Err(e) => {
                     if guarded {

@@ -82,7 +82,9 @@ impl Store for AnyStore {
     ) -> Result<bool, StoreError> {
         match self {
             AnyStore::Memory(m) => m.decide_now(now, checks, lease, out),
-            AnyStore::Redis(r, _) => r.decide(now, checks, lease, out).await,
+            // Boxed: the Redis future is large, and every caller's future
+            // (the proxy's, `/v1/check`'s) would carry its size otherwise.
+            AnyStore::Redis(r, _) => Box::pin(r.decide(now, checks, lease, out)).await,
         }
     }
 

@@ -1,0 +1,655 @@
+//! The upstream leg of the proxy: HTTP/1.1 connections from hyper's
+//! `client::conn::http1`, kept alive in a small pool, each driven by the task
+//! of the request that uses it.
+//!
+//! hyper-util's pooled `Client` runs every connection as a task of its own:
+//! a request is handed to that task over a channel, the answer's head and
+//! every body chunk come back over channels, and a further task per
+//! response waits to put the connection back into the pool. Each proxied
+//! request so paid two or three cross-task wake-ups and a spawn, which
+//! measured (callgrind, BENCHMARKS.md "Server: decision API and proxy",
+//! third round) as the largest share of the proxy's own work. Here the
+//! request's task polls the connection itself: while it waits for the head,
+//! and then from the response body ([`UpstreamBody`] owns the connection
+//! until the body ends). A connection whose body ended cleanly, and which
+//! hyper reports ready for the next request, goes back to the pool; one
+//! that broke, was cut short (client gone, timeout) or was closed by the
+//! upstream is dropped, which closes it.
+//!
+//! HTTP parsing, keep-alive and connection state stay hyper's; address
+//! resolution and connecting stay hyper-util's `HttpConnector`. What is ours
+//! is the list of idle connections: last in, first out, at most
+//! `max_idle`, each closed after [`IDLE_TIMEOUT`] unused.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+/// How long a connection may sit unused in the pool.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most idle connections kept (more in flight at once are closed when they
+/// end instead of being kept).
+pub const MAX_IDLE: usize = 1024;
+
+/// What failed on the way to the upstream's answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// No connection could be made (address, refusal, connect timeout).
+    #[error("cannot connect to the upstream")]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The exchange failed (closed early, malformed answer, request body broke).
+    #[error("upstream exchange failed")]
+    Http(#[source] hyper::Error),
+}
+
+/// Sends requests to one upstream over pooled HTTP/1.1 connections.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    pool: Arc<Pool>,
+    base: Uri,
+    connector: HttpConnector,
+    builder: http1::Builder,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("base", &self.base)
+            .field("idle", &self.idle())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Pool {
+    idle: Mutex<VecDeque<Idle>>,
+    max_idle: usize,
+}
+
+struct Idle {
+    conn: Box<Conn>,
+    since: Instant,
+}
+
+/// One HTTP/1.1 connection: where requests go in, and the future that does
+/// its reading and writing (polled by whoever uses the connection). Boxed
+/// where it is kept, so that it moves as a pointer.
+struct Conn {
+    send: http1::SendRequest<Body>,
+    driver: http1::Connection<TokioIo<TcpStream>, Body>,
+}
+
+impl Conn {
+    /// Lets the connection read and write; `Ready` once it has closed or
+    /// failed (either way it is done; a failure reaches the request or the
+    /// body, which own the error).
+    fn poll_done(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.driver).poll(cx).map(|_| ())
+    }
+
+    /// Lets an idle connection notice a close or an answer it did not ask
+    /// for, waking no one; `true` while it is still open.
+    fn poll_idle(&mut self) -> bool {
+        self.poll_done(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+    }
+}
+
+impl UpstreamClient {
+    /// A client for `base` (its scheme, host and port; any path is the
+    /// caller's business), connecting with `connector`.
+    pub fn new(base: Uri, connector: HttpConnector) -> UpstreamClient {
+        UpstreamClient::with_max_idle(base, connector, MAX_IDLE)
+    }
+
+    /// [`UpstreamClient::new`] keeping at most `max_idle` idle connections.
+    pub fn with_max_idle(base: Uri, connector: HttpConnector, max_idle: usize) -> UpstreamClient {
+        UpstreamClient {
+            pool: Arc::new(Pool {
+                idle: Mutex::new(VecDeque::new()),
+                max_idle,
+            }),
+            base,
+            connector,
+            builder: http1::Builder::new(),
+        }
+    }
+
+    /// Idle connections in the pool.
+    pub fn idle(&self) -> usize {
+        self.pool.lock().len()
+    }
+
+    /// Closes the connections idle for [`IDLE_TIMEOUT`] or more by `now`.
+    pub fn sweep(&self, now: Instant) {
+        let expired = self.pool.take_expired(now);
+        drop(expired);
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) and returns the answer's
+    /// head; the body streams from the upstream as it is read, over the
+    /// connection the body keeps until it ends.
+    ///
+    /// A pooled connection that turns out closed before the request was
+    /// written is replaced by a new one, once.
+    ///
+    /// # Errors
+    /// No connection could be made, or the exchange failed before the head.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (conn, reused) = match self.checkout() {
+            Some(c) => (c, true),
+            None => (self.connect().await?, false),
+        };
+        match self.exchange(conn, req).await {
+            Ok(r) => Ok(r),
+            Err((e, Some(req))) if reused => {
+                tracing::debug!(error = %e, "pooled upstream connection was closed; reconnecting");
+                let conn = self.connect().await?;
+                self.exchange(conn, req)
+                    .await
+                    .map_err(|(e, _)| UpstreamError::Http(e))
+            }
+            Err((e, _)) => Err(UpstreamError::Http(e)),
+        }
+    }
+
+    /// Sends `req` on `conn`, polling the connection until the head comes;
+    /// on failure the request comes back if it was never written.
+    async fn exchange(
+        &self,
+        mut conn: Box<Conn>,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, (hyper::Error, Option<Request<Body>>)> {
+        let mut answer = pin!(conn.send.try_send_request(req));
+        let mut conn = Some(conn);
+        let head = std::future::poll_fn(|cx| {
+            match &mut conn {
+                Some(c) => {
+                    // The connection first: it writes the request and reads
+                    // the head, which is the only way `answer` can complete;
+                    // so `answer` needs no waker of its own (that would
+                    // wake this task a second time for the same event).
+                    if c.poll_done(cx).is_ready() {
+                        conn = None;
+                        return answer.as_mut().poll(cx);
+                    }
+                    answer
+                        .as_mut()
+                        .poll(&mut Context::from_waker(Waker::noop()))
+                }
+                None => answer.as_mut().poll(cx),
+            }
+        })
+        .await;
+        match head {
+            Ok(resp) => Ok(resp.map(|body| UpstreamBody {
+                body,
+                conn,
+                pool: Arc::clone(&self.pool),
+            })),
+            Err(mut e) => {
+                let req = e.take_message();
+                Err((e.into_error(), req))
+            }
+        }
+    }
+
+    /// The most recently used idle connection still open, if any.
+    fn checkout(&self) -> Option<Box<Conn>> {
+        let now = Instant::now();
+        loop {
+            let idle = self.pool.lock().pop_back()?;
+            if now.saturating_duration_since(idle.since) >= IDLE_TIMEOUT {
+                // The newest is too old: so are all the others.
+                drop(self.pool.take_expired(now));
+                return None;
+            }
+            let mut conn = idle.conn;
+            // One poll tells whether the upstream closed it while it sat
+            // idle; without a waker, or sending the request would wake
+            // this task for nothing (the exchange polls it next anyway).
+            if conn.poll_idle() && conn.send.is_ready() {
+                return Some(conn);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Box<Conn>, UpstreamError> {
+        let io = self
+            .connector
+            .clone()
+            .oneshot(self.base.clone())
+            .await
+            .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+        let (send, driver) = self
+            .builder
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Http)?;
+        Ok(Box::new(Conn { send, driver }))
+    }
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        // A panic while holding the lock leaves a valid list.
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Puts a connection back, newest last; the oldest goes if the pool is full.
+    fn put(&self, conn: Box<Conn>) {
+        let since = Instant::now();
+        let (expired, over) = {
+            let mut idle = self.lock();
+            let expired = take_expired(&mut idle, since);
+            idle.push_back(Idle { conn, since });
+            let over = if idle.len() > self.max_idle {
+                idle.pop_front()
+            } else {
+                None
+            };
+            (expired, over)
+        };
+        // Closed outside the lock.
+        drop((expired, over));
+    }
+
+    fn take_expired(&self, now: Instant) -> Vec<Idle> {
+        take_expired(&mut self.lock(), now)
+    }
+}
+
+/// Removes the connections idle for [`IDLE_TIMEOUT`] by `now` (the oldest
+/// are at the front).
+fn take_expired(idle: &mut VecDeque<Idle>, now: Instant) -> Vec<Idle> {
+    let n = idle
+        .iter()
+        .take_while(|i| now.saturating_duration_since(i.since) >= IDLE_TIMEOUT)
+        .count();
+    idle.drain(..n).collect()
+}
+
+/// An upstream answer's body; it drives its connection while it is read and
+/// returns it to the pool when it ends cleanly.
+pub struct UpstreamBody {
+    body: Incoming,
+    /// The connection, until it is done, back in the pool, or dropped.
+    conn: Option<Box<Conn>>,
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("body", &self.body)
+            .field("driving", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl UpstreamBody {
+    /// The body has ended cleanly: the connection goes back to the pool if
+    /// hyper has it ready for the next request.
+    fn release(&mut self) {
+        if let Some(mut conn) = self.conn.take()
+            && conn.poll_idle()
+            && conn.send.is_ready()
+        {
+            self.pool.put(conn);
+        }
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = match &mut this.conn {
+            // Only the connection feeds the body: what it has read already
+            // is taken without polling it; otherwise it is polled (with
+            // `cx`, so that the socket wakes this task) and the body looked
+            // at again. The body itself needs no waker while the connection
+            // is driven from here.
+            Some(conn) => {
+                let mut idle = Context::from_waker(Waker::noop());
+                match Pin::new(&mut this.body).poll_frame(&mut idle) {
+                    Poll::Pending => {
+                        if conn.poll_done(cx).is_ready() {
+                            this.conn = None;
+                            Pin::new(&mut this.body).poll_frame(cx)
+                        } else {
+                            Pin::new(&mut this.body).poll_frame(&mut idle)
+                        }
+                    }
+                    ready => ready,
+                }
+            }
+            None => Pin::new(&mut this.body).poll_frame(cx),
+        };
+        match frame {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body with nothing left (an empty one is never read) still hands
+        // its connection back; one dropped unfinished closes it.
+        if self.conn.is_some() && self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::StreamExt as _;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::service::service_fn;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    type Answer = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
+
+    /// An HTTP/1.1 upstream on a free port answering with `answer`; counts
+    /// the connections it accepted.
+    async fn upstream<F, Fut>(answer: F) -> (Uri, Arc<AtomicUsize>)
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Answer> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let answer = answer.clone();
+                        async move { Ok::<_, Infallible>(answer(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}").parse().expect("uri"), accepted)
+    }
+
+    fn text(s: &'static str) -> Answer {
+        Response::new(
+            http_body_util::Full::new(Bytes::from_static(s.as_bytes()))
+                .map_err(|e| match e {})
+                .boxed(),
+        )
+    }
+
+    fn client(base: Uri, max_idle: usize) -> UpstreamClient {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        UpstreamClient::with_max_idle(base, http, max_idle)
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        Request::get(path)
+            .header(http::header::HOST, "upstream")
+            .body(Body::empty())
+            .expect("request")
+    }
+
+    async fn read(resp: Response<UpstreamBody>) -> Bytes {
+        resp.into_body().collect().await.expect("body").to_bytes()
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let (base, accepted) = upstream(|req: Request<Incoming>| async move {
+            assert_eq!(req.uri().path(), "/a");
+            text("hello")
+        })
+        .await;
+        let c = client(base, MAX_IDLE);
+        for _ in 0..5 {
+            let resp = c.send(get("/a")).await.expect("answer");
+            assert_eq!(resp.status(), 200);
+            assert_eq!(read(resp).await, "hello");
+            assert_eq!(c.idle(), 1, "back in the pool once its body ended");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn empty_body_hands_the_connection_back_unread() {
+        let (base, accepted) = upstream(|_| async { text("") }).await;
+        let c = client(base, MAX_IDLE);
+        for _ in 0..3 {
+            let resp = c.send(get("/")).await.expect("answer");
+            assert!(resp.body().is_end_stream());
+            drop(resp);
+        }
+        assert_eq!(c.idle(), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn body_is_driven_by_its_reader_and_streams() {
+        // The second chunk is sent only after the reader has the first: the
+        // connection must be polled from the body, there is no other task.
+        let go = Arc::new(Notify::new());
+        let signal = Arc::clone(&go);
+        let (base, _) = upstream(move |_| {
+            let go = Arc::clone(&signal);
+            async move {
+                let chunks = futures_util::stream::unfold(0, move |i| {
+                    let go = Arc::clone(&go);
+                    async move {
+                        match i {
+                            0 => Some((
+                                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"one"))),
+                                1,
+                            )),
+                            1 => {
+                                go.notified().await;
+                                Some((Ok(Frame::data(Bytes::from_static(b"two"))), 2))
+                            }
+                            _ => None,
+                        }
+                    }
+                });
+                Response::new(BodyExt::boxed(StreamBody::new(chunks)))
+            }
+        })
+        .await;
+        let c = client(base, MAX_IDLE);
+        let mut body = c.send(get("/")).await.expect("answer").into_body();
+        let first = body.frame().await.expect("frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), "one");
+        go.notify_one();
+        let second = body.frame().await.expect("frame").expect("data");
+        assert_eq!(second.into_data().expect("data"), "two");
+        assert!(body.frame().await.is_none());
+        assert_eq!(c.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn unfinished_body_closes_its_connection() {
+        let (base, accepted) = upstream(|_| async {
+            let chunks = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(
+                Bytes::from_static(b"a"),
+            ))])
+            .chain(futures_util::stream::pending());
+            Response::new(BodyExt::boxed(StreamBody::new(chunks)))
+        })
+        .await;
+        let c = client(base, MAX_IDLE);
+        let mut body = c.send(get("/")).await.expect("answer").into_body();
+        assert!(body.frame().await.is_some());
+        drop(body);
+        assert_eq!(c.idle(), 0, "a cut-short connection is not reused");
+        let mut body = c.send(get("/")).await.expect("answer").into_body();
+        assert!(body.frame().await.is_some());
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn request_body_streams_to_the_upstream() {
+        let (base, _) = upstream(|req: Request<Incoming>| async move {
+            let got = req.into_body().collect().await.expect("body").to_bytes();
+            let mut r = text("");
+            *r.body_mut() = http_body_util::Full::new(Bytes::from(got.len().to_string()))
+                .map_err(|e| match e {})
+                .boxed();
+            r
+        })
+        .await;
+        let c = client(base, MAX_IDLE);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1);
+        let feeder = tokio::spawn(async move {
+            for _ in 0..100 {
+                tx.send(Ok(Bytes::from(vec![b'x'; 1000])))
+                    .await
+                    .expect("send");
+            }
+        });
+        let req = Request::post("/upload")
+            .header(http::header::HOST, "upstream")
+            .body(Body::from_stream(tokio_stream_of(rx)))
+            .expect("request");
+        let resp = c.send(req).await.expect("answer");
+        assert_eq!(read(resp).await, "100000");
+        feeder.await.expect("feeder");
+    }
+
+    fn tokio_stream_of(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, Infallible>>,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    #[tokio::test]
+    async fn connection_closed_by_the_upstream_is_replaced() {
+        // A raw upstream that answers one request per connection, keeps the
+        // connection "alive" in its headers, then closes it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                let _ = stream.shutdown().await;
+            }
+        });
+        let c = client(format!("http://{addr}").parse().expect("uri"), MAX_IDLE);
+        for _ in 0..3 {
+            let resp = c.send(get("/")).await.expect("answer");
+            assert_eq!(read(resp).await, "ok");
+            // The close reaches this side before the next checkout, which
+            // must see that the pooled connection is gone and not use it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn answer_with_connection_close_is_not_pooled() {
+        let (base, accepted) = upstream(|_| async {
+            let mut r = text("bye");
+            r.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            r
+        })
+        .await;
+        let c = client(base, MAX_IDLE);
+        for _ in 0..2 {
+            let resp = c.send(get("/")).await.expect("answer");
+            assert_eq!(read(resp).await, "bye");
+            assert_eq!(c.idle(), 0);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn pool_keeps_at_most_max_idle_and_expires_them() {
+        let (base, accepted) = upstream(|_| async { text("x") }).await;
+        let c = client(base, 2);
+        // Four at once: four connections; two are kept when they end.
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            answers.push(c.send(get("/")).await.expect("answer"));
+        }
+        for resp in answers {
+            assert_eq!(read(resp).await, "x");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(c.idle(), 2);
+        c.sweep(Instant::now());
+        assert_eq!(c.idle(), 2, "not idle long enough to expire");
+        c.sweep(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(c.idle(), 0);
+        let resp = c.send(get("/")).await.expect("answer");
+        assert_eq!(read(resp).await, "x");
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let c = client(format!("http://{addr}").parse().expect("uri"), MAX_IDLE);
+        let err = c.send(get("/")).await.expect_err("refused");
+        assert!(matches!(err, UpstreamError::Connect(_)), "{err:?}");
+    }
+}
