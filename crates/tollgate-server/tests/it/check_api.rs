@@ -1,28 +1,10 @@
 //! `POST /v1/check` is served before the router (borrowed parse, axum's
 //! extractor as the fallback): its answers must be the router's.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-
 use crate::support::{Server, TOKEN};
 
 async fn post(s: &Server, content_type: Option<&str>, body: &str) -> (u16, serde_json::Value) {
-    let mut req = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{}/v1/check", s.running.addr));
-    if let Some(ct) = content_type {
-        req = req.header("content-type", ct);
-    }
-    let resp = s
-        .client
-        .request(
-            req.body(Full::new(Bytes::from(body.to_owned())))
-                .expect("request"),
-        )
-        .await
-        .expect("answer");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let (status, bytes) = s.post_raw("/v1/check", content_type, body.to_owned()).await;
     let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     (status, body)
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
-use http_body_util::{BodyExt, Full};
 use ipnet::IpNet;
 use tokio::time::Instant;
 use tollgate_server::{client_ip, payload, webhooks};
@@ -367,14 +366,10 @@ async fn g6_policy_file_parser() {
 }
 
 async fn post_check(s: &Server, body: Vec<u8>) -> (u16, Duration) {
-    let req = http::Request::post(format!("http://{}/v1/check", s.running.addr))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("request");
     let t = Instant::now();
-    let resp = s.client.request(req).await.expect("answer");
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await.expect("body");
+    let (status, _) = s
+        .post_raw("/v1/check", Some("application/json"), body)
+        .await;
     (status, t.elapsed())
 }
 

@@ -100,6 +100,28 @@ impl Server {
         }
     }
 
+    /// `POST path` on the proxy listener with raw body bytes (any bytes, not
+    /// only UTF-8) and an optional content type; the status and body bytes.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<Bytes>,
+    ) -> (u16, Bytes) {
+        let mut req = http::Request::post(format!("http://{}{path}", self.running.addr));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(body.into())).expect("request"))
+            .await
+            .expect("answer");
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, bytes)
+    }
+
     pub async fn call(
         &self,
         admin: bool,
