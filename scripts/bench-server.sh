@@ -10,6 +10,8 @@
 #
 # Usage: scripts/bench-server.sh [TARGET_DIR] [DURATION]   (default: target, 10s)
 # Servers run on core 0, wrk on core 1 (taskset).
+# PORT_BASE (default 18180): ports PORT_BASE, +1 (tollgate), +10 (upstream),
+# +100 (nginx); give each concurrent run its own base.
 #
 # WORKERS (default 1): worker threads of every server, the same for all:
 # bare_hyper gets TOKIO_WORKER_THREADS, tollgate --workers, nginx
@@ -36,7 +38,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-UP=18190 TG=18180 ADMIN=18181 NGX=18280
+PB=${PORT_BASE:-18180}
+TG=$PB ADMIN=$((PB + 1)) UP=$((PB + 10)) NGX=$((PB + 100))
 WORKERS=${WORKERS:-1}
 if [ "$WORKERS" = default ]; then
   TG_WORKERS=() NGX_WORKERS=auto

@@ -7,8 +7,11 @@
 #
 # Needs: valgrind, wrk, curl, and a release build (see bench-server.sh).
 # Usage: scripts/callgrind-server.sh [TARGET_DIR] [LABEL]
-# Ports: 18380/18381 (tollgate), 18390 (bare_hyper).
+# Ports: PORT_BASE (default 18380) and +1 (tollgate), +10 (bare_hyper); give
+# each concurrent run its own PORT_BASE.
 set -u
+PB=${PORT_BASE:-18380}
+TG=$PB ADMIN=$((PB + 1)) UP=$((PB + 10))
 
 BIN=${1:-${CARGO_TARGET_DIR:-target}}/release
 L=${2:-tollgate}
@@ -35,31 +38,31 @@ measure() { # label, pid, lua-or-empty, url
 
 # bare_hyper itself.
 TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$W/cg.%p" \
-  "$BIN/examples/bare_hyper" 127.0.0.1:18390 2>/dev/null & B=$!
+  "$BIN/examples/bare_hyper" 127.0.0.1:$UP 2>/dev/null & B=$!
 sleep 3
-measure "bare_hyper POST" $B "$W/a.lua" http://127.0.0.1:18390/v1/check
-measure "bare_hyper GET" $B "" http://127.0.0.1:18390/x
+measure "bare_hyper POST" $B "$W/a.lua" http://127.0.0.1:$UP/v1/check
+measure "bare_hyper GET" $B "" http://127.0.0.1:$UP/x
 kill $B; wait $B 2>/dev/null
-"$BIN/examples/bare_hyper" 127.0.0.1:18390 2>/dev/null & B=$!
+"$BIN/examples/bare_hyper" 127.0.0.1:$UP 2>/dev/null & B=$!
 
 for mode in check proxy; do
-  if [ $mode = proxy ]; then cfg=(--config "$W/p.toml" --upstream http://127.0.0.1:18390); plan=default
+  if [ $mode = proxy ]; then cfg=(--config "$W/p.toml" --upstream http://127.0.0.1:$UP); plan=default
   else cfg=(); plan=pro; fi
   TOLLGATE_ADMIN_TOKEN=t TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$W/cg.%p" \
-    "$BIN/tollgate" serve "${cfg[@]}" --listen 127.0.0.1:18380 --admin-listen 127.0.0.1:18381 \
+    "$BIN/tollgate" serve "${cfg[@]}" --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$ADMIN \
     --data-dir "$W/d-$mode" 2>/dev/null & T=$!
-  for _ in $(seq 600); do curl -s -o /dev/null 127.0.0.1:18381/ && break; sleep 0.2; done
-  curl -s -X POST 127.0.0.1:18381/admin/v1/accounts -H 'Authorization: Bearer t' \
+  for _ in $(seq 600); do curl -s -o /dev/null 127.0.0.1:$ADMIN/ && break; sleep 0.2; done
+  curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts -H 'Authorization: Bearer t' \
     -H 'content-type: application/json' -d "{\"id\":\"bench\",\"plan\":\"$plan\"}" >/dev/null
-  KEY=$(curl -s -X POST 127.0.0.1:18381/admin/v1/accounts/bench/keys -H 'Authorization: Bearer t' \
+  KEY=$(curl -s -X POST 127.0.0.1:$ADMIN/admin/v1/accounts/bench/keys -H 'Authorization: Bearer t' \
     | sed -E 's/.*"key":"([^"]+)".*/\1/')
   if [ $mode = proxy ]; then
     printf 'wrk.headers["x-api-key"] = "%s"\n' "$KEY" >"$W/p.lua"
-    measure "$L proxy GET /x" $T "$W/p.lua" http://127.0.0.1:18380/x
+    measure "$L proxy GET /x" $T "$W/p.lua" http://127.0.0.1:$TG/x
   else
     sed "s/\"account\":\"bench\"/\"key\":\"$KEY\"/" "$W/a.lua" >"$W/k.lua"
-    measure "$L /v1/check by account" $T "$W/a.lua" http://127.0.0.1:18380/v1/check
-    measure "$L /v1/check by key" $T "$W/k.lua" http://127.0.0.1:18380/v1/check
+    measure "$L /v1/check by account" $T "$W/a.lua" http://127.0.0.1:$TG/v1/check
+    measure "$L /v1/check by key" $T "$W/k.lua" http://127.0.0.1:$TG/v1/check
   fi
   kill $T; wait $T 2>/dev/null
 done
