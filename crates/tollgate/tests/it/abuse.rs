@@ -224,18 +224,44 @@ async fn slow_client(
 /// seconds a blocked server would add); every attacking connection closed
 /// by the server within its timeout + 1 s (partial headers: 2 + 1 s; a
 /// trickling body, which never pauses 2 s: the 4 s body timeout + 1 s).
+///
+/// Every figure is a latency, and on a shared 2-core machine another
+/// process's burst can spoil one measurement: the whole trial (baseline,
+/// attack, baseline) runs up to [`E1_TRIALS`] times and the test passes on
+/// the first trial that meets every figure. A server that blocks under the
+/// attack fails every trial; each trial's figures are printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e1_e2_legit_p99_under_slow_clients_stays_within_twice_the_baseline() {
-    const SLOWLORIS: usize = 300;
-    const SLOW_BODIES: usize = 100;
     let dir = tempfile::tempdir().expect("dir");
     let up = Upstream::start().await;
     let (tg, key) = server(&dir, &up).await;
-    let addr = tg.addr;
     // Warm the connection pool and the server's caches.
-    measure(addr, &key, Duration::from_millis(300)).await;
+    measure(tg.addr, &key, Duration::from_millis(300)).await;
+    let mut failures = Vec::new();
+    for trial in 1..=E1_TRIALS {
+        match e1_e2_trial(tg.addr, &key).await {
+            Ok(()) => return,
+            Err(why) => {
+                println!("E1/E2 trial {trial} of {E1_TRIALS} missed: {why}");
+                failures.push(why);
+            }
+        }
+    }
+    panic!(
+        "E1/E2: every trial missed a figure:\n{}",
+        failures.join("\n")
+    );
+}
 
-    let (mut base, base_total1) = measure(addr, &key, Duration::from_secs(2)).await;
+/// How many times the E1/E2 measurement may run before the test fails.
+const E1_TRIALS: usize = 3;
+
+/// One E1/E2 trial: baseline, attack, baseline; `Err` names the first
+/// figure missed.
+async fn e1_e2_trial(addr: SocketAddr, key: &str) -> Result<(), String> {
+    const SLOWLORIS: usize = 300;
+    const SLOW_BODIES: usize = 100;
+    let (mut base, base_total1) = measure(addr, key, Duration::from_secs(2)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let loris = Arc::new(Attack::default());
@@ -269,13 +295,13 @@ async fn e1_e2_legit_p99_under_slow_clients_stays_within_twice_the_baseline() {
     }
     // Let every attacker connect and start dripping.
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let (mut attack, attack_total) = measure(addr, &key, Duration::from_secs(5)).await;
+    let (mut attack, attack_total) = measure(addr, key, Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
     for a in attackers {
         a.await.expect("attacker");
     }
 
-    let (base2, base_total2) = measure(addr, &key, Duration::from_secs(2)).await;
+    let (base2, base_total2) = measure(addr, key, Duration::from_secs(2)).await;
     base.extend(base2);
     let base_total = base_total1 + base_total2;
 
@@ -290,34 +316,42 @@ async fn e1_e2_legit_p99_under_slow_clients_stays_within_twice_the_baseline() {
         attack.len()
     );
     for (what, st, limit) in [("slowloris", &loris, 3_000), ("slow body", &bodies, 5_000)] {
-        println!(
-            "E1/E2 {what}: {} connections opened, {} closed by the server, longest lived {} ms",
+        let (opened, closed, longest) = (
             st.opened.load(Ordering::Relaxed),
             st.closed.load(Ordering::Relaxed),
-            st.longest_ms.load(Ordering::Relaxed)
+            st.longest_ms.load(Ordering::Relaxed),
         );
-        assert!(
-            st.closed.load(Ordering::Relaxed) >= st.opened.load(Ordering::Relaxed) / 2,
-            "{what}: the server closed too few attacking connections"
+        println!(
+            "E1/E2 {what}: {opened} connections opened, {closed} closed by the server, longest lived {longest} ms"
         );
-        assert!(
-            st.longest_ms.load(Ordering::Relaxed) <= limit,
-            "{what}: a connection lived longer than its timeout + 1 s ({limit} ms)"
-        );
+        if closed < opened / 2 {
+            return Err(format!(
+                "{what}: the server closed too few attacking connections ({closed} of {opened})"
+            ));
+        }
+        if longest > limit {
+            return Err(format!(
+                "{what}: a connection lived {longest} ms, longer than its timeout + 1 s ({limit} ms)"
+            ));
+        }
     }
-    assert!(
-        attack_total >= 200 && base_total >= 200,
-        "too little legit traffic to judge"
-    );
-    assert!(
-        attack.len() * 1000 >= attack_total * 999,
-        "legit success under attack {}/{attack_total} < 99.9 %",
-        attack.len()
-    );
-    assert!(
-        a99 <= b99 * 2 + Duration::from_millis(5),
-        "legit p99 under attack {a99:?} > 2 × baseline {b99:?} (+5 ms allowance)"
-    );
+    if attack_total < 200 || base_total < 200 {
+        return Err(format!(
+            "too little legit traffic to judge ({attack_total} under attack, {base_total} baseline)"
+        ));
+    }
+    if attack.len() * 1000 < attack_total * 999 {
+        return Err(format!(
+            "legit success under attack {}/{attack_total} < 99.9 %",
+            attack.len()
+        ));
+    }
+    if a99 > b99 * 2 + Duration::from_millis(5) {
+        return Err(format!(
+            "legit p99 under attack {a99:?} > 2 × baseline {b99:?} (+5 ms allowance)"
+        ));
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------ E5
