@@ -19,7 +19,7 @@
 //! only if it is admitted. No other decision on those counters can interleave,
 //! so the in-memory store never over-admits and a rejected request consumes
 //! nothing. Requests on different scopes never touch the same lock; lookups
-//! take no lock at all (`papaya`).
+//! take a shard's read lock (`dashmap`), which readers share.
 //!
 //! **Bounded.** A counter remembers when it will be back to its fresh state
 //! (full bucket, empty window). [`MemoryStore::sweep`] drops counters past that
@@ -32,20 +32,21 @@
 //! minting keys cannot flush their own block. A counter is created only when a
 //! request is admitted and takes from it.
 //!
-//! **Memory comes back.** papaya never shrinks a table on removals, so a sweep
-//! that leaves at most 1/8 of the most entries the map has held rebuilds it at
-//! the size of what is left (see [`MemoryStore::sweep`]): after a burst of keys
-//! goes idle and is swept, the store is back to its size before the burst.
+//! **Memory comes back.** A sweep that leaves the map's tables at most 1/8
+//! full shrinks them to the size of what is left (see
+//! [`MemoryStore::sweep`]): after a burst of keys goes idle and is swept, the
+//! store is back to its size before the burst.
 //!
 //! Memory: the 64-bit scope hash, the lock, and per counter its 64-bit tag,
 //! its fresh instant and its state (measured in `BENCHMARKS.md`). Strings are
 //! never stored.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use dashmap::mapref::one::Ref;
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
@@ -199,8 +200,6 @@ pub(crate) struct Slot {
 
 #[derive(Debug, Default)]
 pub(crate) struct Group {
-    /// Removed from the map by a sweep: a decision that locked it looks it up again.
-    dead: bool,
     cells: Cells,
 }
 
@@ -270,50 +269,27 @@ impl BuildHasher for KeyHasher {
 /// Counters in process memory. See the module docs for its guarantees.
 #[derive(Debug)]
 pub struct MemoryStore {
-    /// The current index: replaced by a smaller copy when a sweep leaves it
-    /// mostly empty (papaya never shrinks a table on removals). A decision
-    /// loads it without a lock; the index it loaded stays alive until it is
-    /// done (and is freed then, once replaced).
-    index: ArcSwap<Index>,
+    /// Scope → its entry. A decision holds its shard's read lock from the
+    /// lookup until its entry is unlocked, so a sweep (which takes the
+    /// shard's write lock to remove entries) can never free an entry a
+    /// decision is using, and no entry is ever "dead".
+    map: DashMap<u64, Box<Slot>, KeyHasher>,
+    /// Entries in `map` (bounded by the cap, as counters are).
+    entries: AtomicUsize,
     room: Room,
     last_sweep: AtomicU64,
-    /// Held while the index is rebuilt (one rebuild at a time).
-    rebuilding: std::sync::Mutex<()>,
-    /// Index rebuilds so far.
+    /// Times a sweep shrank the map's tables to give back idle scopes' memory.
     rebuilds: AtomicU64,
 }
 
-/// The map from scope to scope entry, and what a rebuild needs to move it.
-#[derive(Debug)]
-struct Index {
-    map: papaya::HashMap<u64, Slot, KeyHasher>,
-    /// Most scope entries this index has held: its table's size follows it.
-    high_water: AtomicUsize,
-    /// Set when a rebuild starts: no new entry may be added from then on.
-    frozen: AtomicBool,
-    /// Decisions adding an entry right now (a rebuild waits for them).
-    inserting: AtomicUsize,
-}
+/// Shards of the map: readers of different shards share no cache line.
+const SHARDS: usize = 64;
 
-impl Index {
-    fn new() -> Index {
-        Index {
-            map: papaya::HashMap::builder()
-                .hasher(KeyHasher(0))
-                .resize_mode(papaya::ResizeMode::Blocking)
-                .build(),
-            high_water: AtomicUsize::new(0),
-            frozen: AtomicBool::new(false),
-            inserting: AtomicUsize::new(0),
-        }
-    }
-}
-
-/// A sweep rebuilds the index when at most 1/`SHRINK_RATIO` of its
-/// high-water entries are left ...
+/// A sweep shrinks the map's tables when at most 1/`SHRINK_RATIO` of
+/// their capacity is used ...
 const SHRINK_RATIO: usize = 8;
-/// ... and the high water is at least this many entries (small tables are
-/// not worth it).
+/// ... and they can hold at least this many entries (small tables are not
+/// worth it).
 const SHRINK_MIN_ENTRIES: usize = 1024;
 
 impl Default for MemoryStore {
@@ -325,9 +301,6 @@ impl Default for MemoryStore {
 /// What a locked decision came to.
 pub(crate) enum Locked {
     Decided(bool),
-    /// A scope entry was swept, or moved to a new index, between lookup and
-    /// lock: look up again.
-    Dead,
     /// Admitted, but its new counters do not fit under the cap (nothing written).
     Full,
 }
@@ -336,13 +309,13 @@ impl MemoryStore {
     /// A store holding at most `max_counters` live counters.
     pub fn new(max_counters: usize) -> MemoryStore {
         MemoryStore {
-            index: ArcSwap::from_pointee(Index::new()),
+            map: DashMap::with_hasher_and_shard_amount(KeyHasher(0), SHARDS),
+            entries: AtomicUsize::new(0),
             room: Room {
                 live: AtomicUsize::new(0),
                 max: max_counters.max(1),
             },
             last_sweep: AtomicU64::new(0),
-            rebuilding: std::sync::Mutex::new(()),
             rebuilds: AtomicU64::new(0),
         }
     }
@@ -362,84 +335,41 @@ impl MemoryStore {
     /// periodically (the server does, every few seconds); a full store also
     /// triggers it, at most once a second.
     ///
-    /// When the sweep leaves at most 1/8 of the most entries the index has
-    /// held (and it held at least 1,024), the index is rebuilt at the size of
-    /// what is left, so that the memory of a burst of keys comes back once
-    /// they go idle. New scopes wait for the rebuild (it moves one pointer per
-    /// live entry); decisions on existing scopes go on.
+    /// When the sweep leaves the map's tables at most 1/8 full (and they can
+    /// hold at least 1,024 entries), they are shrunk to the size of what is
+    /// left, so that the memory of a burst of keys comes back once they go
+    /// idle. Each shard is locked in turn (decisions on its scopes wait for
+    /// it; the others go on).
     pub fn sweep(&self, now: Nanos) -> usize {
         self.last_sweep.store(now.0, Ordering::Relaxed);
-        let index = self.index.load();
-        let guard = index.map.guard();
-        // Entries are only removed by sweeps: the length before this one is
-        // the most the index held since the last sweep.
-        index
-            .high_water
-            .fetch_max(index.map.len(), Ordering::Relaxed);
         let mut dropped = 0;
-        index.map.retain(
-            |_, slot| {
-                let mut g = slot.lock();
-                dropped += g.cells.drop_fresh(now);
-                if g.cells.is_empty() {
-                    g.dead = true;
-                    false
-                } else {
-                    true
-                }
-            },
-            &guard,
-        );
+        let mut removed = 0;
+        // Each shard under its write lock: no decision holds one of its
+        // entries, so every entry lock below is free.
+        self.map.retain(|_, slot| {
+            let mut g = slot.lock();
+            dropped += g.cells.drop_fresh(now);
+            if g.cells.is_empty() {
+                removed += 1;
+                false
+            } else {
+                true
+            }
+        });
         self.room.free(dropped);
-        let high_water = index.high_water.load(Ordering::Relaxed);
-        if high_water >= SHRINK_MIN_ENTRIES && index.map.len() * SHRINK_RATIO <= high_water {
-            drop(guard);
-            self.rebuild(&index);
+        self.entries.fetch_sub(removed, Ordering::Relaxed);
+        let capacity = self.map.capacity();
+        if capacity >= SHRINK_MIN_ENTRIES
+            && self.entries.load(Ordering::Relaxed) * SHRINK_RATIO <= capacity
+        {
+            self.map.shrink_to_fit();
+            self.rebuilds.fetch_add(1, Ordering::Relaxed);
         }
         dropped
     }
 
-    /// Replaces `old` (if still current) by a new index holding its live
-    /// entries. Exact: every entry is moved under its lock and marked dead,
-    /// so a decision that locks it afterwards looks it up again (in the new
-    /// index, once published); no entry is added to `old` once the rebuild
-    /// starts (`frozen`, and `inserting` drained), so none is lost.
-    fn rebuild(&self, old: &Arc<Index>) {
-        let Ok(_one) = self.rebuilding.try_lock() else {
-            return; // another sweep is rebuilding
-        };
-        if !Arc::ptr_eq(&self.index.load(), old) {
-            return; // already replaced
-        }
-        old.frozen.store(true, Ordering::SeqCst);
-        while old.inserting.load(Ordering::SeqCst) != 0 {
-            std::thread::yield_now();
-        }
-        let new = Index::new();
-        {
-            let (og, ng) = (old.map.guard(), new.map.guard());
-            for (&scope, slot) in old.map.iter(&og) {
-                let mut g = slot.lock();
-                if g.dead {
-                    continue;
-                }
-                g.dead = true;
-                let cells = std::mem::take(&mut g.cells);
-                if !cells.is_empty() {
-                    let moved = Slot {
-                        state: Mutex::new(Group { dead: false, cells }),
-                    };
-                    new.map.insert(scope, moved, &ng);
-                }
-            }
-        }
-        new.high_water.store(new.map.len(), Ordering::Relaxed);
-        self.index.store(Arc::new(new));
-        self.rebuilds.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// How many times a sweep has rebuilt the index to give back the memory
-    /// of idle scopes.
+    /// How many times a sweep has shrunk the map's tables to give back the
+    /// memory of idle scopes.
     pub fn index_rebuilds(&self) -> u64 {
         self.rebuilds.load(Ordering::Relaxed)
     }
@@ -460,32 +390,23 @@ impl MemoryStore {
         false
     }
 
-    /// The entry of `scope` in `index`, added if missing; `None` if `index`
-    /// is being rebuilt and has no such entry (look up again in the new one).
-    fn slot<'g>(
-        &self,
-        index: &'g Index,
-        scope: u64,
-        now: Nanos,
-        guard: &'g impl papaya::Guard,
-    ) -> Result<Option<&'g Slot>, StoreError> {
-        if let Some(s) = index.map.get(&scope, guard) {
-            return Ok(Some(s));
-        }
-        if index.map.len() >= self.room.max {
+    /// Adds an empty entry for `scope` if it has none, and returns it
+    /// (read-locked). Must not be called while holding another entry of the
+    /// map (it takes the shard's write lock).
+    fn insert(&self, scope: u64, now: Nanos) -> Result<Ref<'_, u64, Box<Slot>>, StoreError> {
+        if self.entries.load(Ordering::Relaxed) >= self.room.max {
             self.sweep_when_full(now);
-            if index.map.len() >= self.room.max {
+            if self.entries.load(Ordering::Relaxed) >= self.room.max {
                 return Err(StoreError::CounterCapReached { cap: self.room.max });
             }
         }
-        index.inserting.fetch_add(1, Ordering::SeqCst);
-        let slot = if index.frozen.load(Ordering::SeqCst) {
-            None
-        } else {
-            Some(index.map.get_or_insert_with(scope, Slot::default, guard))
-        };
-        index.inserting.fetch_sub(1, Ordering::SeqCst);
-        Ok(slot)
+        Ok(match self.map.entry(scope) {
+            Entry::Occupied(e) => e.into_ref().downgrade(),
+            Entry::Vacant(e) => {
+                self.entries.fetch_add(1, Ordering::Relaxed);
+                e.insert(Box::default()).downgrade()
+            }
+        })
     }
 
     /// [`Store::decide`] without a future: the in-memory store never waits.
@@ -547,21 +468,27 @@ impl MemoryStore {
             }
         }
         let mut swept = false;
-        let mut retries = 0u32;
         loop {
-            if retries > 1 {
-                // An index rebuild is moving this request's entries.
-                std::thread::yield_now();
+            // Look every scope up (a shard read lock each, held until the
+            // decision is made); a missing one is added with every lookup
+            // dropped (adding takes the shard's write lock), then look up again.
+            let mut refs: [Option<Ref<'_, u64, Box<Slot>>>; N] = std::array::from_fn(|_| None);
+            let mut missing = None;
+            for (r, &s) in refs.iter_mut().zip(&scopes[..m]) {
+                *r = self.map.get(&s);
+                if r.is_none() {
+                    missing = Some(s);
+                    break;
+                }
             }
-            retries += 1;
-            let index = self.index.load();
-            let guard = index.map.guard();
-            let mut slots: [Option<&Slot>; N] = [None; N];
-            for (slot, &s) in slots.iter_mut().zip(&scopes[..m]) {
-                *slot = self.slot(&index, s, now, &guard)?;
-            }
-            if slots[..m].iter().any(Option::is_none) {
+            if let Some(s) = missing {
+                drop(refs);
+                drop(self.insert(s, now)?);
                 continue;
+            }
+            let mut slots: [Option<&Slot>; N] = [None; N];
+            for (slot, r) in slots.iter_mut().zip(&refs[..m]) {
+                *slot = r.as_deref().map(|b| &**b);
             }
             match decide_locked::<N>(
                 now,
@@ -573,9 +500,8 @@ impl MemoryStore {
                 &self.room,
             ) {
                 Locked::Decided(admitted) => return Ok(admitted),
-                // A sweep removed one of the entries between lookup and lock.
-                Locked::Dead => {}
                 Locked::Full => {
+                    drop(refs);
                     if swept || !self.sweep_when_full(now) {
                         return Err(StoreError::CounterCapReached { cap: self.room.max });
                     }
@@ -612,31 +538,17 @@ impl MemoryStore {
         let limits = &limits[..limits.len().min(N)];
         let scope = (values >> 64) as u64;
         let mut swept = false;
-        let mut retries = 0u32;
         loop {
-            if retries > 1 {
-                // An index rebuild is moving this entry.
-                std::thread::yield_now();
-            }
-            retries += 1;
-            let index = self.index.load();
-            let guard = index.map.guard();
-            let slot = match index.map.get(&scope, &guard) {
+            let slot = match self.map.get(&scope) {
                 Some(slot) => slot,
-                None => match self.slot(&index, scope, now, &guard)? {
-                    Some(slot) => slot,
-                    None => continue,
-                },
+                None => self.insert(scope, now)?,
             };
             let mut g = slot.lock();
-            if g.dead {
-                continue;
-            }
             match scope_locked::<N>(&mut g, now, values, limits, cost, &self.room, decision) {
                 Locked::Decided(admitted) => return Ok(admitted),
-                Locked::Dead => {}
                 Locked::Full => {
                     drop(g);
+                    drop(slot);
                     if swept || !self.sweep_when_full(now) {
                         return Err(StoreError::CounterCapReached { cap: self.room.max });
                     }
@@ -649,26 +561,15 @@ impl MemoryStore {
     /// Releases lease `lease` on the concurrency counters `keys`.
     pub fn release_now(&self, now: Nanos, keys: &[CounterKey], lease: u64) {
         for &key in keys {
-            loop {
-                let index = self.index.load();
-                let guard = index.map.guard();
-                let Some(slot) = index.map.get(&scope(key), &guard) else {
-                    break;
-                };
-                let mut g = slot.lock();
-                if g.dead {
-                    // Swept (then gone from the map) or moved to a new index.
-                    drop(g);
-                    std::thread::yield_now();
-                    continue;
-                }
-                if let Some(k) = g.cells.find(tag(key))
-                    && let Counter::Leases(set) = &mut g.cells.as_mut_slice()[k].counter
-                {
-                    set.release(lease);
-                    set.leases.retain(|l| l.expires > now);
-                }
-                break;
+            let Some(slot) = self.map.get(&scope(key)) else {
+                continue;
+            };
+            let mut g = slot.lock();
+            if let Some(k) = g.cells.find(tag(key))
+                && let Counter::Leases(set) = &mut g.cells.as_mut_slice()[k].counter
+            {
+                set.release(lease);
+                set.leases.retain(|l| l.expires > now);
             }
         }
     }
@@ -689,18 +590,12 @@ pub(crate) fn decide_locked<const N: usize>(
     if let [one] = slots {
         // One scope (the usual case): one lock, no guard array.
         let g = one.expect("every scope is looked up").lock();
-        if g.dead {
-            return Locked::Dead;
-        }
         return decide_groups::<N, _>(now, checks, lease, out, &mut [Some(g)], scope_of, room);
     }
     let mut locks: [Option<MutexGuard<'_, Group>>; MAX_LIMITS_PER_REQUEST] =
         std::array::from_fn(|_| None);
     for (lock, slot) in locks.iter_mut().zip(slots) {
         let g = slot.expect("every scope is looked up").lock();
-        if g.dead {
-            return Locked::Dead;
-        }
         *lock = Some(g);
     }
     decide_groups::<N, _>(
@@ -902,8 +797,8 @@ fn scope_locked<const N: usize>(
 const NO_CELL: u8 = u8::MAX;
 
 /// Test hook for loom models (A4): counters outside the map, decided through
-/// the same locking path as [`MemoryStore::decide_now`] (papaya cannot run
-/// under loom). Only built with `--cfg tollgate_loom`.
+/// the same locking path as [`MemoryStore::decide_now`] (the map's locks do
+/// not run under loom). Only built with `--cfg tollgate_loom`.
 #[cfg(tollgate_loom)]
 #[doc(hidden)]
 #[derive(Debug, Default)]
@@ -929,9 +824,6 @@ impl LoomSlot {
         };
         let mut decision = Decision::new(now);
         let mut g = slot.0.lock();
-        if g.dead {
-            return None;
-        }
         match scope_locked::<MAX_LIMITS_PER_REQUEST>(
             &mut g,
             now,
@@ -949,7 +841,7 @@ impl LoomSlot {
                     .map(|r| r.eval.remaining)
                     .collect(),
             )),
-            Locked::Dead | Locked::Full => None,
+            Locked::Full => None,
         }
     }
 
@@ -984,7 +876,7 @@ impl LoomSlot {
             &room,
         ) {
             Locked::Decided(admitted) => Some(admitted),
-            Locked::Dead | Locked::Full => None,
+            Locked::Full => None,
         }
     }
 }
