@@ -70,9 +70,6 @@ pub const DEFAULT_MAX_COUNTERS: usize = 1_000_000;
 /// Minimum time between two sweeps triggered by a full store.
 const SWEEP_INTERVAL_NS: u64 = Nanos::SECOND;
 
-/// Counters a scope entry holds inline before it moves them to a vector.
-const SPILL_CAPACITY: usize = 4;
-
 /// Checks per request that [`MemoryStore::decide_now`] sizes its stack arrays
 /// for when no more are given.
 const FEW_CHECKS: usize = 4;
@@ -109,107 +106,136 @@ pub(crate) struct Cell {
     counter: Counter,
 }
 
-/// The counters of one scope: the first inline (most scopes have one
-/// counter), more in a vector (a request with several limits on one scope).
-#[derive(Debug)]
-enum Cells {
-    One(Cell),
-    Many(Vec<Cell>),
-}
-
-impl Default for Cells {
-    fn default() -> Self {
-        Cells::Many(Vec::new())
-    }
-}
-
-impl Cells {
-    fn as_slice(&self) -> &[Cell] {
-        match self {
-            Cells::One(c) => std::slice::from_ref(c),
-            Cells::Many(v) => v,
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [Cell] {
-        match self {
-            Cells::One(c) => std::slice::from_mut(c),
-            Cells::Many(v) => v,
-        }
-    }
-
-    fn find(&self, tag: u64) -> Option<usize> {
-        self.as_slice().iter().position(|c| c.tag == tag)
-    }
-
-    /// Adds a fresh counter; returns its index.
-    fn push(&mut self, tag: u64) -> usize {
-        let cell = Cell {
-            tag,
+impl Cell {
+    /// An unused place in a scope's array.
+    fn empty() -> Cell {
+        Cell {
+            tag: 0,
             fresh_at: Nanos(0),
             counter: Counter::Fresh,
-        };
-        match self {
-            Cells::Many(v) if v.capacity() == 0 => {
-                *self = Cells::One(cell);
-                0
-            }
-            Cells::Many(v) => {
-                v.push(cell);
-                v.len() - 1
-            }
-            Cells::One(_) => {
-                let Cells::One(first) = std::mem::take(self) else {
-                    unreachable!("matched just above")
-                };
-                let mut v = Vec::with_capacity(SPILL_CAPACITY);
-                v.push(first);
-                v.push(cell);
-                *self = Cells::Many(v);
-                1
-            }
         }
-    }
-
-    /// Drops the counters that are fresh at `now`; returns how many.
-    fn drop_fresh(&mut self, now: Nanos) -> usize {
-        match self {
-            Cells::One(c) if c.fresh_at <= now => {
-                *self = Cells::default();
-                1
-            }
-            Cells::One(_) => 0,
-            Cells::Many(v) => {
-                let before = v.len();
-                v.retain(|c| c.fresh_at > now);
-                before - v.len()
-            }
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
     }
 }
 
-/// The counters of one scope and their lock.
-#[derive(Debug, Default)]
-pub(crate) struct Slot {
-    state: Mutex<Group>,
+/// Most counters one scope entry holds (limits sharing the same scope
+/// values); past it, a new counter in that scope is refused as if the store
+/// were full.
+pub const MAX_COUNTERS_PER_SCOPE: usize = 256;
+
+/// The counters of one scope and their lock, in one allocation: `C` is
+/// `[Cell; N]` when made, `[Cell]` in the map. A scope's entry is sized at
+/// creation for the limits that made it (the one-scope path: all of a
+/// request's limits), so its counters sit next to its lock (one cache miss
+/// on a large map, not two); a scope that needs more counters gets a larger
+/// entry, its counters moved under the map's write lock.
+#[derive(Debug)]
+pub(crate) struct Slot<C: ?Sized = [Cell]> {
+    state: Mutex<Group<C>>,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Group {
-    cells: Cells,
+/// The counters of a scope: the first `len` of `cells`.
+#[derive(Debug)]
+pub(crate) struct Group<C: ?Sized = [Cell]> {
+    len: u16,
+    cells: C,
+}
+
+fn boxed<const N: usize>() -> Box<Slot> {
+    Box::new(Slot {
+        state: Mutex::new(Group {
+            len: 0,
+            cells: std::array::from_fn::<Cell, N, _>(|_| Cell::empty()),
+        }),
+    })
 }
 
 impl Slot {
+    /// An empty entry with room for at least `n` counters (and not much
+    /// more); `None` past [`MAX_COUNTERS_PER_SCOPE`].
+    fn with_capacity(n: usize) -> Option<Box<Slot>> {
+        Some(match n {
+            0 | 1 => boxed::<1>(),
+            2 => boxed::<2>(),
+            3 => boxed::<3>(),
+            4 => boxed::<4>(),
+            5..=8 => boxed::<8>(),
+            9..=16 => boxed::<16>(),
+            17..=32 => boxed::<32>(),
+            33..=64 => boxed::<64>(),
+            65..=128 => boxed::<128>(),
+            129..=MAX_COUNTERS_PER_SCOPE => boxed::<MAX_COUNTERS_PER_SCOPE>(),
+            _ => return None,
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Group> {
         // A panic while holding the lock cannot leave a half-written state
         // (every write is one assignment), so a poisoned lock is still usable.
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Group {
+    fn as_slice(&self) -> &[Cell] {
+        &self.cells[..usize::from(self.len)]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Cell] {
+        &mut self.cells[..usize::from(self.len)]
+    }
+
+    fn find(&self, tag: u64) -> Option<usize> {
+        self.as_slice().iter().position(|c| c.tag == tag)
+    }
+
+    /// Room for this many more counters.
+    fn free(&self) -> usize {
+        self.cells.len() - usize::from(self.len)
+    }
+
+    /// Adds a fresh counter; returns its index. The caller checked
+    /// [`Group::free`] first.
+    fn push(&mut self, tag: u64) -> usize {
+        let k = usize::from(self.len);
+        self.cells[k] = Cell {
+            tag,
+            fresh_at: Nanos(0),
+            counter: Counter::Fresh,
+        };
+        self.len += 1;
+        k
+    }
+
+    /// Drops the counters that are fresh at `now`; returns how many.
+    fn drop_fresh(&mut self, now: Nanos) -> usize {
+        let len = usize::from(self.len);
+        let mut kept = 0;
+        for k in 0..len {
+            if self.cells[k].fresh_at > now {
+                self.cells.swap(kept, k);
+                kept += 1;
+            }
+        }
+        for c in &mut self.cells[kept..len] {
+            *c = Cell::empty();
+        }
+        self.len = kept as u16;
+        len - kept
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Moves every counter into `to` (which has room for them).
+    fn move_into(&mut self, to: &mut Group) {
+        for k in 0..usize::from(self.len) {
+            to.cells[k] = std::mem::replace(&mut self.cells[k], Cell::empty());
+        }
+        to.len = self.len;
+        self.len = 0;
     }
 }
 
@@ -303,6 +329,10 @@ pub(crate) enum Locked {
     Decided(bool),
     /// Admitted, but its new counters do not fit under the cap (nothing written).
     Full,
+    /// Admitted, but the entry of scope `at` (an index into the request's
+    /// scopes) has no room for its new counters: it needs `cells` in all
+    /// (nothing written).
+    Grow { at: u8, cells: usize },
 }
 
 impl MemoryStore {
@@ -348,8 +378,8 @@ impl MemoryStore {
         // entries, so every entry lock below is free.
         self.map.retain(|_, slot| {
             let mut g = slot.lock();
-            dropped += g.cells.drop_fresh(now);
-            if g.cells.is_empty() {
+            dropped += g.drop_fresh(now);
+            if g.is_empty() {
                 removed += 1;
                 false
             } else {
@@ -390,10 +420,15 @@ impl MemoryStore {
         false
     }
 
-    /// Adds an empty entry for `scope` if it has none, and returns it
-    /// (read-locked). Must not be called while holding another entry of the
-    /// map (it takes the shard's write lock).
-    fn insert(&self, scope: u64, now: Nanos) -> Result<Ref<'_, u64, Box<Slot>>, StoreError> {
+    /// Adds an empty entry for `scope`, with room for `cells` counters, if it
+    /// has none, and returns it (read-locked). Must not be called while
+    /// holding another entry of the map (it takes the shard's write lock).
+    fn insert(
+        &self,
+        scope: u64,
+        cells: usize,
+        now: Nanos,
+    ) -> Result<Ref<'_, u64, Box<Slot>>, StoreError> {
         if self.entries.load(Ordering::Relaxed) >= self.room.max {
             self.sweep_when_full(now);
             if self.entries.load(Ordering::Relaxed) >= self.room.max {
@@ -404,9 +439,35 @@ impl MemoryStore {
             Entry::Occupied(e) => e.into_ref().downgrade(),
             Entry::Vacant(e) => {
                 self.entries.fetch_add(1, Ordering::Relaxed);
-                e.insert(Box::default()).downgrade()
+                let slot = Slot::with_capacity(cells)
+                    .or_else(|| Slot::with_capacity(1))
+                    .expect("one counter always fits");
+                e.insert(slot).downgrade()
             }
         })
+    }
+
+    /// Gives the entry of `scope` room for `cells` counters: a larger entry,
+    /// its counters moved into it under the shard's write lock (no decision
+    /// holds it). Must not be called while holding another entry of the map.
+    ///
+    /// # Errors
+    /// [`StoreError::CounterCapReached`] past [`MAX_COUNTERS_PER_SCOPE`].
+    fn grow(&self, scope: u64, cells: usize) -> Result<(), StoreError> {
+        let Some(mut entry) = self.map.get_mut(&scope) else {
+            return Ok(()); // swept meanwhile: the next lookup adds it again
+        };
+        let mut g = entry.lock();
+        if g.free() + usize::from(g.len) >= cells {
+            return Ok(()); // grown meanwhile
+        }
+        let Some(bigger) = Slot::with_capacity(cells) else {
+            return Err(StoreError::CounterCapReached { cap: self.room.max });
+        };
+        g.move_into(&mut bigger.lock());
+        drop(g);
+        *entry = bigger;
+        Ok(())
     }
 
     /// [`Store::decide`] without a future: the in-memory store never waits.
@@ -483,7 +544,7 @@ impl MemoryStore {
             }
             if let Some(s) = missing {
                 drop(refs);
-                drop(self.insert(s, now)?);
+                drop(self.insert(s, 1, now)?);
                 continue;
             }
             let mut slots: [Option<&Slot>; N] = [None; N];
@@ -500,6 +561,10 @@ impl MemoryStore {
                 &self.room,
             ) {
                 Locked::Decided(admitted) => return Ok(admitted),
+                Locked::Grow { at, cells } => {
+                    drop(refs);
+                    self.grow(scopes[usize::from(at)], cells)?;
+                }
                 Locked::Full => {
                     drop(refs);
                     if swept || !self.sweep_when_full(now) {
@@ -541,11 +606,16 @@ impl MemoryStore {
         loop {
             let slot = match self.map.get(&scope) {
                 Some(slot) => slot,
-                None => self.insert(scope, now)?,
+                None => self.insert(scope, limits.len(), now)?,
             };
             let mut g = slot.lock();
             match scope_locked::<N>(&mut g, now, values, limits, cost, &self.room, decision) {
                 Locked::Decided(admitted) => return Ok(admitted),
+                Locked::Grow { cells, .. } => {
+                    drop(g);
+                    drop(slot);
+                    self.grow(scope, cells)?;
+                }
                 Locked::Full => {
                     drop(g);
                     drop(slot);
@@ -565,8 +635,8 @@ impl MemoryStore {
                 continue;
             };
             let mut g = slot.lock();
-            if let Some(k) = g.cells.find(tag(key))
-                && let Counter::Leases(set) = &mut g.cells.as_mut_slice()[k].counter
+            if let Some(k) = g.find(tag(key))
+                && let Counter::Leases(set) = &mut g.as_mut_slice()[k].counter
             {
                 set.release(lease);
                 set.leases.retain(|l| l.expires > now);
@@ -638,11 +708,13 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
     let mut at = [NO_CELL; N];
     let mut admitted = true;
     let mut new = 0;
+    // New counters per scope entry (is there room in it?).
+    let mut need = [0usize; N];
     for (i, check) in checks.iter().enumerate().take(N) {
         let g = groups[usize::from(scope_of[i])]
             .as_deref()
             .expect("every scope is locked");
-        let cells = g.cells.as_slice();
+        let cells = g.as_slice();
         let t = tag(check.key);
         // An entry's counters are usually in the order of the checks that
         // created them: try that one first.
@@ -675,12 +747,24 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
         // A counter this request would create (once, even if two checks share it).
         match cell {
             Some(k) => at[i] = u8::try_from(k).unwrap_or(NO_CELL),
-            None if admit && !shared => new += 1,
+            None if admit && !shared => {
+                new += 1;
+                need[usize::from(scope_of[i])] += 1;
+            }
             None => {}
         }
     }
     if !admitted {
         return Locked::Decided(false);
+    }
+    for (j, (g, &more)) in groups.iter().zip(&need).enumerate() {
+        let g = g.as_deref().expect("every scope is locked");
+        if more > g.free() {
+            return Locked::Grow {
+                at: j as u8,
+                cells: usize::from(g.len) + more,
+            };
+        }
     }
     if new > 0 && !room.reserve(new) {
         return Locked::Full;
@@ -695,14 +779,14 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
         let k = match at[i] {
             NO_CELL => {
                 let t = tag(check.key);
-                match g.cells.find(t) {
+                match g.find(t) {
                     Some(k) => k,
-                    None => g.cells.push(t),
+                    None => g.push(t),
                 }
             }
             k => usize::from(k),
         };
-        let cell = &mut g.cells.as_mut_slice()[k];
+        let cell = &mut g.as_mut_slice()[k];
         if !write_next(cell, &next[i], check.cost, now, &out[i]) {
             commit(cell, &check.params, check.cost, now, lease);
         }
@@ -731,7 +815,7 @@ fn scope_locked<const N: usize>(
     let mut at = [NO_CELL; N];
     let mut admitted = true;
     let mut new = 0;
-    let cells = g.cells.as_slice();
+    let cells = g.as_slice();
     for (i, pl) in limits.iter().enumerate() {
         let t = low ^ pl.prepared.name_hash;
         // Cells are usually in the order of the limits that made them.
@@ -754,6 +838,12 @@ fn scope_locked<const N: usize>(
         }
     }
     if admitted {
+        if new > g.free() {
+            return Locked::Grow {
+                at: 0,
+                cells: usize::from(g.len) + new,
+            };
+        }
         if new > 0 && !room.reserve(new) {
             return Locked::Full;
         }
@@ -763,13 +853,13 @@ fn scope_locked<const N: usize>(
             }
             let t = low ^ pl.prepared.name_hash;
             let k = match at[i] {
-                NO_CELL => match g.cells.find(t) {
+                NO_CELL => match g.find(t) {
                     Some(k) => k,
-                    None => g.cells.push(t),
+                    None => g.push(t),
                 },
                 k => usize::from(k),
             };
-            let cell = &mut g.cells.as_mut_slice()[k];
+            let cell = &mut g.as_mut_slice()[k];
             let c = cost.unwrap_or(pl.cost);
             if !write_next(cell, &next[i], c, now, &evals[i]) {
                 commit(cell, &pl.params_at(now), c, now, 0);
@@ -801,8 +891,15 @@ const NO_CELL: u8 = u8::MAX;
 /// not run under loom). Only built with `--cfg tollgate_loom`.
 #[cfg(tollgate_loom)]
 #[doc(hidden)]
-#[derive(Debug, Default)]
-pub struct LoomSlot(Slot);
+#[derive(Debug)]
+pub struct LoomSlot(Box<Slot>);
+
+#[cfg(tollgate_loom)]
+impl Default for LoomSlot {
+    fn default() -> Self {
+        LoomSlot(Slot::with_capacity(MAX_LIMITS_PER_REQUEST).expect("within the cap"))
+    }
+}
 
 #[cfg(tollgate_loom)]
 impl LoomSlot {
@@ -841,7 +938,7 @@ impl LoomSlot {
                     .map(|r| r.eval.remaining)
                     .collect(),
             )),
-            Locked::Full => None,
+            Locked::Full | Locked::Grow { .. } => None,
         }
     }
 
@@ -876,7 +973,7 @@ impl LoomSlot {
             &room,
         ) {
             Locked::Decided(admitted) => Some(admitted),
-            Locked::Full => None,
+            Locked::Full | Locked::Grow { .. } => None,
         }
     }
 }
@@ -1113,6 +1210,100 @@ mod tests {
         assert_eq!(store.sweep(now.plus(Duration::from_secs(1))), 0);
         assert_eq!(store.sweep(now.plus(Duration::from_secs(4))), 100);
         assert!(store.is_empty());
+    }
+
+    /// A check on counter `tag` of scope `scope`.
+    fn in_scope(scope: u64, tag: u64, params: Params) -> Check {
+        Check {
+            key: CounterKey((u128::from(scope) << 64) | u128::from(tag)),
+            params,
+            cost: 1,
+            blocking: true,
+        }
+    }
+
+    #[test]
+    fn a_growing_scope_entry_keeps_every_counter_exactly() {
+        // One scope, counters added one request at a time: its entry is
+        // made for one counter and grows (1, 2, 3, 4, 8, 16, 32, 64), its
+        // counters moved each time; each must keep its count.
+        let store = MemoryStore::default();
+        let now = Nanos::from_secs(100);
+        let mut one = [Evaluation::default(); 1];
+        for n in 1..=40u64 {
+            for tag in 1..=n {
+                assert!(
+                    store
+                        .decide_now(now, &[in_scope(7, tag, bucket(1_000))], 0, &mut one)
+                        .unwrap()
+                );
+                // Counter `tag` has taken one per round since round `tag`.
+                assert_eq!(one[0].remaining, 1_000 - (n - tag + 1), "counter {tag}, round {n}");
+            }
+        }
+        assert_eq!(store.len(), 40);
+        // Three new counters of one request in a full entry of 40 (room for 64)
+        // and then past 64: the entry grows under the request, all-or-nothing.
+        let mut three = [Evaluation::default(); 3];
+        for base in [100, 200, 300, 400, 500, 600, 700, 800] {
+            let checks = [
+                in_scope(7, base, bucket(5)),
+                in_scope(7, base + 1, bucket(5)),
+                in_scope(7, 1, bucket(1_000)),
+            ];
+            assert!(store.decide_now(now, &checks, 0, &mut three).unwrap());
+            assert_eq!(three[0].remaining, 4);
+        }
+        assert_eq!(store.len(), 56);
+        assert!(store.decide_now(now, &[in_scope(7, 1, bucket(1_000))], 0, &mut one).unwrap());
+        assert_eq!(one[0].remaining, 1_000 - 40 - 8 - 1, "counter 1 lost nothing in the moves");
+    }
+
+    #[test]
+    fn a_scope_holds_at_most_max_counters_per_scope() {
+        let store = MemoryStore::default();
+        let now = Nanos::from_secs(100);
+        let mut one = [Evaluation::default(); 1];
+        for tag in 0..MAX_COUNTERS_PER_SCOPE as u64 {
+            assert!(
+                store
+                    .decide_now(now, &[in_scope(9, tag, bucket(2))], 0, &mut one)
+                    .unwrap()
+            );
+        }
+        assert_eq!(
+            store.decide_now(now, &[in_scope(9, 999, bucket(2))], 0, &mut one),
+            Err(StoreError::CounterCapReached {
+                cap: DEFAULT_MAX_COUNTERS
+            })
+        );
+        // The others are intact, and other scopes unaffected.
+        assert!(store.decide_now(now, &[in_scope(9, 0, bucket(2))], 0, &mut one).unwrap());
+        assert_eq!(one[0].remaining, 0);
+        assert!(store.decide_now(now, &[in_scope(10, 999, bucket(2))], 0, &mut one).unwrap());
+        assert_eq!(store.len(), MAX_COUNTERS_PER_SCOPE + 1);
+    }
+
+    #[test]
+    fn sweep_keeps_the_live_counters_of_a_partly_fresh_entry() {
+        let store = MemoryStore::default();
+        let now = Nanos::from_secs(100);
+        let mut one = [Evaluation::default(); 1];
+        // Counters 0..6 of one scope: even ones take 1 (fresh after 1 s),
+        // odd ones 50 (fresh after 50 s).
+        for tag in 0..6u64 {
+            let mut check = in_scope(3, tag, bucket(100));
+            check.cost = if tag % 2 == 0 { 1 } else { 50 };
+            assert!(store.decide_now(now, &[check], 0, &mut one).unwrap());
+        }
+        let later = now.plus(Duration::from_secs(2));
+        assert_eq!(store.sweep(later), 3);
+        assert_eq!(store.len(), 3);
+        for tag in [1u64, 3, 5] {
+            assert!(store.decide_now(later, &[in_scope(3, tag, bucket(100))], 0, &mut one).unwrap());
+            // 100 - 50 + 2 refilled - 1.
+            assert_eq!(one[0].remaining, 51, "counter {tag} kept its count");
+        }
     }
 
     #[test]
