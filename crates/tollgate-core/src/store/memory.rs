@@ -168,6 +168,7 @@ impl Slot {
         })
     }
 
+    #[inline]
     fn lock(&self) -> MutexGuard<'_, Group> {
         // A panic while holding the lock cannot leave a half-written state
         // (every write is one assignment), so a poisoned lock is still usable.
@@ -178,10 +179,12 @@ impl Slot {
 }
 
 impl Group {
+    #[inline]
     fn as_slice(&self) -> &[Cell] {
         &self.cells[..usize::from(self.len)]
     }
 
+    #[inline]
     fn as_mut_slice(&mut self) -> &mut [Cell] {
         &mut self.cells[..usize::from(self.len)]
     }
@@ -191,6 +194,7 @@ impl Group {
     }
 
     /// Room for this many more counters.
+    #[inline]
     fn free(&self) -> usize {
         self.cells.len() - usize::from(self.len)
     }
@@ -958,7 +962,7 @@ impl LoomSlot {
         for (j, &i) in order.iter().enumerate() {
             scope_of[i] = j as u8;
         }
-        let sorted: Vec<Option<&Slot>> = order.iter().map(|&i| Some(&slots[i].0)).collect();
+        let sorted: Vec<Option<&Slot>> = order.iter().map(|&i| Some(&*slots[i].0)).collect();
         let room = Room {
             live: AtomicUsize::new(0),
             max: usize::MAX,
