@@ -336,7 +336,10 @@ pub(crate) enum Locked {
     /// Admitted, but the entry of scope `at` (an index into the request's
     /// scopes) has no room for its new counters: it needs `cells` in all
     /// (nothing written).
-    Grow { at: u8, cells: usize },
+    Grow {
+        at: u8,
+        cells: usize,
+    },
 }
 
 impl MemoryStore {
@@ -1242,7 +1245,11 @@ mod tests {
                         .unwrap()
                 );
                 // Counter `tag` has taken one per round since round `tag`.
-                assert_eq!(one[0].remaining, 1_000 - (n - tag + 1), "counter {tag}, round {n}");
+                assert_eq!(
+                    one[0].remaining,
+                    1_000 - (n - tag + 1),
+                    "counter {tag}, round {n}"
+                );
             }
         }
         assert_eq!(store.len(), 40);
@@ -1259,8 +1266,16 @@ mod tests {
             assert_eq!(three[0].remaining, 4);
         }
         assert_eq!(store.len(), 56);
-        assert!(store.decide_now(now, &[in_scope(7, 1, bucket(1_000))], 0, &mut one).unwrap());
-        assert_eq!(one[0].remaining, 1_000 - 40 - 8 - 1, "counter 1 lost nothing in the moves");
+        assert!(
+            store
+                .decide_now(now, &[in_scope(7, 1, bucket(1_000))], 0, &mut one)
+                .unwrap()
+        );
+        assert_eq!(
+            one[0].remaining,
+            1_000 - 40 - 8 - 1,
+            "counter 1 lost nothing in the moves"
+        );
     }
 
     #[test]
@@ -1282,9 +1297,17 @@ mod tests {
             })
         );
         // The others are intact, and other scopes unaffected.
-        assert!(store.decide_now(now, &[in_scope(9, 0, bucket(2))], 0, &mut one).unwrap());
+        assert!(
+            store
+                .decide_now(now, &[in_scope(9, 0, bucket(2))], 0, &mut one)
+                .unwrap()
+        );
         assert_eq!(one[0].remaining, 0);
-        assert!(store.decide_now(now, &[in_scope(10, 999, bucket(2))], 0, &mut one).unwrap());
+        assert!(
+            store
+                .decide_now(now, &[in_scope(10, 999, bucket(2))], 0, &mut one)
+                .unwrap()
+        );
         assert_eq!(store.len(), MAX_COUNTERS_PER_SCOPE + 1);
     }
 
@@ -1304,7 +1327,11 @@ mod tests {
         assert_eq!(store.sweep(later), 3);
         assert_eq!(store.len(), 3);
         for tag in [1u64, 3, 5] {
-            assert!(store.decide_now(later, &[in_scope(3, tag, bucket(100))], 0, &mut one).unwrap());
+            assert!(
+                store
+                    .decide_now(later, &[in_scope(3, tag, bucket(100))], 0, &mut one)
+                    .unwrap()
+            );
             // 100 - 50 + 2 refilled - 1.
             assert_eq!(one[0].remaining, 51, "counter {tag} kept its count");
         }
