@@ -1,10 +1,11 @@
-//! The in-memory store: a lock-free hash map of *scopes*, each holding the
+//! The in-memory store: a sharded hash map of *scopes*, each holding the
 //! counters of every limit that shares its scope values behind one small mutex.
 //!
 //! **One lookup, one lock per scope.** A [`CounterKey`]'s high 64 bits name its
 //! scope (the hash of the scope values) and its low 64 bits the counter within
 //! it (mixed with the limit name). The map is keyed by the scope; its entry
-//! holds the counters inline (one, or a short vector). A request whose three
+//! holds the lock and the counters in one allocation, sized for the limits
+//! that made it and grown when a scope needs more. A request whose three
 //! limits are all scoped by account therefore costs one map lookup and one
 //! lock, not three: that is what makes multi-limit decisions about as cheap as
 //! single-limit ones. When the policy resolved at load that every limit of a
@@ -25,7 +26,8 @@
 //! (full bucket, empty window). [`MemoryStore::sweep`] drops counters past that
 //! instant, and entries left with no counter, which never hands out extra
 //! capacity: a dropped counter and a fresh one are the same thing. The store
-//! holds at most `max_counters` live counters (and as many entries); when it is
+//! holds at most `max_counters` live counters (and as many entries), and a
+//! scope at most [`MAX_COUNTERS_PER_SCOPE`]; when it is
 //! full and sweeping frees nothing, new counters are refused with
 //! [`StoreError::CounterCapReached`] and each limit's `on_store_error` decides.
 //! Counters over their limit are never evicted to make room, so an attacker
