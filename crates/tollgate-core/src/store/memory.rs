@@ -1,10 +1,11 @@
-//! The in-memory store: a lock-free hash map of *scopes*, each holding the
+//! The in-memory store: a sharded hash map of *scopes*, each holding the
 //! counters of every limit that shares its scope values behind one small mutex.
 //!
 //! **One lookup, one lock per scope.** A [`CounterKey`]'s high 64 bits name its
 //! scope (the hash of the scope values) and its low 64 bits the counter within
 //! it (mixed with the limit name). The map is keyed by the scope; its entry
-//! holds the counters inline (one, or a short vector). A request whose three
+//! holds the lock and the counters in one allocation, sized for the limits
+//! that made it and grown when a scope needs more. A request whose three
 //! limits are all scoped by account therefore costs one map lookup and one
 //! lock, not three: that is what makes multi-limit decisions about as cheap as
 //! single-limit ones. When the policy resolved at load that every limit of a
@@ -19,33 +20,35 @@
 //! only if it is admitted. No other decision on those counters can interleave,
 //! so the in-memory store never over-admits and a rejected request consumes
 //! nothing. Requests on different scopes never touch the same lock; lookups
-//! take no lock at all (`papaya`).
+//! take a shard's read lock (`dashmap`), which readers share.
 //!
 //! **Bounded.** A counter remembers when it will be back to its fresh state
 //! (full bucket, empty window). [`MemoryStore::sweep`] drops counters past that
 //! instant, and entries left with no counter, which never hands out extra
 //! capacity: a dropped counter and a fresh one are the same thing. The store
-//! holds at most `max_counters` live counters (and as many entries); when it is
+//! holds at most `max_counters` live counters (and as many entries), and a
+//! scope at most [`MAX_COUNTERS_PER_SCOPE`]; when it is
 //! full and sweeping frees nothing, new counters are refused with
 //! [`StoreError::CounterCapReached`] and each limit's `on_store_error` decides.
 //! Counters over their limit are never evicted to make room, so an attacker
 //! minting keys cannot flush their own block. A counter is created only when a
 //! request is admitted and takes from it.
 //!
-//! **Memory comes back.** papaya never shrinks a table on removals, so a sweep
-//! that leaves at most 1/8 of the most entries the map has held rebuilds it at
-//! the size of what is left (see [`MemoryStore::sweep`]): after a burst of keys
-//! goes idle and is swept, the store is back to its size before the burst.
+//! **Memory comes back.** A sweep that leaves the map's tables at most 1/8
+//! full shrinks them to the size of what is left (see
+//! [`MemoryStore::sweep`]): after a burst of keys goes idle and is swept, the
+//! store is back to its size before the burst.
 //!
 //! Memory: the 64-bit scope hash, the lock, and per counter its 64-bit tag,
 //! its fresh instant and its state (measured in `BENCHMARKS.md`). Strings are
 //! never stored.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use dashmap::mapref::one::Ref;
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
@@ -68,9 +71,6 @@ pub const DEFAULT_MAX_COUNTERS: usize = 1_000_000;
 
 /// Minimum time between two sweeps triggered by a full store.
 const SWEEP_INTERVAL_NS: u64 = Nanos::SECOND;
-
-/// Counters a scope entry holds inline before it moves them to a vector.
-const SPILL_CAPACITY: usize = 4;
 
 /// Checks per request that [`MemoryStore::decide_now`] sizes its stack arrays
 /// for when no more are given.
@@ -108,109 +108,140 @@ pub(crate) struct Cell {
     counter: Counter,
 }
 
-/// The counters of one scope: the first inline (most scopes have one
-/// counter), more in a vector (a request with several limits on one scope).
-#[derive(Debug)]
-enum Cells {
-    One(Cell),
-    Many(Vec<Cell>),
-}
-
-impl Default for Cells {
-    fn default() -> Self {
-        Cells::Many(Vec::new())
-    }
-}
-
-impl Cells {
-    fn as_slice(&self) -> &[Cell] {
-        match self {
-            Cells::One(c) => std::slice::from_ref(c),
-            Cells::Many(v) => v,
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [Cell] {
-        match self {
-            Cells::One(c) => std::slice::from_mut(c),
-            Cells::Many(v) => v,
-        }
-    }
-
-    fn find(&self, tag: u64) -> Option<usize> {
-        self.as_slice().iter().position(|c| c.tag == tag)
-    }
-
-    /// Adds a fresh counter; returns its index.
-    fn push(&mut self, tag: u64) -> usize {
-        let cell = Cell {
-            tag,
+impl Cell {
+    /// An unused place in a scope's array.
+    fn empty() -> Cell {
+        Cell {
+            tag: 0,
             fresh_at: Nanos(0),
             counter: Counter::Fresh,
-        };
-        match self {
-            Cells::Many(v) if v.capacity() == 0 => {
-                *self = Cells::One(cell);
-                0
-            }
-            Cells::Many(v) => {
-                v.push(cell);
-                v.len() - 1
-            }
-            Cells::One(_) => {
-                let Cells::One(first) = std::mem::take(self) else {
-                    unreachable!("matched just above")
-                };
-                let mut v = Vec::with_capacity(SPILL_CAPACITY);
-                v.push(first);
-                v.push(cell);
-                *self = Cells::Many(v);
-                1
-            }
         }
-    }
-
-    /// Drops the counters that are fresh at `now`; returns how many.
-    fn drop_fresh(&mut self, now: Nanos) -> usize {
-        match self {
-            Cells::One(c) if c.fresh_at <= now => {
-                *self = Cells::default();
-                1
-            }
-            Cells::One(_) => 0,
-            Cells::Many(v) => {
-                let before = v.len();
-                v.retain(|c| c.fresh_at > now);
-                before - v.len()
-            }
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
     }
 }
 
-/// The counters of one scope and their lock.
-#[derive(Debug, Default)]
-pub(crate) struct Slot {
-    state: Mutex<Group>,
+/// Most counters one scope entry holds (limits sharing the same scope
+/// values); past it, a new counter in that scope is refused as if the store
+/// were full.
+pub const MAX_COUNTERS_PER_SCOPE: usize = 256;
+
+/// The counters of one scope and their lock, in one allocation: `C` is
+/// `[Cell; N]` when made, `[Cell]` in the map. A scope's entry is sized at
+/// creation for the limits that made it (the one-scope path: all of a
+/// request's limits), so its counters sit next to its lock (one cache miss
+/// on a large map, not two); a scope that needs more counters gets a larger
+/// entry, its counters moved under the map's write lock.
+#[derive(Debug)]
+pub(crate) struct Slot<C: ?Sized = [Cell]> {
+    state: Mutex<Group<C>>,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Group {
-    /// Removed from the map by a sweep: a decision that locked it looks it up again.
-    dead: bool,
-    cells: Cells,
+/// The counters of a scope: the first `len` of `cells`.
+#[derive(Debug)]
+pub(crate) struct Group<C: ?Sized = [Cell]> {
+    len: u16,
+    cells: C,
+}
+
+fn boxed<const N: usize>() -> Box<Slot> {
+    Box::new(Slot {
+        state: Mutex::new(Group {
+            len: 0,
+            cells: std::array::from_fn::<Cell, N, _>(|_| Cell::empty()),
+        }),
+    })
 }
 
 impl Slot {
+    /// An empty entry with room for at least `n` counters (and not much
+    /// more); `None` past [`MAX_COUNTERS_PER_SCOPE`].
+    fn with_capacity(n: usize) -> Option<Box<Slot>> {
+        Some(match n {
+            0 | 1 => boxed::<1>(),
+            2 => boxed::<2>(),
+            3 => boxed::<3>(),
+            4 => boxed::<4>(),
+            5..=8 => boxed::<8>(),
+            9..=16 => boxed::<16>(),
+            17..=32 => boxed::<32>(),
+            33..=64 => boxed::<64>(),
+            65..=128 => boxed::<128>(),
+            129..=MAX_COUNTERS_PER_SCOPE => boxed::<MAX_COUNTERS_PER_SCOPE>(),
+            _ => return None,
+        })
+    }
+
+    #[inline]
     fn lock(&self) -> MutexGuard<'_, Group> {
         // A panic while holding the lock cannot leave a half-written state
         // (every write is one assignment), so a poisoned lock is still usable.
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Group {
+    #[inline]
+    fn as_slice(&self) -> &[Cell] {
+        &self.cells[..usize::from(self.len)]
+    }
+
+    #[inline]
+    fn as_mut_slice(&mut self) -> &mut [Cell] {
+        &mut self.cells[..usize::from(self.len)]
+    }
+
+    fn find(&self, tag: u64) -> Option<usize> {
+        self.as_slice().iter().position(|c| c.tag == tag)
+    }
+
+    /// Room for this many more counters.
+    #[inline]
+    fn free(&self) -> usize {
+        self.cells.len() - usize::from(self.len)
+    }
+
+    /// Adds a fresh counter; returns its index. The caller checked
+    /// [`Group::free`] first.
+    fn push(&mut self, tag: u64) -> usize {
+        let k = usize::from(self.len);
+        self.cells[k] = Cell {
+            tag,
+            fresh_at: Nanos(0),
+            counter: Counter::Fresh,
+        };
+        self.len += 1;
+        k
+    }
+
+    /// Drops the counters that are fresh at `now`; returns how many.
+    fn drop_fresh(&mut self, now: Nanos) -> usize {
+        let len = usize::from(self.len);
+        let mut kept = 0;
+        for k in 0..len {
+            if self.cells[k].fresh_at > now {
+                self.cells.swap(kept, k);
+                kept += 1;
+            }
+        }
+        for c in &mut self.cells[kept..len] {
+            *c = Cell::empty();
+        }
+        self.len = kept as u16;
+        len - kept
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Moves every counter into `to` (which has room for them).
+    fn move_into(&mut self, to: &mut Group) {
+        for k in 0..usize::from(self.len) {
+            to.cells[k] = std::mem::replace(&mut self.cells[k], Cell::empty());
+        }
+        to.len = self.len;
+        self.len = 0;
     }
 }
 
@@ -270,50 +301,27 @@ impl BuildHasher for KeyHasher {
 /// Counters in process memory. See the module docs for its guarantees.
 #[derive(Debug)]
 pub struct MemoryStore {
-    /// The current index: replaced by a smaller copy when a sweep leaves it
-    /// mostly empty (papaya never shrinks a table on removals). A decision
-    /// loads it without a lock; the index it loaded stays alive until it is
-    /// done (and is freed then, once replaced).
-    index: ArcSwap<Index>,
+    /// Scope → its entry. A decision holds its shard's read lock from the
+    /// lookup until its entry is unlocked, so a sweep (which takes the
+    /// shard's write lock to remove entries) can never free an entry a
+    /// decision is using, and no entry is ever "dead".
+    map: DashMap<u64, Box<Slot>, KeyHasher>,
+    /// Entries in `map` (bounded by the cap, as counters are).
+    entries: AtomicUsize,
     room: Room,
     last_sweep: AtomicU64,
-    /// Held while the index is rebuilt (one rebuild at a time).
-    rebuilding: std::sync::Mutex<()>,
-    /// Index rebuilds so far.
+    /// Times a sweep shrank the map's tables to give back idle scopes' memory.
     rebuilds: AtomicU64,
 }
 
-/// The map from scope to scope entry, and what a rebuild needs to move it.
-#[derive(Debug)]
-struct Index {
-    map: papaya::HashMap<u64, Slot, KeyHasher>,
-    /// Most scope entries this index has held: its table's size follows it.
-    high_water: AtomicUsize,
-    /// Set when a rebuild starts: no new entry may be added from then on.
-    frozen: AtomicBool,
-    /// Decisions adding an entry right now (a rebuild waits for them).
-    inserting: AtomicUsize,
-}
+/// Shards of the map: readers of different shards share no cache line.
+const SHARDS: usize = 64;
 
-impl Index {
-    fn new() -> Index {
-        Index {
-            map: papaya::HashMap::builder()
-                .hasher(KeyHasher(0))
-                .resize_mode(papaya::ResizeMode::Blocking)
-                .build(),
-            high_water: AtomicUsize::new(0),
-            frozen: AtomicBool::new(false),
-            inserting: AtomicUsize::new(0),
-        }
-    }
-}
-
-/// A sweep rebuilds the index when at most 1/`SHRINK_RATIO` of its
-/// high-water entries are left ...
+/// A sweep shrinks the map's tables when at most 1/`SHRINK_RATIO` of
+/// their capacity is used ...
 const SHRINK_RATIO: usize = 8;
-/// ... and the high water is at least this many entries (small tables are
-/// not worth it).
+/// ... and they can hold at least this many entries (small tables are not
+/// worth it).
 const SHRINK_MIN_ENTRIES: usize = 1024;
 
 impl Default for MemoryStore {
@@ -325,24 +333,28 @@ impl Default for MemoryStore {
 /// What a locked decision came to.
 pub(crate) enum Locked {
     Decided(bool),
-    /// A scope entry was swept, or moved to a new index, between lookup and
-    /// lock: look up again.
-    Dead,
     /// Admitted, but its new counters do not fit under the cap (nothing written).
     Full,
+    /// Admitted, but the entry of scope `at` (an index into the request's
+    /// scopes) has no room for its new counters: it needs `cells` in all
+    /// (nothing written).
+    Grow {
+        at: u8,
+        cells: usize,
+    },
 }
 
 impl MemoryStore {
     /// A store holding at most `max_counters` live counters.
     pub fn new(max_counters: usize) -> MemoryStore {
         MemoryStore {
-            index: ArcSwap::from_pointee(Index::new()),
+            map: DashMap::with_hasher_and_shard_amount(KeyHasher(0), SHARDS),
+            entries: AtomicUsize::new(0),
             room: Room {
                 live: AtomicUsize::new(0),
                 max: max_counters.max(1),
             },
             last_sweep: AtomicU64::new(0),
-            rebuilding: std::sync::Mutex::new(()),
             rebuilds: AtomicU64::new(0),
         }
     }
@@ -362,84 +374,41 @@ impl MemoryStore {
     /// periodically (the server does, every few seconds); a full store also
     /// triggers it, at most once a second.
     ///
-    /// When the sweep leaves at most 1/8 of the most entries the index has
-    /// held (and it held at least 1,024), the index is rebuilt at the size of
-    /// what is left, so that the memory of a burst of keys comes back once
-    /// they go idle. New scopes wait for the rebuild (it moves one pointer per
-    /// live entry); decisions on existing scopes go on.
+    /// When the sweep leaves the map's tables at most 1/8 full (and they can
+    /// hold at least 1,024 entries), they are shrunk to the size of what is
+    /// left, so that the memory of a burst of keys comes back once they go
+    /// idle. Each shard is locked in turn (decisions on its scopes wait for
+    /// it; the others go on).
     pub fn sweep(&self, now: Nanos) -> usize {
         self.last_sweep.store(now.0, Ordering::Relaxed);
-        let index = self.index.load();
-        let guard = index.map.guard();
-        // Entries are only removed by sweeps: the length before this one is
-        // the most the index held since the last sweep.
-        index
-            .high_water
-            .fetch_max(index.map.len(), Ordering::Relaxed);
         let mut dropped = 0;
-        index.map.retain(
-            |_, slot| {
-                let mut g = slot.lock();
-                dropped += g.cells.drop_fresh(now);
-                if g.cells.is_empty() {
-                    g.dead = true;
-                    false
-                } else {
-                    true
-                }
-            },
-            &guard,
-        );
+        let mut removed = 0;
+        // Each shard under its write lock: no decision holds one of its
+        // entries, so every entry lock below is free.
+        self.map.retain(|_, slot| {
+            let mut g = slot.lock();
+            dropped += g.drop_fresh(now);
+            if g.is_empty() {
+                removed += 1;
+                false
+            } else {
+                true
+            }
+        });
         self.room.free(dropped);
-        let high_water = index.high_water.load(Ordering::Relaxed);
-        if high_water >= SHRINK_MIN_ENTRIES && index.map.len() * SHRINK_RATIO <= high_water {
-            drop(guard);
-            self.rebuild(&index);
+        self.entries.fetch_sub(removed, Ordering::Relaxed);
+        let capacity = self.map.capacity();
+        if capacity >= SHRINK_MIN_ENTRIES
+            && self.entries.load(Ordering::Relaxed) * SHRINK_RATIO <= capacity
+        {
+            self.map.shrink_to_fit();
+            self.rebuilds.fetch_add(1, Ordering::Relaxed);
         }
         dropped
     }
 
-    /// Replaces `old` (if still current) by a new index holding its live
-    /// entries. Exact: every entry is moved under its lock and marked dead,
-    /// so a decision that locks it afterwards looks it up again (in the new
-    /// index, once published); no entry is added to `old` once the rebuild
-    /// starts (`frozen`, and `inserting` drained), so none is lost.
-    fn rebuild(&self, old: &Arc<Index>) {
-        let Ok(_one) = self.rebuilding.try_lock() else {
-            return; // another sweep is rebuilding
-        };
-        if !Arc::ptr_eq(&self.index.load(), old) {
-            return; // already replaced
-        }
-        old.frozen.store(true, Ordering::SeqCst);
-        while old.inserting.load(Ordering::SeqCst) != 0 {
-            std::thread::yield_now();
-        }
-        let new = Index::new();
-        {
-            let (og, ng) = (old.map.guard(), new.map.guard());
-            for (&scope, slot) in old.map.iter(&og) {
-                let mut g = slot.lock();
-                if g.dead {
-                    continue;
-                }
-                g.dead = true;
-                let cells = std::mem::take(&mut g.cells);
-                if !cells.is_empty() {
-                    let moved = Slot {
-                        state: Mutex::new(Group { dead: false, cells }),
-                    };
-                    new.map.insert(scope, moved, &ng);
-                }
-            }
-        }
-        new.high_water.store(new.map.len(), Ordering::Relaxed);
-        self.index.store(Arc::new(new));
-        self.rebuilds.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// How many times a sweep has rebuilt the index to give back the memory
-    /// of idle scopes.
+    /// How many times a sweep has shrunk the map's tables to give back the
+    /// memory of idle scopes.
     pub fn index_rebuilds(&self) -> u64 {
         self.rebuilds.load(Ordering::Relaxed)
     }
@@ -460,32 +429,54 @@ impl MemoryStore {
         false
     }
 
-    /// The entry of `scope` in `index`, added if missing; `None` if `index`
-    /// is being rebuilt and has no such entry (look up again in the new one).
-    fn slot<'g>(
+    /// Adds an empty entry for `scope`, with room for `cells` counters, if it
+    /// has none, and returns it (read-locked). Must not be called while
+    /// holding another entry of the map (it takes the shard's write lock).
+    fn insert(
         &self,
-        index: &'g Index,
         scope: u64,
+        cells: usize,
         now: Nanos,
-        guard: &'g impl papaya::Guard,
-    ) -> Result<Option<&'g Slot>, StoreError> {
-        if let Some(s) = index.map.get(&scope, guard) {
-            return Ok(Some(s));
-        }
-        if index.map.len() >= self.room.max {
+    ) -> Result<Ref<'_, u64, Box<Slot>>, StoreError> {
+        if self.entries.load(Ordering::Relaxed) >= self.room.max {
             self.sweep_when_full(now);
-            if index.map.len() >= self.room.max {
+            if self.entries.load(Ordering::Relaxed) >= self.room.max {
                 return Err(StoreError::CounterCapReached { cap: self.room.max });
             }
         }
-        index.inserting.fetch_add(1, Ordering::SeqCst);
-        let slot = if index.frozen.load(Ordering::SeqCst) {
-            None
-        } else {
-            Some(index.map.get_or_insert_with(scope, Slot::default, guard))
+        Ok(match self.map.entry(scope) {
+            Entry::Occupied(e) => e.into_ref().downgrade(),
+            Entry::Vacant(e) => {
+                self.entries.fetch_add(1, Ordering::Relaxed);
+                let slot = Slot::with_capacity(cells)
+                    .or_else(|| Slot::with_capacity(1))
+                    .expect("one counter always fits");
+                e.insert(slot).downgrade()
+            }
+        })
+    }
+
+    /// Gives the entry of `scope` room for `cells` counters: a larger entry,
+    /// its counters moved into it under the shard's write lock (no decision
+    /// holds it). Must not be called while holding another entry of the map.
+    ///
+    /// # Errors
+    /// [`StoreError::CounterCapReached`] past [`MAX_COUNTERS_PER_SCOPE`].
+    fn grow(&self, scope: u64, cells: usize) -> Result<(), StoreError> {
+        let Some(mut entry) = self.map.get_mut(&scope) else {
+            return Ok(()); // swept meanwhile: the next lookup adds it again
         };
-        index.inserting.fetch_sub(1, Ordering::SeqCst);
-        Ok(slot)
+        let mut g = entry.lock();
+        if g.free() + usize::from(g.len) >= cells {
+            return Ok(()); // grown meanwhile
+        }
+        let Some(bigger) = Slot::with_capacity(cells) else {
+            return Err(StoreError::CounterCapReached { cap: self.room.max });
+        };
+        g.move_into(&mut bigger.lock());
+        drop(g);
+        *entry = bigger;
+        Ok(())
     }
 
     /// [`Store::decide`] without a future: the in-memory store never waits.
@@ -547,21 +538,27 @@ impl MemoryStore {
             }
         }
         let mut swept = false;
-        let mut retries = 0u32;
         loop {
-            if retries > 1 {
-                // An index rebuild is moving this request's entries.
-                std::thread::yield_now();
+            // Look every scope up (a shard read lock each, held until the
+            // decision is made); a missing one is added with every lookup
+            // dropped (adding takes the shard's write lock), then look up again.
+            let mut refs: [Option<Ref<'_, u64, Box<Slot>>>; N] = std::array::from_fn(|_| None);
+            let mut missing = None;
+            for (r, &s) in refs.iter_mut().zip(&scopes[..m]) {
+                *r = self.map.get(&s);
+                if r.is_none() {
+                    missing = Some(s);
+                    break;
+                }
             }
-            retries += 1;
-            let index = self.index.load();
-            let guard = index.map.guard();
-            let mut slots: [Option<&Slot>; N] = [None; N];
-            for (slot, &s) in slots.iter_mut().zip(&scopes[..m]) {
-                *slot = self.slot(&index, s, now, &guard)?;
-            }
-            if slots[..m].iter().any(Option::is_none) {
+            if let Some(s) = missing {
+                drop(refs);
+                drop(self.insert(s, 1, now)?);
                 continue;
+            }
+            let mut slots: [Option<&Slot>; N] = [None; N];
+            for (slot, r) in slots.iter_mut().zip(&refs[..m]) {
+                *slot = r.as_deref().map(|b| &**b);
             }
             match decide_locked::<N>(
                 now,
@@ -573,9 +570,12 @@ impl MemoryStore {
                 &self.room,
             ) {
                 Locked::Decided(admitted) => return Ok(admitted),
-                // A sweep removed one of the entries between lookup and lock.
-                Locked::Dead => {}
+                Locked::Grow { at, cells } => {
+                    drop(refs);
+                    self.grow(scopes[usize::from(at)], cells)?;
+                }
                 Locked::Full => {
+                    drop(refs);
                     if swept || !self.sweep_when_full(now) {
                         return Err(StoreError::CounterCapReached { cap: self.room.max });
                     }
@@ -612,31 +612,22 @@ impl MemoryStore {
         let limits = &limits[..limits.len().min(N)];
         let scope = (values >> 64) as u64;
         let mut swept = false;
-        let mut retries = 0u32;
         loop {
-            if retries > 1 {
-                // An index rebuild is moving this entry.
-                std::thread::yield_now();
-            }
-            retries += 1;
-            let index = self.index.load();
-            let guard = index.map.guard();
-            let slot = match index.map.get(&scope, &guard) {
+            let slot = match self.map.get(&scope) {
                 Some(slot) => slot,
-                None => match self.slot(&index, scope, now, &guard)? {
-                    Some(slot) => slot,
-                    None => continue,
-                },
+                None => self.insert(scope, limits.len(), now)?,
             };
             let mut g = slot.lock();
-            if g.dead {
-                continue;
-            }
             match scope_locked::<N>(&mut g, now, values, limits, cost, &self.room, decision) {
                 Locked::Decided(admitted) => return Ok(admitted),
-                Locked::Dead => {}
+                Locked::Grow { cells, .. } => {
+                    drop(g);
+                    drop(slot);
+                    self.grow(scope, cells)?;
+                }
                 Locked::Full => {
                     drop(g);
+                    drop(slot);
                     if swept || !self.sweep_when_full(now) {
                         return Err(StoreError::CounterCapReached { cap: self.room.max });
                     }
@@ -649,26 +640,15 @@ impl MemoryStore {
     /// Releases lease `lease` on the concurrency counters `keys`.
     pub fn release_now(&self, now: Nanos, keys: &[CounterKey], lease: u64) {
         for &key in keys {
-            loop {
-                let index = self.index.load();
-                let guard = index.map.guard();
-                let Some(slot) = index.map.get(&scope(key), &guard) else {
-                    break;
-                };
-                let mut g = slot.lock();
-                if g.dead {
-                    // Swept (then gone from the map) or moved to a new index.
-                    drop(g);
-                    std::thread::yield_now();
-                    continue;
-                }
-                if let Some(k) = g.cells.find(tag(key))
-                    && let Counter::Leases(set) = &mut g.cells.as_mut_slice()[k].counter
-                {
-                    set.release(lease);
-                    set.leases.retain(|l| l.expires > now);
-                }
-                break;
+            let Some(slot) = self.map.get(&scope(key)) else {
+                continue;
+            };
+            let mut g = slot.lock();
+            if let Some(k) = g.find(tag(key))
+                && let Counter::Leases(set) = &mut g.as_mut_slice()[k].counter
+            {
+                set.release(lease);
+                set.leases.retain(|l| l.expires > now);
             }
         }
     }
@@ -689,18 +669,12 @@ pub(crate) fn decide_locked<const N: usize>(
     if let [one] = slots {
         // One scope (the usual case): one lock, no guard array.
         let g = one.expect("every scope is looked up").lock();
-        if g.dead {
-            return Locked::Dead;
-        }
         return decide_groups::<N, _>(now, checks, lease, out, &mut [Some(g)], scope_of, room);
     }
     let mut locks: [Option<MutexGuard<'_, Group>>; MAX_LIMITS_PER_REQUEST] =
         std::array::from_fn(|_| None);
     for (lock, slot) in locks.iter_mut().zip(slots) {
         let g = slot.expect("every scope is looked up").lock();
-        if g.dead {
-            return Locked::Dead;
-        }
         *lock = Some(g);
     }
     decide_groups::<N, _>(
@@ -743,11 +717,13 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
     let mut at = [NO_CELL; N];
     let mut admitted = true;
     let mut new = 0;
+    // New counters per scope entry (is there room in it?).
+    let mut need = [0usize; N];
     for (i, check) in checks.iter().enumerate().take(N) {
         let g = groups[usize::from(scope_of[i])]
             .as_deref()
             .expect("every scope is locked");
-        let cells = g.cells.as_slice();
+        let cells = g.as_slice();
         let t = tag(check.key);
         // An entry's counters are usually in the order of the checks that
         // created them: try that one first.
@@ -780,12 +756,24 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
         // A counter this request would create (once, even if two checks share it).
         match cell {
             Some(k) => at[i] = u8::try_from(k).unwrap_or(NO_CELL),
-            None if admit && !shared => new += 1,
+            None if admit && !shared => {
+                new += 1;
+                need[usize::from(scope_of[i])] += 1;
+            }
             None => {}
         }
     }
     if !admitted {
         return Locked::Decided(false);
+    }
+    for (j, (g, &more)) in groups.iter().zip(&need).enumerate() {
+        let g = g.as_deref().expect("every scope is locked");
+        if more > g.free() {
+            return Locked::Grow {
+                at: j as u8,
+                cells: usize::from(g.len) + more,
+            };
+        }
     }
     if new > 0 && !room.reserve(new) {
         return Locked::Full;
@@ -800,14 +788,14 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
         let k = match at[i] {
             NO_CELL => {
                 let t = tag(check.key);
-                match g.cells.find(t) {
+                match g.find(t) {
                     Some(k) => k,
-                    None => g.cells.push(t),
+                    None => g.push(t),
                 }
             }
             k => usize::from(k),
         };
-        let cell = &mut g.cells.as_mut_slice()[k];
+        let cell = &mut g.as_mut_slice()[k];
         if !write_next(cell, &next[i], check.cost, now, &out[i]) {
             commit(cell, &check.params, check.cost, now, lease);
         }
@@ -836,7 +824,7 @@ fn scope_locked<const N: usize>(
     let mut at = [NO_CELL; N];
     let mut admitted = true;
     let mut new = 0;
-    let cells = g.cells.as_slice();
+    let cells = g.as_slice();
     for (i, pl) in limits.iter().enumerate() {
         let t = low ^ pl.prepared.name_hash;
         // Cells are usually in the order of the limits that made them.
@@ -859,6 +847,12 @@ fn scope_locked<const N: usize>(
         }
     }
     if admitted {
+        if new > g.free() {
+            return Locked::Grow {
+                at: 0,
+                cells: usize::from(g.len) + new,
+            };
+        }
         if new > 0 && !room.reserve(new) {
             return Locked::Full;
         }
@@ -868,13 +862,13 @@ fn scope_locked<const N: usize>(
             }
             let t = low ^ pl.prepared.name_hash;
             let k = match at[i] {
-                NO_CELL => match g.cells.find(t) {
+                NO_CELL => match g.find(t) {
                     Some(k) => k,
-                    None => g.cells.push(t),
+                    None => g.push(t),
                 },
                 k => usize::from(k),
             };
-            let cell = &mut g.cells.as_mut_slice()[k];
+            let cell = &mut g.as_mut_slice()[k];
             let c = cost.unwrap_or(pl.cost);
             if !write_next(cell, &next[i], c, now, &evals[i]) {
                 commit(cell, &pl.params_at(now), c, now, 0);
@@ -902,12 +896,19 @@ fn scope_locked<const N: usize>(
 const NO_CELL: u8 = u8::MAX;
 
 /// Test hook for loom models (A4): counters outside the map, decided through
-/// the same locking path as [`MemoryStore::decide_now`] (papaya cannot run
-/// under loom). Only built with `--cfg tollgate_loom`.
+/// the same locking path as [`MemoryStore::decide_now`] (the map's locks do
+/// not run under loom). Only built with `--cfg tollgate_loom`.
 #[cfg(tollgate_loom)]
 #[doc(hidden)]
-#[derive(Debug, Default)]
-pub struct LoomSlot(Slot);
+#[derive(Debug)]
+pub struct LoomSlot(Box<Slot>);
+
+#[cfg(tollgate_loom)]
+impl Default for LoomSlot {
+    fn default() -> Self {
+        LoomSlot(Slot::with_capacity(MAX_LIMITS_PER_REQUEST).expect("within the cap"))
+    }
+}
 
 #[cfg(tollgate_loom)]
 impl LoomSlot {
@@ -929,9 +930,6 @@ impl LoomSlot {
         };
         let mut decision = Decision::new(now);
         let mut g = slot.0.lock();
-        if g.dead {
-            return None;
-        }
         match scope_locked::<MAX_LIMITS_PER_REQUEST>(
             &mut g,
             now,
@@ -949,7 +947,7 @@ impl LoomSlot {
                     .map(|r| r.eval.remaining)
                     .collect(),
             )),
-            Locked::Dead | Locked::Full => None,
+            Locked::Full | Locked::Grow { .. } => None,
         }
     }
 
@@ -969,7 +967,7 @@ impl LoomSlot {
         for (j, &i) in order.iter().enumerate() {
             scope_of[i] = j as u8;
         }
-        let sorted: Vec<Option<&Slot>> = order.iter().map(|&i| Some(&slots[i].0)).collect();
+        let sorted: Vec<Option<&Slot>> = order.iter().map(|&i| Some(&*slots[i].0)).collect();
         let room = Room {
             live: AtomicUsize::new(0),
             max: usize::MAX,
@@ -984,7 +982,7 @@ impl LoomSlot {
             &room,
         ) {
             Locked::Decided(admitted) => Some(admitted),
-            Locked::Dead | Locked::Full => None,
+            Locked::Full | Locked::Grow { .. } => None,
         }
     }
 }
@@ -1221,6 +1219,124 @@ mod tests {
         assert_eq!(store.sweep(now.plus(Duration::from_secs(1))), 0);
         assert_eq!(store.sweep(now.plus(Duration::from_secs(4))), 100);
         assert!(store.is_empty());
+    }
+
+    /// A check on counter `tag` of scope `scope`.
+    fn in_scope(scope: u64, tag: u64, params: Params) -> Check {
+        Check {
+            key: CounterKey((u128::from(scope) << 64) | u128::from(tag)),
+            params,
+            cost: 1,
+            blocking: true,
+        }
+    }
+
+    #[test]
+    fn a_growing_scope_entry_keeps_every_counter_exactly() {
+        // One scope, counters added one request at a time: its entry is
+        // made for one counter and grows (1, 2, 3, 4, 8, 16, 32, 64), its
+        // counters moved each time; each must keep its count.
+        let store = MemoryStore::default();
+        let now = Nanos::from_secs(100);
+        let mut one = [Evaluation::default(); 1];
+        for n in 1..=40u64 {
+            for tag in 1..=n {
+                assert!(
+                    store
+                        .decide_now(now, &[in_scope(7, tag, bucket(1_000))], 0, &mut one)
+                        .unwrap()
+                );
+                // Counter `tag` has taken one per round since round `tag`.
+                assert_eq!(
+                    one[0].remaining,
+                    1_000 - (n - tag + 1),
+                    "counter {tag}, round {n}"
+                );
+            }
+        }
+        assert_eq!(store.len(), 40);
+        // Three new counters of one request in a full entry of 40 (room for 64)
+        // and then past 64: the entry grows under the request, all-or-nothing.
+        let mut three = [Evaluation::default(); 3];
+        for base in [100, 200, 300, 400, 500, 600, 700, 800] {
+            let checks = [
+                in_scope(7, base, bucket(5)),
+                in_scope(7, base + 1, bucket(5)),
+                in_scope(7, 1, bucket(1_000)),
+            ];
+            assert!(store.decide_now(now, &checks, 0, &mut three).unwrap());
+            assert_eq!(three[0].remaining, 4);
+        }
+        assert_eq!(store.len(), 56);
+        assert!(
+            store
+                .decide_now(now, &[in_scope(7, 1, bucket(1_000))], 0, &mut one)
+                .unwrap()
+        );
+        assert_eq!(
+            one[0].remaining,
+            1_000 - 40 - 8 - 1,
+            "counter 1 lost nothing in the moves"
+        );
+    }
+
+    #[test]
+    fn a_scope_holds_at_most_max_counters_per_scope() {
+        let store = MemoryStore::default();
+        let now = Nanos::from_secs(100);
+        let mut one = [Evaluation::default(); 1];
+        for tag in 0..MAX_COUNTERS_PER_SCOPE as u64 {
+            assert!(
+                store
+                    .decide_now(now, &[in_scope(9, tag, bucket(2))], 0, &mut one)
+                    .unwrap()
+            );
+        }
+        assert_eq!(
+            store.decide_now(now, &[in_scope(9, 999, bucket(2))], 0, &mut one),
+            Err(StoreError::CounterCapReached {
+                cap: DEFAULT_MAX_COUNTERS
+            })
+        );
+        // The others are intact, and other scopes unaffected.
+        assert!(
+            store
+                .decide_now(now, &[in_scope(9, 0, bucket(2))], 0, &mut one)
+                .unwrap()
+        );
+        assert_eq!(one[0].remaining, 0);
+        assert!(
+            store
+                .decide_now(now, &[in_scope(10, 999, bucket(2))], 0, &mut one)
+                .unwrap()
+        );
+        assert_eq!(store.len(), MAX_COUNTERS_PER_SCOPE + 1);
+    }
+
+    #[test]
+    fn sweep_keeps_the_live_counters_of_a_partly_fresh_entry() {
+        let store = MemoryStore::default();
+        let now = Nanos::from_secs(100);
+        let mut one = [Evaluation::default(); 1];
+        // Counters 0..6 of one scope: even ones take 1 (fresh after 1 s),
+        // odd ones 50 (fresh after 50 s).
+        for tag in 0..6u64 {
+            let mut check = in_scope(3, tag, bucket(100));
+            check.cost = if tag % 2 == 0 { 1 } else { 50 };
+            assert!(store.decide_now(now, &[check], 0, &mut one).unwrap());
+        }
+        let later = now.plus(Duration::from_secs(2));
+        assert_eq!(store.sweep(later), 3);
+        assert_eq!(store.len(), 3);
+        for tag in [1u64, 3, 5] {
+            assert!(
+                store
+                    .decide_now(later, &[in_scope(3, tag, bucket(100))], 0, &mut one)
+                    .unwrap()
+            );
+            // 100 - 50 + 2 refilled - 1.
+            assert_eq!(one[0].remaining, 51, "counter {tag} kept its count");
+        }
     }
 
     #[test]
