@@ -593,6 +593,29 @@ mod answer {
 
     /// The inside of [`string`]: `bytes` escaped, without quotes.
     pub fn escape(out: &mut Vec<u8>, bytes: &[u8]) {
+        if bytes.len() < SHORT {
+            escape_short(out, bytes);
+        } else {
+            escape_long(out, bytes);
+        }
+    }
+
+    /// Strings shorter than this (most names and the pieces of header
+    /// values) are escaped byte by byte: cheaper than copying runs.
+    const SHORT: usize = 16;
+
+    fn escape_short(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.reserve(bytes.len());
+        for (i, &b) in bytes.iter().enumerate() {
+            if ESCAPE[usize::from(b)] == 0 {
+                out.push(b);
+            } else {
+                escape_at(out, bytes, i, i);
+            }
+        }
+    }
+
+    fn escape_long(out: &mut Vec<u8>, bytes: &[u8]) {
         let mut start = 0;
         let mut at = 0;
         // Whole words straight from the string (a fixed-size load, no copy),
@@ -985,6 +1008,10 @@ mod tests {
             "back\\slash",
             &all_bytes,
             "é ✓ 𝄞 \u{7f}\u{80}",
+            "\"",
+            "a\"b\\c\nd",
+            "fifteen chars!\"",
+            "sixteen chars!!\"",
         ] {
             let mut out = Vec::new();
             string(&mut out, s);
