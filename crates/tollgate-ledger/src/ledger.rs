@@ -128,6 +128,9 @@ impl<V> Loaded<V> {
     }
 }
 
+/// One shard of a [`Front`].
+type Shard<V> = std::sync::RwLock<std::collections::HashMap<Box<str>, Loaded<V>>>;
+
 /// Shards of a [`Front`] (by a cheap hash of the key: spreads the read
 /// locks' counters over several cache lines; each shard's map has its own
 /// keyed hasher).
@@ -144,7 +147,7 @@ const FRONT_SHARDS: usize = 16;
 /// entries, then everything (the values stay in moka, so refilling costs no
 /// database read).
 struct Front<V> {
-    shards: Box<[std::sync::RwLock<std::collections::HashMap<Box<str>, Loaded<V>>>]>,
+    shards: Box<[Shard<V>]>,
     ttl: Duration,
     shard_capacity: usize,
 }
@@ -160,10 +163,7 @@ impl<V: Clone> Front<V> {
         }
     }
 
-    fn shard(
-        &self,
-        key: &str,
-    ) -> &std::sync::RwLock<std::collections::HashMap<Box<str>, Loaded<V>>> {
+    fn shard(&self, key: &str) -> &Shard<V> {
         // FNV-1a: only picks the shard.
         let h = key.bytes().fold(0x811c_9dc5_u32, |h, b| {
             (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
