@@ -46,17 +46,21 @@ const CLASSIC: [(HeaderField, &str); 5] = [
     (HeaderField::Credits, "X-Credits-Remaining"),
 ];
 
+/// Longest header value [`render`] writes: a longer one is cut to this many
+/// bytes (to the last whole character).
+pub const VALUE_MAX: usize = 1024;
+
 /// A header value built on the stack.
 #[derive(Clone)]
 pub struct ValueBuf {
-    buf: [u8; 1024],
+    buf: [u8; VALUE_MAX],
     len: usize,
 }
 
 impl Default for ValueBuf {
     fn default() -> Self {
         ValueBuf {
-            buf: [0; 1024],
+            buf: [0; VALUE_MAX],
             len: 0,
         }
     }
@@ -97,6 +101,50 @@ impl ValueBuf {
     }
 }
 
+/// Where [`render_to`] writes headers: a value in pieces (`text`, `num`,
+/// `signed`), then `end(name)` names the header it belongs to. A value
+/// starts at the start or right after the previous `end`; nothing written
+/// is ever left without an `end`.
+pub trait HeaderSink {
+    /// Appends `s` to the value being written.
+    fn text(&mut self, s: &str);
+    /// Appends `v` in decimal.
+    fn num(&mut self, v: u64) {
+        self.text(itoa::Buffer::new().format(v));
+    }
+    /// Appends `v` in decimal, with its sign.
+    fn signed(&mut self, v: i64) {
+        self.text(itoa::Buffer::new().format(v));
+    }
+    /// The value written since the previous `end` is header `name`'s.
+    fn end(&mut self, name: &str);
+}
+
+/// [`render`]'s sink: each value in a [`ValueBuf`], handed to `emit`.
+struct Emitter<'e, F> {
+    v: ValueBuf,
+    emit: &'e mut F,
+}
+
+impl<F: FnMut(&str, &str)> HeaderSink for Emitter<'_, F> {
+    fn text(&mut self, s: &str) {
+        self.v.push(s);
+    }
+
+    fn num(&mut self, v: u64) {
+        self.v.num(v);
+    }
+
+    fn signed(&mut self, v: i64) {
+        self.v.signed(v);
+    }
+
+    fn end(&mut self, name: &str) {
+        (self.emit)(name, self.v.as_str());
+        self.v.clear();
+    }
+}
+
 /// Writes the headers for `decision` answered as `kind` through `emit(name, value)`.
 /// `credits` is the caller's balance, when known.
 pub fn render(
@@ -106,11 +154,28 @@ pub fn render(
     credits: Option<i64>,
     emit: &mut impl FnMut(&str, &str),
 ) {
-    let mut v = ValueBuf::default();
+    let mut sink = Emitter {
+        v: ValueBuf::default(),
+        emit,
+    };
+    render_to(policy, decision, kind, credits, &mut sink);
+}
+
+/// [`render`] into any [`HeaderSink`]: the same headers, in the same order,
+/// each value in the pieces it is made of (a sink may, say, escape them as
+/// it goes). [`render`] cuts a value at 1,024 bytes ([`ValueBuf`]); a sink
+/// that must match it does the same.
+pub fn render_to(
+    policy: &CompiledPolicy,
+    decision: &Decision,
+    kind: ResponseKind,
+    credits: Option<i64>,
+    v: &mut impl HeaderSink,
+) {
     let rejected = kind == ResponseKind::Rejected;
     if rejected && let Outcome::Rejected { .. } = decision.outcome {
         v.num(ceil_secs(decision.retry_after()).max(1));
-        emit(RETRY_AFTER, v.as_str());
+        v.end(RETRY_AFTER);
     }
     let profile = &policy.headers;
     let wanted = |f: HeaderField| {
@@ -126,41 +191,41 @@ pub fn render(
         HeaderKind::None => {}
         HeaderKind::Ietf => {
             if wanted(HeaderField::Limit) {
-                v.clear();
+                let mut first = true;
                 for r in decision
                     .results()
                     .iter()
                     .filter(|r| r.mode == Mode::Enforce)
                 {
-                    if v.len > 0 {
-                        v.push(", ");
+                    if !first {
+                        v.text(", ");
                     }
-                    policy_item(&mut v, policy, r);
+                    first = false;
+                    policy_item(v, policy, r);
                 }
-                if v.len > 0 {
-                    emit(RATELIMIT_POLICY, v.as_str());
+                if !first {
+                    v.end(RATELIMIT_POLICY);
                 }
             }
             if let Some(r) = described
                 && (wanted(HeaderField::Remaining) || wanted(HeaderField::Reset))
             {
-                v.clear();
-                v.push("\"");
-                v.push(&policy.limits[usize::from(r.limit)].name);
-                v.push("\"");
+                v.text("\"");
+                v.text(&policy.limits[usize::from(r.limit)].name);
+                v.text("\"");
                 if wanted(HeaderField::Remaining) {
-                    v.push(";r=");
+                    v.text(";r=");
                     v.num(r.eval.remaining);
                 }
                 if wanted(HeaderField::Reset) {
-                    v.push(";t=");
+                    v.text(";t=");
                     v.num(reset_secs(r, decision));
                 }
                 if let (true, Some(c)) = (wanted(HeaderField::Credits), credits) {
-                    v.push(";tollgate-credits=");
+                    v.text(";tollgate-credits=");
                     v.signed(c);
                 }
-                emit(RATELIMIT, v.as_str());
+                v.end(RATELIMIT);
             }
         }
         HeaderKind::Classic | HeaderKind::Vendor => {
@@ -185,7 +250,6 @@ pub fn render(
                         .map(|(_, n)| n.as_str())
                 };
                 let Some(name) = name else { continue };
-                v.clear();
                 match (f, described) {
                     (HeaderField::Credits, _) => match credits {
                         Some(c) => v.signed(c),
@@ -197,7 +261,7 @@ pub fn render(
                     (HeaderField::Reset, Some(r)) => v.num(reset_secs(r, decision)),
                     (HeaderField::Cost, Some(r)) => v.num(r.cost),
                 }
-                emit(name, v.as_str());
+                v.end(name);
             }
         }
     }
@@ -214,15 +278,15 @@ fn reset_secs(r: &LimitResult, d: &Decision) -> u64 {
     ceil_secs(r.eval.reset)
 }
 
-fn policy_item(v: &mut ValueBuf, policy: &CompiledPolicy, r: &LimitResult) {
-    v.push("\"");
-    v.push(&policy.limits[usize::from(r.limit)].name);
-    v.push("\";q=");
+fn policy_item(v: &mut impl HeaderSink, policy: &CompiledPolicy, r: &LimitResult) {
+    v.text("\"");
+    v.text(&policy.limits[usize::from(r.limit)].name);
+    v.text("\";q=");
     v.num(r.quota);
     if r.is_lease {
-        v.push(";qu=\"concurrent-requests\"");
+        v.text(";qu=\"concurrent-requests\"");
     } else {
-        v.push(";w=");
+        v.text(";w=");
         v.num(r.window_secs);
     }
 }

@@ -94,9 +94,9 @@ pub async fn check_direct(st: &Shared, peer: SocketAddr, req: axum::extract::Req
             }
         };
         match bytes {
-            Ok(bytes) => match serde_json::from_slice::<CheckRequest<&str>>(&bytes) {
-                Ok(r) => decide_check(st, &r, peer.ip()).await,
-                Err(_) => match Json::<CheckRequest>::from_bytes(&bytes) {
+            Ok(bytes) => match borrowed(&bytes) {
+                Some(r) => decide_check(st, &r, peer.ip()).await,
+                None => match Json::<CheckRequest>::from_bytes(&bytes) {
                     Ok(Json(r)) => decide_check(st, &r, peer.ip()).await,
                     Err(e) => Err(rejected(e)),
                 },
@@ -110,6 +110,15 @@ pub async fn check_direct(st: &Shared, peer: SocketAddr, req: axum::extract::Req
         }
     };
     answer.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The check in `body`, its strings borrowed from it: the body is checked
+/// to be UTF-8 once and parsed as a `&str` (`serde_json::from_slice` would
+/// check each string again). `None` when it is not UTF-8, not a valid check,
+/// or holds an escaped string: the caller then runs axum's parse for its
+/// answer and messages.
+fn borrowed(body: &[u8]) -> Option<CheckRequest<&str>> {
+    serde_json::from_str(std::str::from_utf8(body).ok()?).ok()
 }
 
 /// Bodies up to this size that announce their length and arrive in one piece
@@ -279,7 +288,12 @@ async fn decide_check<S: AsRef<str> + Ord>(
         ResponseKind::Rejected
     };
     let mut hdrs = HeaderList::default();
-    headers::render(&policy, &d, kind, None, &mut |n, v| hdrs.push(n, v));
+    headers::render_to(&policy, &d, kind, None, &mut hdrs);
+    if hdrs.too_long {
+        // A value `headers::render` cuts: take its values as they are.
+        hdrs = HeaderList::default();
+        headers::render(&policy, &d, kind, None, &mut |n, v| hdrs.push(n, v));
+    }
     let lease = d.lease.map(|lease| {
         let keys: Vec<String> = d.lease_keys().map(|k| format!("{:032x}", k.0)).collect();
         format!("{lease:016x}.{}", keys.join("."))
@@ -314,39 +328,121 @@ async fn decide_check<S: AsRef<str> + Ord>(
 
 /// The headers of a check answer: names and values in one buffer, written as
 /// a JSON object sorted by name, a later value of a name replacing an
-/// earlier one (as the `BTreeMap<String, String>` it replaces did).
+/// earlier one (as the `BTreeMap<String, String>` it replaces did). Values
+/// are kept JSON-escaped (without their quotes), names as they are. Filled
+/// by `headers::render_to` (escaping each piece as it comes, so a value is
+/// never copied or scanned again), or by [`HeaderList::push`].
 #[derive(Default)]
 struct HeaderList {
-    text: String,
+    text: Vec<u8>,
     /// Name and value, as byte ranges of `text`.
     items: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    /// Where the value being written starts in `text`.
+    value_start: usize,
+    /// Its length before escaping.
+    raw_len: usize,
+    /// A value was longer than `headers::render` writes it
+    /// ([`headers::VALUE_MAX`]); the list is then incomplete.
+    too_long: bool,
 }
 
 impl HeaderList {
-    fn push(&mut self, name: &str, value: &str) {
-        if self.items.is_empty() {
+    fn reserve(&mut self) {
+        if self.text.capacity() == 0 {
             self.text.reserve(256);
             self.items.reserve(8);
         }
-        let n = self.text.len();
-        self.text.push_str(name);
-        let v = self.text.len();
-        self.text.push_str(value);
-        self.items.push((n..v, v..self.text.len()));
     }
 
+    /// Adds header `name` with `value` (escaped here).
+    fn push(&mut self, name: &str, value: &str) {
+        self.reserve();
+        let v = self.text.len();
+        answer::escape(&mut self.text, value.as_bytes());
+        let n = self.text.len();
+        self.text.extend_from_slice(name.as_bytes());
+        self.items.push((n..self.text.len(), v..n));
+        self.value_start = self.text.len();
+    }
+
+    fn raw(&mut self, n: usize) -> bool {
+        self.raw_len += n;
+        if self.raw_len > headers::VALUE_MAX {
+            self.too_long = true;
+        }
+        !self.too_long
+    }
+}
+
+impl headers::HeaderSink for HeaderList {
+    fn text(&mut self, s: &str) {
+        if self.raw(s.len()) {
+            self.reserve();
+            answer::escape(&mut self.text, s.as_bytes());
+        }
+    }
+
+    fn num(&mut self, v: u64) {
+        let mut b = itoa::Buffer::new();
+        let s = b.format(v);
+        if self.raw(s.len()) {
+            self.reserve();
+            self.text.extend_from_slice(s.as_bytes());
+        }
+    }
+
+    fn signed(&mut self, v: i64) {
+        let mut b = itoa::Buffer::new();
+        let s = b.format(v);
+        if self.raw(s.len()) {
+            self.reserve();
+            self.text.extend_from_slice(s.as_bytes());
+        }
+    }
+
+    fn end(&mut self, name: &str) {
+        self.reserve();
+        let (v, n) = (self.value_start, self.text.len());
+        self.text.extend_from_slice(name.as_bytes());
+        self.items.push((n..self.text.len(), v..n));
+        self.value_start = self.text.len();
+        self.raw_len = 0;
+    }
+}
+
+impl HeaderList {
     /// The (name, value) pairs in the order the JSON object lists them.
-    fn sorted(&self) -> impl Iterator<Item = (&str, &str)> {
-        let text = self.text.as_str();
-        let name = |i: usize| &text[self.items[i].0.clone()];
-        let mut order: Vec<usize> = (0..self.items.len()).collect();
-        // Stable: equal names keep their order, and the last one is written.
-        order.sort_by(|&a, &b| name(a).cmp(name(b)));
-        let last = order.len().saturating_sub(1);
-        (0..order.len()).filter_map(move |i| {
-            let at = order[i];
-            let next_same = i < last && name(order[i + 1]) == name(at);
-            (!next_same).then(|| (name(at), &text[self.items[at].1.clone()]))
+    fn sorted(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        // A handful of headers (at most six from `headers::render`): an
+        // insertion sort of their indices on the stack, in a `Vec` only
+        // beyond `SMALL`. Stable: equal names keep their order, and the
+        // last one is written.
+        const SMALL: usize = 16;
+        let text = self.text.as_slice();
+        let name = move |i: usize| &text[self.items[i].0.clone()];
+        let n = self.items.len();
+        let (mut small, mut large) = ([0usize; SMALL], Vec::new());
+        {
+            let order: &mut [usize] = if n <= SMALL {
+                &mut small[..n]
+            } else {
+                large.resize(n, 0);
+                &mut large
+            };
+            for i in 0..n {
+                let mut j = i;
+                while j > 0 && name(order[j - 1]) > name(i) {
+                    order[j] = order[j - 1];
+                    j -= 1;
+                }
+                order[j] = i;
+            }
+        }
+        let at = move |i: usize| if n <= SMALL { small[i] } else { large[i] };
+        let last = n.saturating_sub(1);
+        (0..n).filter_map(move |i| {
+            let next_same = i < last && name(at(i + 1)) == name(at(i));
+            (!next_same).then(|| (name(at(i)), &text[self.items[at(i)].1.clone()]))
         })
     }
 }
@@ -407,9 +503,11 @@ mod answer {
                 if i > 0 {
                     self.out.push(b',');
                 }
-                string(&mut self.out, name);
-                self.out.push(b':');
-                string(&mut self.out, value);
+                self.out.push(b'"');
+                escape(&mut self.out, name);
+                self.out.extend_from_slice(b"\":\"");
+                self.out.extend_from_slice(value);
+                self.out.push(b'"');
             }
             self.out.push(b'}');
         }
@@ -487,39 +585,82 @@ mod answer {
     /// checked eight at a time; only a word holding a byte to escape is
     /// walked byte by byte, and the runs between escapes are copied whole.
     pub fn string(out: &mut Vec<u8>, s: &str) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let bytes = s.as_bytes();
-        out.reserve(bytes.len() + 2);
+        out.reserve(s.len() + 2);
         out.push(b'"');
+        escape(out, s.as_bytes());
+        out.push(b'"');
+    }
+
+    /// The inside of [`string`]: `bytes` escaped, without quotes.
+    pub fn escape(out: &mut Vec<u8>, bytes: &[u8]) {
+        if bytes.len() < SHORT {
+            escape_short(out, bytes);
+        } else {
+            escape_long(out, bytes);
+        }
+    }
+
+    /// Strings shorter than this (most names and the pieces of header
+    /// values) are escaped byte by byte: cheaper than copying runs.
+    const SHORT: usize = 16;
+
+    fn escape_short(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.reserve(bytes.len());
+        for (i, &b) in bytes.iter().enumerate() {
+            if ESCAPE[usize::from(b)] == 0 {
+                out.push(b);
+            } else {
+                escape_at(out, bytes, i, i);
+            }
+        }
+    }
+
+    fn escape_long(out: &mut Vec<u8>, bytes: &[u8]) {
         let mut start = 0;
         let mut at = 0;
-        while at < bytes.len() {
-            let end = (at + 8).min(bytes.len());
-            // The last word is padded with spaces (never escaped).
-            let mut word = [b' '; 8];
-            word[..end - at].copy_from_slice(&bytes[at..end]);
-            if needs_escape(u64::from_le_bytes(word)) {
-                for (i, &b) in bytes.iter().enumerate().take(end).skip(at) {
-                    let short = ESCAPE[usize::from(b)];
-                    if short == 0 {
-                        continue;
-                    }
-                    out.extend_from_slice(&bytes[start..i]);
-                    if short == b'u' {
-                        out.extend_from_slice(b"\\u00");
-                        out.push(HEX[usize::from(b >> 4)]);
-                        out.push(HEX[usize::from(b & 0xF)]);
-                    } else {
-                        out.push(b'\\');
-                        out.push(short);
-                    }
-                    start = i + 1;
+        // Whole words straight from the string (a fixed-size load, no copy),
+        // then the last few bytes one by one.
+        while let Some(word) = bytes.get(at..at + 8) {
+            let w = u64::from_le_bytes([
+                word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
+            ]);
+            if needs_escape(w) {
+                for i in at..at + 8 {
+                    start = escape_at(out, bytes, start, i);
                 }
             }
-            at = end;
+            at += 8;
+        }
+        for i in at..bytes.len() {
+            start = escape_at(out, bytes, start, i);
         }
         out.extend_from_slice(&bytes[start..]);
-        out.push(b'"');
+    }
+
+    /// If `bytes[i]` needs an escape: writes the run `start..i` and the
+    /// escape, and returns where the next run starts (`i + 1`); else `start`.
+    #[inline(always)]
+    fn escape_at(out: &mut Vec<u8>, bytes: &[u8], start: usize, i: usize) -> usize {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let b = bytes[i];
+        let short = ESCAPE[usize::from(b)];
+        if short == 0 {
+            return start;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        if short == b'u' {
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xF)],
+            ]);
+        } else {
+            out.extend_from_slice(&[b'\\', short]);
+        }
+        i + 1
     }
 
     /// For each byte, the letter of its escape (`u` for `\u00xx`), or 0.
@@ -749,10 +890,109 @@ mod tests {
             list.push(n, v);
             map.insert(n, v);
         }
-        let sorted: Vec<(&str, &str)> = list.sorted().collect();
-        let expected: Vec<(&str, &str)> = map.into_iter().collect();
+        // Values are kept escaped (as inside a JSON string), names as they are.
+        let sorted: Vec<(&[u8], &[u8])> = list.sorted().collect();
+        let escaped: Vec<(&str, String)> = map
+            .into_iter()
+            .map(|(n, v)| {
+                let json = serde_json::to_string(v).expect("json");
+                (n, json[1..json.len() - 1].to_owned())
+            })
+            .collect();
+        let expected: Vec<(&[u8], &[u8])> = escaped
+            .iter()
+            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+            .collect();
         assert_eq!(sorted, expected);
         assert_eq!(HeaderList::default().sorted().count(), 0);
+        // More headers than the sort keeps on the stack.
+        let mut many = HeaderList::default();
+        let names: Vec<String> = (0..40).map(|i| format!("H-{}", (i * 7) % 23)).collect();
+        let mut map = BTreeMap::new();
+        for (i, n) in names.iter().enumerate() {
+            let v = i.to_string();
+            many.push(n, &v);
+            map.insert(n.clone(), v);
+        }
+        let sorted: Vec<(&[u8], &[u8])> = many.sorted().collect();
+        let expected: Vec<(&[u8], &[u8])> = map
+            .iter()
+            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+            .collect();
+        assert_eq!(sorted, expected);
+    }
+
+    /// Header values written through [`headers::render_to`] into the list
+    /// (escaped piece by piece) are those `headers::render` hands out,
+    /// escaped: every profile, success and rejection, with and without
+    /// credits, and values longer than `headers::render` writes.
+    #[test]
+    fn headers_rendered_into_the_list_match_render() {
+        use tollgate_core::{Engine, ManualClock, MemoryStore, Nanos, Request, policy};
+        let long = "n".repeat(120);
+        let profiles = [
+            String::new(),
+            "[headers]\nprofile = \"classic\"\n".to_owned(),
+            "[headers]\nprofile = \"vendor\"\nsend_on = \"success\"\non_reject = [\"reset\", \"remaining\"]\nnames = { limit = \"X-V-Limit\", remaining = \"X-V-Left\", reset = \"X-V-Reset\", credits = \"X-V-Credits\", cost = \"X-V-Cost\" }\n".to_owned(),
+            "[headers]\nprofile = \"none\"\n".to_owned(),
+        ];
+        let mut limits = String::new();
+        for (i, name) in ["burst", "q\\\"uo", "daily"].iter().enumerate() {
+            limits += &format!(
+                "[limits.\"{name}\"]\nalgorithm = \"sliding_window\"\nlimit = {}\nwindow = \"3s\"\n",
+                i + 1
+            );
+        }
+        limits += "[limits.soft]\nalgorithm = \"sliding_window\"\nlimit = 1\nwindow = \"3s\"\nmode = \"soft\"\n";
+        let mut many = String::new();
+        for i in 0..12 {
+            many += &format!(
+                "[limits.{long}{i}]\nalgorithm = \"calendar_window\"\nlimit = 100\nwindow = \"day\"\n"
+            );
+        }
+        let mut checked = 0;
+        for src in profiles
+            .iter()
+            .map(|p| format!("{p}{limits}"))
+            .chain([many])
+        {
+            let p = match policy::parse(&src, "t.toml") {
+                Ok(p) => p,
+                Err(e) => panic!("{e}\n{src}"),
+            };
+            let e = Engine::with_clock(
+                MemoryStore::default(),
+                ManualClock::new(Nanos::from_secs(86_400 * 100)),
+            );
+            let r = Request {
+                account: "a",
+                ..Request::new(p.default_plan, p.default_operation())
+            };
+            for _ in 0..3 {
+                let d = e.decide_now(&p, &r);
+                for kind in [
+                    ResponseKind::Success,
+                    ResponseKind::Rejected,
+                    ResponseKind::Other,
+                ] {
+                    for credits in [None, Some(-7)] {
+                        let mut expected = HeaderList::default();
+                        headers::render(&p, &d, kind, credits, &mut |n, v| expected.push(n, v));
+                        let mut list = HeaderList::default();
+                        headers::render_to(&p, &d, kind, credits, &mut list);
+                        if list.too_long {
+                            checked += 1;
+                            continue;
+                        }
+                        let got: Vec<_> = list.sorted().collect();
+                        let want: Vec<_> = expected.sorted().collect();
+                        assert_eq!(got, want, "{src}");
+                    }
+                }
+            }
+        }
+        // The long policy went over the limit of a value at least once.
+        assert!(checked > 0);
     }
 
     #[test]
@@ -768,6 +1008,10 @@ mod tests {
             "back\\slash",
             &all_bytes,
             "é ✓ 𝄞 \u{7f}\u{80}",
+            "\"",
+            "a\"b\\c\nd",
+            "fifteen chars!\"",
+            "sixteen chars!!\"",
         ] {
             let mut out = Vec::new();
             string(&mut out, s);
