@@ -20,6 +20,23 @@ struct Tally {
     min_balance: AtomicI64,
 }
 
+/// `call`, again while it fails only for want of a pooled connection
+/// (`PoolTimedOut`: no statement ran, so nothing changed). [`hammer`]'s 64
+/// tasks share the pool's 10 connections, and on a loaded 2-core machine a
+/// task can wait past the pool's 1 s bound; a caller of the server would get
+/// a 503 and retry, which is what this does.
+async fn patiently<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T, LedgerError>
+where
+    Fut: std::future::Future<Output = Result<T, LedgerError>>,
+{
+    loop {
+        match call().await {
+            Err(LedgerError::Database(sqlx::Error::PoolTimedOut)) => {}
+            other => return other,
+        }
+    }
+}
+
 /// 64 tasks share `attempts` reserve(1)+commit(1) tries on one account.
 async fn hammer(ledger: &Ledger, acct: &str, attempts: u64, broken: bool) -> Arc<Tally> {
     let tally = Arc::new(Tally::default());
@@ -28,18 +45,23 @@ async fn hammer(ledger: &Ledger, acct: &str, attempts: u64, broken: bool) -> Arc
         let (ledger, tally, acct) = (ledger.clone(), tally.clone(), acct.to_owned());
         tasks.push(tokio::spawn(async move {
             while tally.attempts.fetch_add(1, Ordering::Relaxed) < attempts {
-                let outcome = if broken {
-                    ledger
-                        .reserve_read_modify_write_for_test(&acct, 1, TTL)
-                        .await
-                } else {
-                    ledger.reserve(&acct, 1, None, TTL).await
-                }
+                let outcome = patiently(|| async {
+                    if broken {
+                        ledger
+                            .reserve_read_modify_write_for_test(&acct, 1, TTL)
+                            .await
+                    } else {
+                        ledger.reserve(&acct, 1, None, TTL).await
+                    }
+                })
+                .await
                 .expect("reserve");
                 match outcome {
                     ReserveOutcome::Reserved { id, balance } => {
                         tally.min_balance.fetch_min(balance, Ordering::Relaxed);
-                        let after = ledger.commit(id, 1, None).await.expect("commit");
+                        let after = patiently(|| ledger.commit(id.clone(), 1, None))
+                            .await
+                            .expect("commit");
                         tally.min_balance.fetch_min(after, Ordering::Relaxed);
                         tally.successes.fetch_add(1, Ordering::Relaxed);
                     }
