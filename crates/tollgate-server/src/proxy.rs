@@ -727,6 +727,9 @@ async fn send_with_retries(
     let retry_on = &policy.upstream.retry_on;
     let timeout = policy.upstream.timeout;
     if let Some(body) = streaming {
+        // An empty body can be sent again as it is (see `attempt`).
+        let empty = Bytes::new();
+        let replay = hyper::body::Body::is_end_stream(&body).then_some(&empty);
         // A request body that breaks while streaming (truncated, malformed
         // chunking) is the client's fault: 400, not 502 for the upstream.
         let broken = Arc::new(AtomicBool::new(false));
@@ -735,7 +738,7 @@ async fn send_with_retries(
             flag.store(true, Ordering::Relaxed);
             e
         }));
-        return match attempt(st, req, body, timeout, retry_on).await {
+        return match attempt(st, req, body, replay, timeout, retry_on).await {
             Ok(r) | Err(Attempt::Status(r, _)) => Ok(r),
             Err(Attempt::Failed(_, _)) if broken.load(Ordering::Relaxed) => {
                 Err(ApiError::bad_request(
@@ -752,37 +755,54 @@ async fn send_with_retries(
         .with_max_times(retries as usize)
         .with_jitter();
     let max_backoff = policy.upstream.max_backoff;
-    let result = (|| attempt(st, req, Body::from(bytes.clone()), timeout, retry_on))
-        .retry(backoff)
-        .sleep(tokio::time::sleep)
-        .when(|e| match e {
-            Attempt::Status(..) => true,
-            Attempt::Failed(_, retryable) => *retryable,
-        })
-        .adjust(move |e, d| match e {
-            Attempt::Status(_, Some(wait)) => d.map(|d| d.max((*wait).min(max_backoff))),
-            _ => d,
-        })
-        .notify(|_, _| {
-            st.metrics.upstream_retries.inc();
-        })
-        .await;
+    let result = (|| {
+        attempt(
+            st,
+            req,
+            Body::from(bytes.clone()),
+            Some(&bytes),
+            timeout,
+            retry_on,
+        )
+    })
+    .retry(backoff)
+    .sleep(tokio::time::sleep)
+    .when(|e| match e {
+        Attempt::Status(..) => true,
+        Attempt::Failed(_, retryable) => *retryable,
+    })
+    .adjust(move |e, d| match e {
+        Attempt::Status(_, Some(wait)) => d.map(|d| d.max((*wait).min(max_backoff))),
+        _ => d,
+    })
+    .notify(|_, _| {
+        st.metrics.upstream_retries.inc();
+    })
+    .await;
     match result {
         Ok(r) | Err(Attempt::Status(r, _)) => Ok(r),
         Err(Attempt::Failed(e, _)) => Err(e),
     }
 }
 
+/// One exchange with the upstream. `replay` is the whole body when it is
+/// known (empty or buffered): then an idempotent request that a pooled
+/// connection lost before any answer is resent once on a new connection
+/// (see [`UpstreamClient::send_or_replay`]); this is not a retry of the
+/// policy's (no backoff, not counted), and credits and limits were taken
+/// once, before.
 async fn attempt(
     st: &Shared,
     req: &UpstreamRequest<'_>,
     body: Body,
+    replay: Option<&Bytes>,
     timeout: Duration,
     retry_on: &[u16],
 ) -> Result<Response<UpstreamBody>, Attempt> {
     let upstream_req = build_request(st, req, body).map_err(|e| Attempt::Failed(e, false))?;
+    let again = || replay.and_then(|b| build_request(st, req, Body::from(b.clone())).ok());
     let started = st.engine.clock().now();
-    let sent = tokio::time::timeout(timeout, st.client.send(upstream_req)).await;
+    let sent = tokio::time::timeout(timeout, st.client.send_or_replay(upstream_req, again)).await;
     st.metrics
         .upstream_seconds
         .observe(st.engine.clock().now().0.saturating_sub(started.0) as f64 / 1e9);
