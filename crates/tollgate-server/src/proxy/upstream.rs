@@ -288,22 +288,40 @@ impl UpstreamClient {
         let read_before = conn.bytes_read();
         let mut answer = pin!(conn.send.try_send_request(req));
         let mut driving = true;
+        let mut woken = false;
         let head = std::future::poll_fn(|cx| {
-            if driving {
-                // The connection first: it writes the request and reads the
-                // head, which is the only way `answer` can complete; so
-                // `answer` needs no waker of its own (that would wake this
-                // task a second time for the same event).
-                if conn.poll_done(cx).is_ready() {
+            let mut idle = Context::from_waker(Waker::noop());
+            if !driving {
+                return answer.as_mut().poll(cx);
+            }
+            // Woken again: the answer has most likely arrived. It is read
+            // first with a waker that wakes no one: the wakers the
+            // connection registers while it reads the answer stay with it,
+            // and hyper's body channel wakes its sender's waker when the
+            // body's first chunk is taken, which would otherwise poll this
+            // task once more for nothing. If that read leaves the answer
+            // pending, the connection is polled again with `cx` below, so
+            // that the socket wakes this task (tokio remembers the socket
+            // is not readable: no second read).
+            if woken {
+                if conn.poll_done(&mut idle).is_ready() {
                     driving = false;
                     return answer.as_mut().poll(cx);
                 }
-                answer
-                    .as_mut()
-                    .poll(&mut Context::from_waker(Waker::noop()))
-            } else {
-                answer.as_mut().poll(cx)
+                if let Poll::Ready(head) = answer.as_mut().poll(&mut idle) {
+                    return Poll::Ready(head);
+                }
             }
+            woken = true;
+            // The connection first: it writes the request and reads the
+            // head, which is the only way `answer` can complete; so
+            // `answer` needs no waker of its own (that would wake this
+            // task a second time for the same event).
+            if conn.poll_done(cx).is_ready() {
+                driving = false;
+                return answer.as_mut().poll(cx);
+            }
+            answer.as_mut().poll(&mut idle)
         })
         .await;
         match head {
