@@ -282,18 +282,22 @@ impl UpstreamClient {
     /// Sends `req` on `conn`, polling the connection until the head comes.
     async fn exchange(
         &self,
-        mut conn: Box<Conn>,
+        conn: Box<Conn>,
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, Failed> {
         let read_before = conn.bytes_read();
+        let mut conn = conn;
         let mut answer = pin!(conn.send.try_send_request(req));
-        let mut driving = true;
+        let mut conn = Some(conn);
+        // Bytes read by the time the connection finished (it is dropped
+        // then: a request it never took comes back through `answer`).
+        let mut read_at_end = None;
         let mut woken = false;
         let head = std::future::poll_fn(|cx| {
             let mut idle = Context::from_waker(Waker::noop());
-            if !driving {
+            let Some(c) = conn.as_mut() else {
                 return answer.as_mut().poll(cx);
-            }
+            };
             // Woken again: the answer has most likely arrived. It is read
             // first with a waker that wakes no one: the wakers the
             // connection registers while it reads the answer stay with it,
@@ -303,22 +307,25 @@ impl UpstreamClient {
             // pending, the connection is polled again with `cx` below, so
             // that the socket wakes this task (tokio remembers the socket
             // is not readable: no second read).
-            if woken {
-                if conn.poll_done(&mut idle).is_ready() {
-                    driving = false;
-                    return answer.as_mut().poll(cx);
-                }
-                if let Poll::Ready(head) = answer.as_mut().poll(&mut idle) {
+            let done = if woken {
+                if c.poll_done(&mut idle).is_ready() {
+                    true
+                } else if let Poll::Ready(head) = answer.as_mut().poll(&mut idle) {
                     return Poll::Ready(head);
+                } else {
+                    // The connection first: it writes the request and reads
+                    // the head, which is the only way `answer` can complete;
+                    // so `answer` needs no waker of its own (that would
+                    // wake this task a second time for the same event).
+                    c.poll_done(cx).is_ready()
                 }
-            }
-            woken = true;
-            // The connection first: it writes the request and reads the
-            // head, which is the only way `answer` can complete; so
-            // `answer` needs no waker of its own (that would wake this
-            // task a second time for the same event).
-            if conn.poll_done(cx).is_ready() {
-                driving = false;
+            } else {
+                woken = true;
+                c.poll_done(cx).is_ready()
+            };
+            if done {
+                read_at_end = Some(c.bytes_read());
+                conn = None;
                 return answer.as_mut().poll(cx);
             }
             answer.as_mut().poll(&mut idle)
@@ -327,15 +334,16 @@ impl UpstreamClient {
         match head {
             Ok(resp) => Ok(resp.map(|body| UpstreamBody {
                 body,
-                conn: driving.then_some(conn),
+                conn,
                 pool: Arc::clone(&self.pool),
             })),
             Err(mut e) => {
                 let unsent = e.take_message();
+                let read = read_at_end.or(conn.as_ref().map(|c| c.bytes_read()));
                 Err(Failed {
                     error: e.into_error(),
                     unsent,
-                    answered: conn.bytes_read() != read_before,
+                    answered: read != Some(read_before),
                 })
             }
         }
@@ -874,6 +882,30 @@ mod tests {
             .expect_err("cut short");
         assert!(matches!(err, UpstreamError::Http(_)), "{err:?}");
         assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn request_on_a_connection_closed_before_it_was_written_comes_back() {
+        // The upstream closes each connection at once. A request sent on a
+        // connection whose close arrives before the request is written
+        // must come back unsent at once (the connection is dropped when it
+        // ends), not wait for an answer that cannot come.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let c = client(format!("http://{addr}").parse().expect("uri"), MAX_IDLE);
+        let conn = c.connect().await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let failed = tokio::time::timeout(Duration::from_secs(5), c.exchange(conn, get("/")))
+            .await
+            .expect("no hang")
+            .expect_err("closed");
+        assert!(failed.unsent.is_some(), "{:?}", failed.error);
+        assert!(!failed.answered);
     }
 
     #[tokio::test]
