@@ -24,13 +24,14 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -91,10 +92,90 @@ struct Idle {
 /// where it is kept, so that it moves as a pointer.
 struct Conn {
     send: http1::SendRequest<Body>,
-    driver: http1::Connection<TokioIo<TcpStream>, Body>,
+    driver: http1::Connection<TokioIo<Counted>, Body>,
+    /// Bytes read from the upstream so far (see [`Counted`]).
+    read: Arc<AtomicU64>,
+}
+
+/// An exchange that failed before the answer's head.
+struct Failed {
+    error: hyper::Error,
+    /// The request, when it was never written.
+    unsent: Option<Request<Body>>,
+    /// Whether any byte came back from the upstream during the exchange.
+    answered: bool,
+}
+
+/// The methods a client may resend after a failure (RFC 9110 §9.2.2),
+/// less TRACE (never proxied usefully).
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// The upstream socket, counting the bytes read from it: an exchange that
+/// failed with no byte of an answer read may be resent; one where the
+/// upstream started answering never is. Only the task using the connection
+/// reads it, so the count needs no read-modify-write.
+struct Counted {
+    stream: TcpStream,
+    read: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            let total = self.read.load(Ordering::Relaxed);
+            self.read.store(total + n, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 impl Conn {
+    fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
     /// Lets the connection read and write; `Ready` once it has closed or
     /// failed (either way it is done; a failure reaches the request or the
     /// body, which own the error).
@@ -146,54 +227,108 @@ impl UpstreamClient {
     /// connection the body keeps until it ends.
     ///
     /// A pooled connection that turns out closed before the request was
-    /// written is replaced by a new one, once.
+    /// written is replaced by a new one, once. (See
+    /// [`UpstreamClient::send_or_replay`] to also resend a request that was
+    /// written.)
     ///
     /// # Errors
     /// No connection could be made, or the exchange failed before the head.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        self.send_or_replay(req, || None).await
+    }
+
+    /// [`UpstreamClient::send`], and when the request was written on a
+    /// reused pooled connection that failed before a single byte of an
+    /// answer came back (the upstream closed it as the request arrived: the
+    /// keep-alive race), the request is sent once more on a new connection
+    /// if that is safe: its method is idempotent (GET, HEAD, OPTIONS, PUT,
+    /// DELETE) and `again` can build it anew (its body empty or buffered;
+    /// `None` for a body that streamed and cannot be replayed). This is
+    /// what browsers and mature proxies do; the upstream may then see an
+    /// idempotent request twice, which is what idempotent means.
+    ///
+    /// # Errors
+    /// No connection could be made, or the exchange failed before the head.
+    pub async fn send_or_replay(
+        &self,
+        req: Request<Body>,
+        again: impl FnOnce() -> Option<Request<Body>>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (conn, reused) = match self.checkout() {
             Some(c) => (c, true),
             None => (self.connect().await?, false),
         };
-        match self.exchange(conn, req).await {
-            Ok(r) => Ok(r),
-            Err((e, Some(req))) if reused => {
-                tracing::debug!(error = %e, "pooled upstream connection was closed; reconnecting");
-                let conn = self.connect().await?;
-                self.exchange(conn, req)
-                    .await
-                    .map_err(|(e, _)| UpstreamError::Http(e))
-            }
-            Err((e, _)) => Err(UpstreamError::Http(e)),
-        }
+        let idempotent = is_idempotent(req.method());
+        let failed = match self.exchange(conn, req).await {
+            Ok(r) => return Ok(r),
+            Err(f) => f,
+        };
+        let req = match failed.unsent {
+            // Never written: always safe to send elsewhere.
+            Some(req) if reused => req,
+            None if reused && !failed.answered && idempotent => match again() {
+                Some(req) => req,
+                None => return Err(UpstreamError::Http(failed.error)),
+            },
+            _ => return Err(UpstreamError::Http(failed.error)),
+        };
+        tracing::debug!(error = %failed.error, "pooled upstream connection was closed; resending on a new one");
+        let conn = self.connect().await?;
+        self.exchange(conn, req)
+            .await
+            .map_err(|f| UpstreamError::Http(f.error))
     }
 
-    /// Sends `req` on `conn`, polling the connection until the head comes;
-    /// on failure the request comes back if it was never written.
+    /// Sends `req` on `conn`, polling the connection until the head comes.
     async fn exchange(
         &self,
-        mut conn: Box<Conn>,
+        conn: Box<Conn>,
         req: Request<Body>,
-    ) -> Result<Response<UpstreamBody>, (hyper::Error, Option<Request<Body>>)> {
+    ) -> Result<Response<UpstreamBody>, Failed> {
+        let read_before = conn.bytes_read();
+        let mut conn = conn;
         let mut answer = pin!(conn.send.try_send_request(req));
         let mut conn = Some(conn);
+        // Bytes read by the time the connection finished (it is dropped
+        // then: a request it never took comes back through `answer`).
+        let mut read_at_end = None;
+        let mut woken = false;
         let head = std::future::poll_fn(|cx| {
-            match &mut conn {
-                Some(c) => {
+            let mut idle = Context::from_waker(Waker::noop());
+            let Some(c) = conn.as_mut() else {
+                return answer.as_mut().poll(cx);
+            };
+            // Woken again: the answer has most likely arrived. It is read
+            // first with a waker that wakes no one: the wakers the
+            // connection registers while it reads the answer stay with it,
+            // and hyper's body channel wakes its sender's waker when the
+            // body's first chunk is taken, which would otherwise poll this
+            // task once more for nothing. If that read leaves the answer
+            // pending, the connection is polled again with `cx` below, so
+            // that the socket wakes this task (tokio remembers the socket
+            // is not readable: no second read).
+            let done = if woken {
+                if c.poll_done(&mut idle).is_ready() {
+                    true
+                } else if let Poll::Ready(head) = answer.as_mut().poll(&mut idle) {
+                    return Poll::Ready(head);
+                } else {
                     // The connection first: it writes the request and reads
                     // the head, which is the only way `answer` can complete;
                     // so `answer` needs no waker of its own (that would
                     // wake this task a second time for the same event).
-                    if c.poll_done(cx).is_ready() {
-                        conn = None;
-                        return answer.as_mut().poll(cx);
-                    }
-                    answer
-                        .as_mut()
-                        .poll(&mut Context::from_waker(Waker::noop()))
+                    c.poll_done(cx).is_ready()
                 }
-                None => answer.as_mut().poll(cx),
+            } else {
+                woken = true;
+                c.poll_done(cx).is_ready()
+            };
+            if done {
+                read_at_end = Some(c.bytes_read());
+                conn = None;
+                return answer.as_mut().poll(cx);
             }
+            answer.as_mut().poll(&mut idle)
         })
         .await;
         match head {
@@ -203,8 +338,13 @@ impl UpstreamClient {
                 pool: Arc::clone(&self.pool),
             })),
             Err(mut e) => {
-                let req = e.take_message();
-                Err((e.into_error(), req))
+                let unsent = e.take_message();
+                let read = read_at_end.or(conn.as_ref().map(|c| c.bytes_read()));
+                Err(Failed {
+                    error: e.into_error(),
+                    unsent,
+                    answered: read != Some(read_before),
+                })
             }
         }
     }
@@ -236,12 +376,17 @@ impl UpstreamClient {
             .oneshot(self.base.clone())
             .await
             .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+        let read = Arc::new(AtomicU64::new(0));
+        let io = TokioIo::new(Counted {
+            stream: io.into_inner(),
+            read: Arc::clone(&read),
+        });
         let (send, driver) = self
             .builder
             .handshake(io)
             .await
             .map_err(UpstreamError::Http)?;
-        Ok(Box::new(Conn { send, driver }))
+        Ok(Box::new(Conn { send, driver, read }))
     }
 }
 
@@ -598,6 +743,169 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// A raw upstream that answers the first request of each connection
+    /// with keep-alive, then closes the connection as soon as the next
+    /// request's head arrives (the keep-alive race, made certain). Returns
+    /// its address and the request lines it received, answered or not.
+    async fn closing_upstream() -> (Uri, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    for answered in [true, false] {
+                        let Some(line) = read_head(&mut stream).await else {
+                            return;
+                        };
+                        log.lock().expect("log").push(line);
+                        if answered {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                        }
+                    }
+                    // Dropped: closed with the second request unanswered.
+                });
+            }
+        });
+        (format!("http://{addr}").parse().expect("uri"), seen)
+    }
+
+    /// Reads one request head (and nothing of its body); its first line.
+    async fn read_head(stream: &mut TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::io::AsyncReadExt::read(stream, &mut byte)
+                .await
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        text.lines().next().map(str::to_owned)
+    }
+
+    fn post(path: &str, body: &'static str) -> Request<Body> {
+        Request::post(path)
+            .header(http::header::HOST, "upstream")
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(Body::from(body))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn idempotent_request_lost_by_a_pooled_connection_is_resent_once() {
+        let (base, seen) = closing_upstream().await;
+        let c = client(base, MAX_IDLE);
+        for i in 0..4 {
+            let resp = c
+                .send_or_replay(get("/g"), || Some(get("/g")))
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e:?}"));
+            assert_eq!(read(resp).await, "ok");
+        }
+        // The first on a new connection; each later one lost once on the
+        // reused connection, then answered on a new one.
+        assert_eq!(seen.lock().expect("log").len(), 1 + 3 * 2);
+        // Without a way to build it again, the loss is the caller's.
+        let err = c.send(get("/g")).await.expect_err("lost");
+        assert!(matches!(err, UpstreamError::Http(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn non_idempotent_request_written_on_a_pooled_connection_is_never_resent() {
+        let (base, seen) = closing_upstream().await;
+        let c = client(base, MAX_IDLE);
+        let resp = c.send(get("/warm")).await.expect("answer");
+        assert_eq!(read(resp).await, "ok");
+        assert_eq!(c.idle(), 1);
+        let mut rebuilt = false;
+        let err = c
+            .send_or_replay(post("/pay", "x"), || {
+                rebuilt = true;
+                Some(post("/pay", "x"))
+            })
+            .await
+            .expect_err("lost, not resent");
+        assert!(matches!(err, UpstreamError::Http(_)), "{err:?}");
+        assert!(!rebuilt, "a POST is never built again");
+        let posts = seen
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|l| l.starts_with("POST"))
+            .count();
+        assert_eq!(posts, 1);
+    }
+
+    #[tokio::test]
+    async fn request_answered_in_part_is_not_resent() {
+        // The upstream starts an answer and then closes: bytes came back,
+        // so even a GET is not sent again.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    if read_head(&mut stream).await.is_none() {
+                        return;
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    if read_head(&mut stream).await.is_none() {
+                        return;
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(b"HTTP/1.1 200 O").await;
+                });
+            }
+        });
+        let c = client(format!("http://{addr}").parse().expect("uri"), MAX_IDLE);
+        let resp = c.send(get("/")).await.expect("answer");
+        assert_eq!(read(resp).await, "ok");
+        let err = c
+            .send_or_replay(get("/"), || Some(get("/")))
+            .await
+            .expect_err("cut short");
+        assert!(matches!(err, UpstreamError::Http(_)), "{err:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn request_on_a_connection_closed_before_it_was_written_comes_back() {
+        // The upstream closes each connection at once. A request sent on a
+        // connection whose close arrives before the request is written
+        // must come back unsent at once (the connection is dropped when it
+        // ends), not wait for an answer that cannot come.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let c = client(format!("http://{addr}").parse().expect("uri"), MAX_IDLE);
+        let conn = c.connect().await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let failed = tokio::time::timeout(Duration::from_secs(5), c.exchange(conn, get("/")))
+            .await
+            .expect("no hang")
+            .expect_err("closed");
+        assert!(failed.unsent.is_some(), "{:?}", failed.error);
+        assert!(!failed.answered);
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ mod health;
 mod hostile_inputs;
 mod http2;
 mod invalid_keys;
+mod keepalive_race;
 mod modes;
 mod outage;
 mod replicas;
