@@ -23,8 +23,8 @@ use crate::clock::{Clock, Nanos, SystemClock};
 use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{
-    AccountOverrides, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitId, LimitOverride,
-    LocalShare, MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
+    AccountOverrides, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride, LocalShare,
+    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
 };
 use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
 
@@ -402,14 +402,15 @@ impl<C: Clock> Engine<MemoryStore, C> {
                     // A scope value is unknown: no limit applies.
                     return;
                 };
-                // The store pushes the results (nothing when it fails: the
-                // general path below then decides again, and answers a
-                // store error by each limit's `on_store_error`).
-                if let Ok(admitted) = self
+                // The store pushes the results and sets the outcome
+                // (nothing when it fails: the general path below then
+                // decides again, and answers a store error by each limit's
+                // `on_store_error`).
+                if self
                     .store
                     .decide_scope::<N>(now, values, limits, req.cost, decision)
+                    .is_ok()
                 {
-                    settle(decision, admitted, 0);
                     return;
                 }
             }
@@ -583,7 +584,7 @@ fn finish(
             for (r, e) in d.results_mut().iter_mut().zip(evals) {
                 r.eval = *e;
             }
-            settle(d, admitted, lease);
+            d.settle(admitted, lease);
         }
         Err(_) => {
             let closed = d.results().iter().any(|r| {
@@ -597,48 +598,6 @@ fn finish(
                 Outcome::Admitted
             };
         }
-    }
-}
-
-/// Sets the outcome of a decision the store answered (`admitted`), from
-/// its results (each holding its evaluation); `lease` is held when admitted
-/// and a concurrency limit took it.
-#[inline]
-fn settle(d: &mut Decision, admitted: bool, lease: u64) {
-    // One pass: note what the outcome needs.
-    let mut forwarded = None; // first enforced non-blocking limit exceeded
-    let mut never = None; // first blocking limit the cost can never pass
-    let mut longest: Option<(std::time::Duration, LimitId)> = None; // last longest wait
-    let mut leased = false;
-    for r in d.results() {
-        let e = &r.eval;
-        if e.admit {
-            leased |= r.is_lease;
-        } else if r.blocking {
-            if e.never && never.is_none() {
-                never = Some(r.limit);
-            }
-            if longest.is_none_or(|(t, _)| e.retry_after >= t) {
-                longest = Some((e.retry_after, r.limit));
-            }
-        } else if r.mode == Mode::Enforce && forwarded.is_none() {
-            forwarded = Some(r.limit);
-        }
-    }
-    if admitted {
-        d.outcome = match forwarded {
-            Some(limit) => Outcome::Forwarded { limit },
-            None => Outcome::Admitted,
-        };
-        if leased {
-            d.lease = Some(lease);
-        }
-    } else {
-        d.outcome = match (never, longest) {
-            (Some(limit), _) => Outcome::CostAboveCapacity { limit },
-            (None, Some((_, limit))) => Outcome::Rejected { limit },
-            (None, None) => Outcome::Admitted,
-        };
     }
 }
 

@@ -56,7 +56,7 @@ use crate::algorithm::concurrency::{self, Lease, LeaseSet};
 use crate::algorithm::gcra::gcra;
 use crate::algorithm::sliding_window::{SlidingState, SlidingWindow};
 use crate::clock::Nanos;
-use crate::decision::{Decision, LimitResult};
+use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{MAX_LIMITS_PER_REQUEST, Mode, PlanLimit};
 use crate::store::{Check, CounterKey, Params, Store};
@@ -589,7 +589,8 @@ impl MemoryStore {
     /// resolved at load that they share one scope, hold no lease and have
     /// distinct names: [`crate::policy::CompiledPolicy`]'s one-scope flag)
     /// whose scope values hash to `values`, and pushes one result per limit
-    /// into `decision`, in order. Returns whether the request is admitted.
+    /// into `decision`, in order, and sets its outcome. Returns whether the
+    /// request is admitted.
     ///
     /// The same counters as [`MemoryStore::decide_now`] (a limit's counter
     /// key is `values ^ name_hash`, as the engine builds it), the same
@@ -805,8 +806,8 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
 
 /// [`MemoryStore::decide_scope`] once the scope's entry `g` is locked:
 /// evaluates every limit's counter, writes them only if the request is
-/// admitted, and pushes the results (nothing when the new counters do not
-/// fit: [`Locked::Full`]).
+/// admitted, pushes the results and sets the decision's outcome (nothing
+/// when the new counters do not fit: [`Locked::Full`], [`Locked::Grow`]).
 #[inline]
 fn scope_locked<const N: usize>(
     g: &mut Group,
@@ -823,6 +824,9 @@ fn scope_locked<const N: usize>(
     let mut next = [Next::OnCommit; N];
     let mut at = [NO_CELL; N];
     let mut admitted = true;
+    // Whether any limit refused (blocking or not): only then does the
+    // outcome need a pass over the results.
+    let mut refused = false;
     let mut new = 0;
     let cells = g.as_slice();
     for (i, pl) in limits.iter().enumerate() {
@@ -837,6 +841,7 @@ fn scope_locked<const N: usize>(
         let c = cost.unwrap_or(pl.cost);
         evaluate(counter, &params, c, now, &mut evals[i], &mut next[i]);
         let admit = evals[i].admit;
+        refused |= !admit;
         if !admit && pl.prepared.mode == Mode::Enforce && pl.prepared.reject {
             admitted = false;
         }
@@ -888,6 +893,12 @@ fn scope_locked<const N: usize>(
             key: CounterKey(values ^ u128::from(p.name_hash)),
             is_lease: false,
         });
+    }
+    if refused {
+        decision.settle(admitted, 0);
+    } else {
+        // Every limit admits: nothing forwarded, no lease on one scope.
+        decision.outcome = Outcome::Admitted;
     }
     Locked::Decided(admitted)
 }
