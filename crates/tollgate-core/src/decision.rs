@@ -106,6 +106,13 @@ impl Decision {
         }
     }
 
+    /// Drops the results past the first `len` (a store that could not
+    /// decide takes back what it pushed).
+    #[inline]
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.results.truncate(len);
+    }
+
     #[inline]
     pub(crate) fn results_mut(&mut self) -> &mut [LimitResult] {
         &mut self.results

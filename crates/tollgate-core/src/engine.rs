@@ -843,6 +843,48 @@ mod tests {
         );
     }
 
+    /// A one-scope decision that must first grow its scope's entry, or finds
+    /// the store full, takes back the results it pushed before deciding
+    /// again: each limit has exactly one result, and the counters count once
+    /// (the full store's request is then answered by the general path).
+    #[test]
+    fn one_scope_path_retries_with_one_result_per_limit() {
+        let b = "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 7\nrefill = 1\nrefill_every = \"1s\"\n";
+        let rest = "[limits.w]\nalgorithm = \"sliding_window\"\nlimit = 9\nwindow = \"3s\"\n\
+             [limits.d]\nalgorithm = \"calendar_window\"\nlimit = 40\nwindow = \"minute\"\n";
+        let one = policy::parse(b, "t").unwrap();
+        let three = policy::parse(&format!("{b}{rest}"), "t").unwrap();
+        assert!(three.is_one_scope(three.default_plan, three.default_operation()));
+        let e = engine().with_key_seed(5);
+        let req = |p: &CompiledPolicy| Request {
+            account: "a",
+            ..Request::new(p.default_plan, p.default_operation())
+        };
+        // The scope's entry is made with room for one counter; the
+        // three-limit request needs three: `Grow`, then decided again.
+        assert!(e.decide_now(&one, &req(&one)).is_allowed());
+        let d = e.decide_now(&three, &req(&three));
+        assert_eq!(d.outcome, Outcome::Admitted);
+        assert_eq!(d.results().len(), 3);
+        // Each counter took exactly one (b: 7 - 2, w: 9 - 1, d: 40 - 1).
+        let mut remaining: Vec<u64> = d.results().iter().map(|r| r.eval.remaining).collect();
+        remaining.sort_unstable();
+        assert_eq!(remaining, [5, 8, 39]);
+        assert_eq!(e.store().len(), 3);
+        // A store with room for one counter: `Full` on the one-scope path,
+        // then the general path answers the store error (fail closed).
+        let full = Engine::with_clock(
+            MemoryStore::new(1),
+            ManualClock::new(Nanos::from_secs(1_000_000)),
+        );
+        assert!(full.decide_now(&one, &req(&one)).is_allowed());
+        let d = full.decide_now(&three, &req(&three));
+        let mut limits: Vec<crate::policy::LimitId> = d.results().iter().map(|r| r.limit).collect();
+        limits.dedup();
+        assert_eq!(limits.len(), 3, "one result per limit: {:?}", d.results());
+        assert_eq!(full.store().len(), 1, "nothing new was written");
+    }
+
     /// Which limit sets take the one-scope path: one scope, no lease, no
     /// rollout date.
     #[test]

@@ -733,14 +733,7 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             _ => cells.iter().position(|c| c.tag == t),
         };
         let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
-        evaluate(
-            counter,
-            &check.params,
-            check.cost,
-            now,
-            &mut out[i],
-            &mut next[i],
-        );
+        out[i] = evaluate(counter, &check.params, check.cost, now, &mut next[i]);
         let admit = out[i].admit;
         if check.blocking && !admit {
             admitted = false;
@@ -820,7 +813,10 @@ fn scope_locked<const N: usize>(
 ) -> Locked {
     let limits = &limits[..limits.len().min(N)];
     let low = values as u64;
-    let mut evals = [Evaluation::default(); N];
+    // Each limit's result is pushed as it is evaluated, the evaluation
+    // written into it once (no evaluation array to set up and copy from);
+    // taken back out if the request does not fit (`Grow`, `Full`).
+    let base = decision.results().len();
     let mut next = [Next::OnCommit; N];
     let mut at = [NO_CELL; N];
     let mut admitted = true;
@@ -830,7 +826,8 @@ fn scope_locked<const N: usize>(
     let mut new = 0;
     let cells = g.as_slice();
     for (i, pl) in limits.iter().enumerate() {
-        let t = low ^ pl.prepared.name_hash;
+        let p = &pl.prepared;
+        let t = low ^ p.name_hash;
         // Cells are usually in the order of the limits that made them.
         let cell = match cells.get(i) {
             Some(c) if c.tag == t => Some(i),
@@ -839,10 +836,11 @@ fn scope_locked<const N: usize>(
         let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
         let params = pl.params_at(now);
         let c = cost.unwrap_or(pl.cost);
-        evaluate(counter, &params, c, now, &mut evals[i], &mut next[i]);
-        let admit = evals[i].admit;
+        let eval = evaluate(counter, &params, c, now, &mut next[i]);
+        let admit = eval.admit;
+        let blocking = p.mode == Mode::Enforce && p.reject;
         refused |= !admit;
-        if !admit && pl.prepared.mode == Mode::Enforce && pl.prepared.reject {
+        if !admit && blocking {
             admitted = false;
         }
         match cell {
@@ -850,19 +848,33 @@ fn scope_locked<const N: usize>(
             None if admit => new += 1,
             None => {}
         }
+        decision.push(LimitResult {
+            limit: pl.limit,
+            mode: p.mode,
+            quota: p.quota,
+            window_secs: pl.window_secs,
+            cost: c,
+            eval,
+            blocking,
+            key: CounterKey(values ^ u128::from(p.name_hash)),
+            is_lease: false,
+        });
     }
     if admitted {
         if new > g.free() {
+            decision.truncate(base);
             return Locked::Grow {
                 at: 0,
                 cells: usize::from(g.len) + new,
             };
         }
         if new > 0 && !room.reserve(new) {
+            decision.truncate(base);
             return Locked::Full;
         }
-        for (i, pl) in limits.iter().enumerate() {
-            if !evals[i].admit {
+        let results = &decision.results()[base..];
+        for (i, (pl, r)) in limits.iter().zip(results).enumerate() {
+            if !r.eval.admit {
                 continue;
             }
             let t = low ^ pl.prepared.name_hash;
@@ -874,25 +886,10 @@ fn scope_locked<const N: usize>(
                 k => usize::from(k),
             };
             let cell = &mut g.as_mut_slice()[k];
-            let c = cost.unwrap_or(pl.cost);
-            if !write_next(cell, &next[i], c, now, &evals[i]) {
-                commit(cell, &pl.params_at(now), c, now, 0);
+            if !write_next(cell, &next[i], r.cost, now, &r.eval) {
+                commit(cell, &pl.params_at(now), r.cost, now, 0);
             }
         }
-    }
-    for (pl, eval) in limits.iter().zip(evals) {
-        let p = &pl.prepared;
-        decision.push(LimitResult {
-            limit: pl.limit,
-            mode: p.mode,
-            quota: p.quota,
-            window_secs: pl.window_secs,
-            cost: cost.unwrap_or(pl.cost),
-            eval,
-            blocking: p.mode == Mode::Enforce && p.reject,
-            key: CounterKey(values ^ u128::from(p.name_hash)),
-            is_lease: false,
-        });
     }
     if refused {
         decision.settle(admitted, 0);
@@ -998,17 +995,16 @@ impl LoomSlot {
     }
 }
 
-/// Evaluates one check against its counter, without changing it, into `out`;
-/// and into `next` the state to write if the request is admitted.
+/// Evaluates one check against its counter, without changing it; writes
+/// into `next` the state to write if the request is admitted.
 #[inline]
 fn evaluate(
     counter: &Counter,
     params: &Params,
     cost: u64,
     now: Nanos,
-    out: &mut Evaluation,
     next: &mut Next,
-) {
+) -> Evaluation {
     match *params {
         Params::Gcra(rate) => {
             let tat = match counter {
@@ -1016,8 +1012,8 @@ fn evaluate(
                 _ => None,
             };
             let (e, tat) = gcra(tat, now, cost, &rate);
-            *out = e;
             *next = Next::Gcra(tat);
+            e
         }
         Params::Sliding(window) => {
             let state = match counter {
@@ -1025,8 +1021,8 @@ fn evaluate(
                 _ => &SlidingState::Empty,
             };
             // The log is written in place on commit (it may hold a ring).
-            *out = state.evaluate(now, cost, &window);
             *next = Next::Sliding(window);
+            state.evaluate(now, cost, &window)
         }
         Params::Calendar { limit, end } => {
             let state = match counter {
@@ -1034,15 +1030,15 @@ fn evaluate(
                 _ => None,
             };
             let (e, state) = calendar_window::evaluate(state, now, cost, limit, end);
-            *out = e;
             *next = Next::Calendar(state);
+            e
         }
         Params::Concurrency { limit, .. } => {
-            *out = match counter {
+            *next = Next::OnCommit;
+            match counter {
                 Counter::Leases(set) => concurrency::evaluate(set, now, cost, limit),
                 _ => concurrency::evaluate(&LeaseSet::default(), now, cost, limit),
-            };
-            *next = Next::OnCommit;
+            }
         }
     }
 }
