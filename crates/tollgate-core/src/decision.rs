@@ -106,9 +106,58 @@ impl Decision {
         }
     }
 
+    /// Drops the results past the first `len` (a store that could not
+    /// decide takes back what it pushed).
+    #[inline]
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.results.truncate(len);
+    }
+
     #[inline]
     pub(crate) fn results_mut(&mut self) -> &mut [LimitResult] {
         &mut self.results
+    }
+
+    /// Sets the outcome of a decision the store answered (`admitted`), from
+    /// its results (each holding its evaluation); `lease` is held when
+    /// admitted and a concurrency limit took it.
+    #[inline]
+    pub(crate) fn settle(&mut self, admitted: bool, lease: u64) {
+        // One pass: note what the outcome needs.
+        let mut forwarded = None; // first enforced non-blocking limit exceeded
+        let mut never = None; // first blocking limit the cost can never pass
+        let mut longest: Option<(Duration, LimitId)> = None; // last longest wait
+        let mut leased = false;
+        for r in self.results() {
+            let e = &r.eval;
+            if e.admit {
+                leased |= r.is_lease;
+            } else if r.blocking {
+                if e.never && never.is_none() {
+                    never = Some(r.limit);
+                }
+                if longest.is_none_or(|(t, _)| e.retry_after >= t) {
+                    longest = Some((e.retry_after, r.limit));
+                }
+            } else if r.mode == Mode::Enforce && forwarded.is_none() {
+                forwarded = Some(r.limit);
+            }
+        }
+        if admitted {
+            self.outcome = match forwarded {
+                Some(limit) => Outcome::Forwarded { limit },
+                None => Outcome::Admitted,
+            };
+            if leased {
+                self.lease = Some(lease);
+            }
+        } else {
+            self.outcome = match (never, longest) {
+                (Some(limit), _) => Outcome::CostAboveCapacity { limit },
+                (None, Some((_, limit))) => Outcome::Rejected { limit },
+                (None, None) => Outcome::Admitted,
+            };
+        }
     }
 
     /// Results of every limit that applied, in policy order.

@@ -23,8 +23,8 @@ use crate::clock::{Clock, Nanos, SystemClock};
 use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{
-    AccountOverrides, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitId, LimitOverride,
-    LocalShare, MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
+    AccountOverrides, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride, LocalShare,
+    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
 };
 use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
 
@@ -402,14 +402,15 @@ impl<C: Clock> Engine<MemoryStore, C> {
                     // A scope value is unknown: no limit applies.
                     return;
                 };
-                // The store pushes the results (nothing when it fails: the
-                // general path below then decides again, and answers a
-                // store error by each limit's `on_store_error`).
-                if let Ok(admitted) = self
+                // The store pushes the results and sets the outcome
+                // (nothing when it fails: the general path below then
+                // decides again, and answers a store error by each limit's
+                // `on_store_error`).
+                if self
                     .store
                     .decide_scope::<N>(now, values, limits, req.cost, decision)
+                    .is_ok()
                 {
-                    settle(decision, admitted, 0);
                     return;
                 }
             }
@@ -583,7 +584,7 @@ fn finish(
             for (r, e) in d.results_mut().iter_mut().zip(evals) {
                 r.eval = *e;
             }
-            settle(d, admitted, lease);
+            d.settle(admitted, lease);
         }
         Err(_) => {
             let closed = d.results().iter().any(|r| {
@@ -597,48 +598,6 @@ fn finish(
                 Outcome::Admitted
             };
         }
-    }
-}
-
-/// Sets the outcome of a decision the store answered (`admitted`), from
-/// its results (each holding its evaluation); `lease` is held when admitted
-/// and a concurrency limit took it.
-#[inline]
-fn settle(d: &mut Decision, admitted: bool, lease: u64) {
-    // One pass: note what the outcome needs.
-    let mut forwarded = None; // first enforced non-blocking limit exceeded
-    let mut never = None; // first blocking limit the cost can never pass
-    let mut longest: Option<(std::time::Duration, LimitId)> = None; // last longest wait
-    let mut leased = false;
-    for r in d.results() {
-        let e = &r.eval;
-        if e.admit {
-            leased |= r.is_lease;
-        } else if r.blocking {
-            if e.never && never.is_none() {
-                never = Some(r.limit);
-            }
-            if longest.is_none_or(|(t, _)| e.retry_after >= t) {
-                longest = Some((e.retry_after, r.limit));
-            }
-        } else if r.mode == Mode::Enforce && forwarded.is_none() {
-            forwarded = Some(r.limit);
-        }
-    }
-    if admitted {
-        d.outcome = match forwarded {
-            Some(limit) => Outcome::Forwarded { limit },
-            None => Outcome::Admitted,
-        };
-        if leased {
-            d.lease = Some(lease);
-        }
-    } else {
-        d.outcome = match (never, longest) {
-            (Some(limit), _) => Outcome::CostAboveCapacity { limit },
-            (None, Some((_, limit))) => Outcome::Rejected { limit },
-            (None, None) => Outcome::Admitted,
-        };
     }
 }
 
@@ -882,6 +841,48 @@ mod tests {
             outcomes.len() >= 4,
             "admitted, rejected, forwarded, above capacity: {outcomes:?}"
         );
+    }
+
+    /// A one-scope decision that must first grow its scope's entry, or finds
+    /// the store full, takes back the results it pushed before deciding
+    /// again: each limit has exactly one result, and the counters count once
+    /// (the full store's request is then answered by the general path).
+    #[test]
+    fn one_scope_path_retries_with_one_result_per_limit() {
+        let b = "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 7\nrefill = 1\nrefill_every = \"1s\"\n";
+        let rest = "[limits.w]\nalgorithm = \"sliding_window\"\nlimit = 9\nwindow = \"3s\"\n\
+             [limits.d]\nalgorithm = \"calendar_window\"\nlimit = 40\nwindow = \"minute\"\n";
+        let one = policy::parse(b, "t").unwrap();
+        let three = policy::parse(&format!("{b}{rest}"), "t").unwrap();
+        assert!(three.is_one_scope(three.default_plan, three.default_operation()));
+        let e = engine().with_key_seed(5);
+        let req = |p: &CompiledPolicy| Request {
+            account: "a",
+            ..Request::new(p.default_plan, p.default_operation())
+        };
+        // The scope's entry is made with room for one counter; the
+        // three-limit request needs three: `Grow`, then decided again.
+        assert!(e.decide_now(&one, &req(&one)).is_allowed());
+        let d = e.decide_now(&three, &req(&three));
+        assert_eq!(d.outcome, Outcome::Admitted);
+        assert_eq!(d.results().len(), 3);
+        // Each counter took exactly one (b: 7 - 2, w: 9 - 1, d: 40 - 1).
+        let mut remaining: Vec<u64> = d.results().iter().map(|r| r.eval.remaining).collect();
+        remaining.sort_unstable();
+        assert_eq!(remaining, [5, 8, 39]);
+        assert_eq!(e.store().len(), 3);
+        // A store with room for one counter: `Full` on the one-scope path,
+        // then the general path answers the store error (fail closed).
+        let full = Engine::with_clock(
+            MemoryStore::new(1),
+            ManualClock::new(Nanos::from_secs(1_000_000)),
+        );
+        assert!(full.decide_now(&one, &req(&one)).is_allowed());
+        let d = full.decide_now(&three, &req(&three));
+        let mut limits: Vec<crate::policy::LimitId> = d.results().iter().map(|r| r.limit).collect();
+        limits.dedup();
+        assert_eq!(limits.len(), 3, "one result per limit: {:?}", d.results());
+        assert_eq!(full.store().len(), 1, "nothing new was written");
     }
 
     /// Which limit sets take the one-scope path: one scope, no lease, no

@@ -56,7 +56,7 @@ use crate::algorithm::concurrency::{self, Lease, LeaseSet};
 use crate::algorithm::gcra::gcra;
 use crate::algorithm::sliding_window::{SlidingState, SlidingWindow};
 use crate::clock::Nanos;
-use crate::decision::{Decision, LimitResult};
+use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{MAX_LIMITS_PER_REQUEST, Mode, PlanLimit};
 use crate::store::{Check, CounterKey, Params, Store};
@@ -589,7 +589,8 @@ impl MemoryStore {
     /// resolved at load that they share one scope, hold no lease and have
     /// distinct names: [`crate::policy::CompiledPolicy`]'s one-scope flag)
     /// whose scope values hash to `values`, and pushes one result per limit
-    /// into `decision`, in order. Returns whether the request is admitted.
+    /// into `decision`, in order, and sets its outcome. Returns whether the
+    /// request is admitted.
     ///
     /// The same counters as [`MemoryStore::decide_now`] (a limit's counter
     /// key is `values ^ name_hash`, as the engine builds it), the same
@@ -732,14 +733,7 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             _ => cells.iter().position(|c| c.tag == t),
         };
         let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
-        evaluate(
-            counter,
-            &check.params,
-            check.cost,
-            now,
-            &mut out[i],
-            &mut next[i],
-        );
+        out[i] = evaluate(counter, &check.params, check.cost, now, &mut next[i]);
         let admit = out[i].admit;
         if check.blocking && !admit {
             admitted = false;
@@ -805,8 +799,8 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
 
 /// [`MemoryStore::decide_scope`] once the scope's entry `g` is locked:
 /// evaluates every limit's counter, writes them only if the request is
-/// admitted, and pushes the results (nothing when the new counters do not
-/// fit: [`Locked::Full`]).
+/// admitted, pushes the results and sets the decision's outcome (nothing
+/// when the new counters do not fit: [`Locked::Full`], [`Locked::Grow`]).
 #[inline]
 fn scope_locked<const N: usize>(
     g: &mut Group,
@@ -819,14 +813,21 @@ fn scope_locked<const N: usize>(
 ) -> Locked {
     let limits = &limits[..limits.len().min(N)];
     let low = values as u64;
-    let mut evals = [Evaluation::default(); N];
+    // Each limit's result is pushed as it is evaluated, the evaluation
+    // written into it once (no evaluation array to set up and copy from);
+    // taken back out if the request does not fit (`Grow`, `Full`).
+    let base = decision.results().len();
     let mut next = [Next::OnCommit; N];
     let mut at = [NO_CELL; N];
     let mut admitted = true;
+    // Whether any limit refused (blocking or not): only then does the
+    // outcome need a pass over the results.
+    let mut refused = false;
     let mut new = 0;
     let cells = g.as_slice();
     for (i, pl) in limits.iter().enumerate() {
-        let t = low ^ pl.prepared.name_hash;
+        let p = &pl.prepared;
+        let t = low ^ p.name_hash;
         // Cells are usually in the order of the limits that made them.
         let cell = match cells.get(i) {
             Some(c) if c.tag == t => Some(i),
@@ -835,9 +836,11 @@ fn scope_locked<const N: usize>(
         let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
         let params = pl.params_at(now);
         let c = cost.unwrap_or(pl.cost);
-        evaluate(counter, &params, c, now, &mut evals[i], &mut next[i]);
-        let admit = evals[i].admit;
-        if !admit && pl.prepared.mode == Mode::Enforce && pl.prepared.reject {
+        let eval = evaluate(counter, &params, c, now, &mut next[i]);
+        let admit = eval.admit;
+        let blocking = p.mode == Mode::Enforce && p.reject;
+        refused |= !admit;
+        if !admit && blocking {
             admitted = false;
         }
         match cell {
@@ -845,19 +848,33 @@ fn scope_locked<const N: usize>(
             None if admit => new += 1,
             None => {}
         }
+        decision.push(LimitResult {
+            limit: pl.limit,
+            mode: p.mode,
+            quota: p.quota,
+            window_secs: pl.window_secs,
+            cost: c,
+            eval,
+            blocking,
+            key: CounterKey(values ^ u128::from(p.name_hash)),
+            is_lease: false,
+        });
     }
     if admitted {
         if new > g.free() {
+            decision.truncate(base);
             return Locked::Grow {
                 at: 0,
                 cells: usize::from(g.len) + new,
             };
         }
         if new > 0 && !room.reserve(new) {
+            decision.truncate(base);
             return Locked::Full;
         }
-        for (i, pl) in limits.iter().enumerate() {
-            if !evals[i].admit {
+        let results = &decision.results()[base..];
+        for (i, (pl, r)) in limits.iter().zip(results).enumerate() {
+            if !r.eval.admit {
                 continue;
             }
             let t = low ^ pl.prepared.name_hash;
@@ -869,25 +886,16 @@ fn scope_locked<const N: usize>(
                 k => usize::from(k),
             };
             let cell = &mut g.as_mut_slice()[k];
-            let c = cost.unwrap_or(pl.cost);
-            if !write_next(cell, &next[i], c, now, &evals[i]) {
-                commit(cell, &pl.params_at(now), c, now, 0);
+            if !write_next(cell, &next[i], r.cost, now, &r.eval) {
+                commit(cell, &pl.params_at(now), r.cost, now, 0);
             }
         }
     }
-    for (pl, eval) in limits.iter().zip(evals) {
-        let p = &pl.prepared;
-        decision.push(LimitResult {
-            limit: pl.limit,
-            mode: p.mode,
-            quota: p.quota,
-            window_secs: pl.window_secs,
-            cost: cost.unwrap_or(pl.cost),
-            eval,
-            blocking: p.mode == Mode::Enforce && p.reject,
-            key: CounterKey(values ^ u128::from(p.name_hash)),
-            is_lease: false,
-        });
+    if refused {
+        decision.settle(admitted, 0);
+    } else {
+        // Every limit admits: nothing forwarded, no lease on one scope.
+        decision.outcome = Outcome::Admitted;
     }
     Locked::Decided(admitted)
 }
@@ -987,17 +995,16 @@ impl LoomSlot {
     }
 }
 
-/// Evaluates one check against its counter, without changing it, into `out`;
-/// and into `next` the state to write if the request is admitted.
+/// Evaluates one check against its counter, without changing it; writes
+/// into `next` the state to write if the request is admitted.
 #[inline]
 fn evaluate(
     counter: &Counter,
     params: &Params,
     cost: u64,
     now: Nanos,
-    out: &mut Evaluation,
     next: &mut Next,
-) {
+) -> Evaluation {
     match *params {
         Params::Gcra(rate) => {
             let tat = match counter {
@@ -1005,8 +1012,8 @@ fn evaluate(
                 _ => None,
             };
             let (e, tat) = gcra(tat, now, cost, &rate);
-            *out = e;
             *next = Next::Gcra(tat);
+            e
         }
         Params::Sliding(window) => {
             let state = match counter {
@@ -1014,8 +1021,8 @@ fn evaluate(
                 _ => &SlidingState::Empty,
             };
             // The log is written in place on commit (it may hold a ring).
-            *out = state.evaluate(now, cost, &window);
             *next = Next::Sliding(window);
+            state.evaluate(now, cost, &window)
         }
         Params::Calendar { limit, end } => {
             let state = match counter {
@@ -1023,15 +1030,15 @@ fn evaluate(
                 _ => None,
             };
             let (e, state) = calendar_window::evaluate(state, now, cost, limit, end);
-            *out = e;
             *next = Next::Calendar(state);
+            e
         }
         Params::Concurrency { limit, .. } => {
-            *out = match counter {
+            *next = Next::OnCommit;
+            match counter {
                 Counter::Leases(set) => concurrency::evaluate(set, now, cost, limit),
                 _ => concurrency::evaluate(&LeaseSet::default(), now, cost, limit),
-            };
-            *next = Next::OnCommit;
+            }
         }
     }
 }
