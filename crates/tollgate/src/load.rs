@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tollgate_client::load::{self as engine, LoadOptions, Mode};
 
-/// `tollgate load URL [--rate N | --concurrency N] [--duration 10s] …`
+/// `tollgate load URL [--rate N [--connections N] | --concurrency N] [--duration 10s] …`
 ///
 /// Exit codes: 0 the run completed (whatever the answers); 1 the options are
 /// unusable (bad URL, header or body file); 2 bad command-line usage.
@@ -21,6 +21,11 @@ pub struct Load {
     /// Keep N callers busy (closed loop) [default: 10].
     #[arg(long, value_name = "N")]
     concurrency: Option<NonZeroU32>,
+    /// Keep-alive connections of a --rate run to an http:// target without
+    /// --retry/--pace (each carries one call at a time; latency then runs
+    /// from when each call was due) [default: 32].
+    #[arg(long, value_name = "N", requires = "rate")]
+    connections: Option<NonZeroU32>,
     /// How long to run, e.g. 10s, 1m.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -74,6 +79,9 @@ fn run_inner(args: Load) -> anyhow::Result<()> {
         opts.mode = Mode::Rate(r);
     } else if let Some(c) = args.concurrency {
         opts.mode = Mode::Concurrency(c);
+    }
+    if let Some(c) = args.connections {
+        opts.connections = c;
     }
     opts.duration = args.duration;
     opts.retry = args.retry;

@@ -27,10 +27,12 @@ async fn rate_run_counts_statuses_and_sends_headers_and_body() {
     assert!((s.share_429() - 10.0 / total as f64).abs() < 1e-9);
     assert!(s.latency[0] <= s.latency[1] && s.latency[1] <= s.latency[2]);
     let seen = server.seen();
-    assert!(
-        seen.iter()
-            .all(|r| r.method == "POST" && r.header("x-api-key") == Some("k1"))
-    );
+    assert!(seen.iter().all(|r| r.method == "POST"
+        && r.header("x-api-key") == Some("k1")
+        && r.header("host") == Some(server.addr.to_string().as_str())
+        && r.body == "payload"));
+    assert_eq!(s.errors, 0, "{s}");
+    assert_eq!((s.calls_ok, s.calls_failed), (total - 10, 10), "{s}");
     let j = s.to_json();
     assert_eq!(j["counts"]["429"], 10);
     assert_eq!(j["requests"], total);
@@ -60,4 +62,96 @@ async fn refuses_non_http_targets() {
         "{err}"
     );
     assert!(run(LoadOptions::new("not a url")).await.is_err());
+}
+
+fn rate_opts(server: &Server, rate: u32, duration: Duration) -> LoadOptions {
+    let mut opts = LoadOptions::new(server.url("/load?q=1"));
+    opts.mode = Mode::Rate(NonZeroU32::new(rate).expect("rate > 0"));
+    opts.duration = duration;
+    opts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_keeps_the_schedule() {
+    let server = Server::start(Vec::new()).await;
+    let s = run(rate_opts(&server, 1000, Duration::from_secs(1)))
+        .await
+        .expect("run");
+    // 1000 calls due, one every millisecond; the last few may be in flight
+    // at the end (more on a busy machine), never more than due.
+    assert!((900..=1000).contains(&s.count(200)), "{s}");
+    assert_eq!(s.errors, 0, "{s}");
+    assert!(s.count(200) + s.dropped <= 1000, "{s}");
+    let seen = server.seen();
+    assert!(seen.len() <= 1000, "{} sent", seen.len());
+    assert!(seen.iter().all(|r| r.method == "GET"), "GET by default");
+    // Calls leave at their due times, not in bursts on the timer's
+    // millisecond ticks: the median gap between arrivals is 1 ms, and the
+    // first half second saw half of them.
+    let mut gaps = server.gaps();
+    gaps.sort_unstable();
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        median >= Duration::from_micros(800) && median <= Duration::from_micros(1200),
+        "median gap {median:?}"
+    );
+    let first = seen[0].at;
+    let early = seen
+        .iter()
+        .filter(|r| r.at - first < Duration::from_millis(500))
+        .count();
+    assert!((450..=550).contains(&early), "{early} in the first 0.5 s");
+}
+
+/// Coordinated omission: one connection, answers that take 20 ms, 100
+/// calls due per second. Only ~50 can go; each waits for the one before,
+/// and its latency counts from when it was due, not from when it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_latency_counts_from_the_due_time() {
+    let slow = (0..200)
+        .map(|_| Reply::status(200).delay(Duration::from_millis(20)))
+        .collect();
+    let server = Server::start(slow).await;
+    let mut opts = rate_opts(&server, 100, Duration::from_secs(1));
+    opts.connections = NonZeroU32::new(1).expect("1");
+    let s = run(opts).await.expect("run");
+    let answered = s.count(200);
+    assert!((40..=50).contains(&answered), "{s}");
+    // Call k is due at 10k ms and answered at about 20(k+1) ms.
+    assert!(s.latency[0] >= Duration::from_millis(200), "{s}");
+    assert!(s.latency[2] >= Duration::from_millis(400), "{s}");
+    assert!(s.latency_max >= s.latency[2], "{s}");
+    // Due but never sent: the connection was busy until the end.
+    assert!(s.dropped >= 40 && s.dropped + answered <= 100, "{s}");
+    assert!(s.requests_per_second() < 55.0, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_reopens_connections_the_server_closes() {
+    let closing = (0..5)
+        .map(|_| Reply::status(200).header("connection", "close"))
+        .collect();
+    let server = Server::start(closing).await;
+    let mut opts = rate_opts(&server, 100, Duration::from_millis(500));
+    opts.connections = NonZeroU32::new(1).expect("1");
+    let s = run(opts).await.expect("run");
+    assert_eq!(s.errors, 0, "{s}");
+    assert!((48..=50).contains(&s.count(200)), "{s}");
+    assert_eq!(s.calls_ok, s.count(200), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_counts_refused_connections_as_errors() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let mut opts = LoadOptions::new(format!("http://{addr}/"));
+    opts.mode = Mode::Rate(NonZeroU32::new(100).expect("100"));
+    opts.duration = Duration::from_millis(300);
+    let s = run(opts)
+        .await
+        .expect("a run against a closed port completes");
+    assert_eq!(s.responses(), 0, "{s}");
+    assert!((25..=30).contains(&s.errors), "{s}");
+    assert_eq!(s.calls_failed, s.errors, "{s}");
 }

@@ -17,6 +17,8 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
+    /// How long the server waits before answering.
+    pub delay: Duration,
 }
 
 impl Reply {
@@ -25,6 +27,7 @@ impl Reply {
             status,
             headers: Vec::new(),
             body: format!("{{\"status\":{status}}}"),
+            delay: Duration::ZERO,
         }
     }
 
@@ -37,6 +40,11 @@ impl Reply {
         self.body = body.to_owned();
         self
     }
+
+    pub fn delay(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
 }
 
 /// One request the server saw.
@@ -45,6 +53,7 @@ pub struct Seen {
     pub at: Instant,
     pub method: String,
     pub headers: HeaderMap,
+    pub body: axum::body::Bytes,
 }
 
 impl Seen {
@@ -74,10 +83,17 @@ impl Server {
         let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
             let st = st.clone();
             async move {
+                let at = Instant::now();
+                let method = req.method().to_string();
+                let headers = req.headers().clone();
+                let body = axum::body::to_bytes(req.into_body(), usize::MAX)
+                    .await
+                    .unwrap_or_default();
                 st.seen.lock().expect("seen").push(Seen {
-                    at: Instant::now(),
-                    method: req.method().to_string(),
-                    headers: req.headers().clone(),
+                    at,
+                    method,
+                    headers,
+                    body,
                 });
                 let reply = st
                     .script
@@ -85,6 +101,9 @@ impl Server {
                     .expect("script")
                     .pop_front()
                     .unwrap_or_else(|| Reply::status(200));
+                if !reply.delay.is_zero() {
+                    tokio::time::sleep(reply.delay).await;
+                }
                 let mut b = axum::response::Response::builder().status(reply.status);
                 for (n, v) in &reply.headers {
                     b = b.header(*n, v.as_str());
