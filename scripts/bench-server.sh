@@ -25,9 +25,9 @@
 # RATE=N per second), against bare hyper and tollgate by account and by key,
 # two rounds: p50/p90/p99/p99.9/max from each call's due time (no
 # coordinated omission), achieved rate and dropped ticks. The load tool runs
-# on one core (core 1, one tokio worker); it keeps up to about 100k/s
-# against bare hyper (BENCHMARKS.md, "loadgen"); a run it could not keep up
-# with shows an achieved rate below the target and dropped ticks.
+# on one core (core 1, one tokio worker); a run it (or the server) could not
+# keep up with shows an achieved rate below the target and dropped ticks
+# (BENCHMARKS.md, "loadgen").
 #
 # ONLY=check runs the decision API part alone (no proxy/nginx part).
 set -euo pipefail
