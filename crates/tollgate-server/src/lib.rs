@@ -199,6 +199,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
             config.auth_fail_window,
             config.auth_guard_max_ips,
         ),
+        upstream_counters: proxy::UpstreamCounters::default(),
     });
     let proxy_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;

@@ -40,7 +40,7 @@ use crate::client_ip::client_ip;
 use crate::error::{ApiError, json_response};
 use crate::events;
 use crate::metric_cache;
-use crate::metrics::{DecisionLabels, LimitLabels, StoreErrorLabels, UpstreamLabels, class};
+use crate::metrics::{DecisionLabels, LimitLabels, Metrics, StoreErrorLabels, UpstreamLabels};
 use crate::payload;
 use crate::state::{Caller, Shared};
 
@@ -309,6 +309,69 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
         Response::from_parts(resp_parts, resp_body),
         lease,
     ))
+}
+
+/// The class of an upstream exchange, as counted in `upstream_responses`.
+#[derive(Debug, Clone, Copy)]
+pub enum UpstreamClass {
+    /// An answer, by the first digit of its status (2 to 5; others count as 5xx).
+    Status(u8),
+    /// No answer within the upstream timeout.
+    Timeout,
+    /// No answer: the connection or the exchange failed.
+    Error,
+}
+
+impl UpstreamClass {
+    /// The class of an answer with `status`.
+    pub fn of_status(status: u16) -> UpstreamClass {
+        // As `metrics::class`: 2xx, 3xx, 4xx, and everything else 5xx.
+        UpstreamClass::Status(match status / 100 {
+            2 => 2,
+            3 => 3,
+            4 => 4,
+            _ => 5,
+        })
+    }
+
+    fn index(self) -> usize {
+        match self {
+            UpstreamClass::Status(d) => usize::from(d.clamp(2, 5) - 2),
+            UpstreamClass::Timeout => 4,
+            UpstreamClass::Error => 5,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        ["2xx", "3xx", "4xx", "5xx", "timeout", "error"][self.index()]
+    }
+}
+
+/// Handles to the `upstream_responses` counters, one per class, made on
+/// first use (the family's `get_or_create`, so a series still appears only
+/// once it has been counted): counting an exchange is then an atomic add,
+/// not a label `String` hashed into the family under its lock.
+#[derive(Debug, Default)]
+pub struct UpstreamCounters {
+    classes: [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; 6],
+}
+
+impl UpstreamCounters {
+    /// The counter of `class` in `metrics`' `upstream_responses` family.
+    pub fn class(
+        &self,
+        metrics: &Metrics,
+        class: UpstreamClass,
+    ) -> &prometheus_client::metrics::counter::Counter {
+        self.classes[class.index()].get_or_init(|| {
+            metrics
+                .upstream
+                .get_or_create(&UpstreamLabels {
+                    class: class.label().to_owned(),
+                })
+                .clone()
+        })
+    }
 }
 
 enum Reserved {
@@ -859,11 +922,8 @@ async fn attempt(
         .observe(st.engine.clock().now().0.saturating_sub(started.0) as f64 / 1e9);
     let resp = match sent {
         Err(_) => {
-            st.metrics
-                .upstream
-                .get_or_create(&UpstreamLabels {
-                    class: "timeout".into(),
-                })
+            st.upstream_counters
+                .class(&st.metrics, UpstreamClass::Timeout)
                 .inc();
             let e = ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -874,11 +934,8 @@ async fn attempt(
         }
         Ok(Err(err)) => {
             tracing::warn!(error = %err, "upstream request failed");
-            st.metrics
-                .upstream
-                .get_or_create(&UpstreamLabels {
-                    class: "error".into(),
-                })
+            st.upstream_counters
+                .class(&st.metrics, UpstreamClass::Error)
                 .inc();
             let e = ApiError::new(
                 StatusCode::BAD_GATEWAY,
@@ -890,11 +947,8 @@ async fn attempt(
         Ok(Ok(r)) => r,
     };
     let status = resp.status().as_u16();
-    st.metrics
-        .upstream
-        .get_or_create(&UpstreamLabels {
-            class: class(status).into(),
-        })
+    st.upstream_counters
+        .class(&st.metrics, UpstreamClass::of_status(status))
         .inc();
     if retry_on.contains(&status) {
         let wait = header_str(resp.headers(), header::RETRY_AFTER)
@@ -923,13 +977,14 @@ fn build_request(
         }
     };
     // Origin-form: the connection already goes to the upstream's address.
-    let uri = http::Uri::from(path_and_query);
-    let mut out = http::Request::builder()
-        .method(req.parts.method.clone())
-        .uri(uri)
-        .body(body)
-        .map_err(|_| ApiError::bad_request("bad request"))?;
+    // Set in place (the builder's `Result`-wrapped parts cost more, and
+    // method and URI here are already valid).
+    let mut out = http::Request::new(body);
+    *out.method_mut() = req.parts.method.clone();
+    *out.uri_mut() = http::Uri::from(path_and_query);
     let h = out.headers_mut();
+    // Room for the copied headers and the four added below: no regrowth.
+    h.reserve(req.parts.headers.len() + 4);
     for (name, value) in &req.parts.headers {
         let n = name.as_str();
         if n == "host"
@@ -1040,7 +1095,20 @@ pub async fn read_body(body: Body, cap: u64) -> Result<Bytes, ApiError> {
 mod tests {
     use std::net::IpAddr;
 
-    use super::IpText;
+    use super::{IpText, UpstreamClass};
+
+    #[test]
+    fn upstream_class_labels_are_the_metric_classes() {
+        for status in 100..=999u16 {
+            assert_eq!(
+                UpstreamClass::of_status(status).label(),
+                crate::metrics::class(status),
+                "{status}"
+            );
+        }
+        assert_eq!(UpstreamClass::Timeout.label(), "timeout");
+        assert_eq!(UpstreamClass::Error.label(), "error");
+    }
 
     #[test]
     fn ip_text_is_the_display_text() {

@@ -42,6 +42,8 @@ pub struct AppState {
     pub counters: crate::metric_cache::CounterCache,
     /// Per-address budget of failed API keys, checked before any lookup.
     pub guard: AuthGuard,
+    /// Handles to the upstream answer counters (proxy).
+    pub upstream_counters: crate::proxy::UpstreamCounters,
 }
 
 impl std::fmt::Debug for AppState {

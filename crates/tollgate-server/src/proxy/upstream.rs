@@ -254,9 +254,12 @@ impl UpstreamClient {
         req: Request<Body>,
         again: impl FnOnce() -> Option<Request<Body>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        // Connecting is boxed where awaited: its future (the connector's
+        // resolution and handshake) is large and rarely used, and this
+        // future is moved whole into the caller's timeout per request.
         let (conn, reused) = match self.checkout() {
             Some(c) => (c, true),
-            None => (self.connect().await?, false),
+            None => (Box::pin(self.connect()).await?, false),
         };
         let idempotent = is_idempotent(req.method());
         let failed = match self.exchange(conn, req).await {
@@ -273,7 +276,7 @@ impl UpstreamClient {
             _ => return Err(UpstreamError::Http(failed.error)),
         };
         tracing::debug!(error = %failed.error, "pooled upstream connection was closed; resending on a new one");
-        let conn = self.connect().await?;
+        let conn = Box::pin(self.connect()).await?;
         self.exchange(conn, req)
             .await
             .map_err(|f| UpstreamError::Http(f.error))
@@ -359,12 +362,14 @@ impl UpstreamClient {
                 drop(self.pool.take_expired(now));
                 return None;
             }
-            let mut conn = idle.conn;
-            // One poll tells whether the upstream closed it while it sat
-            // idle; without a waker, or sending the request would wake
-            // this task for nothing (the exchange polls it next anyway).
-            if conn.poll_idle() && conn.send.is_ready() {
-                return Some(conn);
+            // Not polled here: whether the upstream closed it while it sat
+            // idle (or sent something unasked) is seen by the exchange's
+            // first poll, before the request is written, which then hands
+            // the request back unsent and it goes on a new connection
+            // (`send_or_replay`). Polling here as well cost a whole pass of
+            // hyper's dispatcher per request.
+            if idle.conn.send.is_ready() {
+                return Some(idle.conn);
             }
         }
     }
