@@ -335,8 +335,8 @@ async fn decide_check<S: AsRef<str> + Ord>(
 #[derive(Default)]
 struct HeaderList {
     text: Vec<u8>,
-    /// Name and value, as byte ranges of `text`.
-    items: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    /// Where each header's value and name are in `text`.
+    items: Items,
     /// Where the value being written starts in `text`.
     value_start: usize,
     /// Its length before escaping.
@@ -350,7 +350,6 @@ impl HeaderList {
     fn reserve(&mut self) {
         if self.text.capacity() == 0 {
             self.text.reserve(256);
-            self.items.reserve(8);
         }
     }
 
@@ -361,7 +360,7 @@ impl HeaderList {
         answer::escape(&mut self.text, value.as_bytes());
         let n = self.text.len();
         self.text.extend_from_slice(name.as_bytes());
-        self.items.push((n..self.text.len(), v..n));
+        self.items.push([v, n, self.text.len()]);
         self.value_start = self.text.len();
     }
 
@@ -404,9 +403,39 @@ impl headers::HeaderSink for HeaderList {
         self.reserve();
         let (v, n) = (self.value_start, self.text.len());
         self.text.extend_from_slice(name.as_bytes());
-        self.items.push((n..self.text.len(), v..n));
+        self.items.push([v, n, self.text.len()]);
         self.value_start = self.text.len();
         self.raw_len = 0;
+    }
+}
+
+/// Headers listed in place (no allocation) before they spill into a `Vec`;
+/// `headers::render` writes at most six.
+const INLINE_ITEMS: usize = 8;
+
+/// The headers of a [`HeaderList`], each as `[value start, name start, name
+/// end]` in its text (a value is written just before its name).
+#[derive(Default)]
+struct Items {
+    inline: [[usize; 3]; INLINE_ITEMS],
+    len: usize,
+    more: Vec<[usize; 3]>,
+}
+
+impl Items {
+    fn push(&mut self, item: [usize; 3]) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = item,
+            None => self.more.push(item),
+        }
+        self.len += 1;
+    }
+
+    fn get(&self, i: usize) -> [usize; 3] {
+        match self.inline.get(i) {
+            Some(item) => *item,
+            None => self.more[i - INLINE_ITEMS],
+        }
     }
 }
 
@@ -419,8 +448,16 @@ impl HeaderList {
         // last one is written.
         const SMALL: usize = 16;
         let text = self.text.as_slice();
-        let name = move |i: usize| &text[self.items[i].0.clone()];
-        let n = self.items.len();
+        let items = &self.items;
+        let name = move |i: usize| {
+            let [_, start, end] = items.get(i);
+            &text[start..end]
+        };
+        let value = move |i: usize| {
+            let [start, end, _] = items.get(i);
+            &text[start..end]
+        };
+        let n = items.len;
         let (mut small, mut large) = ([0usize; SMALL], Vec::new());
         {
             let order: &mut [usize] = if n <= SMALL {
@@ -442,7 +479,7 @@ impl HeaderList {
         let last = n.saturating_sub(1);
         (0..n).filter_map(move |i| {
             let next_same = i < last && name(at(i + 1)) == name(at(i));
-            (!next_same).then(|| (name(at(i)), &text[self.items[at(i)].1.clone()]))
+            (!next_same).then(|| (name(at(i)), value(at(i))))
         })
     }
 }
@@ -472,7 +509,8 @@ mod answer {
         pub cost: u64,
         pub exceeded: bool,
         pub limit: u64,
-        pub mode: &'a str,
+        /// `enforce`, `soft` or `shadow`: written as is.
+        pub mode: &'static str,
         pub name: &'a str,
         pub remaining: u64,
         pub reset_s: u64,
@@ -534,9 +572,10 @@ mod answer {
                     b",\"exceeded\":false,\"limit\":"
                 });
                 number(out, l.limit);
-                out.extend_from_slice(b",\"mode\":");
-                string(out, l.mode);
-                out.extend_from_slice(b",\"name\":");
+                // A mode is one of a few lowercase words: nothing to escape.
+                out.extend_from_slice(b",\"mode\":\"");
+                out.extend_from_slice(l.mode.as_bytes());
+                out.extend_from_slice(b"\",\"name\":");
                 string(out, l.name);
                 out.extend_from_slice(b",\"remaining\":");
                 number(out, l.remaining);
@@ -576,7 +615,12 @@ mod answer {
     }
 
     fn number(out: &mut Vec<u8>, v: u64) {
-        out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        if v < 10 {
+            // A digit (zero costs and resets, mostly): no formatting.
+            out.push(b'0' + v as u8);
+        } else {
+            out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        }
     }
 
     /// A JSON string, escaped as `serde_json` escapes it: `"` and `\`
@@ -605,6 +649,21 @@ mod answer {
     const SHORT: usize = 16;
 
     fn escape_short(out: &mut Vec<u8>, bytes: &[u8]) {
+        if let [b] = bytes {
+            // One byte: the `"` pieces of a header value, mostly.
+            if ESCAPE[usize::from(*b)] == 0 {
+                out.push(*b);
+            } else {
+                escape_at(out, bytes, 0, 0);
+            }
+            return;
+        }
+        // Names and the fixed pieces of header values need no escape: one
+        // scan, one copy.
+        if bytes.iter().all(|&b| ESCAPE[usize::from(b)] == 0) {
+            out.extend_from_slice(bytes);
+            return;
+        }
         out.reserve(bytes.len());
         for (i, &b) in bytes.iter().enumerate() {
             if ESCAPE[usize::from(b)] == 0 {
