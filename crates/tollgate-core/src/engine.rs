@@ -24,7 +24,7 @@ use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{
     AccountOverrides, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride, LocalShare,
-    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
+    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, PlanLimit, ScopePart,
 };
 use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
 
@@ -297,6 +297,10 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// hashed are the same whichever way (each value's length as `u32` LE,
     /// then the value), and XXH3 gives the same hash for the same bytes
     /// streamed or in one shot, so every key is the same whatever the path.
+    ///
+    /// The usual scope, one short value, is hashed inline (no call); the
+    /// rest in [`Engine::scope_hash_parts`].
+    #[inline(always)]
     fn scope_hash(&self, scope: &[ScopePart], req: &Request<'_>) -> Option<u128> {
         if let [p] = scope {
             // One value (the usual scope: an id): no loops, a 32-byte buffer.
@@ -312,6 +316,12 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 return Some(xxh3_128_with_seed(&buf[..len], self.seed));
             }
         }
+        self.scope_hash_parts(scope, req)
+    }
+
+    /// [`Engine::scope_hash`] of any scope.
+    #[inline(never)]
+    fn scope_hash_parts(&self, scope: &[ScopePart], req: &Request<'_>) -> Option<u128> {
         let mut len = 0;
         for &p in scope {
             let part = req.part(p);
@@ -375,29 +385,33 @@ impl<C: Clock> Engine<MemoryStore, C> {
         // Most requests meet a few limits: size the check and evaluation
         // arrays for exactly that many (each unused check is 80 B of stack
         // to set up, and so on down the store).
-        match policy.applicable(req.plan, req.operation).len() {
-            0 | 1 => self.decide_into::<1>(policy, req, decision),
-            2 => self.decide_into::<2>(policy, req, decision),
-            3 => self.decide_into::<3>(policy, req, decision),
-            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(policy, req, decision),
-            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, req, decision),
+        let limits = policy.applicable(req.plan, req.operation);
+        match limits.len() {
+            0 | 1 => self.decide_into::<1>(policy, limits, req, decision),
+            2 => self.decide_into::<2>(policy, limits, req, decision),
+            3 => self.decide_into::<3>(policy, limits, req, decision),
+            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(policy, limits, req, decision),
+            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, limits, req, decision),
         }
     }
 
+    /// Decides `req`, whose applicable limits are `limits`.
     fn decide_into<const N: usize>(
         &self,
         policy: &CompiledPolicy,
+        limits: &[PlanLimit],
         req: &Request<'_>,
         decision: &mut Decision,
     ) {
         let now = decision.now;
-        if policy.is_one_scope(req.plan, req.operation) {
-            let limits = policy.applicable(req.plan, req.operation);
+        if let Some(first) = limits.first()
+            && first.prepared.one_scope
+        {
             let overridden = req
                 .overrides
                 .is_some_and(|o| limits.iter().any(|pl| o.get(pl.limit).is_some()));
             if !overridden {
-                let scope = &policy.limits[usize::from(limits[0].limit)].scope;
+                let scope = &policy.limits[usize::from(first.limit)].scope;
                 let Some(values) = self.scope_hash(scope, req) else {
                     // A scope value is unknown: no limit applies.
                     return;

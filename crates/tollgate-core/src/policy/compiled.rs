@@ -54,10 +54,6 @@ pub struct CompiledPolicy {
     /// Upstream retry rules.
     pub upstream: UpstreamRetry,
     pub(crate) router: Router,
-    /// By plan, then operation: whether the limits that apply all share one
-    /// scope and can take the in-memory store's one-scope path (see
-    /// [`one_scope`]), resolved at load.
-    pub(crate) one_scope: Vec<Vec<bool>>,
 }
 
 impl CompiledPolicy {
@@ -115,9 +111,12 @@ impl CompiledPolicy {
 
     /// Whether the limits of `operation` under `plan` take the one-scope
     /// path of the in-memory store (see [`one_scope`]).
-    #[inline]
+    /// (Resolved at load, held by each of those limits: [`Prepared::one_scope`].)
+    #[cfg(test)]
     pub(crate) fn is_one_scope(&self, plan: PlanId, operation: OperationId) -> bool {
-        self.one_scope[usize::from(plan)][usize::from(operation)]
+        self.applicable(plan, operation)
+            .first()
+            .is_some_and(|pl| pl.prepared.one_scope)
     }
 }
 
@@ -563,7 +562,10 @@ impl PlanLimit {
                 quota,
                 mode: limit.mode,
                 reject: matches!(limit.on_exceed, Action::Reject { .. }),
+                blocking: limit.mode == Mode::Enforce
+                    && matches!(limit.on_exceed, Action::Reject { .. }),
                 is_lease: matches!(params, Params::Concurrency { .. }),
+                one_scope: false,
                 name_hash: limit.name_hash,
                 rollout_after: limit.rollout_after,
                 utc_len,
@@ -578,17 +580,24 @@ impl PlanLimit {
     #[inline]
     pub(crate) fn params_at(&self, now: Nanos) -> Params {
         match self.prepared.params {
-            Params::Calendar { limit, .. } => {
-                let end = match self.prepared.utc_len {
-                    0 => match &self.algorithm {
-                        Algorithm::CalendarWindow { calendar, .. } => calendar.window(now).1,
-                        _ => unreachable!("calendar params come from a calendar window"),
-                    },
-                    len => Nanos((now.0 - now.0 % len).saturating_add(len)),
-                };
-                Params::Calendar { limit, end }
-            }
+            Params::Calendar { limit, .. } => Params::Calendar {
+                limit,
+                end: self.calendar_end(now),
+            },
             p => p,
+        }
+    }
+
+    /// The end of the calendar window containing `now` (for a calendar
+    /// limit; arithmetic for UTC windows).
+    #[inline]
+    pub(crate) fn calendar_end(&self, now: Nanos) -> Nanos {
+        match self.prepared.utc_len {
+            0 => match &self.algorithm {
+                Algorithm::CalendarWindow { calendar, .. } => calendar.window(now).1,
+                _ => unreachable!("calendar params come from a calendar window"),
+            },
+            len => Nanos((now.0 - now.0 % len).saturating_add(len)),
         }
     }
 }
@@ -605,8 +614,14 @@ pub(crate) struct Prepared {
     pub(crate) mode: Mode,
     /// Whether the limit's action on exceed is to reject.
     pub(crate) reject: bool,
+    /// Whether its refusal refuses the request: enforced and rejecting
+    /// (without a rollout date, which may turn enforce into shadow).
+    pub(crate) blocking: bool,
     /// Whether it is a concurrency limit (holds a lease when admitted).
     pub(crate) is_lease: bool,
+    /// Whether the limits of its plan and operation take the one-scope path
+    /// ([`CompiledPolicy::is_one_scope`], set on each of them at load).
+    pub(crate) one_scope: bool,
     /// [`Limit::name_hash`].
     pub(crate) name_hash: u64,
     /// [`Limit::rollout_after`].

@@ -284,16 +284,17 @@ impl<'a> Ctx<'a> {
             .into_iter()
             .map(|(l, _)| l.expect("no errors"))
             .collect();
-        let plans: Vec<Plan> = plans.into_iter().map(|p| p.plan).collect();
-        let one_scope = plans
-            .iter()
-            .map(|p| {
-                p.by_operation
-                    .iter()
-                    .map(|pls| super::compiled::one_scope(&limits, pls))
-                    .collect()
-            })
-            .collect();
+        let mut plans: Vec<Plan> = plans.into_iter().map(|p| p.plan).collect();
+        // Whether each plan and operation takes the one-scope path, set on
+        // each of its limits (the engine reads it with the limit list).
+        for plan in &mut plans {
+            for pls in &mut plan.by_operation {
+                let flag = super::compiled::one_scope(&limits, pls);
+                for pl in pls {
+                    pl.prepared.one_scope = flag;
+                }
+            }
+        }
         Some(CompiledPolicy {
             name,
             key_header: key_header?,
@@ -307,7 +308,6 @@ impl<'a> Ctx<'a> {
             credits: credits?,
             upstream: upstream?,
             router: Router::new(routes),
-            one_scope,
         })
     }
 

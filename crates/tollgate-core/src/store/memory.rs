@@ -53,12 +53,12 @@ use dashmap::mapref::one::Ref;
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
 use crate::algorithm::concurrency::{self, Lease, LeaseSet};
-use crate::algorithm::gcra::gcra;
+use crate::algorithm::gcra::{GcraRate, gcra};
 use crate::algorithm::sliding_window::{SlidingState, SlidingWindow};
 use crate::clock::Nanos;
 use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
-use crate::policy::{MAX_LIMITS_PER_REQUEST, Mode, PlanLimit};
+use crate::policy::{MAX_LIMITS_PER_REQUEST, PlanLimit};
 use crate::store::{Check, CounterKey, Params, Store};
 
 #[cfg(tollgate_loom)]
@@ -834,11 +834,10 @@ fn scope_locked<const N: usize>(
             _ => cells.iter().position(|c| c.tag == t),
         };
         let counter = cell.map_or(&Counter::Fresh, |k| &cells[k].counter);
-        let params = pl.params_at(now);
         let c = cost.unwrap_or(pl.cost);
-        let eval = evaluate(counter, &params, c, now, &mut next[i]);
+        let eval = evaluate_limit(counter, pl, c, now, &mut next[i]);
         let admit = eval.admit;
-        let blocking = p.mode == Mode::Enforce && p.reject;
+        let blocking = p.blocking;
         refused |= !admit;
         if !admit && blocking {
             admitted = false;
@@ -1005,35 +1004,11 @@ fn evaluate(
     now: Nanos,
     next: &mut Next,
 ) -> Evaluation {
-    match *params {
-        Params::Gcra(rate) => {
-            let tat = match counter {
-                Counter::Gcra(t) => Some(*t),
-                _ => None,
-            };
-            let (e, tat) = gcra(tat, now, cost, &rate);
-            *next = Next::Gcra(tat);
-            e
-        }
-        Params::Sliding(window) => {
-            let state = match counter {
-                Counter::Sliding(s) => s,
-                _ => &SlidingState::Empty,
-            };
-            // The log is written in place on commit (it may hold a ring).
-            *next = Next::Sliding(window);
-            state.evaluate(now, cost, &window)
-        }
-        Params::Calendar { limit, end } => {
-            let state = match counter {
-                Counter::Calendar(c) => Some(c),
-                _ => None,
-            };
-            let (e, state) = calendar_window::evaluate(state, now, cost, limit, end);
-            *next = Next::Calendar(state);
-            e
-        }
-        Params::Concurrency { limit, .. } => {
+    match params {
+        Params::Gcra(rate) => evaluate_gcra(counter, rate, cost, now, next),
+        Params::Sliding(window) => evaluate_sliding(counter, window, cost, now, next),
+        &Params::Calendar { limit, end } => evaluate_calendar(counter, limit, end, cost, now, next),
+        &Params::Concurrency { limit, .. } => {
             *next = Next::OnCommit;
             match counter {
                 Counter::Leases(set) => concurrency::evaluate(set, now, cost, limit),
@@ -1041,6 +1016,79 @@ fn evaluate(
             }
         }
     }
+}
+
+/// [`evaluate`] for a limit of the one-scope path: its prepared numbers
+/// read in place (not copied out as [`Params`]), a calendar window's end
+/// resolved only for a calendar window; inlined into the loop over limits.
+#[inline(always)]
+fn evaluate_limit(
+    counter: &Counter,
+    pl: &PlanLimit,
+    cost: u64,
+    now: Nanos,
+    next: &mut Next,
+) -> Evaluation {
+    match &pl.prepared.params {
+        Params::Gcra(rate) => evaluate_gcra(counter, rate, cost, now, next),
+        Params::Sliding(window) => evaluate_sliding(counter, window, cost, now, next),
+        &Params::Calendar { limit, .. } => {
+            evaluate_calendar(counter, limit, pl.calendar_end(now), cost, now, next)
+        }
+        params @ Params::Concurrency { .. } => evaluate(counter, params, cost, now, next),
+    }
+}
+
+#[inline(always)]
+fn evaluate_gcra(
+    counter: &Counter,
+    rate: &GcraRate,
+    cost: u64,
+    now: Nanos,
+    next: &mut Next,
+) -> Evaluation {
+    let tat = match counter {
+        Counter::Gcra(t) => Some(*t),
+        _ => None,
+    };
+    let (e, tat) = gcra(tat, now, cost, rate);
+    *next = Next::Gcra(tat);
+    e
+}
+
+#[inline(always)]
+fn evaluate_sliding(
+    counter: &Counter,
+    window: &SlidingWindow,
+    cost: u64,
+    now: Nanos,
+    next: &mut Next,
+) -> Evaluation {
+    let state = match counter {
+        Counter::Sliding(s) => s,
+        _ => &SlidingState::Empty,
+    };
+    // The log is written in place on commit (it may hold a ring).
+    *next = Next::Sliding(*window);
+    state.evaluate(now, cost, window)
+}
+
+#[inline(always)]
+fn evaluate_calendar(
+    counter: &Counter,
+    limit: u64,
+    end: Nanos,
+    cost: u64,
+    now: Nanos,
+    next: &mut Next,
+) -> Evaluation {
+    let state = match counter {
+        Counter::Calendar(c) => Some(c),
+        _ => None,
+    };
+    let (e, state) = calendar_window::evaluate(state, now, cost, limit, end);
+    *next = Next::Calendar(state);
+    e
 }
 
 /// Writes an admitted limit's counter with the state `next` computed when
