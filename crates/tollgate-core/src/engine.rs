@@ -150,8 +150,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// if every enforced limit admits, and takes the cost from all of them only then.
     pub async fn decide(&self, policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
         let now = self.clock.now();
-        let mut checks = [EMPTY_CHECK; MAX_LIMITS_PER_REQUEST];
         let mut decision = Decision::new(now);
+        if let Some(memory) = self.store.as_memory() {
+            // In memory nothing waits: the synchronous path, which also
+            // takes the one-scope shortcut.
+            self.decide_now_into(memory, policy, req, &mut decision);
+            return decision;
+        }
+        let mut checks = [EMPTY_CHECK; MAX_LIMITS_PER_REQUEST];
         let (n, lease) = self.prepare(policy, req, now, &mut checks, &mut decision);
         let mut evals = [Evaluation::default(); MAX_LIMITS_PER_REQUEST];
         let result = if n == 0 {
@@ -171,6 +177,77 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
         finish(policy, &mut decision, result, &evals, lease);
         decision
+    }
+
+    /// Decides `req` on `memory` without waiting (the in-memory store, or
+    /// the store [`Store::as_memory`] names): [`Engine::decide`]'s work, with
+    /// the one-scope path of [`MemoryStore::decide_scope`].
+    fn decide_now_into(
+        &self,
+        memory: &MemoryStore,
+        policy: &CompiledPolicy,
+        req: &Request<'_>,
+        decision: &mut Decision,
+    ) {
+        // Most requests meet a few limits: size the check and evaluation
+        // arrays for exactly that many (each unused check is 80 B of stack
+        // to set up, and so on down the store).
+        let limits = policy.applicable(req.plan, req.operation);
+        match limits.len() {
+            0 | 1 => self.decide_into::<1>(memory, policy, limits, req, decision),
+            2 => self.decide_into::<2>(memory, policy, limits, req, decision),
+            3 => self.decide_into::<3>(memory, policy, limits, req, decision),
+            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(memory, policy, limits, req, decision),
+            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(memory, policy, limits, req, decision),
+        }
+    }
+
+    /// Decides `req`, whose applicable limits are `limits`, on `memory`.
+    fn decide_into<const N: usize>(
+        &self,
+        memory: &MemoryStore,
+        policy: &CompiledPolicy,
+        limits: &[PlanLimit],
+        req: &Request<'_>,
+        decision: &mut Decision,
+    ) {
+        let now = decision.now;
+        if let Some(first) = limits.first()
+            && first.prepared.one_scope
+        {
+            let overridden = req
+                .overrides
+                .is_some_and(|o| limits.iter().any(|pl| o.get(pl.limit).is_some()));
+            if !overridden {
+                let scope = &policy.limits[usize::from(first.limit)].scope;
+                let Some(values) = self.scope_hash(scope, req) else {
+                    // A scope value is unknown: no limit applies.
+                    return;
+                };
+                // The store pushes the results and sets the outcome
+                // (nothing when it fails: the general path below then
+                // decides again, and answers a store error by each limit's
+                // `on_store_error`).
+                if memory
+                    .decide_scope::<N>(now, values, limits, req.cost, decision)
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+        }
+        let mut checks = [EMPTY_CHECK; N];
+        let (n, lease) = self.prepare(policy, req, now, &mut checks, decision);
+        let mut evals = [Evaluation::default(); N];
+        let result = if n == 0 {
+            Ok(true)
+        } else {
+            memory.decide_now(now, &checks[..n], lease, &mut evals[..n])
+        };
+        if let Err(e) = &result {
+            decision.store_error = Some(e.clone());
+        }
+        finish(policy, decision, result, &evals[..n], lease);
     }
 
     /// Releases the concurrency leases a decision holds. Idempotent.
@@ -377,68 +454,8 @@ impl<C: Clock> Engine<MemoryStore, C> {
         // Built in the caller's frame: a `Decision` is over 1.5 KB, and one
         // built in a callee is copied out on return.
         let mut decision = Decision::new(self.clock.now());
-        self.decide_now_into(policy, req, &mut decision);
+        self.decide_now_into(&self.store, policy, req, &mut decision);
         decision
-    }
-
-    fn decide_now_into(&self, policy: &CompiledPolicy, req: &Request<'_>, decision: &mut Decision) {
-        // Most requests meet a few limits: size the check and evaluation
-        // arrays for exactly that many (each unused check is 80 B of stack
-        // to set up, and so on down the store).
-        let limits = policy.applicable(req.plan, req.operation);
-        match limits.len() {
-            0 | 1 => self.decide_into::<1>(policy, limits, req, decision),
-            2 => self.decide_into::<2>(policy, limits, req, decision),
-            3 => self.decide_into::<3>(policy, limits, req, decision),
-            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(policy, limits, req, decision),
-            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(policy, limits, req, decision),
-        }
-    }
-
-    /// Decides `req`, whose applicable limits are `limits`.
-    fn decide_into<const N: usize>(
-        &self,
-        policy: &CompiledPolicy,
-        limits: &[PlanLimit],
-        req: &Request<'_>,
-        decision: &mut Decision,
-    ) {
-        let now = decision.now;
-        if let Some(first) = limits.first()
-            && first.prepared.one_scope
-        {
-            let overridden = req
-                .overrides
-                .is_some_and(|o| limits.iter().any(|pl| o.get(pl.limit).is_some()));
-            if !overridden {
-                let scope = &policy.limits[usize::from(first.limit)].scope;
-                let Some(values) = self.scope_hash(scope, req) else {
-                    // A scope value is unknown: no limit applies.
-                    return;
-                };
-                // The store pushes the results and sets the outcome
-                // (nothing when it fails: the general path below then
-                // decides again, and answers a store error by each limit's
-                // `on_store_error`).
-                if self
-                    .store
-                    .decide_scope::<N>(now, values, limits, req.cost, decision)
-                    .is_ok()
-                {
-                    return;
-                }
-            }
-        }
-        let mut checks = [EMPTY_CHECK; N];
-        let (n, lease) = self.prepare(policy, req, now, &mut checks, decision);
-        let mut evals = [Evaluation::default(); N];
-        let result = if n == 0 {
-            Ok(true)
-        } else {
-            self.store
-                .decide_now(now, &checks[..n], lease, &mut evals[..n])
-        };
-        finish(policy, decision, result, &evals[..n], lease);
     }
 
     /// [`Engine::release`] without a future.

@@ -108,4 +108,11 @@ impl Store for AnyStore {
             AnyStore::Redis(_, local) => Some(local),
         }
     }
+
+    fn as_memory(&self) -> Option<&MemoryStore> {
+        match self {
+            AnyStore::Memory(m) => Some(m),
+            AnyStore::Redis(..) => None,
+        }
+    }
 }

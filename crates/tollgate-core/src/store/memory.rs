@@ -1199,6 +1199,10 @@ impl Store for MemoryStore {
         self.release_now(now, keys, lease);
         std::future::ready(Ok(()))
     }
+
+    fn as_memory(&self) -> Option<&MemoryStore> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]

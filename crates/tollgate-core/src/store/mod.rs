@@ -109,4 +109,12 @@ pub trait Store: Send + Sync + 'static {
     fn local_fallback(&self) -> Option<&MemoryStore> {
         None
     }
+
+    /// The in-memory store this store decides on, when it is one (or wraps
+    /// one with nothing else to do): the engine then decides synchronously,
+    /// without [`Store::decide`]'s future. `None` (the default): every
+    /// decision goes through [`Store::decide`].
+    fn as_memory(&self) -> Option<&MemoryStore> {
+        None
+    }
 }
