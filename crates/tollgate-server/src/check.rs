@@ -373,6 +373,16 @@ impl HeaderList {
     }
 }
 
+impl HeaderList {
+    /// A number's digits (nothing to escape).
+    fn digits(&mut self, s: &str) {
+        if self.raw(s.len()) {
+            self.reserve();
+            self.text.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+
 impl headers::HeaderSink for HeaderList {
     fn text(&mut self, s: &str) {
         if self.raw(s.len()) {
@@ -382,21 +392,11 @@ impl headers::HeaderSink for HeaderList {
     }
 
     fn num(&mut self, v: u64) {
-        let mut b = itoa::Buffer::new();
-        let s = b.format(v);
-        if self.raw(s.len()) {
-            self.reserve();
-            self.text.extend_from_slice(s.as_bytes());
-        }
+        self.digits(itoa::Buffer::new().format(v));
     }
 
     fn signed(&mut self, v: i64) {
-        let mut b = itoa::Buffer::new();
-        let s = b.format(v);
-        if self.raw(s.len()) {
-            self.reserve();
-            self.text.extend_from_slice(s.as_bytes());
-        }
+        self.digits(itoa::Buffer::new().format(v));
     }
 
     fn end(&mut self, name: &str) {
