@@ -221,7 +221,57 @@ impl SlidingState {
     }
 
     /// Evaluates `cost` at `now` without changing anything.
+    #[inline]
     pub fn evaluate(&self, now: Nanos, cost: u64, window: &SlidingWindow) -> Evaluation {
+        // At most one entry (the usual case: a key seen once, or within one
+        // sub-window): [`SlidingState::evaluate_log`]'s rules without its
+        // walk. A unit test compares the two.
+        let (now, t) = (now.0, window.length);
+        let (used, newest) = match self {
+            SlidingState::Empty => (0, None),
+            SlidingState::One(e) if now < e.at.saturating_add(t) => (u64::from(e.cost), Some(e.at)),
+            SlidingState::One(e) => (0, Some(e.at)),
+            SlidingState::Many(_) => return self.evaluate_log(Nanos(now), cost, window),
+        };
+        let end = |at: u64| until(now, at.saturating_add(t));
+        // Until the cost now in the window has left it (an entry's cost is
+        // never 0, so `used > 0` means the one entry is live).
+        let reset = || match newest {
+            Some(at) if used > 0 => end(at),
+            _ => Duration::ZERO,
+        };
+        if cost > window.limit {
+            return Evaluation::never(window.limit.saturating_sub(used), reset());
+        }
+        if used + cost <= window.limit {
+            return Evaluation {
+                admit: true,
+                never: false,
+                remaining: window.limit - used - cost,
+                // Recorded at `now`, or merged into a newer entry.
+                reset: if cost > 0 {
+                    end(newest.map_or(now, |at| at.max(now)))
+                } else {
+                    reset()
+                },
+                retry_after: Duration::ZERO,
+            };
+        }
+        // Refused: the one entry is live, and its leaving frees enough
+        // (`cost <= N`): the wait is until it leaves, as is the reset.
+        let reset = reset();
+        Evaluation {
+            admit: false,
+            never: false,
+            remaining: window.limit - used.min(window.limit),
+            reset,
+            retry_after: reset,
+        }
+    }
+
+    /// [`SlidingState::evaluate`] of any log, walking its entries.
+    #[inline(never)]
+    fn evaluate_log(&self, now: Nanos, cost: u64, window: &SlidingWindow) -> Evaluation {
         let (now, t) = (now.0, window.length);
         let (used, gone) = self.live(now, t);
         let newest = self.newest().map(|e| e.at);
@@ -285,8 +335,38 @@ impl SlidingState {
     /// state: what [`SlidingState::admit`] does after evaluating, without
     /// evaluating again.
     pub fn record_admitted(&mut self, now: Nanos, cost: u64, window: &SlidingWindow) {
+        // The usual case: one live entry that this admission merges into
+        // (the same instant or later, or the same sub-window): what
+        // `prune` and `record` below do then, without their matches.
+        if let SlidingState::One(last) = self {
+            let (n, g) = (now.0, window.granule);
+            if cost > 0
+                && n < last.at.saturating_add(window.length)
+                && (last.at >= n || (g > 0 && last.at / g == n / g))
+            {
+                merge(last, n, u32::try_from(cost).unwrap_or(u32::MAX));
+                return;
+            }
+        }
+        self.record_any(now, cost, window);
+    }
+
+    /// [`SlidingState::record_admitted`] of any log.
+    #[inline(never)]
+    fn record_any(&mut self, now: Nanos, cost: u64, window: &SlidingWindow) {
         self.prune(now.0, window.length);
         self.record(now.0, cost, window);
+    }
+
+    /// When a log just written by [`SlidingState::record_admitted`] at
+    /// `now` is back to empty: its newest entry leaves a window of `length`
+    /// ns then (`now` if it holds none). The same instant as `now` plus the
+    /// admitting evaluation's `reset`: entries are stamped in non-decreasing
+    /// order and none has cost 0.
+    #[inline]
+    pub(crate) fn empty_at(&self, now: Nanos, length: u64) -> Nanos {
+        self.newest()
+            .map_or(now, |e| Nanos(e.at.saturating_add(length)))
     }
 
     fn prune(&mut self, now: u64, length: u64) {
@@ -375,6 +455,80 @@ fn until(now: u64, at: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small xorshift for the randomized tests below (seeded: repeatable).
+    fn rng(mut x: u64) -> impl FnMut(u64) -> u64 {
+        move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m.max(1)
+        }
+    }
+
+    /// `evaluate`'s path for at most one entry answers as the log's walk.
+    #[test]
+    fn the_one_entry_path_gives_the_log_walks_answer() {
+        let mut next = rng(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..200_000 {
+            let scale = [4, 1_000, u64::MAX / 2][next(3) as usize];
+            let precision = [Precision::Exact, Precision::Approximate][next(2) as usize];
+            let w = SlidingWindow::with_precision(
+                1 + next(20) as u32,
+                Duration::from_nanos(1 + next(scale)),
+                precision,
+            );
+            let now = Nanos(next(u64::MAX));
+            let s = match next(3) {
+                0 => SlidingState::Empty,
+                1 => SlidingState::One(Entry {
+                    at: now.0.saturating_sub(next(scale)),
+                    cost: 1 + next(25) as u32,
+                }),
+                _ => SlidingState::One(Entry {
+                    at: now.0.saturating_add(next(scale)),
+                    cost: 1 + next(25) as u32,
+                }),
+            };
+            let cost = next(25);
+            assert_eq!(
+                s.evaluate(now, cost, &w),
+                s.evaluate_log(now, cost, &w),
+                "{s:?} {now:?} {cost} {w:?}"
+            );
+        }
+    }
+
+    /// `record_admitted`'s one-entry path writes what `prune` and `record`
+    /// write, and `empty_at` is `now` plus the admitting evaluation's reset.
+    #[test]
+    fn recording_fast_and_slow_agree_and_empty_at_is_now_plus_reset() {
+        let mut next = rng(0x2545_F491_4F6C_DD1D);
+        for _ in 0..2_000 {
+            let precision = [Precision::Exact, Precision::Approximate][next(2) as usize];
+            let w = SlidingWindow::with_precision(
+                1 + next(40) as u32,
+                Duration::from_nanos(1 + next(1_000)),
+                precision,
+            );
+            let mut fast = SlidingState::default();
+            let mut now = 1_000_000u64;
+            for _ in 0..100 {
+                // Mostly forward, sometimes a step back.
+                now = (now + next(300)).saturating_sub(next(50));
+                let (at, cost) = (Nanos(now), next(4));
+                let e = fast.evaluate(at, cost, &w);
+                if !e.admit {
+                    continue;
+                }
+                let mut slow = fast.clone();
+                fast.record_admitted(at, cost, &w);
+                slow.record_any(at, cost, &w);
+                assert_eq!(fast, slow);
+                assert_eq!(fast.empty_at(at, w.length), at.plus(e.reset), "{w:?}");
+            }
+        }
+    }
 
     #[test]
     fn sixteen_per_three_seconds() {

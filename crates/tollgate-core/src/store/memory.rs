@@ -53,7 +53,7 @@ use dashmap::mapref::one::Ref;
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
 use crate::algorithm::concurrency::{self, Lease, LeaseSet};
-use crate::algorithm::gcra::{GcraRate, gcra};
+use crate::algorithm::gcra::{GcraRate, gcra, gcra_into};
 use crate::algorithm::sliding_window::{SlidingState, SlidingWindow};
 use crate::clock::Nanos;
 use crate::decision::{Decision, LimitResult, Outcome};
@@ -698,8 +698,9 @@ enum Next {
     OnCommit,
     Gcra(Nanos),
     Calendar(CalendarState),
-    /// Admitted on the log as it is: record the cost (no second evaluation).
-    Sliding(SlidingWindow),
+    /// Admitted on the log as it is: record the cost (no second
+    /// evaluation), with the window of the check's (or limit's) `Params`.
+    Sliding,
 }
 
 /// [`decide_locked`] once every scope entry is locked: `groups[scope_of[i]]`
@@ -790,7 +791,7 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             k => usize::from(k),
         };
         let cell = &mut g.as_mut_slice()[k];
-        if !write_next(cell, &next[i], check.cost, now, &out[i]) {
+        if !write_next(cell, &next[i], &check.params, check.cost, now) {
             commit(cell, &check.params, check.cost, now, lease);
         }
     }
@@ -819,6 +820,8 @@ fn scope_locked<const N: usize>(
     let base = decision.results().len();
     let mut next = [Next::OnCommit; N];
     let mut at = [NO_CELL; N];
+    // Which limits admit (their counters are written if the request is).
+    let mut admits = [false; N];
     let mut admitted = true;
     // Whether any limit refused (blocking or not): only then does the
     // outcome need a pass over the results.
@@ -837,6 +840,7 @@ fn scope_locked<const N: usize>(
         let c = cost.unwrap_or(pl.cost);
         let eval = evaluate_limit(counter, pl, c, now, &mut next[i]);
         let admit = eval.admit;
+        admits[i] = admit;
         let blocking = p.blocking;
         refused |= !admit;
         if !admit && blocking {
@@ -871,11 +875,12 @@ fn scope_locked<const N: usize>(
             decision.truncate(base);
             return Locked::Full;
         }
-        let results = &decision.results()[base..];
-        for (i, (pl, r)) in limits.iter().zip(results).enumerate() {
-            if !r.eval.admit {
+        // Written from the arrays above, not read back from the results.
+        for (i, pl) in limits.iter().enumerate() {
+            if !admits[i] {
                 continue;
             }
+            let c = cost.unwrap_or(pl.cost);
             let t = low ^ pl.prepared.name_hash;
             let k = match at[i] {
                 NO_CELL => match g.find(t) {
@@ -885,8 +890,8 @@ fn scope_locked<const N: usize>(
                 k => usize::from(k),
             };
             let cell = &mut g.as_mut_slice()[k];
-            if !write_next(cell, &next[i], r.cost, now, &r.eval) {
-                commit(cell, &pl.params_at(now), r.cost, now, 0);
+            if !write_next(cell, &next[i], &pl.prepared.params, c, now) {
+                commit(cell, &pl.params_at(now), c, now, 0);
             }
         }
     }
@@ -1051,8 +1056,8 @@ fn evaluate_gcra(
         Counter::Gcra(t) => Some(*t),
         _ => None,
     };
-    let (e, tat) = gcra(tat, now, cost, rate);
-    *next = Next::Gcra(tat);
+    let mut e = Evaluation::default();
+    *next = Next::Gcra(gcra_into(tat, now, cost, rate, &mut e));
     e
 }
 
@@ -1069,7 +1074,7 @@ fn evaluate_sliding(
         _ => &SlidingState::Empty,
     };
     // The log is written in place on commit (it may hold a ring).
-    *next = Next::Sliding(*window);
+    *next = Next::Sliding;
     state.evaluate(now, cost, window)
 }
 
@@ -1092,10 +1097,11 @@ fn evaluate_calendar(
 }
 
 /// Writes an admitted limit's counter with the state `next` computed when
-/// it was evaluated (`eval`); returns `false`, writing nothing, for
+/// it was evaluated (a sliding window records `cost` on its log, whose
+/// numbers are `params`); returns `false`, writing nothing, for
 /// [`Next::OnCommit`] (the caller then calls [`commit`]).
-#[inline]
-fn write_next(cell: &mut Cell, next: &Next, cost: u64, now: Nanos, eval: &Evaluation) -> bool {
+#[inline(always)]
+fn write_next(cell: &mut Cell, next: &Next, params: &Params, cost: u64, now: Nanos) -> bool {
     match next {
         Next::OnCommit => return false,
         &Next::Gcra(tat) => {
@@ -1106,14 +1112,19 @@ fn write_next(cell: &mut Cell, next: &Next, cost: u64, now: Nanos, eval: &Evalua
             cell.fresh_at = state.end;
             cell.counter = Counter::Calendar(state);
         }
-        Next::Sliding(window) => {
+        Next::Sliding => {
+            let Params::Sliding(window) = params else {
+                return false;
+            };
             if !matches!(cell.counter, Counter::Sliding(_)) {
                 cell.counter = Counter::Sliding(SlidingState::Empty);
             }
             if let Counter::Sliding(log) = &mut cell.counter {
                 log.record_admitted(now, cost, window);
+                // `now` plus the admitting evaluation's reset, without
+                // going through its `Duration`.
+                cell.fresh_at = log.empty_at(now, window.length);
             }
-            cell.fresh_at = now.plus(eval.reset);
         }
     }
     true
