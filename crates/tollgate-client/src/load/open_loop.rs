@@ -32,13 +32,16 @@ use crate::RetryPolicy;
 use crate::error::LoadError;
 
 /// How long before a due time the pacer stops sleeping on tokio's timer:
-/// it fires on millisecond ticks, up to 1 ms late, plus the kernel's timer
-/// slack (50 µs by default).
-const TIMER_MARGIN: Duration = Duration::from_micros(1500);
+/// it fires on millisecond ticks, up to 1 ms late.
+const TIMER_MARGIN: Duration = Duration::from_micros(1200);
 
-/// How long before a due time a blocking sleep of the pacer ends (it
-/// overshoots by the timer slack and a wake-up); the rest is spent yielding.
-const SLEEP_MARGIN: Duration = Duration::from_micros(100);
+/// The longest the pacer blocks its thread while a call is in flight (an
+/// answer that arrives meanwhile is read at most this late).
+const NAP: Duration = Duration::from_micros(50);
+
+/// Timer slack asked for the load thread, in nanoseconds (Linux's default
+/// is 50 µs, which would make every short sleep 50 µs late).
+const TIMER_SLACK_NS: &str = "1000";
 
 /// How often the progress bar is redrawn.
 const DRAW_EVERY: Duration = Duration::from_millis(200);
@@ -173,10 +176,11 @@ impl Run {
     }
 
     /// Hands every call due by `now` to a waiting connection, as long as
-    /// one waits.
-    fn hand_out(&self, now: Instant) {
+    /// one waits; whether it handed any.
+    fn hand_out(&self, now: Instant) -> bool {
         let mut handed = self.handed.borrow_mut();
-        let mut next = self.next.get();
+        let first = self.next.get();
+        let mut next = first;
         while handed.len() < self.idle.get() && next < self.total {
             let due = self.schedule.due(next);
             if due > now {
@@ -187,6 +191,7 @@ impl Run {
             self.work.notify_one();
         }
         self.next.set(next);
+        next > first
     }
 
     fn wake_pacer(&self) {
@@ -264,6 +269,7 @@ impl Run {
 /// starts, then the schedule, then up to `plan.grace` for the calls still
 /// in flight.
 async fn drive(target: Target, plan: Plan, bar: Option<ProgressBar>) -> (Stats, Duration) {
+    precise_timers();
     let links = join_all((0..plan.connections.get()).map(|_| Link::open(target.addr))).await;
     let schedule = Schedule {
         start: Instant::now(),
@@ -321,14 +327,16 @@ async fn connection(run: Rc<Run>, mut link: Option<Link>) {
 
 /// Hands out the calls as they fall due until the end, then stops the run.
 ///
-/// While a connection waits for the next call, the pacer sleeps on tokio's
-/// timer until [`TIMER_MARGIN`] before it; from there, when nothing is in
-/// flight, it sleeps on the thread (precise to the timer slack, and nothing
-/// to miss meanwhile) until [`SLEEP_MARGIN`] before it; the rest it yields
-/// to the runtime, which polls the sockets on every yield. So calls leave
-/// within microseconds of their due time, and only a run that nearly always
-/// has a call in flight keeps its core busy. While every connection is
-/// busy, it waits for one to come free.
+/// The pacer never spins. While a connection waits for the next call, it
+/// sleeps on tokio's timer until [`TIMER_MARGIN`] before it; from there it
+/// sleeps on the thread (precise to a few µs with the timer slack of
+/// [`precise_timers`]): to the due time when no call is in flight (nothing
+/// to miss meanwhile), else [`NAP`] at a time, letting the runtime read the
+/// sockets between naps. While every connection is busy, it waits for one
+/// to come free. So calls leave within microseconds of their due time, an
+/// answer is read at most [`NAP`] late, and the thread is off the CPU
+/// whenever it has nothing to do (on a shared core, a thread that spins is
+/// scheduled as a hog: late, in bursts).
 async fn pace(run: &Run, bar: Option<&ProgressBar>) {
     let mut timer = pin!(tokio::time::sleep_until(run.end));
     let start = run.schedule.start;
@@ -346,15 +354,18 @@ async fn pace(run: &Run, bar: Option<&ProgressBar>) {
             }
             wake = wake.min(draw_at);
         }
-        run.hand_out(now);
+        if run.hand_out(now) {
+            // Let the connections send what was handed out first.
+            tokio::task::yield_now().await;
+            continue;
+        }
         let next = run.next.get();
         if next < run.total && run.has_idle() {
             let gap = run.schedule.due(next).saturating_duration_since(now);
             if gap > TIMER_MARGIN {
                 sleep_until(timer.as_mut(), wake.min(now + (gap - TIMER_MARGIN))).await;
-            } else if gap > SLEEP_MARGIN && run.is_quiet() {
-                std::thread::sleep(gap - SLEEP_MARGIN);
             } else {
+                std::thread::sleep(if run.is_quiet() { gap } else { gap.min(NAP) });
                 tokio::task::yield_now().await;
             }
             continue;
@@ -372,6 +383,22 @@ async fn pace(run: &Run, bar: Option<&ProgressBar>) {
     }
     run.stopped.set(true);
     run.work.notify_waiters();
+}
+
+/// Asks Linux for a timer slack of [`TIMER_SLACK_NS`] on the calling thread
+/// (through `/proc`, no system call wrapper needed), so its short sleeps
+/// end within a few microseconds. Best effort: where that fails, sleeps
+/// only end later (by the default slack).
+fn precise_timers() {
+    // `/proc/thread-self` links to `PID/task/TID`; `/proc/TID` is the thread.
+    if let Ok(me) = std::fs::read_link("/proc/thread-self")
+        && let Some(tid) = me.file_name()
+    {
+        let path = std::path::Path::new("/proc")
+            .join(tid)
+            .join("timerslack_ns");
+        let _ = std::fs::write(path, TIMER_SLACK_NS);
+    }
 }
 
 /// Sleeps on `timer` until `at`, moving its deadline only when it changes.
@@ -428,5 +455,31 @@ mod tests {
             max.offset(i).as_nanos(),
             u128::from(i) * 1_000_000_000 / u128::from(u32::MAX)
         );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn precise_timers_sets_the_slack_of_the_calling_thread_only() {
+        let slack = |tid: &std::ffi::OsStr| {
+            let path = std::path::Path::new("/proc")
+                .join(tid)
+                .join("timerslack_ns");
+            std::fs::read_to_string(path).expect("timerslack_ns")
+        };
+        let main = std::fs::read_link("/proc/thread-self").expect("thread-self");
+        let main = main.file_name().expect("tid").to_owned();
+        let before = slack(&main);
+        let seen = std::thread::spawn(|| {
+            precise_timers();
+            let me = std::fs::read_link("/proc/thread-self").expect("thread-self");
+            let seen = std::path::Path::new("/proc")
+                .join(me.file_name().expect("tid"))
+                .join("timerslack_ns");
+            std::fs::read_to_string(seen).expect("timerslack_ns")
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(seen.trim(), TIMER_SLACK_NS);
+        assert_eq!(slack(&main), before, "other threads keep theirs");
     }
 }
