@@ -86,6 +86,8 @@ run_rate() { # label, server pid, rate, body file, URL: open loop with tollgate 
     "${CONN_ARGS[@]}" -X POST -H 'content-type: application/json' --body "$body" --json | tail -1)
   echo "$out" | sed -E 's/.*"latency_ms":\{([^}]*)\}.*"requests_per_s":([0-9.]+).*/    latency ms \1; achieved \2\/s/'
   echo "$out" | sed -E 's/.*"counts":\{([^}]*)\}.*"dropped":([0-9]+).*/    statuses \1; dropped ticks \2/'
+  # Builds since loadgen2: every due call is answered, an error, dropped or unfinished.
+  echo "$out" | sed -nE 's/.*"errors":([0-9]+).*"scheduled":([0-9]+).*"unfinished":([0-9]+).*/    scheduled \2, transport errors \1, unfinished \3/p'
 }
 
 cat >"$WORK/check.lua" <<'EOF'

@@ -90,4 +90,8 @@ pub enum LoadError {
     /// A rate or concurrency of 0, or a zero duration.
     #[error("{0} must be above zero")]
     Zero(&'static str),
+    /// The open loop's thread or its runtime could not start (out of
+    /// threads or file descriptors).
+    #[error("cannot start the load thread: {0}")]
+    Runtime(#[source] std::io::Error),
 }

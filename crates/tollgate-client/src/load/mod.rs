@@ -10,9 +10,8 @@
 //!   keep-alive HTTP/1.1 connections driven by hyper. Latency runs from the
 //!   moment a call was *due* to the end of its answer, so a call sent late
 //!   (every connection busy, the tool or the server behind) counts its
-//!   delay, as in wrk2: no coordinated omission. About 21k instructions per
-//!   answer in user space (4× fewer than through the [`Client`]); see
-//!   [Open loop](self#open-loop).
+//!   delay, as in wrk2: no coordinated omission. It runs on a thread of its
+//!   own; see [Open loop](self#open-loop).
 //! - **Through a [`Client`]** (closed loop, `https://`, `--retry` or
 //!   `--pace`): reqwest with the SDK's retries and pacing on or off;
 //!   latency runs from request sent to response headers. A rate run never
@@ -22,20 +21,31 @@
 //! Counted: every answer on the wire (retries included) by status, with its
 //! latency (in an HDR histogram, 3 significant digits); transport errors;
 //! calls that ended with a non-error answer or failed (a 429, 502, 503 or
-//! 504 not retried is a failed call). Calls still running at the end are
-//! abandoned, not counted.
+//! 504 not retried is a failed call). Calls still running at the end get
+//! [`LoadOptions::grace`] to finish and count as usual; those still running
+//! after it are abandoned and counted as unfinished. A rate run also counts
+//! the calls its schedule made due and those it never started (dropped).
 //!
 //! # Open loop
 //!
-//! One task runs the schedule and every exchange; hyper runs each
-//! connection. tokio's timer ticks once a millisecond, so the last 2 ms
-//! before a due time are spent yielding to the runtime (which polls the
-//! sockets on every yield) instead of sleeping: calls leave within
-//! microseconds of their due time. An idle connection takes the next due
-//! call (the most recently used first); a connection that failed is
-//! reopened by the next call that takes it (its connect time counts in that
-//! call's latency). Ticks still unsent at the end while no connection was
-//! idle are counted as dropped.
+//! One thread with a current-thread tokio runtime (no call crosses
+//! threads): a task per connection, hyper's task for each, and a pacer. When a call falls due, the pacer hands it to a waiting
+//! connection, every call due at one wake-up at once; a connection that
+//! ends a call when the next is already due (the run is behind) takes it
+//! without the pacer. tokio's timer ticks once a millisecond, so the pacer
+//! sleeps on it until 1.2 ms before a due time, then sleeps on the thread
+//! (timer slack lowered to 1 µs on Linux): to the due time when no call is
+//! in flight, else 50 µs at a time, the runtime reading the sockets between
+//! naps. It never spins: calls leave within microseconds of their due
+//! time, an answer is read at most 50 µs late, and the thread is off the
+//! CPU whenever it has nothing to do. A connection that
+//! failed or that the server closed is reopened by the next call that
+//! takes it (its connect time counts in that call's latency).
+//!
+//! Every call the schedule makes due before the end is exactly one of:
+//! answered (counted by status), failed without an answer (`errors`),
+//! never started because every connection was busy until the end
+//! (`dropped`), or unanswered when the grace ran out (`unfinished`).
 
 mod open_loop;
 
@@ -62,6 +72,9 @@ pub const MAX_IN_FLIGHT: usize = 4096;
 
 /// Connections of an open-loop run unless told otherwise.
 pub const DEFAULT_CONNECTIONS: NonZeroU32 = NonZeroU32::new(32).expect("32 > 0");
+
+/// How long calls still open at the end may take unless told otherwise.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(1);
 
 /// How requests are started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +110,10 @@ pub struct LoadOptions {
     /// without retries or pacing (default [`DEFAULT_CONNECTIONS`]); each
     /// carries one call at a time. Other runs leave connections to reqwest.
     pub connections: NonZeroU32,
+    /// How long the calls still open when the duration is over may take to
+    /// end and be counted (default [`DEFAULT_GRACE`]); those still open
+    /// after it are abandoned and counted in [`Summary::unfinished`].
+    pub grace: Duration,
 }
 
 impl LoadOptions {
@@ -113,6 +130,7 @@ impl LoadOptions {
             pace: false,
             progress: false,
             connections: DEFAULT_CONNECTIONS,
+            grace: DEFAULT_GRACE,
         }
     }
 }
@@ -144,10 +162,15 @@ pub struct Summary {
     pub calls_failed: u64,
     /// Attempts that were retries.
     pub retries: u64,
+    /// Calls a rate run made due (its ticks); 0 for a concurrency run.
+    pub scheduled: u64,
     /// Rate ticks never sent: through the [`Client`], because
     /// [`MAX_IN_FLIGHT`] calls were open; in the open loop, because every
-    /// connection was still busy when the run ended.
+    /// connection was busy from the tick to the end of the run.
     pub dropped: u64,
+    /// Calls started but still open when the grace after the run ran out
+    /// (abandoned: no answer, no error, no latency counted).
+    pub unfinished: u64,
     /// Latency percentiles (p50, p90, p99) of the answers; in the open loop
     /// from the time each call was due (see the module docs).
     pub latency: [Duration; 3],
@@ -213,7 +236,9 @@ impl Summary {
             "requests_per_s": self.requests_per_second(),
             "calls": { "ok": self.calls_ok, "failed": self.calls_failed },
             "retries": self.retries,
+            "scheduled": self.scheduled,
             "dropped": self.dropped,
+            "unfinished": self.unfinished,
         })
     }
 }
@@ -244,8 +269,13 @@ impl fmt::Display for Summary {
         )?;
         write!(
             f,
-            "calls ok {}, failed {}; retries {}; dropped ticks {}",
-            self.calls_ok, self.calls_failed, self.retries, self.dropped
+            "calls ok {}, failed {}, unfinished {}; retries {}; scheduled {}, dropped ticks {}",
+            self.calls_ok,
+            self.calls_failed,
+            self.unfinished,
+            self.retries,
+            self.scheduled,
+            self.dropped
         )
     }
 }
@@ -256,7 +286,9 @@ struct Stats {
     retries: u64,
     calls_ok: u64,
     calls_failed: u64,
+    scheduled: u64,
     dropped: u64,
+    unfinished: u64,
     /// Nanoseconds, 3 significant digits, up to [`LATENCY_CAP_NS`] (longer
     /// ones are recorded as that); ~300 KB, allocated once.
     latency_ns: Histogram<u64>,
@@ -273,7 +305,9 @@ impl Default for Stats {
             retries: 0,
             calls_ok: 0,
             calls_failed: 0,
+            scheduled: 0,
             dropped: 0,
+            unfinished: 0,
             latency_ns: Histogram::new_with_bounds(1, LATENCY_CAP_NS, 3)
                 .expect("1 ns to 1 h with 3 significant digits is a valid range"),
         }
@@ -320,7 +354,9 @@ impl Stats {
             calls_ok: self.calls_ok,
             calls_failed: self.calls_failed,
             retries: self.retries,
+            scheduled: self.scheduled,
             dropped: self.dropped,
+            unfinished: self.unfinished,
         }
     }
 }
@@ -329,7 +365,8 @@ impl Stats {
 ///
 /// # Errors
 /// [`LoadError`] when the options are unusable (not an `http(s)://` URL, a
-/// zero duration); nothing is sent then.
+/// zero duration) or the open loop's thread cannot start; nothing is sent
+/// then.
 pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
     let url = reqwest::Url::parse(&opts.url).map_err(|e| LoadError::Target {
         url: opts.url.clone(),
@@ -351,8 +388,13 @@ pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
     {
         let target = open_loop::Target::new(&url, &opts).await?;
         let bar = opts.progress.then(|| progress(opts.duration));
-        let (stats, elapsed) =
-            open_loop::run(&target, rate, opts.duration, opts.connections, bar.as_ref()).await;
+        let plan = open_loop::Plan {
+            rate,
+            duration: opts.duration,
+            connections: opts.connections,
+            grace: opts.grace,
+        };
+        let (stats, elapsed) = open_loop::run(target, plan, bar.clone()).await?;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
@@ -425,6 +467,7 @@ pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
                 if Instant::now() >= deadline {
                     break;
                 }
+                stats.lock().expect("stats").scheduled += 1;
                 while calls.try_join_next().is_some() {}
                 if calls.len() >= MAX_IN_FLIGHT {
                     stats.lock().expect("stats").dropped += 1;
@@ -435,6 +478,11 @@ pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
             }
         }
     }
+    // Calls still open: they may end within the grace; the rest are
+    // abandoned and counted as unfinished.
+    let grace_end = deadline + opts.grace;
+    while let Ok(Some(_)) = tokio::time::timeout_at(grace_end, calls.join_next()).await {}
+    let unfinished = calls.len() as u64;
     calls.abort_all();
     while calls.join_next().await.is_some() {}
     let elapsed = started.elapsed();
@@ -445,7 +493,8 @@ pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
         bar.finish_and_clear();
     }
 
-    let st = std::mem::take(&mut *stats.lock().expect("stats"));
+    let mut st = std::mem::take(&mut *stats.lock().expect("stats"));
+    st.unfinished = unfinished;
     Ok(st.summary(elapsed))
 }
 

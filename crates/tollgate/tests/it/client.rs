@@ -117,6 +117,14 @@ async fn load_prints_one_json_object_on_the_last_line() {
     assert!((40..=60).contains(&ok), "{v}");
     assert!(limited >= 30, "{v}");
     assert_eq!(v["requests"].as_u64(), Some(ok + limited));
+    // Every call due is answered, failed, dropped or unfinished.
+    let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"));
+    assert_eq!(n("scheduled"), 100, "{v}");
+    assert_eq!(
+        ok + limited + n("errors") + n("dropped") + n("unfinished"),
+        100,
+        "{v}"
+    );
     let share = v["share_429"].as_f64().expect("share");
     assert!((share - limited as f64 / (ok + limited) as f64).abs() < 1e-9);
     for p in ["p50", "p90", "p99"] {
