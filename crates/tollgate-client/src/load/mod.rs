@@ -29,16 +29,19 @@
 //! # Open loop
 //!
 //! One thread with a current-thread tokio runtime (no call crosses
-//! threads): a task per connection, hyper's task for each, and a pacer. When a call falls due, the pacer hands it to a waiting
-//! connection, every call due at one wake-up at once; a connection that
-//! ends a call when the next is already due (the run is behind) takes it
-//! without the pacer. tokio's timer ticks once a millisecond, so the pacer
-//! sleeps on it until 1.2 ms before a due time, then sleeps on the thread
-//! (timer slack lowered to 1 µs on Linux): to the due time when no call is
-//! in flight, else 50 µs at a time, the runtime reading the sockets between
-//! naps. It never spins: calls leave within microseconds of their due
-//! time, an answer is read at most 50 µs late, and the thread is off the
-//! CPU whenever it has nothing to do. A connection that
+//! threads): a task per connection, hyper's task for each, and a pacer.
+//! When a call falls due, the pacer hands it to a waiting connection,
+//! every call due at one wake-up at once; a connection that ends a call
+//! when the next is already due (the run is behind) takes it without the
+//! pacer. tokio's timer ticks once a millisecond, so the pacer sleeps on it
+//! until 1.2 ms before a due time, then sleeps on the thread (timer slack
+//! lowered to 1 µs on Linux): to the due time when no call is in flight,
+//! else 50 µs at a time, the runtime reading the sockets between naps. The
+//! last 100 µs before a due time it yields to the runtime instead (a
+//! thread sleep there would make the call late), so it spins only at high
+//! rates: calls leave within microseconds of their due time, an answer is
+//! read at most 50 µs late, and at low rates the thread is off the CPU
+//! whenever it has nothing to do. A connection that
 //! failed or that the server closed is reopened by the next call that
 //! takes it (its connect time counts in that call's latency).
 //!

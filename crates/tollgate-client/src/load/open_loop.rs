@@ -39,6 +39,12 @@ const TIMER_MARGIN: Duration = Duration::from_micros(1200);
 /// answer that arrives meanwhile is read at most this late).
 const NAP: Duration = Duration::from_micros(50);
 
+/// A due time closer than this is waited for by yielding to the runtime
+/// (which reads the sockets on every yield), not by blocking the thread: a
+/// sleep costs a system call and a wake-up, which at tens of thousands of
+/// calls per second makes the calls late and the tool fall behind.
+const YIELD_BELOW: Duration = Duration::from_micros(100);
+
 /// Timer slack asked for the load thread, in nanoseconds (Linux's default
 /// is 50 µs, which would make every short sleep 50 µs late).
 const TIMER_SLACK_NS: &str = "1000";
@@ -327,16 +333,18 @@ async fn connection(run: Rc<Run>, mut link: Option<Link>) {
 
 /// Hands out the calls as they fall due until the end, then stops the run.
 ///
-/// The pacer never spins. While a connection waits for the next call, it
-/// sleeps on tokio's timer until [`TIMER_MARGIN`] before it; from there it
-/// sleeps on the thread (precise to a few µs with the timer slack of
-/// [`precise_timers`]): to the due time when no call is in flight (nothing
-/// to miss meanwhile), else [`NAP`] at a time, letting the runtime read the
-/// sockets between naps. While every connection is busy, it waits for one
-/// to come free. So calls leave within microseconds of their due time, an
-/// answer is read at most [`NAP`] late, and the thread is off the CPU
-/// whenever it has nothing to do (on a shared core, a thread that spins is
-/// scheduled as a hog: late, in bursts).
+/// While a connection waits for the next call, the pacer sleeps on tokio's
+/// timer until [`TIMER_MARGIN`] before it; from there it sleeps on the
+/// thread (precise to a few µs with the timer slack of [`precise_timers`]):
+/// to the due time when no call is in flight (nothing to miss meanwhile),
+/// else [`NAP`] at a time, letting the runtime read the sockets between
+/// naps. The last [`YIELD_BELOW`] before a due time it yields to the
+/// runtime instead (at high rates, every gap): it spins only then. While
+/// every connection is busy, it waits for one to come free. So calls leave
+/// within microseconds of their due time, an answer is read at most [`NAP`]
+/// late, and at low rates the thread is off the CPU whenever it has nothing
+/// to do (on a shared core, a thread that spins is scheduled as a hog:
+/// late, in bursts).
 async fn pace(run: &Run, bar: Option<&ProgressBar>) {
     let mut timer = pin!(tokio::time::sleep_until(run.end));
     let start = run.schedule.start;
@@ -364,6 +372,8 @@ async fn pace(run: &Run, bar: Option<&ProgressBar>) {
             let gap = run.schedule.due(next).saturating_duration_since(now);
             if gap > TIMER_MARGIN {
                 sleep_until(timer.as_mut(), wake.min(now + (gap - TIMER_MARGIN))).await;
+            } else if gap < YIELD_BELOW {
+                tokio::task::yield_now().await;
             } else {
                 std::thread::sleep(if run.is_quiet() { gap } else { gap.min(NAP) });
                 tokio::task::yield_now().await;
