@@ -34,6 +34,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
@@ -214,20 +215,95 @@ pub fn io(
     TokioIo::new(Box::pin(w))
 }
 
+/// The body every listener answers with: a `/v1/check` answer's bytes as they
+/// are ([`crate::check::answer_whole`]: not boxed), or any other answer's
+/// axum body.
+pub type ResponseBody = http_body_util::Either<http_body_util::Full<Bytes>, Body>;
+
+/// A request body's first frame, if it had come already.
+pub type FirstFrame = Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>;
+
+/// What one poll of a request body found ([`poll_first`]).
+#[derive(Debug)]
+pub enum First {
+    /// The whole body, in one frame of its announced length (or nothing, when
+    /// the body ended at once).
+    Whole(Bytes),
+    /// A frame (or an error) that is not the whole body: hand it to
+    /// [`guard_body`], which gives it back before the rest.
+    Taken(FirstFrame),
+    /// Nothing had come yet; nothing was taken.
+    Pending,
+}
+
+/// Polls `body`, which announced `len` bytes, once without waiting: the whole
+/// body when it came in one frame with the headers (the usual small JSON
+/// body), so it is served without a guard, a timer or a copy.
+pub async fn poll_first(body: &mut hyper::body::Incoming, len: u64) -> First {
+    let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await;
+    match polled {
+        Poll::Pending => First::Pending,
+        Poll::Ready(None) => First::Whole(Bytes::new()),
+        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+            Ok(data) if data.len() as u64 == len && body.is_end_stream() => First::Whole(data),
+            Ok(data) => First::Taken(Some(Ok(hyper::body::Frame::data(data)))),
+            Err(frame) => First::Taken(Some(Ok(frame))),
+        },
+        Poll::Ready(Some(Err(e))) => First::Taken(Some(Err(e))),
+    }
+}
+
+/// `fut` within `limit`: `Err` when it has not finished by then. The future is
+/// polled once first; the timer is set only if it then waits, so a request
+/// answered in its first poll (a check on the in-memory store) never touches
+/// the timer wheel. The limit counts from that first wait, a poll later than
+/// `tokio::time::timeout` would count it (a poll never blocks). `fut` is
+/// pinned by the caller, so a large future is not moved.
+pub async fn within<F: Future>(
+    limit: Duration,
+    mut fut: Pin<&mut F>,
+) -> Result<F::Output, RequestTimeout> {
+    if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Ok(out);
+    }
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| RequestTimeout)
+}
+
+/// A request that took longer than `request_timeout` ([`within`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the request took too long")]
+pub struct RequestTimeout;
+
+/// 504 for a request that took longer than `request_timeout`.
+pub fn request_timeout_response() -> Response {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "request_timeout",
+        "the request took too long",
+    )
+    .into_response()
+}
+
 /// A request body that must keep arriving: at most `body_read_timeout`
 /// between two pieces and `body_timeout` in all (counted from now). Past
 /// either it fails with [`BodyTimeout`] and sets the returned flag, and the
-/// request is answered with [`body_timeout_response`]. An empty body is passed
-/// through untouched (so its size hints stay exact) and gets no flag.
+/// request is answered with [`body_timeout_response`]. `first` is a frame
+/// already taken from `body` ([`poll_first`]), given back first. An empty
+/// body is passed through untouched (so its size hints stay exact) and gets
+/// no flag.
 pub fn guard_body(
     body: hyper::body::Incoming,
+    first: FirstFrame,
     limits: &ConnLimits,
 ) -> (Body, Option<Arc<AtomicBool>>) {
-    if body.is_end_stream() {
+    if first.is_none() && body.is_end_stream() {
         return (Body::new(body), None);
     }
     let flag = Arc::new(AtomicBool::new(false));
     let guarded = GuardedBody {
+        first,
         inner: body,
         read_timeout: limits.body_read_timeout,
         deadline: tokio::time::Instant::now() + limits.body_timeout,
@@ -247,6 +323,8 @@ pub struct BodyTimeout;
 /// armed only while it waits, so a body that came with its headers (the usual
 /// small JSON body) never touches the timer wheel.
 struct GuardedBody {
+    /// A frame taken before the guard was set ([`poll_first`]), given back first.
+    first: FirstFrame,
     inner: hyper::body::Incoming,
     read_timeout: Duration,
     deadline: tokio::time::Instant,
@@ -266,6 +344,9 @@ impl hyper::body::Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(first.map_err(Into::into)));
+        }
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.idle = None;
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
@@ -286,11 +367,21 @@ impl hyper::body::Body for GuardedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        let rest = self.inner.size_hint();
+        let taken = match &self.first {
+            Some(Ok(f)) => f.data_ref().map_or(0, |d| d.len() as u64),
+            _ => return rest,
+        };
+        let mut hint = hyper::body::SizeHint::new();
+        hint.set_lower(rest.lower() + taken);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + taken);
+        }
+        hint
     }
 }
 

@@ -317,7 +317,11 @@ async fn route(
         let path = req.uri().path();
         if path == CHECK_PATH {
             if req.method() == http::Method::POST {
-                return check::check_direct(st, peer, req).await;
+                // Boxed (written into its box, not moved there): a check
+                // comes here only when its body did not come whole with its
+                // headers, and its future is large.
+                let place = Box::new_uninit();
+                return Box::into_pin(Box::write(place, check::check_direct(st, peer, req))).await;
             }
         } else if !OWN_PATHS.contains(&path) {
             return proxy::handle_direct(st, peer, req).await;
@@ -373,42 +377,13 @@ async fn serve(
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let fast = fast.clone();
-        let service =
-            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let service = hyper::service::service_fn(
+            move |req: http::Request<hyper::body::Incoming>| {
                 let router = router.clone();
                 let fast = fast.clone();
-                async move {
-                    let http1 = req.version() < http::Version::HTTP_2;
-                    if connection::target_too_long(req.uri()) {
-                        return Ok::<_, Infallible>(connection::uri_too_long_response(http1));
-                    }
-                    let (parts, body) = req.into_parts();
-                    let (body, body_timed_out) = connection::guard_body(body, &limits);
-                    let req = http::Request::from_parts(parts, body);
-                    let resp = match tokio::time::timeout(
-                        limits.request_timeout,
-                        route(router, fast.as_ref(), peer, req),
-                    )
-                    .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => error::ApiError::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "request_timeout",
-                            "the request took too long",
-                        )
-                        .into_response(),
-                    };
-                    let timed_out = body_timed_out
-                        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
-                    let resp = if timed_out {
-                        connection::body_timeout_response(http1)
-                    } else {
-                        resp
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
+                async move { Ok::<_, Infallible>(serve_request(router, fast, peer, limits, req).await) }
+            },
+        );
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -439,6 +414,58 @@ async fn serve(
         });
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+}
+
+/// Serves one request of a connection with the defences of [`connection`].
+/// On the proxy listener (`fast` set) a `POST /v1/check` whose JSON body came
+/// whole with its headers is answered at once ([`check::answer_whole`]): no
+/// body guard (nothing is left to wait for), no router, the request timeout
+/// set only if the check waits ([`connection::within`]). Every other request
+/// gets the guarded body, [`route`] and the request timeout.
+async fn serve_request(
+    router: Router,
+    fast: Option<Shared>,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    mut req: http::Request<hyper::body::Incoming>,
+) -> http::Response<connection::ResponseBody> {
+    use http_body_util::Either;
+    let http1 = req.version() < http::Version::HTTP_2;
+    if connection::target_too_long(req.uri()) {
+        return connection::uri_too_long_response(http1).map(Either::Right);
+    }
+    let mut first = None;
+    if let Some(st) = &fast
+        && let Some(len) = check::one_piece_json(&req)
+    {
+        match connection::poll_first(req.body_mut(), len).await {
+            connection::First::Whole(body) => {
+                drop(req);
+                return check::answer_whole(st, peer, body, limits.request_timeout).await;
+            }
+            connection::First::Taken(frame) => first = frame,
+            connection::First::Pending => {}
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let (body, body_timed_out) = connection::guard_body(body, first, &limits);
+    let req = http::Request::from_parts(parts, body);
+    let resp = match tokio::time::timeout(
+        limits.request_timeout,
+        route(router, fast.as_ref(), peer, req),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => connection::request_timeout_response(),
+    };
+    let timed_out = body_timed_out.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+    let resp = if timed_out {
+        connection::body_timeout_response(http1)
+    } else {
+        resp
+    };
+    resp.map(Either::Right)
 }
 
 /// The built-in upstream used when none is configured: answers 200 with

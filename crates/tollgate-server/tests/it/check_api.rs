@@ -1,5 +1,13 @@
-//! `POST /v1/check` is served before the router (borrowed parse, axum's
-//! extractor as the fallback): its answers must be the router's.
+//! `POST /v1/check` is served before the router (a body that came whole
+//! with its headers straight from hyper's service, a hand parse of plain
+//! bodies, a borrowed parse, axum's extractor as the fallback): its answers
+//! must be the router's.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::support::{Server, TOKEN};
 
@@ -88,5 +96,186 @@ async fn check_answers_match_the_router_for_every_body_shape() {
         "proxied, so the key is asked for: {}",
         a.text
     );
+    s.running.shutdown().await;
+}
+
+/// How a raw check request sends its body.
+#[derive(Clone, Copy, Debug)]
+enum Sent {
+    /// With `Content-Length`, in one write with the headers: answered
+    /// straight from hyper's service.
+    Whole,
+    /// Chunked (no announced length): through the guarded body and the
+    /// route, read by axum's extractor.
+    Chunked,
+    /// With `Expect: 100-continue`, the body sent only after the server
+    /// asks: its first poll finds nothing, so it takes the guarded path.
+    AfterContinue,
+}
+
+/// One raw HTTP/1.1 `POST /v1/check` (`Connection: close`); the answer as
+/// text, without its `date` header (and without a `100 Continue` before it).
+async fn raw_check(addr: SocketAddr, body: &[u8], sent: Sent) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut head = String::from(
+        "POST /v1/check HTTP/1.1\r\nHost: tollgate\r\nContent-Type: application/json\r\n\
+         Connection: close\r\n",
+    );
+    let mut wire = Vec::new();
+    match sent {
+        Sent::Whole | Sent::AfterContinue => {
+            head += &format!("Content-Length: {}\r\n", body.len());
+            if let Sent::AfterContinue = sent {
+                head += "Expect: 100-continue\r\n";
+            }
+            wire.extend_from_slice(body);
+        }
+        Sent::Chunked => {
+            head += "Transfer-Encoding: chunked\r\n";
+            if !body.is_empty() {
+                wire.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+                wire.extend_from_slice(body);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+    head += "\r\n";
+    let mut answer = Vec::new();
+    let read = async {
+        if let Sent::AfterContinue = sent {
+            s.write_all(head.as_bytes()).await.expect("head");
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                assert_eq!(s.read(&mut b).await.expect("read"), 1, "closed early");
+                got.push(b[0]);
+            }
+            if got.starts_with(b"HTTP/1.1 100 Continue") {
+                s.write_all(&wire).await.expect("body");
+            } else {
+                // Answered without reading the body (an empty one): no
+                // `100 Continue`, the answer has begun.
+                assert!(body.is_empty(), "{got:?}");
+                answer = got;
+            }
+        } else {
+            let mut all = head.into_bytes();
+            all.extend_from_slice(&wire);
+            s.write_all(&all).await.expect("request");
+        }
+        s.read_to_end(&mut answer).await.expect("answer");
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("answered within 10 s");
+    String::from_utf8_lossy(&answer)
+        .split("\r\n")
+        .filter(|line| !line.to_ascii_lowercase().starts_with("date:"))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// The same check sent whole (hyper's service answers it), chunked and after
+/// `100 Continue` (the guarded body and the route) gets the same status,
+/// headers and bytes, for answers and for every kind of error.
+#[tokio::test]
+async fn checks_answered_from_the_service_match_the_routed_ones_byte_for_byte() {
+    let s = Server::start(Some(TOKEN)).await;
+    let key = s.account_with_key("acme", "pro").await;
+    let bodies: Vec<Vec<u8>> = [
+        r#"{"account":"acme","operation":"default","cost":0}"#.to_owned(),
+        format!(r#"{{"key":"{key}","cost":0}}"#),
+        r#" { "account" : "acme" , "ip" : "10.0.0.1", "attributes": {} , "cost" : 0 } "#.to_owned(),
+        r#"{"account":"ac\u006de","cost":0}"#.to_owned(),
+        r#"{"account":"acme","cost":1000000000000}"#.to_owned(),
+        r#"{"account":"acme","cost":-1}"#.to_owned(),
+        r#"{"account":"acme","bogus":1}"#.to_owned(),
+        r#"{"account":"acme","account":"acme"}"#.to_owned(),
+        r#"{"account":"acme","#.to_owned(),
+        r#"{"account":1}"#.to_owned(),
+        r#"{"account":"nobody"}"#.to_owned(),
+        r#"{"key":"tg_nope.nope"}"#.to_owned(),
+        r#"{"account":"acme","operation":"nope"}"#.to_owned(),
+        r#"{"account":"acme","attributes":{"nope":"x"}}"#.to_owned(),
+        r#"{}"#.to_owned(),
+        String::new(),
+    ]
+    .into_iter()
+    .map(String::into_bytes)
+    .chain([b"{\"account\":\"\xff\"}".to_vec()])
+    .collect();
+    for body in &bodies {
+        // A reset in seconds may tick between two calls: a few tries.
+        let mut last = None;
+        for _ in 0..3 {
+            let whole = raw_check(s.running.addr, body, Sent::Whole).await;
+            let chunked = raw_check(s.running.addr, body, Sent::Chunked).await;
+            let after = raw_check(s.running.addr, body, Sent::AfterContinue).await;
+            if whole == chunked && whole == after {
+                last = None;
+                break;
+            }
+            last = Some((whole, chunked, after));
+        }
+        assert_eq!(last, None, "{}", String::from_utf8_lossy(body));
+    }
+    // The answers are what the contract says.
+    let ok = raw_check(s.running.addr, &bodies[0], Sent::Whole).await;
+    assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+    assert!(
+        ok.contains("\r\ncontent-type: application/json\r\n"),
+        "{ok}"
+    );
+    assert!(ok.contains(r#"{"allowed":true,"headers":{"#), "{ok}");
+    let bad = raw_check(s.running.addr, &bodies[6], Sent::Whole).await;
+    assert!(bad.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{bad}");
+    assert!(bad.contains(r#"{"error":{"code":"bad_request","message":"invalid check request: "#));
+    s.running.shutdown().await;
+}
+
+/// A small check body that stops arriving is still answered 408 and its
+/// connection closed (the body is guarded when it did not come whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_small_check_body_gets_408() {
+    let s = Server::configured(
+        Some(TOKEN),
+        tollgate_server::config::DEFAULT_POLICY,
+        None,
+        |c| {
+            c.body_read_timeout = Duration::from_secs(1);
+            c.body_timeout = Duration::from_secs(3);
+        },
+    )
+    .await;
+    for split in [false, true] {
+        let mut c = TcpStream::connect(s.running.addr).await.expect("connect");
+        let head = "POST /v1/check HTTP/1.1\r\nHost: tollgate\r\nContent-Type: application/json\r\n\
+                    Content-Length: 40\r\n\r\n";
+        if split {
+            // Headers, then part of the body (the first poll may find it).
+            c.write_all(head.as_bytes()).await.expect("head");
+            c.write_all(br#"{"account":"#).await.expect("part");
+        } else {
+            // Headers and part of the body in one write.
+            c.write_all(format!("{head}{{\"account\":").as_bytes())
+                .await
+                .expect("head and part");
+        }
+        let started = tokio::time::Instant::now();
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+            .await
+            .is_ok();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(closed, "not closed: {answer}");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("request_body_timeout"), "{answer}");
+        assert!(
+            started.elapsed() <= Duration::from_secs(3),
+            "closed after {:?}",
+            started.elapsed()
+        );
+    }
     s.running.shutdown().await;
 }
