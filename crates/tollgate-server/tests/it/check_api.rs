@@ -1,7 +1,6 @@
 //! `POST /v1/check` is served before the router (a body that came whole
-//! with its headers straight from hyper's service, a hand parse of plain
-//! bodies, a borrowed parse, axum's extractor as the fallback): its answers
-//! must be the router's.
+//! with its headers straight from hyper's service, a borrowed parse,
+//! axum's extractor as the fallback): its answers must be the router's.
 
 use std::net::SocketAddr;
 use std::time::Duration;
