@@ -441,7 +441,10 @@ async fn serve_request(
         match connection::poll_first(req.body_mut(), len).await {
             connection::First::Whole(body) => {
                 drop(req);
-                return check::answer_whole(st, peer, body, limits.request_timeout).await;
+                // Boxed: in place, the check's future would size this one,
+                // and so every proxied request's (measured under callgrind:
+                // the proxy +680 instructions per request, the check -570).
+                return Box::pin(check::answer_whole(st, peer, body, limits.request_timeout)).await;
             }
             connection::First::Taken(frame) => first = frame,
             connection::First::Pending => {}
