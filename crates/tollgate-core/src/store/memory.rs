@@ -19,8 +19,13 @@
 //! two requests can never deadlock), evaluates every counter, and writes them
 //! only if it is admitted. No other decision on those counters can interleave,
 //! so the in-memory store never over-admits and a rejected request consumes
-//! nothing. Requests on different scopes never touch the same lock; lookups
-//! take a shard's read lock (`dashmap`), which readers share.
+//! nothing. The general path's lookups take a shard's read lock (`dashmap`),
+//! which readers share, and then each entry's mutex. The one-scope path
+//! takes its shard's *write* lock instead and no entry mutex: exclusive
+//! access to the entry for one lock instead of two (about 30 instructions
+//! per decision), at the price of decisions on other scopes of the same
+//! shard (1 in 64) waiting for it; they would contend on the shard's lock
+//! word's cache line with read locks too.
 //!
 //! **Bounded.** A counter remembers when it will be back to its fresh state
 //! (full bucket, empty window). [`MemoryStore::sweep`] drops counters past that
@@ -48,7 +53,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use dashmap::mapref::one::Ref;
+use dashmap::mapref::one::{Ref, RefMut};
 
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
@@ -168,6 +173,22 @@ impl Slot {
             129..=MAX_COUNTERS_PER_SCOPE => boxed::<MAX_COUNTERS_PER_SCOPE>(),
             _ => return None,
         })
+    }
+
+    /// The counters, through exclusive access to the entry (its shard
+    /// write-locked): no lock to take, and nobody else can hold it.
+    #[cfg(not(tollgate_loom))]
+    #[inline]
+    fn group_mut(&mut self) -> &mut Group {
+        self.state
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Under loom, through the lock (the map's locks do not run there).
+    #[cfg(tollgate_loom)]
+    fn group_mut(&mut self) -> MutexGuard<'_, Group> {
+        self.lock()
     }
 
     #[inline]
@@ -430,14 +451,14 @@ impl MemoryStore {
     }
 
     /// Adds an empty entry for `scope`, with room for `cells` counters, if it
-    /// has none, and returns it (read-locked). Must not be called while
+    /// has none, and returns it (its shard write-locked). Must not be called while
     /// holding another entry of the map (it takes the shard's write lock).
     fn insert(
         &self,
         scope: u64,
         cells: usize,
         now: Nanos,
-    ) -> Result<Ref<'_, u64, Box<Slot>>, StoreError> {
+    ) -> Result<RefMut<'_, u64, Box<Slot>>, StoreError> {
         if self.entries.load(Ordering::Relaxed) >= self.room.max {
             self.sweep_when_full(now);
             if self.entries.load(Ordering::Relaxed) >= self.room.max {
@@ -445,13 +466,13 @@ impl MemoryStore {
             }
         }
         Ok(match self.map.entry(scope) {
-            Entry::Occupied(e) => e.into_ref().downgrade(),
+            Entry::Occupied(e) => e.into_ref(),
             Entry::Vacant(e) => {
                 self.entries.fetch_add(1, Ordering::Relaxed);
                 let slot = Slot::with_capacity(cells)
                     .or_else(|| Slot::with_capacity(1))
                     .expect("one counter always fits");
-                e.insert(slot).downgrade()
+                e.insert(slot)
             }
         })
     }
@@ -553,7 +574,7 @@ impl MemoryStore {
             }
             if let Some(s) = missing {
                 drop(refs);
-                drop(self.insert(s, 1, now)?);
+                drop(self.insert(s, 1, now)?.downgrade());
                 continue;
             }
             let mut slots: [Option<&Slot>; N] = [None; N];
@@ -614,20 +635,24 @@ impl MemoryStore {
         let scope = (values >> 64) as u64;
         let mut swept = false;
         loop {
-            let slot = match self.map.get(&scope) {
+            // The shard's write lock makes this decision the only one on
+            // every entry of the shard: the entry's own mutex is not taken
+            // (see `Slot::group_mut`).
+            let mut slot = match self.map.get_mut(&scope) {
                 Some(slot) => slot,
                 None => self.insert(scope, limits.len(), now)?,
             };
-            let mut g = slot.lock();
-            match scope_locked::<N>(&mut g, now, values, limits, cost, &self.room, decision) {
+            let locked = {
+                let mut g = slot.group_mut();
+                scope_locked::<N>(&mut g, now, values, limits, cost, &self.room, decision)
+            };
+            match locked {
                 Locked::Decided(admitted) => return Ok(admitted),
                 Locked::Grow { cells, .. } => {
-                    drop(g);
                     drop(slot);
                     self.grow(scope, cells)?;
                 }
                 Locked::Full => {
-                    drop(g);
                     drop(slot);
                     if swept || !self.sweep_when_full(now) {
                         return Err(StoreError::CounterCapReached { cap: self.room.max });
