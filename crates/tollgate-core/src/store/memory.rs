@@ -1182,7 +1182,7 @@ fn commit(s: &mut Cell, params: &Params, cost: u64, now: Nanos, lease: u64) {
             };
             let e = log.admit(now, cost, &window);
             if e.admit {
-                s.fresh_at = now.plus(e.reset);
+                s.fresh_at = now.after(e.reset);
             }
         }
         Params::Calendar { limit, end } => {
