@@ -124,7 +124,14 @@ impl SlidingWindow {
 
 /// One entry of a log: `cost` admitted at `at` (ns), the latest instant of
 /// the admissions merged into it.
+///
+/// 12 bytes, aligned on 4 (`packed(4)`): a [`SlidingState`] holding one
+/// entry inline is then 16 bytes, not 24, and so is the in-memory store's
+/// counter (its entry of three counters fits two cache lines); a log's ring
+/// takes 12 bytes per entry. Fields are read by value (no reference to
+/// `at`, which may sit on a 4-byte boundary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C, packed(4))]
 pub struct Entry {
     /// Instant, nanoseconds.
     pub at: u64,
