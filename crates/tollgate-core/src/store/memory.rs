@@ -1156,12 +1156,18 @@ fn write_next(cell: &mut Cell, next: &Next, params: &Params, cost: u64, now: Nan
     match next {
         Next::OnCommit => return false,
         &Next::Gcra(tat) => {
-            cell.counter = Counter::Gcra;
+            // Already a bucket (the usual case): nothing to drop or write.
+            if !matches!(cell.counter, Counter::Gcra) {
+                cell.counter = Counter::Gcra;
+            }
             cell.fresh_at = tat;
         }
         &Next::Calendar(state) => {
             cell.fresh_at = state.end;
-            cell.counter = Counter::Calendar { count: state.count };
+            match &mut cell.counter {
+                Counter::Calendar { count } => *count = state.count,
+                other => *other = Counter::Calendar { count: state.count },
+            }
         }
         Next::Sliding => {
             let Params::Sliding(window) = params else {
