@@ -680,10 +680,15 @@ impl MemoryStore {
                 Some(slot) => slot,
                 None => self.insert(scope, limits.len(), now)?,
             };
-            let locked = {
-                let mut g = slot.group_mut();
-                scope_locked::<N>(&mut g, now, values, limits, cost, &self.room, decision)
-            };
+            let locked = scope_locked::<N, _>(
+                slot.group_mut(),
+                now,
+                values,
+                limits,
+                cost,
+                &self.room,
+                decision,
+            );
             match locked {
                 Locked::Decided(admitted) => return Ok(admitted),
                 Locked::Grow { cells, .. } => {
@@ -866,8 +871,8 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
 /// admitted, pushes the results and sets the decision's outcome (nothing
 /// when the new counters do not fit: [`Locked::Full`], [`Locked::Grow`]).
 #[inline]
-fn scope_locked<const N: usize>(
-    g: &mut Group,
+fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
+    mut g: G,
     now: Nanos,
     values: u128,
     limits: &[PlanLimit],
@@ -875,6 +880,9 @@ fn scope_locked<const N: usize>(
     room: &Room,
     decision: &mut Decision,
 ) -> Locked {
+    // `&mut Group` on the one-scope path (its shard write-locked), a
+    // guard of the entry's mutex in the loom model.
+    let g: &mut Group = &mut g;
     let limits = &limits[..limits.len().min(N)];
     let low = values as u64;
     // Each limit's result is pushed as it is evaluated, the evaluation
@@ -1004,9 +1012,8 @@ impl LoomSlot {
             max: usize::MAX,
         };
         let mut decision = Decision::new(now);
-        let mut g = slot.0.lock();
-        match scope_locked::<MAX_LIMITS_PER_REQUEST>(
-            &mut g,
+        match scope_locked::<MAX_LIMITS_PER_REQUEST, _>(
+            slot.0.lock(),
             now,
             values,
             limits,
