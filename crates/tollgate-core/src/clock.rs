@@ -30,9 +30,29 @@ impl Nanos {
         Nanos(self.0.saturating_add(duration_nanos(d)))
     }
 
+    /// This instant plus a span in nanoseconds, saturating.
+    #[inline]
+    pub fn after(self, span: Nanos) -> Nanos {
+        Nanos(self.0.saturating_add(span.0))
+    }
+
     /// The span from `earlier` to `self`, zero if `earlier` is later.
     pub fn since(self, earlier: Nanos) -> Duration {
         Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl From<Nanos> for Duration {
+    /// A span in nanoseconds as a `Duration`.
+    fn from(n: Nanos) -> Duration {
+        Duration::from_nanos(n.0)
+    }
+}
+
+impl From<Duration> for Nanos {
+    /// A `Duration` as a span in nanoseconds, saturating (see [`duration_nanos`]).
+    fn from(d: Duration) -> Nanos {
+        Nanos(duration_nanos(d))
     }
 }
 
@@ -44,8 +64,9 @@ pub fn duration_nanos(d: Duration) -> u64 {
 /// Whole seconds, rounded up: what `Retry-After` and reset headers carry.
 ///
 /// Never 0 when `d` is non-zero, so a caller told to wait never retries at once.
-pub fn ceil_secs(d: Duration) -> u64 {
-    let n = duration_nanos(d);
+/// Takes a `Duration` or a span in [`Nanos`].
+pub fn ceil_secs(d: impl Into<Nanos>) -> u64 {
+    let n = d.into().0;
     n.div_ceil(Nanos::SECOND)
 }
 

@@ -126,7 +126,7 @@ impl Decision {
         // One pass: note what the outcome needs.
         let mut forwarded = None; // first enforced non-blocking limit exceeded
         let mut never = None; // first blocking limit the cost can never pass
-        let mut longest: Option<(Duration, LimitId)> = None; // last longest wait
+        let mut longest: Option<(Nanos, LimitId)> = None; // last longest wait
         let mut leased = false;
         for r in self.results() {
             let e = &r.eval;
@@ -181,7 +181,7 @@ impl Decision {
         match self.outcome {
             Outcome::Rejected { limit } => self
                 .result(limit)
-                .map_or(Duration::ZERO, |r| r.eval.retry_after),
+                .map_or(Duration::ZERO, |r| r.eval.retry_after.into()),
             _ => Duration::ZERO,
         }
     }

@@ -389,7 +389,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             if len <= TINY_KEY_BUFFER {
                 let mut buf = [0u8; TINY_KEY_BUFFER];
                 buf[..4].copy_from_slice(&(part.len() as u32).to_le_bytes());
-                buf[4..len].copy_from_slice(part.as_bytes());
+                copy_short(&mut buf[4..len], part.as_bytes());
                 return Some(xxh3_128_with_seed(&buf[..len], self.seed));
             }
         }
@@ -432,6 +432,39 @@ impl<S: Store, C: Clock> Engine<S, C> {
             at = end;
         }
         xxh3_128_with_seed(&buf[..len.min(B)], self.seed)
+    }
+}
+
+/// `dst.copy_from_slice(src)` for at most 28 bytes (the one-value scope's
+/// buffer) without a `memcpy` call (a variable-length copy is one, about
+/// 15 instructions for a short id): two fixed-size copies that overlap in
+/// the middle, as `memcpy` itself does for short lengths.
+#[inline(always)]
+fn copy_short(dst: &mut [u8], src: &[u8]) {
+    let n = src.len();
+    if dst.len() != n {
+        // Never: the caller sizes `dst` from `src`.
+        dst.copy_from_slice(src);
+        return;
+    }
+    match n {
+        16.. => {
+            dst[..16].copy_from_slice(&src[..16]);
+            dst[n - 16..].copy_from_slice(&src[n - 16..]);
+        }
+        8.. => {
+            dst[..8].copy_from_slice(&src[..8]);
+            dst[n - 8..].copy_from_slice(&src[n - 8..]);
+        }
+        4.. => {
+            dst[..4].copy_from_slice(&src[..4]);
+            dst[n - 4..].copy_from_slice(&src[n - 4..]);
+        }
+        _ => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = *s;
+            }
+        }
     }
 }
 
@@ -826,6 +859,23 @@ mod tests {
         }
     }
 
+    /// `copy_short` copies exactly, for every length the one-value scope
+    /// buffer takes (and any content).
+    #[test]
+    fn copy_short_copies_every_short_length() {
+        let src: Vec<u8> = (1..=40u8).collect();
+        for n in 0..=28 {
+            for from in 0..4 {
+                let s = &src[from..from + n];
+                let mut a = [0u8; 32];
+                copy_short(&mut a[4..4 + n], s);
+                let mut b = [0u8; 32];
+                b[4..4 + n].copy_from_slice(s);
+                assert_eq!(a, b, "{n} bytes");
+            }
+        }
+    }
+
     /// The in-memory one-scope path (`decide_now`) decides exactly as the
     /// general path (`decide`, per-limit checks through the `Store` trait):
     /// same outcomes, same results, request after request, on limits of
@@ -844,7 +894,13 @@ mod tests {
         let op = p.default_operation();
         assert!(p.is_one_scope(p.default_plan, op));
         let fast = engine().with_key_seed(3);
-        let general = engine().with_key_seed(3);
+        // Through the `Store` trait only: `Engine::decide` on a
+        // `MemoryStore` would take the one-scope path too.
+        let general = Engine::with_clock(
+            GeneralOnly::default(),
+            ManualClock::new(Nanos::from_secs(1_000_000)),
+        )
+        .with_key_seed(3);
         let accounts = ["a", "b", "c", ""];
         let mut x = 0x2545_F491_4F6C_DD1D_u64;
         let mut outcomes = std::collections::HashSet::new();
@@ -867,11 +923,125 @@ mod tests {
             fast.clock().advance(dt);
             general.clock().advance(dt);
         }
-        assert_eq!(fast.store().len(), general.store().len());
+        assert_eq!(fast.store().len(), general.store().0.len());
         assert!(
             outcomes.len() >= 4,
             "admitted, rejected, forwarded, above capacity: {outcomes:?}"
         );
+    }
+
+    /// A memory store the engine sees only through the [`Store`] trait
+    /// (no [`Store::as_memory`]): every decision takes the general path
+    /// (per-limit checks, shard read locks and entry mutexes).
+    #[derive(Default)]
+    struct GeneralOnly(MemoryStore);
+    impl Store for GeneralOnly {
+        async fn decide(
+            &self,
+            now: Nanos,
+            checks: &[Check],
+            lease: u64,
+            out: &mut [Evaluation],
+        ) -> Result<bool, StoreError> {
+            self.0.decide_now(now, checks, lease, out)
+        }
+        async fn release(
+            &self,
+            now: Nanos,
+            keys: &[CounterKey],
+            lease: u64,
+        ) -> Result<(), StoreError> {
+            self.0.release_now(now, keys, lease);
+            Ok(())
+        }
+    }
+
+    /// One store, two paths on the same counters: requests alternate at
+    /// random between the one-scope path (shard write lock, no entry mutex)
+    /// and the general path (the same `MemoryStore` through the `Store`
+    /// trait: shard read lock and entry mutex), and decide exactly as a
+    /// reference engine that takes the general path only. Keys and cells
+    /// are shared, so this also checks that both paths read and write the
+    /// compact cells (a bucket's TAT and a calendar window's end in
+    /// `fresh_at`) the same way.
+    #[test]
+    fn one_scope_and_general_paths_share_counters_exactly() {
+        let p = policy::parse(
+            "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = 3\nrefill_every = \"1s\"\n\
+             [limits.w]\nalgorithm = \"sliding_window\"\nlimit = 6\nwindow = \"2s\"\n\
+             [limits.a]\nalgorithm = \"sliding_window\"\nlimit = 50\nwindow = \"5s\"\nprecision = \"approximate\"\n\
+             [limits.d]\nalgorithm = \"calendar_window\"\nlimit = 30\nwindow = \"minute\"\n",
+            "t",
+        )
+        .unwrap();
+        let op = p.default_operation();
+        assert!(p.is_one_scope(p.default_plan, op));
+        let start = Nanos::from_secs(1_000_000);
+        let store = std::sync::Arc::new(MemoryStore::default());
+        let fast = Engine::with_clock(Shared(store.clone(), true), ManualClock::new(start))
+            .with_key_seed(9);
+        let general = Engine::with_clock(Shared(store.clone(), false), ManualClock::new(start))
+            .with_key_seed(9);
+        let reference =
+            Engine::with_clock(GeneralOnly::default(), ManualClock::new(start)).with_key_seed(9);
+        let accounts = ["a", "b", "c"];
+        let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+        let (mut admitted, mut by_fast) = (0, 0);
+        for step in 0..4_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let r = Request {
+                account: accounts[(x % 3) as usize],
+                cost: [None, None, Some(2), Some(7)][(x >> 8) as usize % 4],
+                ..Request::new(p.default_plan, op)
+            };
+            let want = crate::store::conformance::block_on(reference.decide(&p, &r));
+            let one_scope = (x >> 20).is_multiple_of(2);
+            let engine = if one_scope { &fast } else { &general };
+            by_fast += u32::from(one_scope);
+            let got = crate::store::conformance::block_on(engine.decide(&p, &r));
+            assert_eq!(got.outcome, want.outcome, "step {step}");
+            assert_eq!(got.results(), want.results(), "step {step}");
+            admitted += u32::from(got.is_allowed());
+            let dt = Duration::from_millis((x >> 32) % 300);
+            fast.clock().advance(dt);
+            general.clock().advance(dt);
+            reference.clock().advance(dt);
+        }
+        assert!(
+            (500..3_500).contains(&admitted),
+            "both outcomes: {admitted}"
+        );
+        assert!((1_000..3_000).contains(&by_fast), "both paths: {by_fast}");
+        assert_eq!(store.len(), reference.store().0.len());
+    }
+
+    /// A shared memory store; `.1`: whether the engine may see it as one
+    /// (the one-scope path) or only through the [`Store`] trait.
+    struct Shared(std::sync::Arc<MemoryStore>, bool);
+    impl Store for Shared {
+        async fn decide(
+            &self,
+            now: Nanos,
+            checks: &[Check],
+            lease: u64,
+            out: &mut [Evaluation],
+        ) -> Result<bool, StoreError> {
+            self.0.decide_now(now, checks, lease, out)
+        }
+        async fn release(
+            &self,
+            now: Nanos,
+            keys: &[CounterKey],
+            lease: u64,
+        ) -> Result<(), StoreError> {
+            self.0.release_now(now, keys, lease);
+            Ok(())
+        }
+        fn as_memory(&self) -> Option<&MemoryStore> {
+            self.1.then_some(&*self.0)
+        }
     }
 
     /// A one-scope decision that must first grow its scope's entry, or finds

@@ -432,8 +432,8 @@ fn parse_reply(reply: &[Value], idx: &[usize], out: &mut [Evaluation]) -> Result
             admit: flags & 1 != 0,
             never: flags & 2 != 0,
             remaining: number(&f[1]).ok_or(BAD)?,
-            reset: Duration::from_nanos(number(&f[2]).ok_or(BAD)?),
-            retry_after: Duration::from_nanos(number(&f[3]).ok_or(BAD)?),
+            reset: Nanos(number(&f[2]).ok_or(BAD)?),
+            retry_after: Nanos(number(&f[3]).ok_or(BAD)?),
         };
     }
     Ok(admitted)

@@ -98,7 +98,7 @@ impl AuthGuard {
         loop {
             let (eval, next) = gcra(Some(Nanos(current)), now, 1, rate);
             if !eval.admit {
-                return Err(eval.retry_after);
+                return Err(eval.retry_after_duration());
             }
             match cell.compare_exchange_weak(current, next.0, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(()),

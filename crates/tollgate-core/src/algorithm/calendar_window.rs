@@ -15,8 +15,6 @@
 //! The state is the end of the window it counts and the cost used in it; a
 //! state whose window has ended is fresh.
 
-use std::time::Duration;
-
 use jiff::tz::TimeZone;
 use jiff::{RoundMode, Timestamp, ToSpan, Unit, ZonedRound};
 
@@ -146,7 +144,7 @@ pub fn evaluate(
         Some(s) if s.end >= end => *s,
         _ => CalendarState { end, count: 0 },
     };
-    let reset = state.end.since(now);
+    let reset = Nanos(state.end.0.saturating_sub(now.0));
     let left = limit.saturating_sub(state.count);
     if cost > limit {
         return (Evaluation::never(left, reset), state);
@@ -161,7 +159,7 @@ pub fn evaluate(
             never: false,
             remaining: left - cost,
             reset,
-            retry_after: Duration::ZERO,
+            retry_after: Nanos::ZERO,
         };
         return (eval, next);
     }
@@ -228,7 +226,7 @@ mod tests {
         }
         let (e, _) = evaluate(s.as_ref(), t0, 1, 30, end);
         assert!(!e.admit);
-        assert_eq!(e.retry_after, Duration::from_secs(60));
+        assert_eq!(e.retry_after, Nanos::from_secs(60));
         let just_before = Nanos(at("2026-01-01T11:00:00Z").0 - 1);
         let (_, end_b) = cal.window(just_before);
         assert!(!evaluate(s.as_ref(), just_before, 1, 30, end_b).0.admit);

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use super::Evaluation;
-use crate::clock::Nanos;
+use crate::clock::{Nanos, duration_nanos};
 
 /// Longest `retry_after` suggested for a full concurrency limit.
 pub const RETRY_HINT: Duration = Duration::from_secs(1);
@@ -55,15 +55,15 @@ pub fn evaluate(set: &LeaseSet, now: Nanos, cost: u64, limit: u64) -> Evaluation
     let used = set.in_use(now);
     let left = limit.saturating_sub(used);
     if cost > limit {
-        return Evaluation::never(left, Duration::ZERO);
+        return Evaluation::never(left, Nanos::ZERO);
     }
     if cost <= left {
         return Evaluation {
             admit: true,
             never: false,
             remaining: left - cost,
-            reset: Duration::ZERO,
-            retry_after: Duration::ZERO,
+            reset: Nanos::ZERO,
+            retry_after: Nanos::ZERO,
         };
     }
     let earliest = set
@@ -73,15 +73,18 @@ pub fn evaluate(set: &LeaseSet, now: Nanos, cost: u64, limit: u64) -> Evaluation
         .map(|l| l.expires)
         .min()
         .unwrap_or(now);
-    let retry_after = earliest
-        .since(now)
-        .min(RETRY_HINT)
-        .max(Duration::from_nanos(1));
+    let retry_after = Nanos(
+        earliest
+            .0
+            .saturating_sub(now.0)
+            .min(duration_nanos(RETRY_HINT))
+            .max(1),
+    );
     Evaluation {
         admit: false,
         never: false,
         remaining: left,
-        reset: Duration::ZERO,
+        reset: Nanos::ZERO,
         retry_after,
     }
 }
@@ -127,7 +130,7 @@ mod tests {
         assert!(acquire(&mut s, t, 1, 2, ttl, 2).admit);
         let e = acquire(&mut s, t, 1, 2, ttl, 3);
         assert!(!e.admit);
-        assert_eq!(e.retry_after, RETRY_HINT);
+        assert_eq!(e.retry_after_duration(), RETRY_HINT);
         assert!(s.release(1));
         assert!(!s.release(1));
         assert!(acquire(&mut s, t, 1, 2, ttl, 4).admit);

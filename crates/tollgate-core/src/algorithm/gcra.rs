@@ -128,8 +128,8 @@ fn gcra_in_u64(
             admit: true,
             never: false,
             remaining: (tau - new_ahead) / interval,
-            reset: Duration::from_nanos(new_ahead),
-            retry_after: Duration::ZERO,
+            reset: Nanos(new_ahead),
+            retry_after: Nanos::ZERO,
         };
         (eval, Nanos(new_tat))
     } else {
@@ -137,8 +137,8 @@ fn gcra_in_u64(
             admit: false,
             never: false,
             remaining: tau.saturating_sub(ahead) / interval,
-            reset: Duration::from_nanos(ahead),
-            retry_after: Duration::from_nanos(new_ahead - tau),
+            reset: Nanos(ahead),
+            retry_after: Nanos(new_ahead - tau),
         };
         (eval, Nanos(base))
     }
@@ -176,7 +176,7 @@ fn gcra_u128(tat: Option<Nanos>, now: Nanos, cost: u64, rate: &GcraRate) -> (Eva
             never: false,
             remaining: clamp(div(tau - new_ahead, interval)),
             reset: nanos_duration(new_ahead),
-            retry_after: Duration::ZERO,
+            retry_after: Nanos::ZERO,
         };
         (eval, Nanos(clamp(new_tat)))
     } else {
@@ -209,8 +209,8 @@ fn clamp(v: u128) -> u64 {
     u64::try_from(v).unwrap_or(u64::MAX)
 }
 
-fn nanos_duration(v: u128) -> Duration {
-    Duration::from_nanos(clamp(v))
+fn nanos_duration(v: u128) -> Nanos {
+    Nanos(clamp(v))
 }
 
 #[cfg(test)]
@@ -239,7 +239,7 @@ mod tests {
         let (e, _) = gcra(tat, now, 20, &r);
         assert!(!e.admit);
         assert_eq!(e.remaining, 0);
-        assert_eq!(e.retry_after, Duration::from_millis(200));
+        assert_eq!(e.retry_after_duration(), Duration::from_millis(200));
         let later = now.plus(Duration::from_millis(200));
         assert!(!gcra(tat, Nanos(later.0 - 1), 20, &r).0.admit);
         assert!(gcra(tat, later, 20, &r).0.admit);
@@ -250,7 +250,7 @@ mod tests {
         let r = rate(10, 1, 1000);
         let (e, _) = gcra(None, Nanos(5), 11, &r);
         assert!(e.never && !e.admit);
-        assert_eq!(e.retry_after, Duration::ZERO);
+        assert_eq!(e.retry_after_duration(), Duration::ZERO);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub mod sliding_window;
 
 use std::time::Duration;
 
+use crate::clock::Nanos;
+
 /// What an algorithm says about one request against one counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Evaluation {
@@ -29,22 +31,37 @@ pub struct Evaluation {
     pub never: bool,
     /// Units left after this request if admitted, or left now if not.
     pub remaining: u64,
-    /// Time until the counter is back to its fresh (full) state.
-    pub reset: Duration,
+    /// Time until the counter is back to its fresh (full) state, in
+    /// nanoseconds (a span; [`Evaluation::reset_duration`] as a `Duration`).
+    /// Nanoseconds rather than `Duration`: every algorithm computes it in
+    /// nanoseconds, and building a `Duration` (seconds and nanoseconds)
+    /// cost each evaluation a division.
+    pub reset: Nanos,
     /// When not admitted: the exact time to wait before the same cost fits
-    /// (assuming no other traffic). Zero when admitted or when it can never pass.
-    pub retry_after: Duration,
+    /// (assuming no other traffic), in nanoseconds. Zero when admitted or
+    /// when it can never pass.
+    pub retry_after: Nanos,
 }
 
 impl Evaluation {
     /// The evaluation of a cost that exceeds the capacity `limit`.
-    pub fn never(remaining: u64, reset: Duration) -> Evaluation {
+    pub fn never(remaining: u64, reset: Nanos) -> Evaluation {
         Evaluation {
             admit: false,
             never: true,
             remaining,
             reset,
-            retry_after: Duration::ZERO,
+            retry_after: Nanos::ZERO,
         }
+    }
+
+    /// [`Evaluation::reset`] as a `Duration`.
+    pub fn reset_duration(&self) -> Duration {
+        self.reset.into()
+    }
+
+    /// [`Evaluation::retry_after`] as a `Duration`.
+    pub fn retry_after_duration(&self) -> Duration {
+        self.retry_after.into()
     }
 }

@@ -99,8 +99,8 @@ pub async fn retry_after_is_exact<S: Store>(store: &S) {
     assert!(one(store, T0, c).await.0);
     let (admitted, e) = one(store, T0, c).await;
     assert!(!admitted);
-    assert_eq!(e.retry_after, Duration::from_secs(2));
-    let at = T0.plus(e.retry_after);
+    assert_eq!(e.retry_after_duration(), Duration::from_secs(2));
+    let at = T0.plus(e.retry_after_duration());
     assert!(!one(store, Nanos(at.0 - 1), c).await.0);
     assert!(one(store, at, c).await.0);
 
@@ -114,7 +114,7 @@ pub async fn retry_after_is_exact<S: Store>(store: &S) {
     assert!(one(store, T0, w).await.0);
     let (admitted, e) = one(store, T0, w).await;
     assert!(!admitted);
-    let at = T0.plus(e.retry_after);
+    let at = T0.plus(e.retry_after_duration());
     assert!(!one(store, Nanos(at.0 - 1), w).await.0);
     assert!(one(store, at, w).await.0);
 }
@@ -137,14 +137,14 @@ pub async fn sliding_window_is_an_exact_log<S: Store>(store: &S) {
     assert!(!admitted);
     assert_eq!(e.remaining, 0);
     assert_eq!(
-        e.retry_after,
+        e.retry_after_duration(),
         t - Duration::from_millis(500),
         "the first 2 leave at T0 + T"
     );
-    assert_eq!(e.reset, t, "empty T after the last admission");
+    assert_eq!(e.reset_duration(), t, "empty T after the last admission");
     // 3 units: the entry of 3 must leave too, at t1 + T exactly.
     let (_, e) = one(store, t1, w(3)).await;
-    assert_eq!(e.retry_after, t);
+    assert_eq!(e.retry_after_duration(), t);
     let back = T0.plus(t);
     assert!(!one(store, Nanos(back.0 - 1), w(1)).await.0);
     assert!(one(store, back, w(2)).await.0, "2 back exactly T after");
@@ -158,7 +158,7 @@ pub async fn sliding_window_is_an_exact_log<S: Store>(store: &S) {
     let (admitted, e) = one(store, back, longer).await;
     assert!(!admitted);
     assert_eq!(
-        e.retry_after,
+        e.retry_after_duration(),
         Duration::from_millis(3_500),
         "the 3 taken at t1 leave at t1 + 6 s"
     );
@@ -202,11 +202,11 @@ pub async fn approximate_sliding_window_is_late_by_at_most_a_sub_window<S: Store
     let (admitted, e) = one(store, at(1_200), c).await;
     assert!(!admitted);
     assert_eq!(
-        e.retry_after,
+        e.retry_after_duration(),
         t - Duration::from_millis(300),
         "the merged 3 leave at 0.9 s + T"
     );
-    assert!(e.retry_after <= t);
+    assert!(e.retry_after_duration() <= t);
     let back = at(900).plus(t);
     assert!(!one(store, Nanos(back.0 - 1), c).await.0);
     assert!(one(store, back, c).await.0);
@@ -225,7 +225,7 @@ pub async fn calendar_window_resets_at_its_end<S: Store>(store: &S) {
     assert!(one(store, T0, c).await.0);
     let (admitted, e) = one(store, Nanos(end.0 - 1), c).await;
     assert!(!admitted);
-    assert_eq!(e.retry_after, Duration::from_nanos(1));
+    assert_eq!(e.retry_after_duration(), Duration::from_nanos(1));
     let next = Check {
         params: Params::Calendar {
             limit: 2,

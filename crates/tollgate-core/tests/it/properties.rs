@@ -97,16 +97,16 @@ proptest! {
             let (e, next) = gcra(tat, Nanos(now), cost, &rate);
             prop_assert_eq!(e.never, cost > rate.capacity);
             if e.admit {
-                prop_assert_eq!(e.retry_after, Duration::ZERO);
+                prop_assert_eq!(e.retry_after_duration(), Duration::ZERO);
                 tat = Some(next);
                 admitted.push((now, cost));
                 continue;
             }
             if e.never {
-                prop_assert_eq!(e.retry_after, Duration::ZERO);
+                prop_assert_eq!(e.retry_after_duration(), Duration::ZERO);
                 continue;
             }
-            let wait = e.retry_after;
+            let wait = e.retry_after_duration();
             prop_assert!(wait > Duration::ZERO, "rejected without a wait at {}", now);
             let at = Nanos(now).plus(wait);
             prop_assert!(!gcra(tat, Nanos(at.0 - 1), cost, &rate).0.admit, "admitted 1 ns before retry_after");
@@ -202,7 +202,7 @@ proptest! {
             if e.never {
                 continue;
             }
-            let wait = e.retry_after;
+            let wait = e.retry_after_duration();
             prop_assert!(wait > Duration::ZERO);
             prop_assert!(wait <= Duration::from_nanos(t), "retry_after {:?} above T = {} ns", wait, t);
             let at = Nanos(now).plus(wait);
@@ -282,12 +282,12 @@ proptest! {
             if e.never {
                 continue;
             }
-            prop_assert_eq!(e.retry_after, end.since(Nanos(now)), "retry_after is the window end");
+            prop_assert_eq!(e.retry_after_duration(), end.since(Nanos(now)), "retry_after is the window end");
             let before = Nanos(end.0 - 1);
             prop_assert_eq!(cal.window(before).1, end);
             prop_assert!(!calendar_window::evaluate(state.as_ref(), before, cost, limit, end).0.admit, "admitted 1 ns before the boundary");
             prop_assert!(calendar_window::evaluate(state.as_ref(), end, cost, limit, cal.window(end).1).0.admit, "refused at the boundary");
-            check_retry_header(e.retry_after)?;
+            check_retry_header(e.retry_after_duration())?;
         }
         for (&w, &n) in &per_window {
             prop_assert!(n <= limit, "{} admitted in the window starting {}, limit {}", n, w, limit);
@@ -447,7 +447,7 @@ fn a9_run(precision: Precision, configs: &[(u32, u64, f64, u64)], decisions: usi
             } else {
                 f.retry_over_t = f
                     .retry_over_t
-                    .max((e.retry_after.as_nanos() as u64).saturating_sub(t));
+                    .max((e.retry_after_duration().as_nanos() as u64).saturating_sub(t));
             }
             if alone.would_admit(now, cost) {
                 alone.record(now, cost);
@@ -571,7 +571,7 @@ fn model_gcra(
     let base = c.tat.map_or(now, |t| t.max(now));
     let ahead = base - now;
     let tokens = (tau.saturating_sub(ahead) / iv) as u64;
-    let d = |n: u128| Duration::from_nanos(n as u64);
+    let d = |n: u128| Nanos(n as u64);
     if cost > rate.capacity {
         return (
             Evaluation {
@@ -579,7 +579,7 @@ fn model_gcra(
                 never: true,
                 remaining: tokens,
                 reset: d(ahead),
-                retry_after: Duration::ZERO,
+                retry_after: Nanos::ZERO,
             },
             None,
         );
@@ -591,7 +591,7 @@ fn model_gcra(
             never: false,
             remaining: ((tau - need) / iv) as u64,
             reset: d(need),
-            retry_after: Duration::ZERO,
+            retry_after: Nanos::ZERO,
         };
         (e, Some(now + need))
     } else {
@@ -617,15 +617,15 @@ fn model_sliding(c: &ModelCounter, now: u64, cost: u64, w: &SlidingWindow) -> Ev
         .filter(|&(t, k)| k > 0 && now < t + w.length)
         .collect();
     let used: u64 = live.iter().map(|&(_, k)| k).sum();
-    let until = |t: u64| Duration::from_nanos((t + w.length).saturating_sub(now));
-    let reset = live.last().map_or(Duration::ZERO, |&(t, _)| until(t));
+    let until = |t: u64| Nanos((t + w.length).saturating_sub(now));
+    let reset = live.last().map_or(Nanos::ZERO, |&(t, _)| until(t));
     if cost > w.limit {
         return Evaluation {
             admit: false,
             never: true,
             remaining: w.limit.saturating_sub(used),
             reset,
-            retry_after: Duration::ZERO,
+            retry_after: Nanos::ZERO,
         };
     }
     if used + cost <= w.limit {
@@ -634,12 +634,12 @@ fn model_sliding(c: &ModelCounter, now: u64, cost: u64, w: &SlidingWindow) -> Ev
             never: false,
             remaining: w.limit - used - cost,
             reset: if cost > 0 { until(now) } else { reset },
-            retry_after: Duration::ZERO,
+            retry_after: Nanos::ZERO,
         };
     }
     let excess = used + cost - w.limit;
     let mut freed = 0;
-    let mut retry_after = Duration::ZERO;
+    let mut retry_after = Nanos::ZERO;
     for &(t, k) in &live {
         freed += k;
         if freed >= excess {
@@ -661,7 +661,7 @@ fn model_calendar(c: &ModelCounter, now: u64, cost: u64, limit: u64, end: u64) -
         Some((e, n)) if e >= end => n,
         _ => 0,
     };
-    let reset = Duration::from_nanos(end - now);
+    let reset = Nanos(end - now);
     let left = limit.saturating_sub(count);
     if cost > limit {
         return Evaluation {
@@ -669,7 +669,7 @@ fn model_calendar(c: &ModelCounter, now: u64, cost: u64, limit: u64, end: u64) -
             never: true,
             remaining: left,
             reset,
-            retry_after: Duration::ZERO,
+            retry_after: Nanos::ZERO,
         };
     }
     if cost <= left {
@@ -678,7 +678,7 @@ fn model_calendar(c: &ModelCounter, now: u64, cost: u64, limit: u64, end: u64) -
             never: false,
             remaining: left - cost,
             reset,
-            retry_after: Duration::ZERO,
+            retry_after: Nanos::ZERO,
         };
     }
     Evaluation {
@@ -1001,7 +1001,10 @@ fn a8_cost_edge_cases_pure_functions() {
                 let (e, next) = eval_pure(&alg, state, now, cost);
                 assert_eq!(e.never, cost > l, "{ctx}: never");
                 if cost > l {
-                    assert!(!e.admit && e.retry_after == Duration::ZERO, "{ctx}");
+                    assert!(
+                        !e.admit && e.retry_after_duration() == Duration::ZERO,
+                        "{ctx}"
+                    );
                 }
                 if e.admit {
                     assert!(cost <= before, "{ctx}: admitted more than remaining");
@@ -1156,11 +1159,11 @@ fn regression_sliding_window_length_change_locks_the_key_out() {
     assert!(e.admit);
     let (e, _) = sliding_window::evaluate(Some(&state), now, 1, &long);
     assert!(!e.admit);
-    assert_eq!(e.retry_after, Duration::from_secs(6));
+    assert_eq!(e.retry_after_duration(), Duration::from_secs(6));
     assert!(
-        e.retry_after <= Duration::from_millis(6_400),
+        e.retry_after_duration() <= Duration::from_millis(6_400),
         "retry_after {:?} after lengthening the window",
-        e.retry_after
+        e.retry_after_duration()
     );
     let later = now.plus(Duration::from_secs(7));
     assert!(
