@@ -1090,20 +1090,20 @@ fn build_request(
             .filter_map(|v| v.to_str().ok())
             .collect();
         if prior.is_empty() {
-            HeaderValue::from_str(&peer.to_string()).map_err(|_| ())
+            HeaderValue::from_str(&peer.to_string()).ok()
         } else {
-            HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).map_err(|_| ())
+            HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).ok()
         }
     } else {
         // The usual case: the peer alone, written without a `String` (and
         // already written when the peer is the client).
         if req.client.0 == peer {
-            repeated::value(repeated::FORWARDED_FOR, req.client.1).ok_or(())
+            repeated::value(repeated::FORWARDED_FOR, req.client.1)
         } else {
-            repeated::value(repeated::FORWARDED_FOR, IpText::new(peer).as_str()).ok_or(())
+            repeated::value(repeated::FORWARDED_FOR, IpText::new(peer).as_str())
         }
     };
-    if let Ok(v) = value {
+    if let Some(v) = value {
         h.insert(names::X_FORWARDED_FOR, v);
     }
     if let Some(v) = repeated::value(repeated::ACCOUNT, &req.caller.identity.account) {
