@@ -161,7 +161,24 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     let ip = IpText::new(client);
     let attrs = attribute_values(&policy, op, &parts, &inspection);
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
-    let decision = decide(st, &policy, op_id, &caller, ip.as_str(), &attr_refs).await;
+    // `decide`'s work, in place: a `Decision` is over 1.5 KB, and one
+    // returned through `decide`'s future was copied twice more.
+    let started = st.engine.clock().now();
+    let decision = st
+        .engine
+        .decide(&policy, &caller.request(op_id, ip.as_str(), &attr_refs))
+        .await;
+    let elapsed = st.engine.clock().now().0.saturating_sub(started.0);
+    st.metrics.decision_seconds.observe(elapsed as f64 / 1e9);
+    record_decision(
+        st,
+        &policy,
+        op_id,
+        caller.plan,
+        &decision,
+        Some(&caller.identity.account),
+    )
+    .await;
     // From here on, every way out gives the leases back: the response body's
     // end, an error, or the client going away (the future is dropped).
     let lease = LeaseGuard::new(st, &decision);
@@ -649,10 +666,64 @@ pub fn add_rate_headers(
     out: &mut HeaderMap,
 ) {
     headers::render(policy, d, kind, credits, &mut |name, value| {
-        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::from_str(value)) {
+        let Some((n, slot)) = header_name(name) else {
+            return;
+        };
+        let v = match slot {
+            Some(slot) => repeated::value(slot, value),
+            None => HeaderValue::from_str(value).ok(),
+        };
+        if let Some(v) = v {
             out.insert(n, v);
         }
     });
+}
+
+/// Header values that most requests repeat (a policy's `RateLimit-Policy`,
+/// the account, the address of the proxy in front), kept per thread, one
+/// per slot: a value equal to the kept one is a shared copy of it (a
+/// reference count) instead of a new allocation, copy and check of its
+/// bytes. A different value replaces the kept one (one allocation more than
+/// without the cache, as the kept copy is then shared); values that change
+/// with every request (remaining, reset) are not kept.
+mod repeated {
+    use std::cell::RefCell;
+
+    use axum::http::HeaderValue;
+
+    /// `Tollgate-Account` to the upstream.
+    pub const ACCOUNT: usize = 0;
+    /// `X-Forwarded-For` to the upstream.
+    pub const FORWARDED_FOR: usize = 1;
+    /// `RateLimit-Policy`.
+    pub const RATELIMIT_POLICY: usize = 2;
+    /// `X-RateLimit-Limit`.
+    pub const LIMIT: usize = 3;
+    /// `X-RateLimit-Cost`.
+    pub const COST: usize = 4;
+    const SLOTS: usize = 5;
+
+    thread_local! {
+        static KEPT: RefCell<[Option<HeaderValue>; SLOTS]> =
+            const { RefCell::new([const { None }; SLOTS]) };
+    }
+
+    /// `text` as a header value (`None` if it cannot be one), shared with
+    /// the value kept in `slot` when equal.
+    pub fn value(slot: usize, text: &str) -> Option<HeaderValue> {
+        KEPT.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            let kept = &mut kept[slot];
+            if let Some(v) = kept
+                && v.as_bytes() == text.as_bytes()
+            {
+                return Some(v.clone());
+            }
+            let v = HeaderValue::from_str(text).ok()?;
+            *kept = Some(v.clone());
+            Some(v)
+        })
+    }
 }
 
 /// Header names checked at compile time (a `&str` name, or
@@ -674,18 +745,19 @@ mod names {
 }
 
 /// The header name of a rate-limit field: the fixed names without parsing or
-/// copying them, a policy's own (vendor) names parsed.
-fn header_name(name: &str) -> Option<HeaderName> {
+/// copying them, a policy's own (vendor) names parsed; with the
+/// [`repeated`] slot of the fields whose values repeat.
+fn header_name(name: &str) -> Option<(HeaderName, Option<usize>)> {
     Some(match name {
-        headers::RETRY_AFTER => header::RETRY_AFTER,
-        headers::RATELIMIT_POLICY => names::RATELIMIT_POLICY,
-        headers::RATELIMIT => names::RATELIMIT,
-        "X-RateLimit-Limit" => names::X_RATELIMIT_LIMIT,
-        "X-RateLimit-Remaining" => names::X_RATELIMIT_REMAINING,
-        "X-RateLimit-Reset" => names::X_RATELIMIT_RESET,
-        "X-RateLimit-Cost" => names::X_RATELIMIT_COST,
-        "X-Credits-Remaining" => names::X_CREDITS_REMAINING,
-        _ => return HeaderName::from_bytes(name.as_bytes()).ok(),
+        headers::RETRY_AFTER => (header::RETRY_AFTER, None),
+        headers::RATELIMIT_POLICY => (names::RATELIMIT_POLICY, Some(repeated::RATELIMIT_POLICY)),
+        headers::RATELIMIT => (names::RATELIMIT, None),
+        "X-RateLimit-Limit" => (names::X_RATELIMIT_LIMIT, Some(repeated::LIMIT)),
+        "X-RateLimit-Remaining" => (names::X_RATELIMIT_REMAINING, None),
+        "X-RateLimit-Reset" => (names::X_RATELIMIT_RESET, None),
+        "X-RateLimit-Cost" => (names::X_RATELIMIT_COST, Some(repeated::COST)),
+        "X-Credits-Remaining" => (names::X_CREDITS_REMAINING, None),
+        _ => (HeaderName::from_bytes(name.as_bytes()).ok()?, None),
     })
 }
 
@@ -916,12 +988,21 @@ async fn attempt(
     let upstream_req = build_request(st, req, body).map_err(|e| Attempt::Failed(e, false))?;
     let again = || replay.and_then(|b| build_request(st, req, Body::from(b.clone())).ok());
     let started = st.engine.clock().now();
-    let sent = tokio::time::timeout(timeout, st.client.send_or_replay(upstream_req, again)).await;
+    // As `tokio::time::timeout(timeout, …)`, on the connection's own timer
+    // (see `UpstreamClient::send_or_replay_by`).
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+    let sent = st
+        .client
+        .send_or_replay_by(upstream_req, again, deadline)
+        .await;
     st.metrics
         .upstream_seconds
         .observe(st.engine.clock().now().0.saturating_sub(started.0) as f64 / 1e9);
     let resp = match sent {
-        Err(_) => {
+        Err(UpstreamError::Timeout) => {
             st.upstream_counters
                 .class(&st.metrics, UpstreamClass::Timeout)
                 .inc();
@@ -932,7 +1013,7 @@ async fn attempt(
             );
             return Err(Attempt::Failed(e, retry_on.contains(&504)));
         }
-        Ok(Err(err)) => {
+        Err(err) => {
             tracing::warn!(error = %err, "upstream request failed");
             st.upstream_counters
                 .class(&st.metrics, UpstreamClass::Error)
@@ -944,7 +1025,7 @@ async fn attempt(
             );
             return Err(Attempt::Failed(e, retry_on.contains(&502)));
         }
-        Ok(Ok(r)) => r,
+        Ok(r) => r,
     };
     let status = resp.status().as_u16();
     st.upstream_counters
@@ -1009,23 +1090,23 @@ fn build_request(
             .filter_map(|v| v.to_str().ok())
             .collect();
         if prior.is_empty() {
-            HeaderValue::from_str(&peer.to_string())
+            HeaderValue::from_str(&peer.to_string()).ok()
         } else {
-            HeaderValue::from_str(&format!("{}, {peer}", prior.join(", ")))
+            HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).ok()
         }
     } else {
         // The usual case: the peer alone, written without a `String` (and
         // already written when the peer is the client).
         if req.client.0 == peer {
-            HeaderValue::from_str(req.client.1)
+            repeated::value(repeated::FORWARDED_FOR, req.client.1)
         } else {
-            HeaderValue::from_str(IpText::new(peer).as_str())
+            repeated::value(repeated::FORWARDED_FOR, IpText::new(peer).as_str())
         }
     };
-    if let Ok(v) = value {
+    if let Some(v) = value {
         h.insert(names::X_FORWARDED_FOR, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&req.caller.identity.account) {
+    if let Some(v) = repeated::value(repeated::ACCOUNT, &req.caller.identity.account) {
         h.insert(names::TOLLGATE_ACCOUNT, v);
     }
     if let Some((name, limit)) = req.marker

@@ -37,7 +37,7 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
 /// How long a connection may sit unused in the pool.
@@ -57,6 +57,9 @@ pub enum UpstreamError {
     /// The exchange failed (closed early, malformed answer, request body broke).
     #[error("upstream exchange failed")]
     Http(#[source] hyper::Error),
+    /// No answer's head by the deadline (see [`UpstreamClient::send_or_replay_by`]).
+    #[error("the upstream did not answer in time")]
+    Timeout,
 }
 
 /// Sends requests to one upstream over pooled HTTP/1.1 connections.
@@ -95,6 +98,47 @@ struct Conn {
     driver: http1::Connection<TokioIo<Counted>, Body>,
     /// Bytes read from the upstream so far (see [`Counted`]).
     read: Arc<AtomicU64>,
+    /// The deadline of the exchange under way, kept with the connection and
+    /// moved to each new deadline (see [`Deadline`]).
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// The deadline of one exchange, on the connection's own timer.
+///
+/// A new tokio timer per request registers in the timer wheel when first
+/// polled and is taken out again when dropped, each under the driver's lock.
+/// A connection's timer outlives its exchanges instead: moving a timer that
+/// is still registered to a later deadline (the next request's, as deadlines
+/// only grow) is one atomic update, and the wheel only moves the entry when
+/// the earlier deadline comes. Fires as `tokio::time::timeout` would: the
+/// exchange is polled first, the timer only while it is pending.
+struct Deadline<'a> {
+    timer: Option<&'a mut Pin<Box<Sleep>>>,
+}
+
+/// A connection's `timer` set to `deadline` (none: no deadline).
+fn deadline_of(timer: &mut Option<Pin<Box<Sleep>>>, deadline: Option<Instant>) -> Deadline<'_> {
+    let Some(at) = deadline else {
+        return Deadline { timer: None };
+    };
+    let timer = match timer {
+        Some(t) => {
+            t.as_mut().reset(at);
+            t
+        }
+        None => timer.insert(Box::pin(tokio::time::sleep_until(at))),
+    };
+    Deadline { timer: Some(timer) }
+}
+
+impl Deadline<'_> {
+    /// `Ready` once the deadline has passed (never without one).
+    fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.timer {
+            Some(t) => t.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// An exchange that failed before the answer's head.
@@ -254,17 +298,44 @@ impl UpstreamClient {
         req: Request<Body>,
         again: impl FnOnce() -> Option<Request<Body>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        self.send_within(req, again, None).await
+    }
+
+    /// [`UpstreamClient::send_or_replay`] with the answer's head due by
+    /// `deadline` (connecting, the exchange and a resend included), as
+    /// `tokio::time::timeout_at(deadline, send_or_replay(…))` would; past it,
+    /// [`UpstreamError::Timeout`], and the connection is closed.
+    ///
+    /// # Errors
+    /// No connection could be made, the exchange failed before the head, or
+    /// the head did not come in time.
+    pub async fn send_or_replay_by(
+        &self,
+        req: Request<Body>,
+        again: impl FnOnce() -> Option<Request<Body>>,
+        deadline: Instant,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        self.send_within(req, again, Some(deadline)).await
+    }
+
+    async fn send_within(
+        &self,
+        req: Request<Body>,
+        again: impl FnOnce() -> Option<Request<Body>>,
+        deadline: Option<Instant>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         // Connecting is boxed where awaited: its future (the connector's
         // resolution and handshake) is large and rarely used, and this
         // future is moved whole into the caller's timeout per request.
         let (conn, reused) = match self.checkout() {
             Some(c) => (c, true),
-            None => (Box::pin(self.connect()).await?, false),
+            None => (Box::pin(self.connect_by(deadline)).await?, false),
         };
         let idempotent = is_idempotent(req.method());
-        let failed = match self.exchange(conn, req).await {
+        let failed = match self.exchange(conn, req, deadline).await {
             Ok(r) => return Ok(r),
-            Err(f) => f,
+            Err(None) => return Err(UpstreamError::Timeout),
+            Err(Some(f)) => f,
         };
         let req = match failed.unsent {
             // Never written: always safe to send elsewhere.
@@ -276,78 +347,111 @@ impl UpstreamClient {
             _ => return Err(UpstreamError::Http(failed.error)),
         };
         tracing::debug!(error = %failed.error, "pooled upstream connection was closed; resending on a new one");
-        let conn = Box::pin(self.connect()).await?;
-        self.exchange(conn, req)
+        let conn = Box::pin(self.connect_by(deadline)).await?;
+        self.exchange(conn, req, deadline)
             .await
-            .map_err(|f| UpstreamError::Http(f.error))
+            .map_err(|f| f.map_or(UpstreamError::Timeout, |f| UpstreamError::Http(f.error)))
     }
 
-    /// Sends `req` on `conn`, polling the connection until the head comes.
+    /// Connects, within `deadline` if there is one.
+    async fn connect_by(&self, deadline: Option<Instant>) -> Result<Box<Conn>, UpstreamError> {
+        match deadline {
+            Some(at) => tokio::time::timeout_at(at, self.connect())
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout)),
+            None => self.connect().await,
+        }
+    }
+
+    /// Sends `req` on `conn`, polling the connection until the head comes;
+    /// `Err(None)` when `deadline` came first.
     async fn exchange(
         &self,
         conn: Box<Conn>,
         req: Request<Body>,
-    ) -> Result<Response<UpstreamBody>, Failed> {
+        deadline: Option<Instant>,
+    ) -> Result<Response<UpstreamBody>, Option<Failed>> {
         let read_before = conn.bytes_read();
         let mut conn = conn;
         let mut answer = pin!(conn.send.try_send_request(req));
+        // The connection's timer, taken for the exchange (the connection may
+        // be dropped before the answer comes) and given back with it.
+        let mut timer = conn.timer.take();
+        let mut due = deadline_of(&mut timer, deadline);
         let mut conn = Some(conn);
         // Bytes read by the time the connection finished (it is dropped
         // then: a request it never took comes back through `answer`).
         let mut read_at_end = None;
         let mut woken = false;
         let head = std::future::poll_fn(|cx| {
-            let mut idle = Context::from_waker(Waker::noop());
-            let Some(c) = conn.as_mut() else {
-                return answer.as_mut().poll(cx);
-            };
-            // Woken again: the answer has most likely arrived. It is read
-            // first with a waker that wakes no one: the wakers the
-            // connection registers while it reads the answer stay with it,
-            // and hyper's body channel wakes its sender's waker when the
-            // body's first chunk is taken, which would otherwise poll this
-            // task once more for nothing. If that read leaves the answer
-            // pending, the connection is polled again with `cx` below, so
-            // that the socket wakes this task (tokio remembers the socket
-            // is not readable: no second read).
-            let done = if woken {
-                if c.poll_done(&mut idle).is_ready() {
-                    true
-                } else if let Poll::Ready(head) = answer.as_mut().poll(&mut idle) {
-                    return Poll::Ready(head);
+            let polled = 'poll: {
+                let mut idle = Context::from_waker(Waker::noop());
+                let Some(c) = conn.as_mut() else {
+                    break 'poll answer.as_mut().poll(cx);
+                };
+                // Woken again: the answer has most likely arrived. It is read
+                // first with a waker that wakes no one: the wakers the
+                // connection registers while it reads the answer stay with it,
+                // and hyper's body channel wakes its sender's waker when the
+                // body's first chunk is taken, which would otherwise poll this
+                // task once more for nothing. If that read leaves the answer
+                // pending, the connection is polled again with `cx` below, so
+                // that the socket wakes this task (tokio remembers the socket
+                // is not readable: no second read).
+                let done = if woken {
+                    if c.poll_done(&mut idle).is_ready() {
+                        true
+                    } else if let Poll::Ready(head) = answer.as_mut().poll(&mut idle) {
+                        break 'poll Poll::Ready(head);
+                    } else {
+                        // The connection first: it writes the request and reads
+                        // the head, which is the only way `answer` can complete;
+                        // so `answer` needs no waker of its own (that would
+                        // wake this task a second time for the same event).
+                        c.poll_done(cx).is_ready()
+                    }
                 } else {
-                    // The connection first: it writes the request and reads
-                    // the head, which is the only way `answer` can complete;
-                    // so `answer` needs no waker of its own (that would
-                    // wake this task a second time for the same event).
+                    woken = true;
                     c.poll_done(cx).is_ready()
+                };
+                if done {
+                    read_at_end = Some(c.bytes_read());
+                    conn = None;
+                    break 'poll answer.as_mut().poll(cx);
                 }
-            } else {
-                woken = true;
-                c.poll_done(cx).is_ready()
+                answer.as_mut().poll(&mut idle)
             };
-            if done {
-                read_at_end = Some(c.bytes_read());
-                conn = None;
-                return answer.as_mut().poll(cx);
+            // As `tokio::time::timeout`: the exchange first, the timer only
+            // while the exchange is pending.
+            if polled.is_pending() && due.poll_elapsed(cx).is_ready() {
+                return Poll::Ready(None);
             }
-            answer.as_mut().poll(&mut idle)
+            polled.map(Some)
         })
         .await;
+        let Some(head) = head else {
+            // Too late: the connection closes (dropped), its request unanswered.
+            return Err(None);
+        };
         match head {
-            Ok(resp) => Ok(resp.map(|body| UpstreamBody {
-                body,
-                conn,
-                pool: Arc::clone(&self.pool),
-            })),
+            Ok(resp) => {
+                if let Some(c) = conn.as_mut() {
+                    c.timer = timer;
+                }
+                Ok(resp.map(|body| UpstreamBody {
+                    body,
+                    conn,
+                    pool: Arc::clone(&self.pool),
+                }))
+            }
             Err(mut e) => {
                 let unsent = e.take_message();
                 let read = read_at_end.or(conn.as_ref().map(|c| c.bytes_read()));
-                Err(Failed {
+                Err(Some(Failed {
                     error: e.into_error(),
                     unsent,
                     answered: read != Some(read_before),
-                })
+                }))
             }
         }
     }
@@ -391,7 +495,12 @@ impl UpstreamClient {
             .handshake(io)
             .await
             .map_err(UpstreamError::Http)?;
-        Ok(Box::new(Conn { send, driver, read }))
+        Ok(Box::new(Conn {
+            send,
+            driver,
+            read,
+            timer: None,
+        }))
     }
 }
 
@@ -458,10 +567,16 @@ impl UpstreamBody {
     /// The body has ended cleanly: the connection goes back to the pool if
     /// hyper has it ready for the next request.
     fn release(&mut self) {
-        if let Some(mut conn) = self.conn.take()
-            && conn.poll_idle()
-            && conn.send.is_ready()
-        {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        // Usually the pass of hyper's dispatcher that read the body's end
+        // has gone on to ask for the next request already: the connection
+        // is ready, and another pass (one read of the socket, which would
+        // find nothing) is not needed. A close the upstream sends later is
+        // seen at checkout, as for any connection that sat idle (the
+        // exchange's first poll hands the request back unsent).
+        if conn.send.is_ready() || (conn.poll_idle() && conn.send.is_ready()) {
             self.pool.put(conn);
         }
     }
@@ -905,10 +1020,11 @@ mod tests {
         let c = client(format!("http://{addr}").parse().expect("uri"), MAX_IDLE);
         let conn = c.connect().await.expect("connect");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let failed = tokio::time::timeout(Duration::from_secs(5), c.exchange(conn, get("/")))
+        let failed = tokio::time::timeout(Duration::from_secs(5), c.exchange(conn, get("/"), None))
             .await
             .expect("no hang")
-            .expect_err("closed");
+            .expect_err("closed")
+            .expect("failed, not timed out");
         assert!(failed.unsent.is_some(), "{:?}", failed.error);
         assert!(!failed.answered);
     }
@@ -964,5 +1080,63 @@ mod tests {
         let c = client(format!("http://{addr}").parse().expect("uri"), MAX_IDLE);
         let err = c.send(get("/")).await.expect_err("refused");
         assert!(matches!(err, UpstreamError::Connect(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn deadlines_on_the_connection_timer_time_out_like_tokio_timeout() {
+        // `/slow` answers after 300 ms, anything else at once.
+        let (base, accepted) = upstream(|req: Request<Incoming>| async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            text("ok")
+        })
+        .await;
+        let c = client(base, MAX_IDLE);
+        let within = |ms| Instant::now() + Duration::from_millis(ms);
+        let send = |path: &'static str, ms| {
+            let c = c.clone();
+            async move { c.send_or_replay_by(get(path), || None, within(ms)).await }
+        };
+        // The timer of one connection, moved to each new deadline: later
+        // ones (extended in place), after the earlier one has passed while
+        // the connection sat idle (registered again), and shorter ones.
+        for (wait, ms) in [
+            (0, 100),
+            (0, 100),
+            (150, 100),
+            (0, 5_000),
+            (0, 100),
+            (120, 50),
+        ] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let resp = send("/fast", ms).await.expect("in time");
+            assert_eq!(read(resp).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+        // Too slow: timed out at its deadline, and the connection closed.
+        let t0 = Instant::now();
+        let err = send("/slow", 100).await.expect_err("too slow");
+        let took = t0.elapsed();
+        assert!(matches!(err, UpstreamError::Timeout), "{err:?}");
+        assert!(
+            took >= Duration::from_millis(100) && took < Duration::from_millis(290),
+            "{took:?}"
+        );
+        assert_eq!(c.idle(), 0, "a timed-out connection is not reused");
+        // A deadline that has passed already: the exchange is polled first
+        // (it cannot have its answer yet), then the timer, as
+        // `tokio::time::timeout` does.
+        let past = Instant::now() - Duration::from_secs(1);
+        let err = c
+            .send_or_replay_by(get("/fast"), || None, past)
+            .await
+            .expect_err("past");
+        assert!(matches!(err, UpstreamError::Timeout), "{err:?}");
+        // Connecting counts too: none of this is left over for the next one.
+        let resp = send("/fast", 1_000).await.expect("in time");
+        assert_eq!(read(resp).await, "ok");
+        let resp = send("/slow", 1_000).await.expect("in time");
+        assert_eq!(read(resp).await, "ok");
     }
 }
