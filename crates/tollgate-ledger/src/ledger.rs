@@ -276,7 +276,10 @@ fn check_id(what: &'static str, id: &str) -> Result<(), LedgerError> {
             reason: "must be at most 128 bytes",
         });
     }
-    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // Printable ASCII (the usual id) has neither; anything else is read
+    // as characters.
+    let printable = id.bytes().fold(true, |ok, b| ok & b.is_ascii_graphic());
+    if !printable && id.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(LedgerError::InvalidInput {
             what,
             reason: "must not contain whitespace or control characters",
