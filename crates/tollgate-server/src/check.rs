@@ -169,17 +169,17 @@ pub struct Answered {
 
 impl Answered {
     /// The answer, when no event is due; else itself, to [`Answered::send`].
-    pub fn ready(self) -> Result<http::Response<crate::connection::ResponseBody>, Answered> {
+    pub fn ready(self) -> Result<http::Response<crate::connection::ResponseBody>, Box<Answered>> {
         match self.due {
             None => Ok(self.response),
-            Some(_) => Err(self),
+            Some(_) => Err(Box::new(self)),
         }
     }
 
     /// The answer, after the events due are recorded, within the request
     /// timeout `limit` (as [`answer_whole`]: a 504 past it).
     pub async fn send(
-        self,
+        self: Box<Self>,
         st: &Shared,
         limit: std::time::Duration,
     ) -> http::Response<crate::connection::ResponseBody> {
@@ -341,7 +341,7 @@ async fn decide_check<S: AsRef<str> + Ord>(
 fn decide_check_now<S: AsRef<str> + Ord>(
     st: &Shared,
     req: &CheckRequest<S>,
-) -> Option<Result<(Vec<u8>, Option<Due>), ApiError>> {
+) -> Option<Result<Checked, ApiError>> {
     tollgate_core::Store::as_memory(st.engine.store())?;
     let policy = st.policy.load_full();
     let caller = match resolve_now(st, &policy, req)? {
@@ -352,12 +352,19 @@ fn decide_check_now<S: AsRef<str> + Ord>(
         Ok(answer) => answer,
         Err(e) => return Some(Err(e)),
     };
-    let due = (!crossings.is_empty()).then(|| Due {
-        identity: caller.identity,
-        crossings,
-    });
+    let due = if crossings.is_empty() {
+        None
+    } else {
+        Some(Due {
+            identity: caller.identity,
+            crossings,
+        })
+    };
     Some(Ok((answer, due)))
 }
+
+/// A check's answer, and the events it made due.
+type Checked = (Vec<u8>, Option<Due>);
 
 /// Events a check's decision made due, to record before its answer is sent.
 pub struct Due {
