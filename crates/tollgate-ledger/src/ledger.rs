@@ -276,7 +276,10 @@ fn check_id(what: &'static str, id: &str) -> Result<(), LedgerError> {
             reason: "must be at most 128 bytes",
         });
     }
-    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // Printable ASCII (the usual id) has neither; anything else is read
+    // as characters.
+    let printable = id.bytes().fold(true, |ok, b| ok & b.is_ascii_graphic());
+    if !printable && id.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(LedgerError::InvalidInput {
             what,
             reason: "must not contain whitespace or control characters",
@@ -664,10 +667,7 @@ impl Ledger {
         &self,
         id: &str,
     ) -> Result<Option<Arc<KeyIdentity>>, LedgerError> {
-        if check_id("account id", id).is_err() {
-            return Ok(None);
-        }
-        if let Some(hit) = self.inner.account_front.get(id) {
+        if let Some(hit) = self.account_identity_now(id) {
             return Ok(hit);
         }
         if let Some(hit) = self.inner.accounts.get(id).await {
@@ -705,6 +705,18 @@ impl Ledger {
             // The load this call waited on (another caller's) failed: try itself.
             (None, None) => load().await.map(|v| v.value),
         }
+    }
+
+    /// [`Ledger::account_identity`] without waiting: the answer when it is
+    /// at hand (an id no account can have, or one read lately), `None` when
+    /// only the cache behind or the database can tell (then call
+    /// [`Ledger::account_identity`]). Lets a caller skip a future for the
+    /// usual cached account.
+    pub fn account_identity_now(&self, id: &str) -> Option<Option<Arc<KeyIdentity>>> {
+        if check_id("account id", id).is_err() {
+            return Some(None);
+        }
+        self.inner.account_front.get(id)
     }
 
     /// Drops a cached account identity (both caches; the front again after
@@ -940,6 +952,19 @@ impl Ledger {
             return Some(KeyCheck::Unknown);
         };
         let cached = self.cached_key(parsed.id).await?;
+        Some(Self::judge(&parsed, cached))
+    }
+
+    /// [`Ledger::verify_key_cached`] without waiting: the answer when it is
+    /// at hand (a malformed key or bad checksum, or a key id read lately),
+    /// `None` when the cache behind or the database must be asked (then call
+    /// [`Ledger::verify_key_cached`] or [`Ledger::verify_key`]). Lets a caller
+    /// skip a future for the usual cached key.
+    pub fn verify_key_now(&self, presented: &str) -> Option<KeyCheck> {
+        let Some(parsed) = key::parse(presented) else {
+            return Some(KeyCheck::Unknown);
+        };
+        let cached = self.inner.key_front.get(parsed.id)?;
         Some(Self::judge(&parsed, cached))
     }
 

@@ -136,19 +136,76 @@ pub async fn answer_whole(
     use http_body_util::Either;
     let answer = std::pin::pin!(decide_body(st, &body, peer.ip()));
     match crate::connection::within(limit, answer).await {
-        Ok(Ok(answer)) => {
-            let mut r = http::Response::new(Either::Left(http_body_util::Full::new(
-                bytes::Bytes::from(answer),
-            )));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r
-        }
+        Ok(Ok(answer)) => json_answer_whole(answer),
         Ok(Err(e)) => e.into_response().map(Either::Right),
         Err(_) => crate::connection::request_timeout_response().map(Either::Right),
     }
+}
+
+/// [`answer_whole`] without a future, when nothing waits: `body` parsed with
+/// its strings borrowed, the caller read lately and the counter store in
+/// memory ([`decide_check_now`]). `None` when something would wait (or the
+/// body needs axum's parse): nothing was decided, call [`answer_whole`].
+pub fn answer_now(st: &Shared, body: &[u8]) -> Option<Answered> {
+    let req = std::str::from_utf8(body).ok().and_then(borrowed)?;
+    Some(match decide_check_now(st, &req)? {
+        Ok((answer, due)) => Answered {
+            response: json_answer_whole(answer),
+            due,
+        },
+        Err(e) => Answered {
+            response: e.into_response().map(http_body_util::Either::Right),
+            due: None,
+        },
+    })
+}
+
+/// A check's answer from [`answer_now`]: sent as it is ([`Answered::ready`]),
+/// or once the events its decision made due are recorded ([`Answered::send`]).
+pub struct Answered {
+    response: http::Response<crate::connection::ResponseBody>,
+    due: Option<Due>,
+}
+
+impl Answered {
+    /// The answer, when no event is due; else itself, to [`Answered::send`].
+    pub fn ready(self) -> Result<http::Response<crate::connection::ResponseBody>, Box<Answered>> {
+        match self.due {
+            None => Ok(self.response),
+            Some(_) => Err(Box::new(self)),
+        }
+    }
+
+    /// The answer, after the events due are recorded, within the request
+    /// timeout `limit` (as [`answer_whole`]: a 504 past it).
+    pub async fn send(
+        self: Box<Self>,
+        st: &Shared,
+        limit: std::time::Duration,
+    ) -> http::Response<crate::connection::ResponseBody> {
+        let Some(due) = self.due else {
+            return self.response;
+        };
+        let record = std::pin::pin!(due.crossings.record(&st.ledger, &due.identity.account));
+        match crate::connection::within(limit, record).await {
+            Ok(()) => self.response,
+            Err(_) => {
+                crate::connection::request_timeout_response().map(http_body_util::Either::Right)
+            }
+        }
+    }
+}
+
+/// The `200` answer of a check, its bytes not boxed.
+fn json_answer_whole(answer: Vec<u8>) -> http::Response<crate::connection::ResponseBody> {
+    let mut r = http::Response::new(http_body_util::Either::Left(http_body_util::Full::new(
+        bytes::Bytes::from(answer),
+    )));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// The answer to a check sent as JSON `body`: parsed with `serde_json`
@@ -264,8 +321,90 @@ async fn decide_check<S: AsRef<str> + Ord>(
     peer: IpAddr,
 ) -> Result<Vec<u8>, ApiError> {
     let policy = st.policy.load_full();
-    let ip = opt(&req.ip);
     let caller = resolve(st, &policy, req, peer).await?;
+    let (answer, crossings) = match decide_caller_now(st, &policy, req, &caller) {
+        Some(answer) => answer?,
+        // Boxed: the store's future is large, and only Redis waits.
+        None => Box::pin(decide_caller(st, &policy, req, &caller)).await?,
+    };
+    if !crossings.is_empty() {
+        Box::pin(crossings.record(&st.ledger, &caller.identity.account)).await;
+    }
+    Ok(answer)
+}
+
+/// [`decide_check`] without waiting, when nothing waits: the caller read
+/// lately (see [`resolve_now`]) and the counter store in memory. `None`
+/// when something would wait; nothing has been decided or counted then.
+/// The `soft_limit_crossed` events the decision made due come with the
+/// answer, for the caller to record before sending it.
+fn decide_check_now<S: AsRef<str> + Ord>(
+    st: &Shared,
+    req: &CheckRequest<S>,
+) -> Option<Result<Checked, ApiError>> {
+    tollgate_core::Store::as_memory(st.engine.store())?;
+    let policy = st.policy.load_full();
+    let caller = match resolve_now(st, &policy, req)? {
+        Ok(caller) => caller,
+        Err(e) => return Some(Err(e)),
+    };
+    let (answer, crossings) = match decide_caller_now(st, &policy, req, &caller)? {
+        Ok(answer) => answer,
+        Err(e) => return Some(Err(e)),
+    };
+    let due = if crossings.is_empty() {
+        None
+    } else {
+        Some(Due {
+            identity: caller.identity,
+            crossings,
+        })
+    };
+    Some(Ok((answer, due)))
+}
+
+/// A check's answer, and the events it made due.
+type Checked = (Vec<u8>, Option<Due>);
+
+/// Events a check's decision made due, to record before its answer is sent.
+pub struct Due {
+    identity: std::sync::Arc<tollgate_ledger::KeyIdentity>,
+    crossings: crate::events::SoftCrossings,
+}
+
+/// Attributes a check names, kept on the stack up to this many in the policy.
+const FEW_ATTRIBUTES: usize = 8;
+
+/// Where a check's attribute values go: `n` slots, on the stack when few.
+fn attribute_slots<'a, 'r>(
+    n: usize,
+    few: &'a mut [Option<&'r str>; FEW_ATTRIBUTES],
+    many: &'a mut Vec<Option<&'r str>>,
+) -> &'a mut [Option<&'r str>] {
+    match few.get_mut(..n) {
+        Some(slots) => slots,
+        None => {
+            many.resize(n, None);
+            many
+        }
+    }
+}
+
+/// What a check asks besides its caller, validated.
+struct Inputs<'r> {
+    op: tollgate_core::policy::OperationId,
+    cost: Option<u64>,
+    ip: Option<&'r str>,
+}
+
+/// The operation, cost, IP and attributes (into `attrs`, by index) of `req`,
+/// validated against `policy`.
+fn inputs<'r, S: AsRef<str> + Ord>(
+    policy: &tollgate_core::policy::CompiledPolicy,
+    req: &'r CheckRequest<S>,
+    attrs: &mut [Option<&'r str>],
+) -> Result<Inputs<'r>, ApiError> {
+    let ip = opt(&req.ip);
     let op = match (opt(&req.operation), opt(&req.method), opt(&req.path)) {
         (Some(name), _, _) => policy
             .operation(name)
@@ -291,7 +430,6 @@ async fn decide_check<S: AsRef<str> + Ord>(
             "ip `{ip}` is not an IP address"
         )));
     }
-    let mut attrs: Vec<Option<&str>> = vec![None; policy.attributes.len()];
     for (name, value) in &req.attributes {
         let name = name.as_ref();
         let i = policy
@@ -299,17 +437,79 @@ async fn decide_check<S: AsRef<str> + Ord>(
             .ok_or_else(|| ApiError::bad_request(format!("unknown attribute `{name}`")))?;
         attrs[usize::from(i)] = Some(value.as_ref());
     }
-    let id = &caller.identity;
+    Ok(Inputs { op, cost, ip })
+}
+
+/// The answer to `req` from `caller` when the counter store is in memory,
+/// decided without waiting, and the events it made due; `None` for another
+/// store (then [`decide_caller`]).
+fn decide_caller_now<S: AsRef<str> + Ord>(
+    st: &Shared,
+    policy: &tollgate_core::policy::CompiledPolicy,
+    req: &CheckRequest<S>,
+    caller: &Caller,
+) -> Option<Result<(Vec<u8>, crate::events::SoftCrossings), ApiError>> {
+    tollgate_core::Store::as_memory(st.engine.store())?;
+    let (mut few, mut many) = ([None; FEW_ATTRIBUTES], Vec::new());
+    let attrs = attribute_slots(policy.attributes.len(), &mut few, &mut many);
+    let input = match inputs(policy, req, attrs) {
+        Ok(input) => input,
+        Err(e) => return Some(Err(e)),
+    };
     let core_req = tollgate_core::Request {
-        cost,
-        ..caller.request(op, ip.unwrap_or(""), &attrs)
+        cost: input.cost,
+        ..caller.request(input.op, input.ip.unwrap_or(""), attrs)
     };
-    let d = match decide_in_memory(st, &policy, &core_req) {
-        Some(d) => d?,
-        // Boxed: the store's future is large, and only Redis waits.
-        None => Box::pin(st.engine.decide(&policy, &core_req)).await,
+    Some(
+        decide_in_memory(st, policy, &core_req)?
+            .map(|d| answer_decision(st, policy, input.op, caller, &d)),
+    )
+}
+
+/// [`decide_caller_now`] on a store that waits (Redis).
+async fn decide_caller<S: AsRef<str> + Ord>(
+    st: &Shared,
+    policy: &tollgate_core::policy::CompiledPolicy,
+    req: &CheckRequest<S>,
+    caller: &Caller,
+) -> Result<(Vec<u8>, crate::events::SoftCrossings), ApiError> {
+    let (mut few, mut many) = ([None; FEW_ATTRIBUTES], Vec::new());
+    let attrs = attribute_slots(policy.attributes.len(), &mut few, &mut many);
+    let input = inputs(policy, req, attrs)?;
+    let core_req = tollgate_core::Request {
+        cost: input.cost,
+        ..caller.request(input.op, input.ip.unwrap_or(""), attrs)
     };
-    crate::proxy::record_decision(st, &policy, op, caller.plan, &d, Some(&id.account)).await;
+    let d = st.engine.decide(policy, &core_req).await;
+    Ok(answer_decision(st, policy, input.op, caller, &d))
+}
+
+/// Counts decision `d` (metrics, events bookkeeping) and writes its answer;
+/// the `soft_limit_crossed` events it made due come back to be recorded.
+fn answer_decision(
+    st: &Shared,
+    policy: &tollgate_core::policy::CompiledPolicy,
+    op: tollgate_core::policy::OperationId,
+    caller: &Caller,
+    d: &tollgate_core::Decision,
+) -> (Vec<u8>, crate::events::SoftCrossings) {
+    let crossings = crate::metric_cache::count_decision(
+        st,
+        policy,
+        op,
+        caller.plan,
+        d,
+        Some(&caller.identity.account),
+    );
+    (write_answer(policy, op, d), crossings)
+}
+
+/// The JSON answer to decision `d` of operation `op`.
+fn write_answer(
+    policy: &tollgate_core::policy::CompiledPolicy,
+    op: tollgate_core::policy::OperationId,
+    d: &tollgate_core::Decision,
+) -> Vec<u8> {
     let (allowed, status, reason) = match d.outcome {
         Outcome::Admitted => (true, 200, None),
         Outcome::Forwarded { limit } => (
@@ -344,11 +544,11 @@ async fn decide_check<S: AsRef<str> + Ord>(
         ResponseKind::Rejected
     };
     let mut hdrs = HeaderList::default();
-    headers::render_to(&policy, &d, kind, None, &mut hdrs);
+    headers::render_to(policy, d, kind, None, &mut hdrs);
     if hdrs.too_long {
         // A value `headers::render` cuts: take its values as they are.
         hdrs = HeaderList::default();
-        headers::render(&policy, &d, kind, None, &mut |n, v| hdrs.push(n, v));
+        headers::render(policy, d, kind, None, &mut |n, v| hdrs.push(n, v));
     }
     let lease = d.lease.map(|lease| {
         let keys: Vec<String> = d.lease_keys().map(|k| format!("{:032x}", k.0)).collect();
@@ -379,7 +579,7 @@ async fn decide_check<S: AsRef<str> + Ord>(
         retry_after_s,
         status,
     );
-    Ok(out.into_bytes())
+    out.into_bytes()
 }
 
 /// The decision of `req` when the counter store is in memory, decided in
@@ -467,13 +667,31 @@ impl headers::HeaderSink for HeaderList {
     fn text(&mut self, s: &str) {
         if self.raw(s.len()) {
             self.reserve();
-            answer::escape(&mut self.text, s.as_bytes());
+            // The fixed pieces `headers::render_to` writes around names and
+            // numbers, escaped by hand (the ones with a `"` would otherwise
+            // be escaped byte by byte); any other text is escaped here.
+            let escaped: &[u8] = match s.as_bytes() {
+                b"\"" => b"\\\"",
+                b"\";q=" => b"\\\";q=",
+                b";w=" | b", " | b";r=" | b";t=" => s.as_bytes(),
+                _ => {
+                    answer::escape(&mut self.text, s.as_bytes());
+                    return;
+                }
+            };
+            self.text.extend_from_slice(escaped);
         }
     }
 
     fn num(&mut self, v: u64) {
-        if v >= 10 {
+        if v >= 100 {
             self.digits(itoa::Buffer::new().format(v));
+        } else if v >= 10 {
+            if self.raw(2) {
+                self.reserve();
+                self.text
+                    .extend_from_slice(&[b'0' + (v / 10) as u8, b'0' + (v % 10) as u8]);
+            }
         } else if self.raw(1) {
             // One digit (resets, mostly): no formatting.
             self.reserve();
@@ -628,7 +846,14 @@ mod answer {
                     self.out.push(b',');
                 }
                 self.out.push(b'"');
-                escape(&mut self.out, name);
+                match name {
+                    // The names of the IETF profile (the default): nothing
+                    // to escape.
+                    b"RateLimit" | b"RateLimit-Policy" | b"Retry-After" => {
+                        self.out.extend_from_slice(name);
+                    }
+                    _ => escape(&mut self.out, name),
+                }
                 self.out.extend_from_slice(b"\":\"");
                 self.out.extend_from_slice(value);
                 self.out.push(b'"');
@@ -700,12 +925,15 @@ mod answer {
         }
     }
 
-    /// `v` in decimal. Inlined for one digit (zero costs and resets, mostly);
-    /// longer numbers go out of line, so callers do not carry `itoa`'s frame.
+    /// `v` in decimal. Inlined for one or two digits (zero costs and
+    /// resets, small limits); longer numbers go out of line, so callers do
+    /// not carry `itoa`'s frame.
     #[inline]
     pub fn number(out: &mut Vec<u8>, v: u64) {
         if v < 10 {
             out.push(b'0' + v as u8);
+        } else if v < 100 {
+            out.extend_from_slice(&[b'0' + (v / 10) as u8, b'0' + (v % 10) as u8]);
         } else {
             digits(out, v);
         }
@@ -873,33 +1101,77 @@ async fn resolve<S: AsRef<str>>(
     req: &CheckRequest<S>,
     peer: IpAddr,
 ) -> Result<Caller, ApiError> {
+    if let Some(caller) = resolve_now(st, policy, req) {
+        return caller;
+    }
     match (opt(&req.key), opt(&req.account)) {
         (Some(key), _) => {
-            // As if sent in the key header: a valid header value, read only
-            // when ASCII, trimmed.
-            if !key.bytes().all(|b| b == b'\t' || (b >= 32 && b != 127)) {
-                return Err(ApiError::bad_request("key is not a valid header value"));
-            }
-            if !key.is_ascii() || key.trim().is_empty() {
-                return Err(missing_key(policy));
-            }
+            let key = presented_key(policy, key)?;
             let ip = opt(&req.ip)
                 .and_then(|ip| ip.parse::<IpAddr>().ok())
                 .unwrap_or(peer);
-            st.authenticate_key(key.trim(), policy, ip).await
+            st.authenticate_key(key, policy, ip).await
         }
         (None, Some(account)) => {
             let identity = st
                 .ledger
                 .account_identity(account)
                 .await?
-                .ok_or_else(|| ApiError::not_found(format!("unknown account `{account}`")))?;
+                .ok_or_else(|| unknown_account(account))?;
             Ok(st.caller(identity, policy))
         }
-        (None, None) => Err(ApiError::bad_request(
-            "name the caller with `key` or `account`",
-        )),
+        (None, None) => Err(no_caller()),
     }
+}
+
+/// [`resolve`] without waiting: the caller when it is at hand (a valid key
+/// or an account read lately, see [`tollgate_ledger::Ledger::verify_key_now`]
+/// and [`tollgate_ledger::Ledger::account_identity_now`]), or the error a
+/// request gets without any lookup; `None` when [`resolve`] must look (any
+/// other key goes through its guard against invalid keys).
+fn resolve_now<S: AsRef<str>>(
+    st: &Shared,
+    policy: &tollgate_core::policy::CompiledPolicy,
+    req: &CheckRequest<S>,
+) -> Option<Result<Caller, ApiError>> {
+    match (opt(&req.key), opt(&req.account)) {
+        (Some(key), _) => match presented_key(policy, key) {
+            Ok(key) => st.authenticate_key_now(key, policy).map(Ok),
+            Err(e) => Some(Err(e)),
+        },
+        (None, Some(account)) => Some(match st.ledger.account_identity_now(account)? {
+            Some(identity) => Ok(st.caller(identity, policy)),
+            None => Err(unknown_account(account)),
+        }),
+        (None, None) => Some(Err(no_caller())),
+    }
+}
+
+/// A check's `key`, read as if sent in the key header: a valid header value,
+/// read only when ASCII, trimmed.
+fn presented_key<'k>(
+    policy: &tollgate_core::policy::CompiledPolicy,
+    key: &'k str,
+) -> Result<&'k str, ApiError> {
+    // Without an early exit, so the loop runs a word at a time.
+    let invalid = key
+        .bytes()
+        .fold(false, |bad, b| bad | ((b < 32 && b != b'\t') | (b == 127)));
+    if invalid {
+        return Err(ApiError::bad_request("key is not a valid header value"));
+    }
+    if !key.is_ascii() || key.trim().is_empty() {
+        return Err(missing_key(policy));
+    }
+    Ok(key.trim())
+}
+
+fn unknown_account(account: &str) -> ApiError {
+    ApiError::not_found(format!("unknown account `{account}`"))
+}
+
+fn no_caller() -> ApiError {
+    ApiError::bad_request("name the caller with `key` or `account`")
 }
 
 /// Body of `POST /v1/check/release`.

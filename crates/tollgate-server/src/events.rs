@@ -95,6 +95,39 @@ pub async fn record(ledger: &Ledger, account: &str, kind: &str, data: serde_json
     }
 }
 
+/// The `soft_limit_crossed` events a decision made due ([`crate::metric_cache::count_decision`]):
+/// each limit's name and quota.
+#[derive(Debug, Default)]
+#[must_use = "the events are recorded by `record`"]
+pub struct SoftCrossings {
+    crossed: Vec<(String, u64)>,
+}
+
+impl SoftCrossings {
+    /// Notes an event for `limit` at `quota`.
+    pub(crate) fn push(&mut self, limit: &str, quota: u64) {
+        self.crossed.push((limit.to_owned(), quota));
+    }
+
+    /// Whether no event is due (nothing to record, nothing to wait for).
+    pub fn is_empty(&self) -> bool {
+        self.crossed.is_empty()
+    }
+
+    /// Records the events for `account`, in the order of the limits.
+    pub async fn record(self, ledger: &Ledger, account: &str) {
+        for (limit, quota) in self.crossed {
+            record(
+                ledger,
+                account,
+                "soft_limit_crossed",
+                json!({ "limit": limit, "quota": quota }),
+            )
+            .await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -441,6 +441,13 @@ async fn serve_request(
         match connection::poll_first(req.body_mut(), len).await {
             connection::First::Whole(body) => {
                 drop(req);
+                // Usually nothing waits: answered without a future.
+                if let Some(answered) = check::answer_now(st, &body) {
+                    return match answered.ready() {
+                        Ok(response) => response,
+                        Err(answered) => Box::pin(answered.send(st, limits.request_timeout)).await,
+                    };
+                }
                 // Boxed: in place, the check's future would size this one,
                 // and so every proxied request's (measured under callgrind:
                 // the proxy +680 instructions per request, the check -570).

@@ -49,6 +49,74 @@ pub fn result_index(exceeded: bool, mode: Mode) -> usize {
     }
 }
 
+/// Counts decision `d` (of operation `op` for plan `plan`) in the metrics
+/// and notes, for `account`'s usage events, its rejection and soft-limit
+/// crossings, without waiting: the `soft_limit_crossed` events due are
+/// returned, to be recorded with [`crate::events::SoftCrossings::record`] (none, the usual
+/// case, needs no future at all).
+pub fn count_decision(
+    st: &crate::state::AppState,
+    policy: &CompiledPolicy,
+    op: OperationId,
+    plan: PlanId,
+    d: &tollgate_core::Decision,
+    account: Option<&str>,
+) -> crate::events::SoftCrossings {
+    use crate::metrics::StoreErrorLabels;
+    let outcome = outcome_index(&d.outcome);
+    let counters = st.counters.for_policy(policy, || st.policy.load_full());
+    match &counters {
+        Some(c) => c.decision(&st.metrics, plan, op, outcome).inc(),
+        None => st
+            .metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                plan: policy.plans[usize::from(plan)].name.clone(),
+                operation: policy.operations[usize::from(op)].name.clone(),
+                outcome: OUTCOMES[outcome].to_owned(),
+            })
+            .inc(),
+    };
+    if let Some(e) = &d.store_error {
+        st.metrics
+            .store_errors
+            .get_or_create(&StoreErrorLabels {
+                kind: crate::store::error_kind(e).to_owned(),
+            })
+            .inc();
+        if d.decided_locally {
+            st.metrics.local_fallback.inc();
+        } else if d.is_allowed() {
+            st.metrics.fail_open.inc();
+        }
+    }
+    let mut crossings = crate::events::SoftCrossings::default();
+    for r in d.results() {
+        let name = &policy.limits[usize::from(r.limit)].name;
+        let result = result_index(r.exceeded(), r.mode);
+        match &counters {
+            Some(c) => c.limit(&st.metrics, r.limit, result).inc(),
+            None => st
+                .metrics
+                .limits
+                .get_or_create(&LimitLabels {
+                    limit: name.clone(),
+                    result: RESULTS[result].to_owned(),
+                })
+                .inc(),
+        };
+        let Some(account) = account else { continue };
+        if r.exceeded() && r.mode == Mode::Soft && st.events.soft_crossed(account, name, d.now) {
+            crossings.push(name, r.quota);
+        }
+    }
+    if let (Outcome::Rejected { limit }, Some(account)) = (d.outcome, account) {
+        st.events
+            .rejected(account, &policy.limits[usize::from(limit)].name);
+    }
+    crossings
+}
+
 /// Counter handles of one policy.
 pub struct PolicyCounters {
     policy: Arc<CompiledPolicy>,

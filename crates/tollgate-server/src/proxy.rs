@@ -32,7 +32,7 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 use sha2::Digest;
 use tollgate_core::headers::{self, ResponseKind};
-use tollgate_core::policy::{Action, AttributeSource, CompiledPolicy, Mode, Operation, Respond};
+use tollgate_core::policy::{Action, AttributeSource, CompiledPolicy, Operation, Respond};
 use tollgate_core::{Clock, Decision, Outcome};
 use tollgate_ledger::{Idempotency, ReservationId, ReserveOutcome, StoredResponse};
 
@@ -40,7 +40,7 @@ use crate::client_ip::client_ip;
 use crate::error::{ApiError, json_response};
 use crate::events;
 use crate::metric_cache;
-use crate::metrics::{DecisionLabels, LimitLabels, Metrics, StoreErrorLabels, UpstreamLabels};
+use crate::metrics::{Metrics, UpstreamLabels};
 use crate::payload;
 use crate::state::{Caller, Shared};
 
@@ -531,61 +531,11 @@ pub async fn record_decision(
     d: &Decision,
     account: Option<&str>,
 ) {
-    let outcome = metric_cache::outcome_index(&d.outcome);
-    let counters = st.counters.for_policy(policy, || st.policy.load_full());
-    match &counters {
-        Some(c) => c.decision(&st.metrics, plan, op, outcome).inc(),
-        None => st
-            .metrics
-            .decisions
-            .get_or_create(&DecisionLabels {
-                plan: policy.plans[usize::from(plan)].name.clone(),
-                operation: policy.operations[usize::from(op)].name.clone(),
-                outcome: metric_cache::OUTCOMES[outcome].to_owned(),
-            })
-            .inc(),
-    };
-    if let Some(e) = &d.store_error {
-        st.metrics
-            .store_errors
-            .get_or_create(&StoreErrorLabels {
-                kind: crate::store::error_kind(e).to_owned(),
-            })
-            .inc();
-        if d.decided_locally {
-            st.metrics.local_fallback.inc();
-        } else if d.is_allowed() {
-            st.metrics.fail_open.inc();
-        }
-    }
-    for r in d.results() {
-        let name = &policy.limits[usize::from(r.limit)].name;
-        let result = metric_cache::result_index(r.exceeded(), r.mode);
-        match &counters {
-            Some(c) => c.limit(&st.metrics, r.limit, result).inc(),
-            None => st
-                .metrics
-                .limits
-                .get_or_create(&LimitLabels {
-                    limit: name.clone(),
-                    result: metric_cache::RESULTS[result].to_owned(),
-                })
-                .inc(),
-        };
-        let Some(account) = account else { continue };
-        if r.exceeded() && r.mode == Mode::Soft && st.events.soft_crossed(account, name, d.now) {
-            Box::pin(events::record(
-                &st.ledger,
-                account,
-                "soft_limit_crossed",
-                json!({ "limit": name, "quota": r.quota }),
-            ))
-            .await;
-        }
-    }
-    if let (Outcome::Rejected { limit }, Some(account)) = (d.outcome, account) {
-        st.events
-            .rejected(account, &policy.limits[usize::from(limit)].name);
+    let crossings = metric_cache::count_decision(st, policy, op, plan, d, account);
+    if let Some(account) = account
+        && !crossings.is_empty()
+    {
+        Box::pin(crossings.record(&st.ledger, account)).await;
     }
 }
 

@@ -102,6 +102,9 @@ impl AppState {
         policy: &CompiledPolicy,
         ip: IpAddr,
     ) -> Result<Caller, ApiError> {
+        if let Some(caller) = self.authenticate_key_now(key, policy) {
+            return Ok(caller);
+        }
         let cached = self.ledger.verify_key_cached(key).await;
         if let Some(KeyCheck::Valid(identity)) = cached {
             return Ok(self.caller(identity, policy));
@@ -151,6 +154,17 @@ impl AppState {
                 "unknown_key",
                 "this API key is not valid",
             )),
+        }
+    }
+
+    /// The caller of a valid `key` read lately ([`Ledger::verify_key_now`]),
+    /// without waiting; `None` for any other key (not read lately, unknown,
+    /// revoked, malformed): [`AppState::authenticate_key`] then decides, with
+    /// its guard against invalid keys.
+    pub fn authenticate_key_now(&self, key: &str, policy: &CompiledPolicy) -> Option<Caller> {
+        match self.ledger.verify_key_now(key)? {
+            KeyCheck::Valid(identity) => Some(self.caller(identity, policy)),
+            _ => None,
         }
     }
 

@@ -210,3 +210,59 @@ async fn key_cache_and_revocation_bound(kind: Kind) {
     assert!(err.is_unavailable(), "{err:?}");
 }
 both!(key_cache, super::key_cache_and_revocation_bound);
+
+/// The lookups without a future answer only from what was read lately, and
+/// never longer than the awaited lookups would: an unread key or account is
+/// `None` (ask the cache behind), a read one is the same answer, and a change
+/// made on this replica is never answered from before it.
+async fn lookups_now_answer_only_what_was_read(kind: Kind) {
+    let db = fresh(kind).await;
+    let ledger = &db.ledger;
+    account(ledger, "n", 0).await;
+    let k = ledger.create_key("n", None).await.expect("key");
+    // Malformed: no lookup needed.
+    assert_eq!(ledger.verify_key_now("tg_garbage"), Some(KeyCheck::Unknown));
+    assert_eq!(ledger.verify_key_now(k.key.expose()), None);
+    let read = ledger.verify_key(k.key.expose()).await.expect("verify");
+    assert!(matches!(read, KeyCheck::Valid(_)));
+    assert_eq!(ledger.verify_key_now(k.key.expose()), Some(read));
+    // The right id with a wrong secret is still judged.
+    let forged = key::forge_for_test(&k.id, &"x".repeat(32));
+    assert_eq!(ledger.verify_key_now(&forged), Some(KeyCheck::Unknown));
+    ledger.revoke_key(&k.id).await.expect("revoke");
+    assert!(
+        !matches!(
+            ledger.verify_key_now(k.key.expose()),
+            Some(KeyCheck::Valid(_))
+        ),
+        "a key revoked here is not valid without waiting"
+    );
+
+    // Ids no account can have: no lookup needed.
+    assert_eq!(ledger.account_identity_now(""), Some(None));
+    assert_eq!(ledger.account_identity_now(&"a".repeat(129)), Some(None));
+    assert!(ledger.account_identity_now("n").is_none());
+    let read = ledger.account_identity("n").await.expect("read");
+    let now = ledger.account_identity_now("n").expect("read lately");
+    assert_eq!(now.as_deref(), read.as_deref());
+    assert!(ledger.account_identity_now("nobody").is_none());
+    assert_eq!(ledger.account_identity("nobody").await.expect("read"), None);
+    assert_eq!(ledger.account_identity_now("nobody"), Some(None));
+    ledger
+        .update_account(
+            "n",
+            &tollgate_ledger::AccountChange {
+                plan: Some("other".to_owned()),
+                overrides: None,
+            },
+        )
+        .await
+        .expect("update");
+    if let Some(Some(identity)) = ledger.account_identity_now("n") {
+        assert_eq!(
+            identity.plan, "other",
+            "a plan changed here is seen at once"
+        );
+    }
+}
+both!(lookups_now, super::lookups_now_answer_only_what_was_read);

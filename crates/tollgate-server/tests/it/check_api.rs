@@ -278,3 +278,58 @@ async fn a_stalled_small_check_body_gets_408() {
     }
     s.running.shutdown().await;
 }
+
+/// A soft limit crossed by checks answered without a future (the caller read
+/// lately, the store in memory) is counted and recorded as by the routed
+/// path: one `soft_limit_crossed` event per account, limit and minute, in
+/// the ledger by the time the answer arrives.
+#[tokio::test]
+async fn a_soft_limit_crossed_by_checks_is_recorded_once_before_the_answer() {
+    let policy = "[limits.hard]\nalgorithm = \"sliding_window\"\nlimit = 100\nwindow = \"60s\"\n\
+                  [limits.soft]\nalgorithm = \"sliding_window\"\nlimit = 1\nwindow = \"60s\"\nmode = \"soft\"\n";
+    let s = Server::with_policy(Some(TOKEN), policy).await;
+    let key = s.account_with_key("acme", "default").await;
+    let json = Some("application/json");
+    let bodies = [
+        r#"{"account":"acme"}"#.to_owned(),
+        r#"{"account":"acme"}"#.to_owned(),
+        format!(r#"{{"key":"{key}"}}"#),
+        r#"{"account":"acme"}"#.to_owned(),
+    ];
+    for (i, body) in bodies.iter().enumerate() {
+        let (st, answer) = post(&s, json, body).await;
+        assert_eq!(
+            (st, &answer["allowed"]),
+            (200, &serde_json::json!(true)),
+            "{answer}"
+        );
+        let soft = answer["limits"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["name"] == "soft"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(soft["exceeded"], serde_json::json!(i > 0), "{answer}");
+        let events = s.admin("GET", "/admin/v1/events?account=acme", "").await;
+        let crossings: Vec<&serde_json::Value> = events
+            .body
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter(|e| e["kind"] == "soft_limit_crossed")
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            crossings.len(),
+            usize::from(i > 0),
+            "after check {i}: {}",
+            events.text
+        );
+        if let Some(c) = crossings.first() {
+            assert_eq!(
+                c["data"],
+                serde_json::json!({ "limit": "soft", "quota": 1 })
+            );
+        }
+    }
+}
