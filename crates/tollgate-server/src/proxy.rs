@@ -161,24 +161,14 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     let ip = IpText::new(client);
     let attrs = attribute_values(&policy, op, &parts, &inspection);
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
-    // `decide`'s work, in place: a `Decision` is over 1.5 KB, and one
+    // [`decide`]'s work, in place: a `Decision` is over 1.5 KB, and one
     // returned through `decide`'s future was copied twice more.
     let started = st.engine.clock().now();
     let decision = st
         .engine
         .decide(&policy, &caller.request(op_id, ip.as_str(), &attr_refs))
         .await;
-    let elapsed = st.engine.clock().now().0.saturating_sub(started.0);
-    st.metrics.decision_seconds.observe(elapsed as f64 / 1e9);
-    record_decision(
-        st,
-        &policy,
-        op_id,
-        caller.plan,
-        &decision,
-        Some(&caller.identity.account),
-    )
-    .await;
+    decided(st, &policy, op_id, &caller, started, &decision).await;
     // From here on, every way out gives the leases back: the response body's
     // end, an error, or the client going away (the future is dropped).
     let lease = LeaseGuard::new(st, &decision);
@@ -512,14 +502,34 @@ pub async fn decide(
     ip: &str,
     attrs: &[Option<&str>],
 ) -> Decision {
-    let id = &caller.identity;
     let req = caller.request(op, ip, attrs);
     let started = st.engine.clock().now();
     let decision = st.engine.decide(policy, &req).await;
+    decided(st, policy, op, caller, started, &decision).await;
+    decision
+}
+
+/// The decision-latency histogram (from `started`), metrics and events of a
+/// caller's decision: what [`decide`] and the proxy handler record.
+async fn decided(
+    st: &Shared,
+    policy: &CompiledPolicy,
+    op: tollgate_core::policy::OperationId,
+    caller: &Caller,
+    started: tollgate_core::Nanos,
+    d: &Decision,
+) {
     let elapsed = st.engine.clock().now().0.saturating_sub(started.0);
     st.metrics.decision_seconds.observe(elapsed as f64 / 1e9);
-    record_decision(st, policy, op, caller.plan, &decision, Some(&id.account)).await;
-    decision
+    record_decision(
+        st,
+        policy,
+        op,
+        caller.plan,
+        d,
+        Some(&caller.identity.account),
+    )
+    .await;
 }
 
 /// Metrics and events of one decision.
