@@ -897,7 +897,7 @@ mod tests {
         // Through the `Store` trait only: `Engine::decide` on a
         // `MemoryStore` would take the one-scope path too.
         let general = Engine::with_clock(
-            GeneralOnly::default(),
+            Shared::general_only(),
             ManualClock::new(Nanos::from_secs(1_000_000)),
         )
         .with_key_seed(3);
@@ -930,32 +930,6 @@ mod tests {
         );
     }
 
-    /// A memory store the engine sees only through the [`Store`] trait
-    /// (no [`Store::as_memory`]): every decision takes the general path
-    /// (per-limit checks, shard read locks and entry mutexes).
-    #[derive(Default)]
-    struct GeneralOnly(MemoryStore);
-    impl Store for GeneralOnly {
-        async fn decide(
-            &self,
-            now: Nanos,
-            checks: &[Check],
-            lease: u64,
-            out: &mut [Evaluation],
-        ) -> Result<bool, StoreError> {
-            self.0.decide_now(now, checks, lease, out)
-        }
-        async fn release(
-            &self,
-            now: Nanos,
-            keys: &[CounterKey],
-            lease: u64,
-        ) -> Result<(), StoreError> {
-            self.0.release_now(now, keys, lease);
-            Ok(())
-        }
-    }
-
     /// One store, two paths on the same counters: requests alternate at
     /// random between the one-scope path (shard write lock, no entry mutex)
     /// and the general path (the same `MemoryStore` through the `Store`
@@ -983,7 +957,7 @@ mod tests {
         let general = Engine::with_clock(Shared(store.clone(), false), ManualClock::new(start))
             .with_key_seed(9);
         let reference =
-            Engine::with_clock(GeneralOnly::default(), ManualClock::new(start)).with_key_seed(9);
+            Engine::with_clock(Shared::general_only(), ManualClock::new(start)).with_key_seed(9);
         let accounts = ["a", "b", "c"];
         let mut x = 0x9E37_79B9_7F4A_7C15_u64;
         let (mut admitted, mut by_fast) = (0, 0);
@@ -1018,8 +992,16 @@ mod tests {
     }
 
     /// A shared memory store; `.1`: whether the engine may see it as one
-    /// (the one-scope path) or only through the [`Store`] trait.
+    /// (the one-scope path) or only through the [`Store`] trait (no
+    /// [`Store::as_memory`]: every decision takes the general path, with
+    /// per-limit checks, shard read locks and entry mutexes).
     struct Shared(std::sync::Arc<MemoryStore>, bool);
+    impl Shared {
+        /// A store of its own that the engine sees only through the trait.
+        fn general_only() -> Shared {
+            Shared(std::sync::Arc::default(), false)
+        }
+    }
     impl Store for Shared {
         async fn decide(
             &self,
