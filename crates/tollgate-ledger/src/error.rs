@@ -82,6 +82,14 @@ pub enum LedgerError {
     /// The database failed or could not be reached; see [`LedgerError::is_unavailable`].
     #[error("database error")]
     Database(#[source] sqlx::Error),
+    /// A PostgreSQL operation (waiting for a connection, its statements and
+    /// its commit) did not finish within its bound: the database hangs or is
+    /// overloaded. Unavailable, like a refused connection.
+    #[error("the database did not answer within {}ms", after.as_millis())]
+    TimedOut {
+        /// The bound that ran out.
+        after: std::time::Duration,
+    },
 }
 
 impl From<sqlx::Error> for LedgerError {
@@ -133,7 +141,7 @@ impl LedgerError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             LedgerError::Database(e) => sqlx_unavailable(e),
-            LedgerError::Open { .. } => true,
+            LedgerError::Open { .. } | LedgerError::TimedOut { .. } => true,
             LedgerError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => sqlx_unavailable(e),
             _ => false,
         }

@@ -32,6 +32,9 @@ struct OwnPostgres {
 
 impl Drop for OwnPostgres {
     fn drop(&mut self) {
+        // A test that stopped the cluster (B9's hang) and then failed must
+        // not leave stopped processes behind.
+        self.signal_all("CONT");
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-QUIT", &c.id().to_string()])
@@ -178,6 +181,47 @@ impl OwnPostgres {
         }
     }
 
+    /// The postmaster and every process it started (backends, background
+    /// workers), read from `/proc`.
+    fn pids(&self) -> Vec<u32> {
+        let Some(postmaster) = self.child.as_ref().map(Child::id) else {
+            return Vec::new();
+        };
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            // `pid (comm) state ppid …`: the command name may hold spaces.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Sends `SIG<sig>` to the postmaster, then to all its children: read
+    /// after the postmaster got it, so that a stopped postmaster cannot fork
+    /// a backend that escapes the signal.
+    fn signal_all(&self, sig: &str) {
+        let kill = |pids: &[u32]| {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .args(pids.iter().map(u32::to_string))
+                .status();
+        };
+        let pids = self.pids();
+        if let Some((postmaster, _)) = pids.split_first() {
+            kill(&[*postmaster]);
+            kill(&self.pids()[1..]);
+        }
+    }
+
     /// `kill -9` of the postmaster (its backends notice and exit by themselves).
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -223,12 +267,17 @@ async fn c4_kill_9_postgresql_keeps_the_ledger_exact() {
     let up = Upstream::start().await;
     let (_consumer, consumer_addr) = Consumer::start(0).await;
     // A request makes at most two ledger calls (reserve, then commit or
-    // release), each failing after at most the pool's 1 s acquire bound
-    // while the database is down: with C3's 2 s request timeout a few would
-    // end 504 instead of 503, so C4 allows 2.9 s (below the 3 s TTL).
+    // release), each failing after at most the ledger's 2 s operation bound
+    // while the database is down or slow: C4 allows 4.9 s per request
+    // (C3's 2 s would turn some 503s into 504s), and reservations live 5 s
+    // (they must outlive the request timeout).
     let policy = policy(consumer_addr, "50ms")
-        .replace("request_timeout = \"2s\"", "request_timeout = \"2900ms\"");
-    assert!(policy.contains("2900ms"), "C3's policy changed: {policy}");
+        .replace("request_timeout = \"2s\"", "request_timeout = \"4900ms\"")
+        .replace("reservation_ttl = \"3s\"", "reservation_ttl = \"5s\"");
+    assert!(
+        policy.contains("4900ms") && policy.contains("\"5s\""),
+        "C3's policy changed: {policy}"
+    );
     let mut sup = Supervisor::new(dir.path(), &policy, &up);
     sup.database = Some(pg.url());
     sup.start().await;
@@ -262,8 +311,8 @@ async fn c4_kill_9_postgresql_keeps_the_ledger_exact() {
         failures,
     } = clients.finish().await;
     let acked: HashSet<(String, String)> = acked.into_iter().collect();
-    // Expiry has run for more than TTL + 1 s since the last request.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Expiry has run for more than TTL (5 s) + 1 s since the last request.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let figures = LedgerFigures::read(&auditor, &keys, &acked).await;
 
     // B9: every request the upstream saw (tollgate names the account in
@@ -353,6 +402,165 @@ async fn c4_kill_9_postgresql_keeps_the_ledger_exact() {
         vec![Some(503)],
         "during an outage a charging request is answered 503, nothing else"
     );
+    assert_eq!(panics, 0, "panics:\n{}", sup.logs());
+}
+
+/// B9 (hang), two ways a database can stop answering while tollgate keeps
+/// its connections: (1) another session holds an exclusive lock on the
+/// accounts table, so a reservation waits inside its statement after the
+/// pool handed out a healthy connection (the pool's 1 s acquire bound does
+/// not cover this; the ledger's 2 s operation bound does); (2) every process of
+/// the cluster is stopped (`SIGSTOP`). Figures, for both: a charging request
+/// is answered 503 within the 2 s bound plus slack, never held until its
+/// 5 s request timeout (504) or served late; nothing reaches the upstream
+/// during the hang; after the lock ends / `SIGCONT`, charging succeeds again
+/// within 5 s; the ledger audits exact; no panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b9_a_locked_or_stopped_postgresql_costs_a_charging_request_one_bound() {
+    const SLACK_BOUND: Duration = Duration::from_millis(3500);
+    let mut pg = OwnPostgres::init();
+    pg.start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let up = Upstream::start().await;
+    let (_consumer, consumer_addr) = Consumer::start(0).await;
+    let policy = policy(consumer_addr, "50ms")
+        .replace("request_timeout = \"2s\"", "request_timeout = \"5s\"")
+        .replace("reservation_ttl = \"3s\"", "reservation_ttl = \"6s\"");
+    assert!(
+        policy.contains("\"5s\"") && policy.contains("\"6s\""),
+        "C3's policy changed: {policy}"
+    );
+    let mut sup = Supervisor::new(dir.path(), &policy, &up);
+    sup.database = Some(pg.url());
+    sup.start().await;
+    let keys = open_accounts(&sup, 1, 1_000, "b9").await;
+    let (account, key) = &keys[0];
+    let auditor = Ledger::open(&pg.url()).await.expect("auditor");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let charge = |n: u32| {
+        let req = hyper::Request::post(format!("http://{}/charge/{n}", sup.listen))
+            .header("x-api-key", key.as_str())
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request");
+        let client = client.clone();
+        async move {
+            let t0 = Instant::now();
+            let status = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|r| r.status().as_u16());
+            (status, t0.elapsed())
+        }
+    };
+    let recover = |from: u32| async move {
+        let resumed = Instant::now();
+        for n in from..from + 200 {
+            if charge(n).await.0 == Some(200) {
+                return Some(resumed.elapsed());
+            }
+            if resumed.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    };
+    // Warm: the caller is cached and the pool holds open connections.
+    for n in 0..5 {
+        assert_eq!(charge(n).await.0, Some(200), "before the hang");
+    }
+
+    // (1) A lock held by another session, for longer than the request timeout.
+    let mut locker = pg
+        .command("psql")
+        .args(["-X", "-q", "-h", "127.0.0.1", "-p", &pg.port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres"])
+        .args(["-c", "BEGIN", "-c", "LOCK TABLE accounts IN EXCLUSIVE MODE"])
+        .args(["-c", "SELECT pg_sleep(30)"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("psql");
+    let held = Instant::now();
+    loop {
+        let granted = auditor
+            .query_strings_for_test(
+                "SELECT count(*)::text FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'accounts' AND l.mode = 'ExclusiveLock' AND l.granted",
+            )
+            .await
+            .expect("pg_locks");
+        if granted == ["1"] {
+            break;
+        }
+        assert!(held.elapsed() < Duration::from_secs(10), "lock not taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen_before = up.seen().len();
+    let mut locked = Vec::new();
+    for n in 10..12 {
+        locked.push(charge(n).await);
+    }
+    let seen_locked = up.seen().len() - seen_before;
+    // Killing psql would not end its session before pg_sleep returns: end it
+    // from the server side.
+    auditor
+        .query_strings_for_test(
+            "SELECT pg_terminate_backend(pid)::text FROM pg_stat_activity \
+             WHERE query LIKE '%pg_sleep%' AND pid <> pg_backend_pid()",
+        )
+        .await
+        .expect("end the locking session");
+    let _ = locker.wait();
+    let after_lock = recover(100).await;
+
+    // (2) The whole cluster stopped.
+    pg.signal_all("STOP");
+    let seen_before = up.seen().len();
+    let mut stopped = Vec::new();
+    for n in 20..23 {
+        stopped.push(charge(n).await);
+    }
+    let seen_stopped = up.seen().len() - seen_before;
+    pg.signal_all("CONT");
+    let after_stop = recover(300).await;
+
+    let audit = auditor.audit(account).await.expect("audit");
+    auditor.close().await;
+    let panics = sup.panics();
+    sup.kill();
+    eprintln!(
+        "B9 hang: locked {locked:?}, upstream saw {seen_locked}, first 2xx {after_lock:?} after \
+         the lock ended; stopped {stopped:?}, upstream saw {seen_stopped}, first 2xx \
+         {after_stop:?} after SIGCONT; audit {audit:?}; panics {panics}"
+    );
+    for (status, took) in locked.iter().chain(&stopped) {
+        assert_eq!(
+            *status,
+            Some(503),
+            "a hung database answers 503: locked {locked:?}, stopped {stopped:?}"
+        );
+        assert!(
+            *took < SLACK_BOUND,
+            "answered within the 2 s bound plus slack, not the 5 s request timeout: \
+             locked {locked:?}, stopped {stopped:?}"
+        );
+    }
+    assert_eq!(
+        (seen_locked, seen_stopped),
+        (0, 0),
+        "nothing forwarded during a hang"
+    );
+    for recovery in [after_lock, after_stop] {
+        assert!(
+            recovery.is_some_and(|r| r < Duration::from_secs(5)),
+            "charging again within 5 s: {after_lock:?}, {after_stop:?}"
+        );
+    }
+    assert!(audit.is_consistent(), "{audit:?}");
     assert_eq!(panics, 0, "panics:\n{}", sup.logs());
 }
 
