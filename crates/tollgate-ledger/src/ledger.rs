@@ -685,6 +685,7 @@ impl Ledger {
                     plan: a.plan,
                     account_created_at: a.created_at,
                     overrides: a.overrides,
+                    derived: Default::default(),
                 })
             })))
         };
@@ -1042,6 +1043,7 @@ impl Ledger {
                 plan,
                 account_created_at: ts(created_at_us),
                 overrides: parse_json("overrides", &overrides)?,
+                derived: Default::default(),
             }),
         })
     }

@@ -54,7 +54,7 @@ pub use key::Secret;
 pub use ledger::{Ledger, MAX_AMOUNT, REVOCATION_BOUND};
 pub use outbox::{ClaimedEvent, OutboxStats};
 pub use types::{
-    Account, AccountChange, Audit, CommitEvents, CreatedKey, Event, GrantKind, Idempotency,
-    KeyCheck, KeyIdentity, KeyInfo, NewAccount, NewEvent, ReservationId, ReserveOutcome,
-    StoredResponse,
+    Account, AccountChange, Audit, CommitEvents, CreatedKey, Derived, Event, GrantKind,
+    Idempotency, KeyCheck, KeyIdentity, KeyInfo, NewAccount, NewEvent, ReservationId,
+    ReserveOutcome, StoredResponse,
 };

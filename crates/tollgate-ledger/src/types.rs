@@ -107,6 +107,48 @@ pub struct KeyIdentity {
     pub account_created_at: jiff::Timestamp,
     /// The account's overrides (JSON object).
     pub overrides: serde_json::Value,
+    /// What a user of the ledger derives from this identity once and keeps
+    /// with it while the ledger's cache shares it (the server: the account
+    /// as a ready header value). Empty when made; see [`Derived`].
+    #[serde(skip)]
+    pub derived: Derived,
+}
+
+/// A value derived once from a [`KeyIdentity`] and kept with it, of a type
+/// the ledger does not know (it has no HTTP types): made by the first
+/// [`Derived::get_or_init`] and shared by every holder of the identity's
+/// `Arc`. A cache only: never compared (identities equal whatever it holds),
+/// serialized or printed, and a clone starts empty.
+#[derive(Default)]
+pub struct Derived(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
+
+impl Derived {
+    /// The kept value, made by `init` if there is none yet; `None` when a
+    /// value of another type is kept.
+    pub fn get_or_init<T: std::any::Any + Send + Sync>(
+        &self,
+        init: impl FnOnce() -> T,
+    ) -> Option<&T> {
+        self.0.get_or_init(|| Box::new(init())).downcast_ref()
+    }
+}
+
+impl Clone for Derived {
+    fn clone(&self) -> Derived {
+        Derived::default()
+    }
+}
+
+impl PartialEq for Derived {
+    fn eq(&self, _: &Derived) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Derived(..)")
+    }
 }
 
 /// Why credits were granted.

@@ -159,6 +159,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
 
     // Limits.
     let ip = IpText::new(client);
+    let ip = ip.as_str();
     let attrs = attribute_values(&policy, op, &parts, &inspection);
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
     // [`decide`]'s work, in place: a `Decision` is over 1.5 KB, and one
@@ -166,7 +167,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     let started = st.engine.clock().now();
     let decision = st
         .engine
-        .decide(&policy, &caller.request(op_id, ip.as_str(), &attr_refs))
+        .decide(&policy, &caller.request(op_id, ip, &attr_refs))
         .await;
     decided(st, &policy, op_id, &caller, started, &decision).await;
     // From here on, every way out gives the leases back: the response body's
@@ -221,7 +222,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
         caller: &caller,
         marker: marker.as_ref(),
         peer,
-        client: (client, ip.as_str()),
+        client: (client, ip),
         key_header: &policy.key_header,
     };
     let attempts = if may_retry && body.is_none() {
@@ -640,7 +641,7 @@ pub fn add_rate_headers(
 }
 
 /// Header values that most requests repeat (a policy's `RateLimit-Policy`,
-/// the account, the address of the proxy in front), kept per thread, one
+/// the address of the proxy in front), kept per thread, one
 /// per slot: a value equal to the kept one is a shared copy of it (a
 /// reference count) instead of a new allocation, copy and check of its
 /// bytes. A different value replaces the kept one (one allocation more than
@@ -651,17 +652,15 @@ mod repeated {
 
     use axum::http::HeaderValue;
 
-    /// `Tollgate-Account` to the upstream.
-    pub const ACCOUNT: usize = 0;
     /// `X-Forwarded-For` to the upstream.
-    pub const FORWARDED_FOR: usize = 1;
+    pub const FORWARDED_FOR: usize = 0;
     /// `RateLimit-Policy`.
-    pub const RATELIMIT_POLICY: usize = 2;
+    pub const RATELIMIT_POLICY: usize = 1;
     /// `X-RateLimit-Limit`.
-    pub const LIMIT: usize = 3;
+    pub const LIMIT: usize = 2;
     /// `X-RateLimit-Cost`.
-    pub const COST: usize = 4;
-    const SLOTS: usize = 5;
+    pub const COST: usize = 3;
+    const SLOTS: usize = 4;
 
     thread_local! {
         static KEPT: RefCell<[Option<HeaderValue>; SLOTS]> =
@@ -1032,7 +1031,7 @@ fn build_request(
             || n == req.key_header
             || n == "authorization"
             || n == "x-forwarded-for"
-            || HOP_BY_HOP.contains(&n)
+            || is_hop_by_hop(name)
         {
             continue;
         }
@@ -1066,7 +1065,7 @@ fn build_request(
     if let Some(v) = value {
         h.insert(names::X_FORWARDED_FOR, v);
     }
-    if let Some(v) = repeated::value(repeated::ACCOUNT, &req.caller.identity.account) {
+    if let Some(v) = account_value(&req.caller.identity) {
         h.insert(names::TOLLGATE_ACCOUNT, v);
     }
     if let Some((name, limit)) = req.marker
@@ -1084,6 +1083,21 @@ fn build_request(
     Ok(out)
 }
 
+/// The account as a header value (`None` if it cannot be one), made once
+/// per identity and kept with it (the ledger's cache shares the identity
+/// between requests): each request clones it, a reference count, whatever
+/// the number of accounts.
+fn account_value(id: &tollgate_ledger::KeyIdentity) -> Option<HeaderValue> {
+    match id
+        .derived
+        .get_or_init(|| HeaderValue::from_str(&id.account).ok())
+    {
+        Some(kept) => kept.clone(),
+        // Something else is kept with the identity: made here, as before.
+        None => HeaderValue::from_str(&id.account).ok(),
+    }
+}
+
 /// [`HOP_BY_HOP`] as header names, built once (removing by a `&str` parses
 /// the name on every call).
 static HOP_BY_HOP_NAMES: std::sync::LazyLock<[HeaderName; 8]> =
@@ -1092,13 +1106,28 @@ static HOP_BY_HOP_NAMES: std::sync::LazyLock<[HeaderName; 8]> =
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // An answer usually has none and few headers: looking at its names is
     // cheaper than hashing all eight.
-    let names = HOP_BY_HOP_NAMES.as_slice();
-    if !h.keys().any(|k| names.contains(k)) {
+    if !h.keys().any(is_hop_by_hop) {
         return;
     }
-    for n in names {
+    for n in HOP_BY_HOP_NAMES.as_slice() {
         h.remove(n);
     }
+}
+
+/// Whether `name` is one of [`HOP_BY_HOP`]: its text matched once (by
+/// length, then bytes), instead of eight `HeaderName` comparisons.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authorization"
+    )
 }
 
 fn has_idempotency_key(h: &HeaderMap) -> bool {
@@ -1149,6 +1178,24 @@ mod tests {
         }
         assert_eq!(UpstreamClass::Timeout.label(), "timeout");
         assert_eq!(UpstreamClass::Error.label(), "error");
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_the_list() {
+        use axum::http::HeaderName;
+        for n in super::HOP_BY_HOP {
+            assert!(super::is_hop_by_hop(&HeaderName::from_static(n)), "{n}");
+        }
+        for n in [
+            "host",
+            "content-type",
+            "tes",
+            "t",
+            "connections",
+            "x-api-key",
+        ] {
+            assert!(!super::is_hop_by_hop(&HeaderName::from_static(n)), "{n}");
+        }
     }
 
     #[test]

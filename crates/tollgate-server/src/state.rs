@@ -179,6 +179,7 @@ impl AppState {
             plan: a.plan.clone(),
             account_created_at: a.created_at,
             overrides: a.overrides.clone(),
+            derived: Default::default(),
         };
         self.caller(Arc::new(identity), policy)
     }
