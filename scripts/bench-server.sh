@@ -11,7 +11,7 @@
 # Usage: scripts/bench-server.sh [TARGET_DIR] [DURATION]   (default: target, 10s)
 # Servers run on core 0, wrk on core 1 (taskset).
 # PORT_BASE (default 18180): ports PORT_BASE, +1 (tollgate), +10 (upstream),
-# +100 (nginx); give each concurrent run its own base.
+# +50 (nginx): all within PORT_BASE..+99; give each concurrent run its own base.
 #
 # WORKERS (default 1): worker threads of every server, the same for all:
 # bare_hyper gets TOKIO_WORKER_THREADS, tollgate --workers, nginx
@@ -55,7 +55,7 @@ cleanup() {
 trap cleanup EXIT
 
 PB=${PORT_BASE:-18180}
-TG=$PB ADMIN=$((PB + 1)) UP=$((PB + 10)) NGX=$((PB + 100))
+TG=$PB ADMIN=$((PB + 1)) UP=$((PB + 10)) NGX=$((PB + 50))
 WORKERS=${WORKERS:-1}
 RUN=()
 if [ "${PRIO:-0}" = 1 ]; then
