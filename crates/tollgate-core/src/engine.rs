@@ -314,17 +314,19 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 blocking,
             };
             leases |= p.is_lease;
-            decision.push(LimitResult {
-                limit: pl.limit,
-                mode,
-                quota,
-                window_secs: pl.window_secs,
-                cost,
-                eval: Evaluation::default(),
-                blocking,
+            decision.push_keyed(
+                LimitResult {
+                    limit: pl.limit,
+                    mode,
+                    quota,
+                    window_secs: pl.window_secs,
+                    cost,
+                    eval: Evaluation::default(),
+                    blocking,
+                    is_lease: p.is_lease,
+                },
                 key,
-                is_lease: p.is_lease,
-            });
+            );
             n += 1;
             if n == checks.len() {
                 break;

@@ -930,7 +930,6 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             cost: c,
             eval,
             blocking,
-            key: CounterKey(values ^ u128::from(p.name_hash)),
             is_lease: false,
         });
     }
