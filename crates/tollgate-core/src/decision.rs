@@ -52,9 +52,8 @@ pub struct LimitResult {
     pub eval: Evaluation,
     /// Whether a refusal by this limit refuses the request.
     pub blocking: bool,
-    /// Counter key (to release concurrency leases).
-    pub key: CounterKey,
-    /// Whether this is a concurrency limit holding a lease when admitted.
+    /// Whether this is a concurrency limit holding a lease when admitted
+    /// (its counter key is in the decision: [`Decision::lease_keys`]).
     pub is_lease: bool,
 }
 
@@ -84,7 +83,11 @@ pub struct Decision {
     /// counters (`on_store_error = "local"`) because the store failed.
     pub decided_locally: bool,
     /// Never spills to the heap: [`Decision::push`] stops at the inline capacity.
+    /// 64 bytes each: the counter keys (16-byte aligned, which made a
+    /// result 96 bytes) are kept apart, and only for concurrency limits.
     results: SmallVec<[LimitResult; MAX_LIMITS_PER_REQUEST]>,
+    /// The counter key of each result with `is_lease`, in the same order.
+    lease_keys: SmallVec<[CounterKey; MAX_LIMITS_PER_REQUEST]>,
 }
 
 impl Decision {
@@ -96,6 +99,7 @@ impl Decision {
             store_error: None,
             decided_locally: false,
             results: SmallVec::new(),
+            lease_keys: SmallVec::new(),
         }
     }
 
@@ -106,11 +110,25 @@ impl Decision {
         }
     }
 
+    /// [`Decision::push`] of a result whose counter is `key`: a
+    /// concurrency limit's key is kept to release its lease.
+    #[inline]
+    pub(crate) fn push_keyed(&mut self, r: LimitResult, key: CounterKey) {
+        if self.results.len() < MAX_LIMITS_PER_REQUEST {
+            if r.is_lease {
+                self.lease_keys.push(key);
+            }
+            self.results.push(r);
+        }
+    }
+
     /// Drops the results past the first `len` (a store that could not
     /// decide takes back what it pushed).
     #[inline]
     pub(crate) fn truncate(&mut self, len: usize) {
         self.results.truncate(len);
+        let leases = self.results.iter().filter(|r| r.is_lease).count();
+        self.lease_keys.truncate(leases);
     }
 
     #[inline]
@@ -221,7 +239,21 @@ impl Decision {
         let held = self.lease.is_some();
         self.results()
             .iter()
-            .filter(move |r| held && r.is_lease && r.eval.admit)
-            .map(|r| r.key)
+            .filter(|r| r.is_lease)
+            .zip(&self.lease_keys)
+            .filter(move |(r, _)| held && r.eval.admit)
+            .map(|(_, &key)| key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A result is one cache line (96 bytes when it held its counter key):
+    /// what the one-scope path writes per limit.
+    #[test]
+    fn a_limit_result_is_64_bytes() {
+        assert_eq!(size_of::<LimitResult>(), 64);
     }
 }

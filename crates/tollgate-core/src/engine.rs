@@ -314,17 +314,19 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 blocking,
             };
             leases |= p.is_lease;
-            decision.push(LimitResult {
-                limit: pl.limit,
-                mode,
-                quota,
-                window_secs: pl.window_secs,
-                cost,
-                eval: Evaluation::default(),
-                blocking,
+            decision.push_keyed(
+                LimitResult {
+                    limit: pl.limit,
+                    mode,
+                    quota,
+                    window_secs: pl.window_secs,
+                    cost,
+                    eval: Evaluation::default(),
+                    blocking,
+                    is_lease: p.is_lease,
+                },
                 key,
-                is_lease: p.is_lease,
-            });
+            );
             n += 1;
             if n == checks.len() {
                 break;
@@ -1023,6 +1025,54 @@ mod tests {
         }
         fn as_memory(&self) -> Option<&MemoryStore> {
             self.1.then_some(&*self.0)
+        }
+    }
+
+    /// A request that a blocking limit refuses consumes nothing on the
+    /// one-scope path, which writes each admitting counter as it evaluates
+    /// it and puts them back on a refusal: whatever the refusing limit's
+    /// place, the bucket, the calendar window and the sliding log of one
+    /// entry before or after it are as if the refused requests never came.
+    #[test]
+    fn one_scope_refusal_puts_back_the_counters_written_before_it() {
+        let others = [
+            "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 1000\nrefill = 1\n",
+            "[limits.w]\nalgorithm = \"sliding_window\"\nlimit = 1000\nwindow = \"1m\"\nprecision = \"approximate\"\n",
+            "[limits.d]\nalgorithm = \"calendar_window\"\nlimit = 1000\nwindow = \"day\"\n",
+        ];
+        // Limits are evaluated in the order of their names: the refusing
+        // one's name puts it first, between the others, or last.
+        for (at, name) in ["a", "c", "e", "x"].into_iter().enumerate() {
+            let refusing = format!(
+                "[limits.{name}]\nalgorithm = \"calendar_window\"\nlimit = 2\nwindow = \"hour\"\n"
+            );
+            let p = policy::parse(&format!("{}{refusing}", others.concat()), "t").unwrap();
+            let op = p.default_operation();
+            assert!(p.is_one_scope(p.default_plan, op));
+            let e = engine();
+            let r = Request {
+                account: "a",
+                ..Request::new(p.default_plan, op)
+            };
+            for _ in 0..2 {
+                assert_eq!(e.decide_now(&p, &r).outcome, Outcome::Admitted);
+            }
+            for _ in 0..5 {
+                let d = e.decide_now(&p, &r);
+                assert!(matches!(d.outcome, Outcome::Rejected { .. }), "{name}");
+                // The others admit (and were evaluated on their counters
+                // as the two admitted requests left them).
+                assert_eq!(d.results().iter().filter(|r| r.eval.admit).count(), 3);
+            }
+            // Nothing taken by the refused requests: 1000 - 2 on each.
+            let free = Request { cost: Some(0), ..r };
+            let d = e.decide_now(&p, &free);
+            assert_eq!(d.outcome, Outcome::Admitted);
+            let remaining: Vec<u64> = d.results().iter().map(|r| r.eval.remaining).collect();
+            let mut want = vec![998; 3];
+            want.insert(at, 0);
+            assert_eq!(remaining, want, "refusing limit {name} at {at}");
+            assert_eq!(e.store().len(), 4);
         }
     }
 

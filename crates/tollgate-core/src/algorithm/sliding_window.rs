@@ -342,20 +342,36 @@ impl SlidingState {
     /// state: what [`SlidingState::admit`] does after evaluating, without
     /// evaluating again.
     pub fn record_admitted(&mut self, now: Nanos, cost: u64, window: &SlidingWindow) {
-        // The usual case: one live entry that this admission merges into
-        // (the same instant or later, or the same sub-window): what
-        // `prune` and `record` below do then, without their matches.
+        if self.merge_one(now, cost, window).is_none() {
+            self.record_any(now, cost, window);
+        }
+    }
+
+    /// [`SlidingState::record_admitted`] in its usual case only: one live
+    /// entry that this admission merges into (the same instant or later,
+    /// or the same sub-window), what `prune` and `record` below do then,
+    /// without their matches. Returns the entry as it was (the in-memory
+    /// store puts it back if the request is refused after all), or `None`,
+    /// changing nothing, in any other case.
+    #[inline(always)]
+    pub(crate) fn merge_one(
+        &mut self,
+        now: Nanos,
+        cost: u64,
+        window: &SlidingWindow,
+    ) -> Option<Entry> {
         if let SlidingState::One(last) = self {
             let (n, g) = (now.0, window.granule);
             if cost > 0
                 && n < last.at.saturating_add(window.length)
                 && (last.at >= n || (g > 0 && last.at / g == n / g))
             {
+                let was = *last;
                 merge(last, n, u32::try_from(cost).unwrap_or(u32::MAX));
-                return;
+                return Some(was);
             }
         }
-        self.record_any(now, cost, window);
+        None
     }
 
     /// [`SlidingState::record_admitted`] of any log.
@@ -432,6 +448,7 @@ impl SlidingState {
 
 /// Adds `cost` at `now` to `last`, stamped with the later instant (safe:
 /// the merged cost never leaves the window earlier than it should).
+#[inline]
 fn merge(last: &mut Entry, now: u64, cost: u32) {
     last.at = last.at.max(now);
     last.cost = last.cost.saturating_add(cost);

@@ -59,7 +59,7 @@ use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
 use crate::algorithm::concurrency::{self, Lease, LeaseSet};
 use crate::algorithm::gcra::{GcraRate, gcra, gcra_into};
-use crate::algorithm::sliding_window::{SlidingState, SlidingWindow};
+use crate::algorithm::sliding_window::{self, SlidingState, SlidingWindow};
 use crate::clock::Nanos;
 use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
@@ -655,8 +655,9 @@ impl MemoryStore {
     /// key is `values ^ name_hash`, as the engine builds it), the same
     /// guarantees, without the per-limit [`Check`]s and the scope sorting of
     /// the general path: one lookup and one lock, each limit's numbers read
-    /// from the policy, each counter evaluated once and written only if the
-    /// request is admitted.
+    /// from the policy, each counter evaluated once, in one pass that writes
+    /// it as it goes and puts back what it wrote if the request is refused
+    /// (see `scope_locked`): a refused request consumes nothing.
     ///
     /// # Errors
     /// [`StoreError::CounterCapReached`] when a new counter does not fit;
@@ -870,6 +871,18 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
 /// evaluates every limit's counter, writes them only if the request is
 /// admitted, pushes the results and sets the decision's outcome (nothing
 /// when the new counters do not fit: [`Locked::Full`], [`Locked::Grow`]).
+///
+/// **One pass.** The entry is this decision's alone (shard write-locked,
+/// or locked in the loom model), so an admitting limit's counter is
+/// written as soon as it is evaluated, while no blocking limit has refused
+/// yet, when the counter already holds its algorithm's usual state (a
+/// bucket, a calendar window, a sliding log of one entry that the cost
+/// merges into: a word or two, kept in an [`Undo`]). If a later blocking
+/// limit refuses, or the new counters do not fit, those few words are put
+/// back before anything is answered, so a refused request still consumes
+/// nothing. Any other counter (a new one, a log moving to its ring, a state
+/// of another algorithm after a reload) is written after the loop, once
+/// the request is known to be admitted, as before.
 #[inline]
 fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
     mut g: G,
@@ -885,42 +898,50 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
     let g: &mut Group = &mut g;
     let limits = &limits[..limits.len().min(N)];
     let low = values as u64;
-    // Each limit's result is pushed as it is evaluated, the evaluation
-    // written into it once (no evaluation array to set up and copy from);
-    // taken back out if the request does not fit (`Grow`, `Full`).
+    // Each limit's result is pushed as it is evaluated; taken back out if
+    // the request does not fit (`Grow`, `Full`).
     let base = decision.results().len();
-    let mut next = [Next::OnCommit; N];
-    let mut at = [NO_CELL; N];
-    // Which limits admit (their counters are written if the request is).
-    let mut admits = [false; N];
+    // What the counters written in the loop held (bit i of `written`:
+    // limit i's counter was written, and `undo[i]` holds its old words).
+    let mut undo = [Undo::NONE; N];
+    let mut written = 0u32;
+    // Limits that admit and whose counters are written after the loop.
+    let mut later = 0u32;
     let mut admitted = true;
     // Whether any limit refused (blocking or not): only then does the
     // outcome need a pass over the results.
     let mut refused = false;
     let mut new = 0;
-    let cells = g.as_slice();
+    let len = usize::from(g.len);
     for (i, pl) in limits.iter().enumerate() {
         let p = &pl.prepared;
         let t = low ^ p.name_hash;
+        let cells = &mut g.cells[..len];
         // Cells are usually in the order of the limits that made them.
         let cell = match cells.get(i) {
             Some(c) if c.tag == t => Some(i),
             _ => cells.iter().position(|c| c.tag == t),
         };
-        let counter = cell.map_or(FRESH, |k| &cells[k]);
         let c = cost.unwrap_or(pl.cost);
-        let eval = evaluate_limit(counter, pl, c, now, &mut next[i]);
+        let (eval, wrote) = match cell {
+            Some(k) => evaluate_in_place(&mut cells[k], pl, c, now, admitted, &mut undo[i]),
+            None => (
+                evaluate_limit(FRESH, pl, c, now, &mut Next::OnCommit),
+                false,
+            ),
+        };
         let admit = eval.admit;
-        admits[i] = admit;
         let blocking = p.blocking;
         refused |= !admit;
         if !admit && blocking {
             admitted = false;
         }
-        match cell {
-            Some(k) => at[i] = u8::try_from(k).unwrap_or(NO_CELL),
-            None if admit => new += 1,
-            None => {}
+        if wrote {
+            undo[i].cell = cell.unwrap_or(0) as u16;
+            written |= 1 << i;
+        } else if admit {
+            later |= 1 << i;
+            new += usize::from(cell.is_none());
         }
         decision.push(LimitResult {
             limit: pl.limit,
@@ -930,12 +951,14 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             cost: c,
             eval,
             blocking,
-            key: CounterKey(values ^ u128::from(p.name_hash)),
             is_lease: false,
         });
     }
-    if admitted {
+    if !admitted {
+        undo_writes(g, limits, &undo, written);
+    } else if later != 0 {
         if new > g.free() {
+            undo_writes(g, limits, &undo, written);
             decision.truncate(base);
             return Locked::Grow {
                 at: 0,
@@ -943,28 +966,11 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             };
         }
         if new > 0 && !room.reserve(new) {
+            undo_writes(g, limits, &undo, written);
             decision.truncate(base);
             return Locked::Full;
         }
-        // Written from the arrays above, not read back from the results.
-        for (i, pl) in limits.iter().enumerate() {
-            if !admits[i] {
-                continue;
-            }
-            let c = cost.unwrap_or(pl.cost);
-            let t = low ^ pl.prepared.name_hash;
-            let k = match at[i] {
-                NO_CELL => match g.find(t) {
-                    Some(k) => k,
-                    None => g.push(t),
-                },
-                k => usize::from(k),
-            };
-            let cell = &mut g.as_mut_slice()[k];
-            if !write_next(cell, &next[i], &pl.prepared.params, c, now) {
-                commit(cell, &pl.params_at(now), c, now, 0);
-            }
-        }
+        write_later(g, low, limits, cost, now, later);
     }
     if refused {
         decision.settle(admitted, 0);
@@ -973,6 +979,155 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
         decision.outcome = Outcome::Admitted;
     }
     Locked::Decided(admitted)
+}
+
+/// The words a counter written by `scope_locked`'s loop held before, to put
+/// back if the request is refused after all: its `fresh_at` (a bucket's
+/// TAT, a calendar window's end), and a calendar window's count in `a`, or
+/// a sliding log's one entry in `a` and `b`.
+#[derive(Clone, Copy)]
+struct Undo {
+    fresh_at: Nanos,
+    a: u64,
+    b: u32,
+    /// Index of the cell in its entry.
+    cell: u16,
+}
+
+impl Undo {
+    const NONE: Undo = Undo {
+        fresh_at: Nanos(0),
+        a: 0,
+        b: 0,
+        cell: 0,
+    };
+}
+
+/// Evaluates limit `pl` on its counter `cell` and, if it admits and
+/// `write` (no blocking limit refused so far), writes the counter at once
+/// when it holds its algorithm's usual state, keeping what it held in
+/// `undo`. Returns the evaluation and whether the counter was written (if
+/// not, and it admits, `scope_locked` writes it after its loop).
+#[inline(always)]
+fn evaluate_in_place(
+    cell: &mut Cell,
+    pl: &PlanLimit,
+    cost: u64,
+    now: Nanos,
+    write: bool,
+    undo: &mut Undo,
+) -> (Evaluation, bool) {
+    match &pl.prepared.params {
+        Params::Gcra(rate) => {
+            let tat = cell.tat();
+            let mut e = Evaluation::default();
+            let next = gcra_into(tat, now, cost, rate, &mut e);
+            // `tat` is `Some` only if the cell holds a bucket.
+            let wrote = write && e.admit && tat.is_some();
+            if wrote {
+                undo.fresh_at = cell.fresh_at;
+                cell.fresh_at = next;
+            }
+            (e, wrote)
+        }
+        Params::Sliding(window) => {
+            let fresh_at = cell.fresh_at;
+            match &mut cell.counter {
+                Counter::Sliding(log) => {
+                    let e = log.evaluate(now, cost, window);
+                    if write
+                        && e.admit
+                        && let Some(was) = log.merge_one(now, cost, window)
+                    {
+                        undo.fresh_at = fresh_at;
+                        undo.a = was.at;
+                        undo.b = was.cost;
+                        // As `write_next` does: when the log is empty again.
+                        cell.fresh_at = log.empty_at(now, window.length);
+                        return (e, true);
+                    }
+                    (e, false)
+                }
+                _ => (SlidingState::Empty.evaluate(now, cost, window), false),
+            }
+        }
+        &Params::Calendar { limit, .. } => {
+            let end = pl.calendar_end(now);
+            let state = cell.calendar();
+            let (e, next) = calendar_window::evaluate(state.as_ref(), now, cost, limit, end);
+            if write
+                && e.admit
+                && let Counter::Calendar { count } = &mut cell.counter
+            {
+                undo.fresh_at = cell.fresh_at;
+                undo.a = *count;
+                *count = next.count;
+                cell.fresh_at = next.end;
+                return (e, true);
+            }
+            (e, false)
+        }
+        params @ Params::Concurrency { .. } => (
+            evaluate(cell, params, cost, now, &mut Next::OnCommit),
+            false,
+        ),
+    }
+}
+
+/// Puts back what `scope_locked`'s loop wrote (the limits of bit `i` of
+/// `written`): every counter as it was before the decision.
+#[cold]
+fn undo_writes(g: &mut Group, limits: &[PlanLimit], undo: &[Undo], written: u32) {
+    for (i, pl) in limits.iter().enumerate() {
+        if written & (1 << i) == 0 {
+            continue;
+        }
+        let u = &undo[i];
+        let cell = &mut g.cells[usize::from(u.cell)];
+        cell.fresh_at = u.fresh_at;
+        match (&pl.prepared.params, &mut cell.counter) {
+            (Params::Gcra(_), Counter::Gcra) => {}
+            (Params::Calendar { .. }, Counter::Calendar { count }) => *count = u.a,
+            (Params::Sliding(_), Counter::Sliding(log)) => {
+                *log = SlidingState::One(sliding_window::Entry { at: u.a, cost: u.b });
+            }
+            _ => unreachable!("the loop writes only these states, in place"),
+        }
+    }
+}
+
+/// Writes the counters `scope_locked`'s loop left for after it (the limits
+/// of bit `i` of `later`, which admit): new counters, added to the entry
+/// (which has room: checked by the caller), and counters not in their
+/// algorithm's usual state. Evaluated again on the cell as it is (the same
+/// state the loop evaluated: the loop wrote other counters only), then
+/// written as the general path writes them.
+#[inline(never)]
+fn write_later(
+    g: &mut Group,
+    low: u64,
+    limits: &[PlanLimit],
+    cost: Option<u64>,
+    now: Nanos,
+    later: u32,
+) {
+    for (i, pl) in limits.iter().enumerate() {
+        if later & (1 << i) == 0 {
+            continue;
+        }
+        let c = cost.unwrap_or(pl.cost);
+        let t = low ^ pl.prepared.name_hash;
+        let k = match g.find(t) {
+            Some(k) => k,
+            None => g.push(t),
+        };
+        let cell = &mut g.as_mut_slice()[k];
+        let mut next = Next::OnCommit;
+        evaluate_limit(cell, pl, c, now, &mut next);
+        if !write_next(cell, &next, &pl.prepared.params, c, now) {
+            commit(cell, &pl.params_at(now), c, now, 0);
+        }
+    }
 }
 
 /// Marks "no counter yet" in `decide_groups`' index array.
