@@ -118,6 +118,16 @@ pub trait HeaderSink {
     }
     /// The value written since the previous `end` is header `name`'s.
     fn end(&mut self, name: &str);
+    /// Writes the whole `RateLimit-Policy` value of `decision` (its
+    /// enforced results, at least one) when the sink keeps it from an
+    /// earlier decision, and says so; `false` (the default) has
+    /// [`render_to`] write it piece by piece. A kept value must be the one
+    /// those pieces make: the results' limit names, quotas, lease flags and
+    /// windows.
+    fn policy_value(&mut self, decision: &Decision) -> bool {
+        let _ = decision;
+        false
+    }
 }
 
 /// [`render`]'s sink: each value in a [`ValueBuf`], handed to `emit`.
@@ -190,7 +200,9 @@ pub fn render_to(
     match profile.kind {
         HeaderKind::None => {}
         HeaderKind::Ietf => {
-            if wanted(HeaderField::Limit) {
+            if wanted(HeaderField::Limit) && v.policy_value(decision) {
+                v.end(RATELIMIT_POLICY);
+            } else if wanted(HeaderField::Limit) {
                 let mut first = true;
                 for r in decision
                     .results()

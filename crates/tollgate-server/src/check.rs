@@ -22,6 +22,7 @@ use tollgate_core::headers::{self, ResponseKind};
 use tollgate_core::{CounterKey, Outcome};
 
 use crate::error::{ApiError, json_response};
+use crate::metric_cache::PolicyValue;
 use crate::state::{Caller, Shared, missing_key};
 
 /// Largest cost accepted in a check (2^40, as in the policy).
@@ -197,9 +198,9 @@ impl Answered {
 }
 
 /// The `200` answer of a check, its bytes not boxed.
-fn json_answer_whole(answer: Vec<u8>) -> http::Response<crate::connection::ResponseBody> {
+fn json_answer_whole(answer: bytes::Bytes) -> http::Response<crate::connection::ResponseBody> {
     let mut r = http::Response::new(http_body_util::Either::Left(http_body_util::Full::new(
-        bytes::Bytes::from(answer),
+        answer,
     )));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -212,7 +213,7 @@ fn json_answer_whole(answer: Vec<u8>) -> http::Response<crate::connection::Respo
 /// borrowing its strings ([`borrowed`]); if that fails (an escaped string,
 /// or an error) axum's `Json` parse runs on the same bytes, so every answer
 /// and message is the router's.
-async fn decide_body(st: &Shared, body: &[u8], peer: IpAddr) -> Result<Vec<u8>, ApiError> {
+async fn decide_body(st: &Shared, body: &[u8], peer: IpAddr) -> Result<bytes::Bytes, ApiError> {
     match std::str::from_utf8(body).ok().and_then(borrowed) {
         Some(r) => decide_check(st, &r, peer).await,
         None => match Json::<CheckRequest>::from_bytes(body) {
@@ -319,7 +320,7 @@ async fn decide_check<S: AsRef<str> + Ord>(
     st: &Shared,
     req: &CheckRequest<S>,
     peer: IpAddr,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<bytes::Bytes, ApiError> {
     let policy = st.policy.load_full();
     let caller = resolve(st, &policy, req, peer).await?;
     let (answer, crossings) = match decide_caller_now(st, &policy, req, &caller) {
@@ -364,7 +365,7 @@ fn decide_check_now<S: AsRef<str> + Ord>(
 }
 
 /// A check's answer, and the events it made due.
-type Checked = (Vec<u8>, Option<Due>);
+type Checked = (bytes::Bytes, Option<Due>);
 
 /// Events a check's decision made due, to record before its answer is sent.
 pub struct Due {
@@ -448,7 +449,7 @@ fn decide_caller_now<S: AsRef<str> + Ord>(
     policy: &tollgate_core::policy::CompiledPolicy,
     req: &CheckRequest<S>,
     caller: &Caller,
-) -> Option<Result<(Vec<u8>, crate::events::SoftCrossings), ApiError>> {
+) -> Option<Result<(bytes::Bytes, crate::events::SoftCrossings), ApiError>> {
     tollgate_core::Store::as_memory(st.engine.store())?;
     let (mut few, mut many) = ([None; FEW_ATTRIBUTES], Vec::new());
     let attrs = attribute_slots(policy.attributes.len(), &mut few, &mut many);
@@ -472,7 +473,7 @@ async fn decide_caller<S: AsRef<str> + Ord>(
     policy: &tollgate_core::policy::CompiledPolicy,
     req: &CheckRequest<S>,
     caller: &Caller,
-) -> Result<(Vec<u8>, crate::events::SoftCrossings), ApiError> {
+) -> Result<(bytes::Bytes, crate::events::SoftCrossings), ApiError> {
     let (mut few, mut many) = ([None; FEW_ATTRIBUTES], Vec::new());
     let attrs = attribute_slots(policy.attributes.len(), &mut few, &mut many);
     let input = inputs(policy, req, attrs)?;
@@ -492,24 +493,59 @@ fn answer_decision(
     op: tollgate_core::policy::OperationId,
     caller: &Caller,
     d: &tollgate_core::Decision,
-) -> (Vec<u8>, crate::events::SoftCrossings) {
-    let crossings = crate::metric_cache::count_decision(
+) -> (bytes::Bytes, crate::events::SoftCrossings) {
+    // The proxy's decision-latency histogram (no labels), timed from the
+    // engine's `now`, read as the decision started: one clock read here.
+    let elapsed = tollgate_core::Clock::now(st.engine.clock())
+        .0
+        .saturating_sub(d.now.0);
+    st.metrics.decision_seconds.observe(elapsed as f64 / 1e9);
+    let counters = st.counters.for_policy(policy, || st.policy.load_full());
+    let crossings = crate::metric_cache::count_decision_in(
         st,
+        counters.as_deref(),
         policy,
         op,
         caller.plan,
         d,
         Some(&caller.identity.account),
     );
-    (write_answer(policy, op, d), crossings)
+    // The `RateLimit-Policy` value of (plan, operation) is kept when written
+    // for a caller without overrides (the common case it is reused for).
+    let table = counters
+        .as_deref()
+        .map(|c| (c, caller.plan, caller.overrides.is_none()));
+    (write_answer(policy, op, d, table), crossings)
 }
 
-/// The JSON answer to decision `d` of operation `op`.
+thread_local! {
+    /// Buffers a check's answer is written in, kept for the next check of
+    /// the thread (no allocation for them): the header list's text, and the
+    /// answer, copied out at its exact length (one allocation, which the
+    /// response body takes as it is).
+    static SCRATCH: std::cell::Cell<(Vec<u8>, Vec<u8>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Scratch buffers larger than this are not kept (a rare long answer).
+const SCRATCH_KEPT: usize = 16 * 1024;
+
+/// The JSON answer to decision `d` of operation `op`. `table`: the policy's
+/// table (names written as JSON, kept `RateLimit-Policy` values), the
+/// caller's plan, and whether this decision's `RateLimit-Policy` value may be
+/// kept (see [`PolicyValue`]).
 fn write_answer(
     policy: &tollgate_core::policy::CompiledPolicy,
     op: tollgate_core::policy::OperationId,
     d: &tollgate_core::Decision,
-) -> Vec<u8> {
+    table: Option<(
+        &crate::metric_cache::PolicyCounters,
+        tollgate_core::policy::PlanId,
+        bool,
+    )>,
+) -> bytes::Bytes {
+    let kept = table.map(|(t, plan, may_keep)| (t.policy_value(plan, op), may_keep));
+    let names = table.map(|(t, _, _)| t);
     let (allowed, status, reason) = match d.outcome {
         Outcome::Admitted => (true, 200, None),
         Outcome::Forwarded { limit } => (
@@ -543,7 +579,8 @@ fn write_answer(
     } else {
         ResponseKind::Rejected
     };
-    let mut hdrs = HeaderList::default();
+    let (text, out) = SCRATCH.take();
+    let mut hdrs = HeaderList::with_text(text, kept);
     headers::render_to(policy, d, kind, None, &mut hdrs);
     if hdrs.too_long {
         // A value `headers::render` cuts: take its values as they are.
@@ -559,7 +596,7 @@ fn write_answer(
     } else {
         0
     };
-    let mut out = answer::Writer::with_capacity(768);
+    let mut out = answer::Writer::with_buffer(out, 768);
     out.head(allowed, &hdrs);
     if let Some(lease) = &lease {
         out.lease(lease);
@@ -570,16 +607,25 @@ fn write_answer(
         limit: r.quota,
         mode: r.mode.as_str(),
         name: &policy.limits[usize::from(r.limit)].name,
+        name_json: names.map(|t| t.limit_name(r.limit)),
         remaining: r.eval.remaining,
         reset_s: tollgate_core::clock::ceil_secs(r.eval.reset),
     }));
     out.tail(
         &policy.operations[usize::from(op)].name,
+        names.map(|t| t.operation_name(op)),
         reason.as_deref(),
         retry_after_s,
         status,
     );
-    out.into_bytes()
+    let (mut text, mut out) = (hdrs.text, out.into_bytes());
+    let answer = bytes::Bytes::copy_from_slice(&out);
+    text.clear();
+    out.clear();
+    if text.capacity() <= SCRATCH_KEPT && out.capacity() <= SCRATCH_KEPT {
+        SCRATCH.set((text, out));
+    }
+    answer
 }
 
 /// The decision of `req` when the counter store is in memory, decided in
@@ -613,7 +659,7 @@ fn decide_in_memory(
 /// by `headers::render_to` (escaping each piece as it comes, so a value is
 /// never copied or scanned again), or by [`HeaderList::push`].
 #[derive(Default)]
-struct HeaderList {
+struct HeaderList<'k> {
     text: Vec<u8>,
     /// Where each header's value and name are in `text`.
     items: Items,
@@ -624,9 +670,29 @@ struct HeaderList {
     /// A value was longer than `headers::render` writes it
     /// ([`headers::VALUE_MAX`]); the list is then incomplete.
     too_long: bool,
+    /// Where the `RateLimit-Policy` value of this plan and operation is
+    /// kept, and whether the one written here may be kept there.
+    kept: Option<(&'k [std::sync::OnceLock<PolicyValue>], bool)>,
+    /// What the `RateLimit-Policy` value being written is written from,
+    /// when it is to be kept.
+    /// The slot it goes to.
+    keep: Option<(usize, crate::metric_cache::PolicyItems)>,
 }
 
-impl HeaderList {
+impl<'k> HeaderList<'k> {
+    /// An empty list written in `text` (its contents dropped).
+    fn with_text(
+        mut text: Vec<u8>,
+        kept: Option<(&'k [std::sync::OnceLock<PolicyValue>], bool)>,
+    ) -> HeaderList<'k> {
+        text.clear();
+        HeaderList {
+            text,
+            kept,
+            ..HeaderList::default()
+        }
+    }
+
     fn reserve(&mut self) {
         if self.text.capacity() == 0 {
             self.text.reserve(256);
@@ -653,7 +719,7 @@ impl HeaderList {
     }
 }
 
-impl HeaderList {
+impl HeaderList<'_> {
     /// A number's digits (nothing to escape).
     fn digits(&mut self, s: &str) {
         if self.raw(s.len()) {
@@ -663,7 +729,7 @@ impl HeaderList {
     }
 }
 
-impl headers::HeaderSink for HeaderList {
+impl headers::HeaderSink for HeaderList<'_> {
     fn text(&mut self, s: &str) {
         if self.raw(s.len()) {
             self.reserve();
@@ -703,9 +769,44 @@ impl headers::HeaderSink for HeaderList {
         self.digits(itoa::Buffer::new().format(v));
     }
 
+    fn policy_value(&mut self, d: &tollgate_core::Decision) -> bool {
+        let Some((slots, may_keep)) = self.kept else {
+            return false;
+        };
+        for (i, slot) in slots.iter().enumerate() {
+            match slot.get() {
+                Some(value) if value.matches(d) => {
+                    if self.raw(value.raw_len) {
+                        self.reserve();
+                        self.text.extend_from_slice(&value.escaped);
+                    }
+                    return true;
+                }
+                Some(_) => {}
+                None => {
+                    if may_keep {
+                        self.keep = Some((i, PolicyValue::from_results(d)));
+                    }
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
     fn end(&mut self, name: &str) {
         self.reserve();
         let (v, n) = (self.value_start, self.text.len());
+        if let (Some((i, from)), Some((slots, _))) = (self.keep.take(), self.kept)
+            && name == headers::RATELIMIT_POLICY
+            && !self.too_long
+        {
+            let _ = slots[i].set(PolicyValue {
+                from,
+                escaped: self.text[v..n].into(),
+                raw_len: self.raw_len,
+            });
+        }
         self.text.extend_from_slice(name.as_bytes());
         self.items.push([v, n, self.text.len()]);
         self.value_start = self.text.len();
@@ -743,7 +844,7 @@ impl Items {
     }
 }
 
-impl HeaderList {
+impl HeaderList<'_> {
     /// The (name, value) pairs in the order the JSON object lists them.
     fn sorted(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         // A handful of headers (at most six from `headers::render`): an
@@ -789,7 +890,7 @@ impl HeaderList {
 }
 
 /// A JSON answer from its serialised bytes.
-fn json_answer(status: StatusCode, bytes: Vec<u8>) -> Response {
+fn json_answer(status: StatusCode, bytes: bytes::Bytes) -> Response {
     let mut r = Response::new(axum::body::Body::from(bytes));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -816,6 +917,9 @@ mod answer {
         /// `enforce`, `soft` or `shadow`: written as is.
         pub mode: &'static str,
         pub name: &'a str,
+        /// `name` as a JSON string, when known (written as it is).
+        #[cfg_attr(test, serde(skip))]
+        pub name_json: Option<&'a [u8]>,
         pub remaining: u64,
         pub reset_s: u64,
     }
@@ -828,10 +932,19 @@ mod answer {
     }
 
     impl Writer {
+        #[cfg(test)]
         pub fn with_capacity(n: usize) -> Writer {
             Writer {
                 out: Vec::with_capacity(n),
             }
+        }
+
+        /// A writer into `out` (its contents dropped), at least `n` bytes
+        /// reserved.
+        pub fn with_buffer(mut out: Vec<u8>, n: usize) -> Writer {
+            out.clear();
+            out.reserve(n);
+            Writer { out }
         }
 
         /// `{"allowed":…,"headers":{…}`
@@ -887,7 +1000,10 @@ mod answer {
                 out.extend_from_slice(b",\"mode\":\"");
                 out.extend_from_slice(l.mode.as_bytes());
                 out.extend_from_slice(b"\",\"name\":");
-                string(out, l.name);
+                match l.name_json {
+                    Some(json) => out.extend_from_slice(json),
+                    None => string(out, l.name),
+                }
                 out.extend_from_slice(b",\"remaining\":");
                 number(out, l.remaining);
                 out.extend_from_slice(b",\"reset_s\":");
@@ -897,17 +1013,22 @@ mod answer {
             self.out.push(b']');
         }
 
-        /// `,"operation":…,"reason":…,"retry_after_s":…,"status":…}`
+        /// `,"operation":…,"reason":…,"retry_after_s":…,"status":…}`;
+        /// `operation_json`: `operation` as a JSON string, when known.
         pub fn tail(
             &mut self,
             operation: &str,
+            operation_json: Option<&[u8]>,
             reason: Option<&str>,
             retry_after_s: u64,
             status: u16,
         ) {
             let out = &mut self.out;
             out.extend_from_slice(b",\"operation\":");
-            string(out, operation);
+            match operation_json {
+                Some(json) => out.extend_from_slice(json),
+                None => string(out, operation),
+            }
             out.extend_from_slice(b",\"reason\":");
             match reason {
                 Some(r) => string(out, r),
@@ -1234,14 +1355,36 @@ mod tests {
         for (n, v) in headers {
             list.push(n, v);
         }
-        let mut w = Writer::with_capacity(16);
-        w.head(a.allowed, &list);
-        if let Some(l) = &a.lease {
-            w.lease(l);
-        }
-        w.limits(a.limits.iter().cloned());
-        w.tail(a.operation, a.reason.as_deref(), a.retry_after_s, a.status);
-        w.into_bytes()
+        // Names escaped here, or given as JSON strings (as the policy's
+        // table keeps them): the same bytes.
+        let names: Vec<Vec<u8>> = a
+            .limits
+            .iter()
+            .map(|l| serde_json::to_vec(l.name).expect("json"))
+            .collect();
+        let op = serde_json::to_vec(a.operation).expect("json");
+        let write = |json: bool| {
+            let mut w = Writer::with_capacity(16);
+            w.head(a.allowed, &list);
+            if let Some(l) = &a.lease {
+                w.lease(l);
+            }
+            w.limits(a.limits.iter().zip(&names).map(|(l, n)| LimitAnswer {
+                name_json: json.then_some(n.as_slice()),
+                ..l.clone()
+            }));
+            w.tail(
+                a.operation,
+                json.then_some(op.as_slice()),
+                a.reason.as_deref(),
+                a.retry_after_s,
+                a.status,
+            );
+            w.into_bytes()
+        };
+        let plain = write(false);
+        assert_eq!(plain, write(true));
+        plain
     }
 
     /// A test body of known length sent in the given pieces.
@@ -1409,6 +1552,9 @@ mod tests {
                 account: "a",
                 ..Request::new(p.default_plan, p.default_operation())
             };
+            // The `RateLimit-Policy` value kept from the first rendering
+            // and copied by the later ones: the same headers.
+            let slot: [std::sync::OnceLock<PolicyValue>; 2] = Default::default();
             for _ in 0..3 {
                 let d = e.decide_now(&p, &r);
                 for kind in [
@@ -1428,12 +1574,118 @@ mod tests {
                         let got: Vec<_> = list.sorted().collect();
                         let want: Vec<_> = expected.sorted().collect();
                         assert_eq!(got, want, "{src}");
+                        let mut kept = HeaderList::with_text(b"junk".to_vec(), Some((&slot, true)));
+                        headers::render_to(&p, &d, kind, credits, &mut kept);
+                        let got: Vec<_> = kept.sorted().collect();
+                        assert_eq!(got, want, "kept: {src}");
                     }
                 }
             }
         }
         // The long policy went over the limit of a value at least once.
         assert!(checked > 0);
+    }
+
+    /// A kept `RateLimit-Policy` value is copied only for the results it was
+    /// written from: another plan's quota, or a limit in shadow for this
+    /// caller, gets its own value written piece by piece (and kept nowhere).
+    #[test]
+    fn a_kept_policy_value_is_used_only_for_the_same_results() {
+        use tollgate_core::{Engine, ManualClock, MemoryStore, Nanos, Request, policy};
+        let src = r#"
+            [policy]
+            default_plan = "basic"
+            [limits.burst]
+            algorithm = "sliding_window"
+            limit = 5
+            window = "3s"
+            [limits."da\"ily"]
+            algorithm = "calendar_window"
+            limit = 100
+            window = "day"
+            [limits.lease]
+            algorithm = "concurrency"
+            limit = 3
+            lease_ttl = "30s"
+            [limits.late]
+            algorithm = "sliding_window"
+            limit = 9
+            window = "1m"
+            rollout_after = "2020-01-01T00:00:00Z"
+            [plans.basic]
+            [plans.pro]
+            overrides.burst = { limit = 50 }
+        "#;
+        let p = match policy::parse(src, "t.toml") {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        let e = Engine::with_clock(
+            MemoryStore::default(),
+            ManualClock::new(Nanos::from_secs(86_400 * 30_000)),
+        );
+        let plan = |name: &str| p.plan(name).expect("plan");
+        let basic = Request {
+            account: "a",
+            account_created_at: Some(Nanos::from_secs(86_400 * 20_000)),
+            ..Request::new(plan("basic"), p.default_operation())
+        };
+        let pro = Request {
+            account: "b",
+            ..Request::new(plan("pro"), p.default_operation())
+        };
+        let old = Request {
+            account: "c",
+            account_created_at: Some(Nanos::ZERO),
+            ..basic
+        };
+        let slots: [std::sync::OnceLock<PolicyValue>; 2] = Default::default();
+        let render = |d: &tollgate_core::Decision| {
+            let mut want = HeaderList::default();
+            headers::render(&p, d, ResponseKind::Success, None, &mut |n, v| {
+                want.push(n, v)
+            });
+            let mut kept = HeaderList::with_text(Vec::new(), Some((&slots, true)));
+            headers::render_to(&p, d, ResponseKind::Success, None, &mut kept);
+            let want: Vec<(Vec<u8>, Vec<u8>)> = want
+                .sorted()
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect();
+            let got: Vec<(Vec<u8>, Vec<u8>)> = kept
+                .sorted()
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect();
+            assert_eq!(got, want);
+            got.into_iter()
+                .find(|(n, _)| n == b"RateLimit-Policy")
+                .map(|(_, v)| String::from_utf8(v).expect("utf-8"))
+        };
+        let kept = |i: usize| {
+            slots[i]
+                .get()
+                .map(|v| String::from_utf8(v.escaped.to_vec()).expect("utf-8"))
+        };
+        let first = render(&e.decide_now(&p, &basic));
+        assert_eq!(kept(0), first);
+        assert!(
+            first.as_deref().is_some_and(|v| v.contains("late")),
+            "{first:?}"
+        );
+        assert_eq!(render(&e.decide_now(&p, &basic)), first);
+        let pro = render(&e.decide_now(&p, &pro));
+        assert!(
+            pro.as_deref().is_some_and(|v| v.contains("q=50")),
+            "{pro:?}"
+        );
+        assert_eq!(kept(1), pro);
+        // Both slots taken: a third variant is written, not kept.
+        let old = render(&e.decide_now(&p, &old));
+        assert!(
+            old.as_deref().is_some_and(|v| !v.contains("late")),
+            "{old:?}"
+        );
+        assert_eq!((kept(0), kept(1)), (first.clone(), pro.clone()));
+        assert_eq!(render(&e.decide_now(&p, &basic)), first);
     }
 
     #[test]
@@ -1483,6 +1735,7 @@ mod tests {
                     limit: 50,
                     mode: "enforce",
                     name: "burst",
+                    name_json: None,
                     remaining: 50,
                     reset_s: 0,
                 },
@@ -1492,6 +1745,7 @@ mod tests {
                     limit: 1000,
                     mode: "enforce",
                     name: "daily",
+                    name_json: None,
                     remaining: 1000,
                     reset_s: 2230,
                 },
@@ -1543,6 +1797,7 @@ mod tests {
                     limit: *limit,
                     mode: if *exceeded { "soft" } else { "enforce" },
                     name,
+                    name_json: None,
                     remaining: *remaining,
                     reset_s: *reset_s,
                 })
@@ -1563,5 +1818,96 @@ mod tests {
                 serde_json::to_string(&a).expect("json")
             );
         }
+    }
+
+    /// `tollgate_decision_seconds_count` in the `/metrics` text.
+    fn decisions_timed(st: &Shared) -> u64 {
+        let text = st.metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix("tollgate_decision_seconds_count "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no decision_seconds_count in {text}"))
+    }
+
+    /// One `POST /v1/check` over HTTP/1.1; its status.
+    async fn post_check(addr: SocketAddr, content_type: &str, body: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!(
+            "POST /v1/check HTTP/1.1\r\nhost: t\r\ncontent-type: {content_type}\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.expect("read");
+        let text = String::from_utf8_lossy(&answer);
+        text.get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {text}"))
+    }
+
+    /// Issue 4: a check records the decision-latency histogram the proxy
+    /// records, once per decision, whichever path answers it (answered in
+    /// place, the boxed path for an account not read yet, the router's
+    /// extractor), and a check that decides nothing records nothing.
+    #[tokio::test]
+    async fn regression_4_every_check_decision_is_timed_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = crate::config::ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.path().to_path_buf(),
+            ..crate::config::ServerConfig::default()
+        };
+        let policy = tollgate_core::policy::parse(crate::config::DEFAULT_POLICY, "default.toml")
+            .expect("default policy");
+        let running = crate::start(config, policy).await.expect("server starts");
+        let st = running.state.clone();
+        st.ledger
+            .create_account(&tollgate_ledger::NewAccount {
+                id: "acme".to_owned(),
+                plan: "pro".to_owned(),
+                org: None,
+                created_at: None,
+                grant: 0,
+            })
+            .await
+            .expect("account");
+        let key = st.ledger.create_key("acme", None).await.expect("key");
+        let (addr, json) = (running.addr, "application/json");
+        let by_account = r#"{"account":"acme","cost":0}"#;
+        let by_key = format!(r#"{{"key":"{}","cost":0}}"#, key.key.expose());
+        let mut timed = decisions_timed(&st);
+        for (content_type, body, what) in [
+            (json, by_account, "by account, not read yet (boxed path)"),
+            (json, by_account, "by account, answered in place"),
+            (json, by_key.as_str(), "by key, not read yet"),
+            (json, by_key.as_str(), "by key, answered in place"),
+            (
+                "application/json; charset=utf-8",
+                by_account,
+                "the router's extractor",
+            ),
+            (
+                json,
+                r#"{"account":"ac\u006de","cost":0}"#,
+                "an escaped string",
+            ),
+        ] {
+            assert_eq!(post_check(addr, content_type, body).await, 200, "{what}");
+            let now = decisions_timed(&st);
+            assert_eq!(now, timed + 1, "{what}");
+            timed = now;
+        }
+        for body in [
+            r#"{"account":"nobody"}"#,
+            r#"{"account":"acme","operation":"nope"}"#,
+            r#"{"account":"acme""#,
+        ] {
+            assert_ne!(post_check(addr, json, body).await, 200, "{body}");
+            assert_eq!(decisions_timed(&st), timed, "nothing decided: {body}");
+        }
+        running.shutdown().await;
     }
 }

@@ -62,10 +62,24 @@ pub fn count_decision(
     d: &tollgate_core::Decision,
     account: Option<&str>,
 ) -> crate::events::SoftCrossings {
+    let counters = st.counters.for_policy(policy, || st.policy.load_full());
+    count_decision_in(st, counters.as_deref(), policy, op, plan, d, account)
+}
+
+/// [`count_decision`] with the handles of `policy` already at hand (`None`:
+/// it is not the policy in force, count the slow way).
+pub fn count_decision_in(
+    st: &crate::state::AppState,
+    counters: Option<&PolicyCounters>,
+    policy: &CompiledPolicy,
+    op: OperationId,
+    plan: PlanId,
+    d: &tollgate_core::Decision,
+    account: Option<&str>,
+) -> crate::events::SoftCrossings {
     use crate::metrics::StoreErrorLabels;
     let outcome = outcome_index(&d.outcome);
-    let counters = st.counters.for_policy(policy, || st.policy.load_full());
-    match &counters {
+    match counters {
         Some(c) => c.decision(&st.metrics, plan, op, outcome).inc(),
         None => st
             .metrics
@@ -94,7 +108,7 @@ pub fn count_decision(
     for r in d.results() {
         let name = &policy.limits[usize::from(r.limit)].name;
         let result = result_index(r.exceeded(), r.mode);
-        match &counters {
+        match counters {
             Some(c) => c.limit(&st.metrics, r.limit, result).inc(),
             None => st
                 .metrics
@@ -117,22 +131,110 @@ pub fn count_decision(
     crossings
 }
 
-/// Counter handles of one policy.
+/// A `RateLimit-Policy` value as a check answer writes it (JSON-escaped,
+/// without quotes), kept per plan and operation so that later checks copy it
+/// instead of writing it again ([`tollgate_core::headers::HeaderSink::policy_value`]).
+/// It is reused only for a decision whose enforced results are those it was
+/// written from: same limits in the same order, quotas (after overrides),
+/// lease flags and windows. [`POLICY_VALUES`] are kept per plan and
+/// operation (a limit rolled out to new accounts only makes two); any other
+/// variant is written piece by piece.
+pub struct PolicyValue {
+    /// Limit, quota, lease flag and window of each enforced result.
+    pub from: PolicyItems,
+    /// The value, escaped.
+    pub escaped: Box<[u8]>,
+    /// Its length before escaping.
+    pub raw_len: usize,
+}
+
+/// What a [`PolicyValue`] is written from: limit, quota, lease flag and
+/// window of each enforced result, in order.
+pub type PolicyItems = Box<[(LimitId, u64, bool, u64)]>;
+
+impl PolicyValue {
+    /// What a `RateLimit-Policy` value of `d` is written from.
+    pub fn from_results(d: &tollgate_core::Decision) -> PolicyItems {
+        d.results()
+            .iter()
+            .filter(|r| r.mode == Mode::Enforce)
+            .map(|r| (r.limit, r.quota, r.is_lease, r.window_secs))
+            .collect()
+    }
+
+    /// Whether this is the `RateLimit-Policy` value of `d`.
+    pub fn matches(&self, d: &tollgate_core::Decision) -> bool {
+        let mut from = self.from.iter();
+        for r in d.results().iter().filter(|r| r.mode == Mode::Enforce) {
+            match from.next() {
+                Some(&(limit, quota, is_lease, window))
+                    if limit == r.limit
+                        && quota == r.quota
+                        && is_lease == r.is_lease
+                        && window == r.window_secs => {}
+                _ => return false,
+            }
+        }
+        from.next().is_none()
+    }
+}
+
+/// Counter handles (and kept header values) of one policy.
 pub struct PolicyCounters {
     policy: Arc<CompiledPolicy>,
     decisions: Box<[OnceLock<Counter>]>,
     limits: Box<[OnceLock<Counter>]>,
+    policy_values: Box<[[OnceLock<PolicyValue>; POLICY_VALUES]]>,
+    /// Each limit's name as a JSON string (quoted, escaped), by `LimitId`.
+    limit_names: Box<[Box<[u8]>]>,
+    /// Each operation's name as a JSON string, by `OperationId`.
+    operation_names: Box<[Box<[u8]>]>,
 }
+
+/// `s` as a JSON string, escaped as `serde_json` escapes it.
+fn json_string(s: &str) -> Box<[u8]> {
+    serde_json::to_vec(s)
+        .expect("a string always serialises")
+        .into_boxed_slice()
+}
+
+/// `RateLimit-Policy` values kept per plan and operation.
+pub const POLICY_VALUES: usize = 2;
 
 impl PolicyCounters {
     fn new(policy: Arc<CompiledPolicy>) -> PolicyCounters {
-        let n = policy.plans.len() * policy.operations.len() * OUTCOMES.len();
+        let pairs = policy.plans.len() * policy.operations.len();
+        let n = pairs * OUTCOMES.len();
         let m = policy.limits.len() * RESULTS.len();
         PolicyCounters {
             decisions: (0..n).map(|_| OnceLock::new()).collect(),
             limits: (0..m).map(|_| OnceLock::new()).collect(),
+            policy_values: (0..pairs).map(|_| Default::default()).collect(),
+            limit_names: policy.limits.iter().map(|l| json_string(&l.name)).collect(),
+            operation_names: policy
+                .operations
+                .iter()
+                .map(|o| json_string(&o.name))
+                .collect(),
             policy,
         }
+    }
+
+    /// Limit `limit`'s name as a JSON string (quoted, escaped).
+    pub fn limit_name(&self, limit: LimitId) -> &[u8] {
+        &self.limit_names[usize::from(limit)]
+    }
+
+    /// Operation `op`'s name as a JSON string (quoted, escaped).
+    pub fn operation_name(&self, op: OperationId) -> &[u8] {
+        &self.operation_names[usize::from(op)]
+    }
+
+    /// Where the `RateLimit-Policy` value of checks of (plan, operation) is
+    /// kept (see [`PolicyValue`]).
+    pub fn policy_value(&self, plan: PlanId, op: OperationId) -> &[OnceLock<PolicyValue>] {
+        let (p, o) = (usize::from(plan), usize::from(op));
+        &self.policy_values[p * self.policy.operations.len() + o]
     }
 
     /// The decisions counter of (plan, operation, outcome).
