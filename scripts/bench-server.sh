@@ -29,7 +29,12 @@
 # keep up with shows an achieved rate below the target and dropped ticks
 # (BENCHMARKS.md, "loadgen").
 #
-# ONLY=check runs the decision API part alone (no proxy/nginx part).
+# ONLY=check runs the decision API part alone (no proxy/nginx part);
+# ONLY=proxy the proxy part alone.
+#
+# Keep PORT_BASE below Linux's ephemeral range (32768-60999, see
+# /proc/sys/net/ipv4/ip_local_port_range): there, a client connection of an
+# earlier part (in TIME_WAIT) can hold a port a later server must bind.
 #
 # PRIO=1 runs every server and load tool at `nice -n -20` (needs root), the
 # same for all of them, so that other processes on the shared machine get
@@ -143,6 +148,7 @@ EOF
 wait_port $UP
 
 # Part 1: decision API on the built-in policy.
+if [ "${ONLY:-}" != proxy ]; then
 TOLLGATE_ADMIN_TOKEN=t "${RUN[@]}" taskset -c 0 "$BIN/tollgate" serve "${TG_WORKERS[@]}" --listen 127.0.0.1:$TG \
   --admin-listen 127.0.0.1:$ADMIN --data-dir "$WORK/data1" 2>"$WORK/tg1.log" & TG1=$!; PIDS+=($TG1)
 wait_port $ADMIN
@@ -175,6 +181,7 @@ run_wrk "tollgate by account -c1" $TG1 -c1 -d5s --latency -s "$WORK/check.lua" h
 run_wrk "tollgate by account -c4" $TG1 -c4 -d5s --latency -s "$WORK/check.lua" http://127.0.0.1:$TG/v1/check
 run_wrk "tollgate by key -c4" $TG1 -c4 -d5s --latency -s "$WORK/checkkey.lua" http://127.0.0.1:$TG/v1/check
 kill $TG1; wait $TG1 2>/dev/null || true
+fi
 [ "${ONLY:-}" = check ] && exit 0
 
 # Part 2: proxy vs nginx limit_req, same upstream.
