@@ -231,6 +231,45 @@ impl OwnPostgres {
     }
 }
 
+/// `tollgate serve` on a PostgreSQL cluster of the test's own, with C3's
+/// policy (its webhook consumer included) but the given request timeout
+/// and reservation TTL (C4, B9). Fields drop in order: the server first,
+/// its directory last.
+struct OnOwnPostgres {
+    sup: Supervisor,
+    pg: OwnPostgres,
+    up: Upstream,
+    consumer: Consumer,
+    dir: tempfile::TempDir,
+}
+
+async fn serve_on_own_postgres(request_timeout: &str, reservation_ttl: &str) -> OnOwnPostgres {
+    let mut pg = OwnPostgres::init();
+    pg.start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let up = Upstream::start().await;
+    let (consumer, consumer_addr) = Consumer::start(0).await;
+    let timeout = format!("request_timeout = \"{request_timeout}\"");
+    let ttl = format!("reservation_ttl = \"{reservation_ttl}\"");
+    let policy = policy(consumer_addr, "50ms")
+        .replace("request_timeout = \"2s\"", &timeout)
+        .replace("reservation_ttl = \"3s\"", &ttl);
+    assert!(
+        policy.contains(&timeout) && policy.contains(&ttl),
+        "C3's policy changed: {policy}"
+    );
+    let mut sup = Supervisor::new(dir.path(), &policy, &up);
+    sup.database = Some(pg.url());
+    sup.start().await;
+    OnOwnPostgres {
+        sup,
+        pg,
+        up,
+        consumer,
+        dir,
+    }
+}
+
 /// Whether `at` falls in an outage window, extended by `grace` after the
 /// database was back.
 fn in_outage(at: Instant, outages: &[(Instant, Instant)], grace: Duration) -> bool {
@@ -260,27 +299,19 @@ async fn c4_kill_9_postgresql_keeps_the_ledger_exact() {
         .unwrap_or(0xc4c4_2026);
     eprintln!("C4 seed {seed}");
     let mut rng = Rng(seed);
-    let mut pg = OwnPostgres::init();
-    pg.start().await;
-
-    let dir = tempfile::tempdir().expect("dir");
-    let up = Upstream::start().await;
-    let (_consumer, consumer_addr) = Consumer::start(0).await;
     // A request makes at most two ledger calls (reserve, then commit or
     // release), each failing after at most the ledger's 2 s operation bound
     // while the database is down or slow: C4 allows 4.9 s per request
     // (C3's 2 s would turn some 503s into 504s), and reservations live 5 s
     // (they must outlive the request timeout).
-    let policy = policy(consumer_addr, "50ms")
-        .replace("request_timeout = \"2s\"", "request_timeout = \"4900ms\"")
-        .replace("reservation_ttl = \"3s\"", "reservation_ttl = \"5s\"");
-    assert!(
-        policy.contains("4900ms") && policy.contains("\"5s\""),
-        "C3's policy changed: {policy}"
-    );
-    let mut sup = Supervisor::new(dir.path(), &policy, &up);
-    sup.database = Some(pg.url());
-    sup.start().await;
+    // Bound in this order so that they drop in the struct's (the server first).
+    let OnOwnPostgres {
+        dir: _dir,
+        consumer: _consumer,
+        up,
+        mut pg,
+        mut sup,
+    } = serve_on_own_postgres("4900ms", "5s").await;
     let keys = open_accounts(&sup, ACCOUNTS, GRANT, "c4").await;
     let clients = Clients::start(sup.listen, &keys, CLIENTS);
     let auditor = Ledger::open(&pg.url()).await.expect("auditor");
@@ -418,21 +449,14 @@ async fn c4_kill_9_postgresql_keeps_the_ledger_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b9_a_locked_or_stopped_postgresql_costs_a_charging_request_one_bound() {
     const SLACK_BOUND: Duration = Duration::from_millis(3500);
-    let mut pg = OwnPostgres::init();
-    pg.start().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let up = Upstream::start().await;
-    let (_consumer, consumer_addr) = Consumer::start(0).await;
-    let policy = policy(consumer_addr, "50ms")
-        .replace("request_timeout = \"2s\"", "request_timeout = \"5s\"")
-        .replace("reservation_ttl = \"3s\"", "reservation_ttl = \"6s\"");
-    assert!(
-        policy.contains("\"5s\"") && policy.contains("\"6s\""),
-        "C3's policy changed: {policy}"
-    );
-    let mut sup = Supervisor::new(dir.path(), &policy, &up);
-    sup.database = Some(pg.url());
-    sup.start().await;
+    // Bound in this order so that they drop in the struct's (the server first).
+    let OnOwnPostgres {
+        dir: _dir,
+        consumer: _consumer,
+        up,
+        pg,
+        mut sup,
+    } = serve_on_own_postgres("5s", "6s").await;
     let keys = open_accounts(&sup, 1, 1_000, "b9").await;
     let (account, key) = &keys[0];
     let auditor = Ledger::open(&pg.url()).await.expect("auditor");
