@@ -22,6 +22,7 @@ pub mod connection;
 pub mod error;
 pub mod events;
 pub mod guard;
+pub mod histogram;
 pub mod metric_cache;
 pub mod metrics;
 pub mod payload;

@@ -8,8 +8,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
+
+use crate::histogram::LatencyHistogram;
 
 /// Labels of a decision.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,11 +88,11 @@ pub struct Metrics {
     /// Per-limit results.
     pub limits: Family<LimitLabels, Counter>,
     /// Decision latency, seconds.
-    pub decision_seconds: Histogram,
+    pub decision_seconds: LatencyHistogram,
     /// Upstream answers by status class.
     pub upstream: Family<UpstreamLabels, Counter>,
     /// Upstream latency, seconds.
-    pub upstream_seconds: Histogram,
+    pub upstream_seconds: LatencyHistogram,
     /// Upstream retries made.
     pub upstream_retries: Counter,
     /// Decisions the store could not make, by kind of error.
@@ -143,7 +145,7 @@ impl Metrics {
             "Per-limit results: within, over, soft crossing, shadow would-reject",
             limits.clone(),
         );
-        let decision_seconds = Histogram::new(exponential_buckets(0.000_001, 4.0, 12));
+        let decision_seconds = LatencyHistogram::new(exponential_buckets(0.000_001, 4.0, 12));
         registry.register(
             "decision_seconds",
             "Time to decide a request",
@@ -155,7 +157,7 @@ impl Metrics {
             "Upstream answers by status class",
             upstream.clone(),
         );
-        let upstream_seconds = Histogram::new(exponential_buckets(0.000_1, 4.0, 12));
+        let upstream_seconds = LatencyHistogram::new(exponential_buckets(0.000_1, 4.0, 12));
         registry.register(
             "upstream_seconds",
             "Upstream latency per attempt",
