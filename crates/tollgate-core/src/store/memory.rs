@@ -949,7 +949,18 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             quota: p.quota,
             window_secs: pl.window_secs,
             cost: c,
-            eval,
+            // Built from its fields, not moved whole: a move copies its 6
+            // bytes of padding along, through every temporary it passed by
+            // (`BENCHMARKS.md` core11: 57 instructions per 3-limit
+            // decision); from its fields it stays in registers. (A helper
+            // taking the evaluation by value moves it whole again.)
+            eval: Evaluation {
+                admit: eval.admit,
+                never: eval.never,
+                remaining: eval.remaining,
+                reset: eval.reset,
+                retry_after: eval.retry_after,
+            },
             blocking,
             is_lease: false,
         });
