@@ -1041,27 +1041,22 @@ fn evaluate_in_place(
             }
             (e, wrote)
         }
-        Params::Sliding(window) => {
-            let fresh_at = cell.fresh_at;
-            match &mut cell.counter {
-                Counter::Sliding(log) => {
-                    let e = log.evaluate(now, cost, window);
-                    if write
-                        && e.admit
-                        && let Some(was) = log.merge_one(now, cost, window)
-                    {
-                        undo.fresh_at = fresh_at;
-                        undo.a = was.at;
-                        undo.b = was.cost;
-                        // As `write_next` does: when the log is empty again.
-                        cell.fresh_at = log.empty_at(now, window.length);
-                        return (e, true);
-                    }
-                    (e, false)
-                }
-                _ => (SlidingState::Empty.evaluate(now, cost, window), false),
+        Params::Sliding(window) => match &mut cell.counter {
+            Counter::Sliding(log) => {
+                let (e, was) = log.evaluate_merge_one(now, cost, window, write);
+                let Some(was) = was else {
+                    return (e, false);
+                };
+                undo.fresh_at = cell.fresh_at;
+                undo.a = was.at;
+                undo.b = was.cost;
+                // As `write_next` does: when the log is empty again, `now`
+                // plus the reset of the evaluation that merged.
+                cell.fresh_at = Nanos(now.0 + e.reset.0);
+                (e, true)
             }
-        }
+            _ => (SlidingState::Empty.evaluate(now, cost, window), false),
+        },
         &Params::Calendar { limit, .. } => {
             let end = pl.calendar_end(now);
             let state = cell.calendar();
