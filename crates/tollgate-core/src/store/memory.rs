@@ -58,7 +58,7 @@ use dashmap::mapref::one::{Ref, RefMut};
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
 use crate::algorithm::concurrency::{self, Lease, LeaseSet};
-use crate::algorithm::gcra::{GcraRate, gcra, gcra_into};
+use crate::algorithm::gcra::{GcraRate, gcra, gcra_with_tau};
 use crate::algorithm::sliding_window::{self, SlidingState, SlidingWindow};
 use crate::clock::Nanos;
 use crate::decision::{Decision, LimitResult, Outcome};
@@ -1031,8 +1031,7 @@ fn evaluate_in_place(
     match &pl.prepared.params {
         Params::Gcra(rate) => {
             let tat = cell.tat();
-            let mut e = Evaluation::default();
-            let next = gcra_into(tat, now, cost, rate, &mut e);
+            let (e, next) = gcra_with_tau(tat, now, cost, rate, pl.prepared.tau);
             // `tat` is `Some` only if the cell holds a bucket.
             let wrote = write && e.admit && tat.is_some();
             if wrote {
@@ -1277,9 +1276,8 @@ fn evaluate_gcra(
     now: Nanos,
     next: &mut Next,
 ) -> Evaluation {
-    let tat = counter.tat();
-    let mut e = Evaluation::default();
-    *next = Next::Gcra(gcra_into(tat, now, cost, rate, &mut e));
+    let (e, tat) = gcra(counter.tat(), now, cost, rate);
+    *next = Next::Gcra(tat);
     e
 }
 
