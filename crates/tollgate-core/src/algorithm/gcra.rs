@@ -70,24 +70,36 @@ pub fn gcra(tat: Option<Nanos>, now: Nanos, cost: u64, rate: &GcraRate) -> (Eval
     }
 }
 
-/// [`gcra`], its evaluation written into `eval` (the store's loop builds
-/// it in place: returned, it was built in a temporary and copied byte by
-/// byte, about 25 instructions per bucket). Returns the TAT to store if
-/// the request is admitted.
-#[inline]
-pub(crate) fn gcra_into(
+/// [`gcra`] for a bucket whose burst tolerance `B·I` was worked out
+/// beforehand ([`GcraRate::tau_u64`], once per policy load): the in-memory
+/// store's one-scope path, which then skips a checked multiply and two
+/// tests per request. Returns the evaluation and the TAT to store if the
+/// request is admitted.
+#[inline(always)]
+pub(crate) fn gcra_with_tau(
     tat: Option<Nanos>,
     now: Nanos,
     cost: u64,
     rate: &GcraRate,
-    eval: &mut Evaluation,
-) -> Nanos {
-    let (e, next) = match u64_numbers(tat, now, cost, rate) {
+    tau: Option<u64>,
+) -> (Evaluation, Nanos) {
+    match tau.and_then(|tau| numbers_with_tau(tat, now, cost, rate, tau)) {
         Some((base, tau, new_tat)) => gcra_in_u64(now, base, tau, new_tat, rate.interval),
         None => gcra_u128(tat, now, cost, rate),
-    };
-    *eval = e;
-    next
+    }
+}
+
+impl GcraRate {
+    /// The burst tolerance `B·I` in 64-bit arithmetic, when it fits and the
+    /// interval is not zero (always, for a bucket that fills within
+    /// [`MAX_FILL_TIME_NS`]): what [`gcra`] works out per request, and
+    /// [`gcra_with_tau`] takes ready.
+    pub(crate) fn tau_u64(&self) -> Option<u64> {
+        if self.interval == 0 {
+            return None;
+        }
+        self.capacity.checked_mul(self.interval)
+    }
 }
 
 /// The numbers of [`gcra`] in 64-bit arithmetic, for the usual numbers:
@@ -102,13 +114,23 @@ fn u64_numbers(
     cost: u64,
     rate: &GcraRate,
 ) -> Option<(u64, u64, u64)> {
-    let interval = rate.interval;
-    let tau = rate.capacity.checked_mul(interval)?;
-    if cost > rate.capacity || interval == 0 {
+    numbers_with_tau(tat, now, cost, rate, rate.tau_u64()?)
+}
+
+/// [`u64_numbers`] given `tau` ([`GcraRate::tau_u64`]).
+#[inline(always)]
+fn numbers_with_tau(
+    tat: Option<Nanos>,
+    now: Nanos,
+    cost: u64,
+    rate: &GcraRate,
+    tau: u64,
+) -> Option<(u64, u64, u64)> {
+    if cost > rate.capacity {
         return None;
     }
     let base = tat.map_or(now.0, |t| t.0.max(now.0));
-    let new_tat = base.checked_add(cost.checked_mul(interval)?)?;
+    let new_tat = base.checked_add(cost.checked_mul(rate.interval)?)?;
     Some((base, tau, new_tat))
 }
 
@@ -303,6 +325,40 @@ mod tests {
             }
         }
         assert!(compared > 10_000, "the 64-bit path ran {compared} times");
+    }
+
+    /// With its burst tolerance worked out beforehand (or not at all),
+    /// a bucket answers as `gcra` does.
+    #[test]
+    fn gcra_with_tau_gives_gcras_answer() {
+        let mut x = 0x2545_F491_4F6C_DD1D_u64;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for _ in 0..100_000 {
+            let scale = [10, 1_000, 1_000_000, u64::MAX][next(4) as usize];
+            let rate = GcraRate {
+                capacity: 1 + next(scale.min(1 << 40)),
+                interval: 1 + next(scale),
+            };
+            let now = Nanos(next(u64::MAX));
+            let tat = [
+                None,
+                Some(Nanos(next(u64::MAX))),
+                Some(Nanos(now.0.saturating_add(next(scale)))),
+            ][next(3) as usize];
+            let cost = next(rate.capacity.saturating_add(2));
+            let expected = gcra(tat, now, cost, &rate);
+            assert_eq!(
+                gcra_with_tau(tat, now, cost, &rate, rate.tau_u64()),
+                expected,
+                "{rate:?} {tat:?} {now:?} {cost}"
+            );
+            assert_eq!(gcra_with_tau(tat, now, cost, &rate, None), expected);
+        }
     }
 
     #[test]

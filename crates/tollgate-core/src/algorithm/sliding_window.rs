@@ -374,6 +374,53 @@ impl SlidingState {
         None
     }
 
+    /// [`SlidingState::evaluate`] and, when `write` and it admits,
+    /// [`SlidingState::merge_one`], in one: the usual state of a busy key
+    /// (one live entry that the cost merges into: the same instant or later,
+    /// or the same sub-window) decided and written with each comparison
+    /// made once. Returns the evaluation, and the entry as it was when the
+    /// cost was merged into it (then `self` is written and its entry ends
+    /// the window at `now` plus the evaluation's reset). Any other state:
+    /// [`SlidingState::evaluate`] alone, nothing written. A unit test
+    /// compares it with the two calls.
+    #[inline(always)]
+    pub(crate) fn evaluate_merge_one(
+        &mut self,
+        now: Nanos,
+        cost: u64,
+        window: &SlidingWindow,
+        write: bool,
+    ) -> (Evaluation, Option<Entry>) {
+        if let SlidingState::One(last) = self {
+            let (n, g, t) = (now.0, window.granule, window.length);
+            let was = *last;
+            let end = was.at.saturating_add(t);
+            let used = u64::from(was.cost);
+            if n < end
+                && cost > 0
+                && cost <= window.limit
+                && used + cost <= window.limit
+                && (was.at >= n || (g > 0 && was.at / g == n / g))
+            {
+                // Admitted, and merged: stamped with the later instant.
+                let at = was.at.max(n);
+                let eval = Evaluation {
+                    admit: true,
+                    never: false,
+                    remaining: window.limit - used - cost,
+                    reset: until(n, at.saturating_add(t)),
+                    retry_after: Nanos::ZERO,
+                };
+                if !write {
+                    return (eval, None);
+                }
+                merge(last, n, u32::try_from(cost).unwrap_or(u32::MAX));
+                return (eval, Some(was));
+            }
+        }
+        (self.evaluate(now, cost, window), None)
+    }
+
     /// [`SlidingState::record_admitted`] of any log.
     #[inline(never)]
     fn record_any(&mut self, now: Nanos, cost: u64, window: &SlidingWindow) {
@@ -521,6 +568,57 @@ mod tests {
                 "{s:?} {now:?} {cost} {w:?}"
             );
         }
+    }
+
+    /// `evaluate_merge_one` answers as `evaluate`, and writes what
+    /// `merge_one` writes after an admitting evaluation (nothing otherwise).
+    #[test]
+    fn evaluate_merge_one_is_evaluate_then_merge_one() {
+        let mut next = rng(0x5851_F42D_4C95_7F2D);
+        let mut merged = 0;
+        for _ in 0..300_000 {
+            let scale = [4, 1_000, u64::MAX / 2][next(3) as usize];
+            let precision = [Precision::Exact, Precision::Approximate][next(2) as usize];
+            let w = SlidingWindow::with_precision(
+                1 + next(40) as u32,
+                Duration::from_nanos(1 + next(scale)),
+                precision,
+            );
+            let now = Nanos(next(u64::MAX));
+            let mut fused = match next(4) {
+                0 => SlidingState::Empty,
+                1 => SlidingState::One(Entry {
+                    at: now.0.saturating_sub(next(scale)),
+                    cost: 1 + next(25) as u32,
+                }),
+                2 => SlidingState::One(Entry {
+                    at: now.0.saturating_add(next(scale)),
+                    cost: 1 + next(25) as u32,
+                }),
+                _ => SlidingState::One(Entry {
+                    at: now.0,
+                    cost: 1 + next(25) as u32,
+                }),
+            };
+            let cost = next(45);
+            let write = next(4) != 0;
+            let mut apart = fused.clone();
+            let (e, was) = fused.evaluate_merge_one(now, cost, &w, write);
+            let expected = apart.evaluate(now, cost, &w);
+            assert_eq!(e, expected, "{apart:?} {now:?} {cost} {w:?}");
+            let expected_was = if write && expected.admit {
+                apart.merge_one(now, cost, &w)
+            } else {
+                None
+            };
+            assert_eq!(was, expected_was, "{apart:?} {now:?} {cost} {w:?}");
+            assert_eq!(fused, apart, "{now:?} {cost} {w:?}");
+            if was.is_some() {
+                merged += 1;
+                assert_eq!(fused.empty_at(now, w.length), Nanos(now.0 + e.reset.0));
+            }
+        }
+        assert!(merged > 10_000, "merged {merged} times");
     }
 
     /// `record_admitted`'s one-entry path writes what `prune` and `record`

@@ -569,6 +569,10 @@ impl PlanLimit {
                 name_hash: limit.name_hash,
                 rollout_after: limit.rollout_after,
                 utc_len,
+                tau: match &algorithm {
+                    Algorithm::TokenBucket { rate, .. } => rate.tau_u64(),
+                    _ => None,
+                },
             },
             algorithm,
             cost,
@@ -628,6 +632,9 @@ pub(crate) struct Prepared {
     pub(crate) rollout_after: Option<Nanos>,
     /// A UTC calendar window's length in ns (its end is arithmetic); 0 otherwise.
     pub(crate) utc_len: u64,
+    /// A bucket's burst tolerance `B·I` in ns ([`GcraRate::tau_u64`]); `None`
+    /// for other algorithms (or a bucket whose math needs 128 bits).
+    pub(crate) tau: Option<u64>,
 }
 
 /// The header profile of a policy.

@@ -58,7 +58,7 @@ use dashmap::mapref::one::{Ref, RefMut};
 use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::{self, CalendarState};
 use crate::algorithm::concurrency::{self, Lease, LeaseSet};
-use crate::algorithm::gcra::{GcraRate, gcra, gcra_into};
+use crate::algorithm::gcra::{GcraRate, gcra, gcra_with_tau};
 use crate::algorithm::sliding_window::{self, SlidingState, SlidingWindow};
 use crate::clock::Nanos;
 use crate::decision::{Decision, LimitResult, Outcome};
@@ -949,7 +949,18 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             quota: p.quota,
             window_secs: pl.window_secs,
             cost: c,
-            eval,
+            // Built from its fields, not moved whole: a move copies its 6
+            // bytes of padding along, through every temporary it passed by
+            // (`BENCHMARKS.md` core11: 57 instructions per 3-limit
+            // decision); from its fields it stays in registers. (A helper
+            // taking the evaluation by value moves it whole again.)
+            eval: Evaluation {
+                admit: eval.admit,
+                never: eval.never,
+                remaining: eval.remaining,
+                reset: eval.reset,
+                retry_after: eval.retry_after,
+            },
             blocking,
             is_lease: false,
         });
@@ -1020,8 +1031,7 @@ fn evaluate_in_place(
     match &pl.prepared.params {
         Params::Gcra(rate) => {
             let tat = cell.tat();
-            let mut e = Evaluation::default();
-            let next = gcra_into(tat, now, cost, rate, &mut e);
+            let (e, next) = gcra_with_tau(tat, now, cost, rate, pl.prepared.tau);
             // `tat` is `Some` only if the cell holds a bucket.
             let wrote = write && e.admit && tat.is_some();
             if wrote {
@@ -1030,27 +1040,22 @@ fn evaluate_in_place(
             }
             (e, wrote)
         }
-        Params::Sliding(window) => {
-            let fresh_at = cell.fresh_at;
-            match &mut cell.counter {
-                Counter::Sliding(log) => {
-                    let e = log.evaluate(now, cost, window);
-                    if write
-                        && e.admit
-                        && let Some(was) = log.merge_one(now, cost, window)
-                    {
-                        undo.fresh_at = fresh_at;
-                        undo.a = was.at;
-                        undo.b = was.cost;
-                        // As `write_next` does: when the log is empty again.
-                        cell.fresh_at = log.empty_at(now, window.length);
-                        return (e, true);
-                    }
-                    (e, false)
-                }
-                _ => (SlidingState::Empty.evaluate(now, cost, window), false),
+        Params::Sliding(window) => match &mut cell.counter {
+            Counter::Sliding(log) => {
+                let (e, was) = log.evaluate_merge_one(now, cost, window, write);
+                let Some(was) = was else {
+                    return (e, false);
+                };
+                undo.fresh_at = cell.fresh_at;
+                undo.a = was.at;
+                undo.b = was.cost;
+                // As `write_next` does: when the log is empty again, `now`
+                // plus the reset of the evaluation that merged.
+                cell.fresh_at = Nanos(now.0 + e.reset.0);
+                (e, true)
             }
-        }
+            _ => (SlidingState::Empty.evaluate(now, cost, window), false),
+        },
         &Params::Calendar { limit, .. } => {
             let end = pl.calendar_end(now);
             let state = cell.calendar();
@@ -1271,9 +1276,8 @@ fn evaluate_gcra(
     now: Nanos,
     next: &mut Next,
 ) -> Evaluation {
-    let tat = counter.tat();
-    let mut e = Evaluation::default();
-    *next = Next::Gcra(gcra_into(tat, now, cost, rate, &mut e));
+    let (e, tat) = gcra(counter.tat(), now, cost, rate);
+    *next = Next::Gcra(tat);
     e
 }
 
