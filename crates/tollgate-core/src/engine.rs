@@ -507,6 +507,21 @@ impl<C: Clock> Engine<MemoryStore, C> {
     }
 }
 
+impl<S: Store, C: Clock> Engine<S, C> {
+    /// [`Engine::decide`] without a future when the store decides in memory
+    /// (the in-memory store, or the one [`Store::as_memory`] names); `None`
+    /// for a store that waits: await [`Engine::decide`] then. Inlined, so
+    /// the `Decision` (over 1.5 KB) is built in the caller's frame rather
+    /// than copied out of a callee or a polled future.
+    #[inline]
+    pub fn decide_in_memory(&self, policy: &CompiledPolicy, req: &Request<'_>) -> Option<Decision> {
+        let memory = self.store.as_memory()?;
+        let mut decision = Decision::new(self.clock.now());
+        self.decide_now_into(memory, policy, req, &mut decision);
+        Some(decision)
+    }
+}
+
 const EMPTY_CHECK: Check = Check {
     key: CounterKey(0),
     params: Params::Calendar {

@@ -461,10 +461,10 @@ fn decide_caller_now<S: AsRef<str> + Ord>(
         cost: input.cost,
         ..caller.request(input.op, input.ip.unwrap_or(""), attrs)
     };
-    Some(
-        decide_in_memory(st, policy, &core_req)?
-            .map(|d| answer_decision(st, policy, input.op, caller, &d)),
-    )
+    // Decided in place (in memory nothing waits): no future to poll, and
+    // the decision is built in this frame, not copied out.
+    let d = st.engine.decide_in_memory(policy, &core_req)?;
+    Some(Ok(answer_decision(st, policy, input.op, caller, &d)))
 }
 
 /// [`decide_caller_now`] on a store that waits (Redis).
@@ -626,30 +626,6 @@ fn write_answer(
         SCRATCH.set((text, out));
     }
     answer
-}
-
-/// The decision of `req` when the counter store is in memory, decided in
-/// place: `Engine::decide` then finishes in its first poll (nothing waits in
-/// memory), so its future (sized for the store's network path) is neither
-/// kept in the check's future nor moved. `None` for another store: await
-/// `Engine::decide`. An in-memory decision that waited (it cannot) is
-/// answered 503 rather than decided twice.
-fn decide_in_memory(
-    st: &Shared,
-    policy: &tollgate_core::policy::CompiledPolicy,
-    req: &tollgate_core::Request<'_>,
-) -> Option<Result<tollgate_core::Decision, ApiError>> {
-    use std::future::Future;
-    tollgate_core::Store::as_memory(st.engine.store())?;
-    let decide = std::pin::pin!(st.engine.decide(policy, req));
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    Some(match decide.poll(&mut cx) {
-        std::task::Poll::Ready(d) => Ok(d),
-        std::task::Poll::Pending => {
-            tracing::error!("an in-memory decision waited; answered 503");
-            Err(ApiError::unavailable("counter store"))
-        }
-    })
 }
 
 /// The headers of a check answer: names and values in one buffer, written as

@@ -189,6 +189,9 @@ pub struct PolicyCounters {
     limit_names: Box<[Box<[u8]>]>,
     /// Each operation's name as a JSON string, by `OperationId`.
     operation_names: Box<[Box<[u8]>]>,
+    /// The policy's key header, parsed (`None`: not a valid header name, so
+    /// no request carries it).
+    key_header: Option<http::HeaderName>,
 }
 
 /// `s` as a JSON string, escaped as `serde_json` escapes it.
@@ -216,6 +219,7 @@ impl PolicyCounters {
                 .iter()
                 .map(|o| json_string(&o.name))
                 .collect(),
+            key_header: http::HeaderName::from_bytes(policy.key_header.as_bytes()).ok(),
             policy,
         }
     }
@@ -223,6 +227,13 @@ impl PolicyCounters {
     /// Limit `limit`'s name as a JSON string (quoted, escaped).
     pub fn limit_name(&self, limit: LimitId) -> &[u8] {
         &self.limit_names[usize::from(limit)]
+    }
+
+    /// The policy's key header as a parsed name (`None` when it is not a
+    /// valid header name), so a request's headers are searched without
+    /// parsing it each time.
+    pub fn key_header(&self) -> Option<&http::HeaderName> {
+        self.key_header.as_ref()
     }
 
     /// Operation `op`'s name as a JSON string (quoted, escaped).

@@ -84,7 +84,16 @@ impl AppState {
         policy: &CompiledPolicy,
         ip: IpAddr,
     ) -> Result<Caller, ApiError> {
-        let key = presented_key(headers, &policy.key_header).ok_or_else(|| missing_key(policy))?;
+        // The key header's name parsed once per policy (a `&str` name is
+        // parsed, lowercased and hashed on every lookup).
+        let key = match self.counters.for_policy(policy, || self.policy.load_full()) {
+            Some(table) => match table.key_header() {
+                Some(name) => presented_key(headers, name),
+                None => presented_key(headers, &policy.key_header),
+            },
+            None => presented_key(headers, &policy.key_header),
+        }
+        .ok_or_else(|| missing_key(policy))?;
         self.authenticate_key(key, policy, ip).await
     }
 
@@ -249,8 +258,12 @@ pub fn missing_key(policy: &CompiledPolicy) -> ApiError {
     )
 }
 
-/// The API key a request presents.
-pub fn presented_key<'h>(headers: &'h HeaderMap, key_header: &str) -> Option<&'h str> {
+/// The API key a request presents in header `key_header` (a name, as
+/// `&str` or parsed), or else as `Authorization: Bearer`.
+pub fn presented_key<'h>(
+    headers: &'h HeaderMap,
+    key_header: impl header::AsHeaderName,
+) -> Option<&'h str> {
     if let Some(v) = headers
         .get(key_header)
         .and_then(|v| v.to_str().ok())
