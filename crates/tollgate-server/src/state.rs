@@ -260,10 +260,7 @@ pub fn missing_key(policy: &CompiledPolicy) -> ApiError {
 
 /// The API key a request presents in header `key_header` (a name, as
 /// `&str` or parsed), or else as `Authorization: Bearer`.
-pub fn presented_key<'h>(
-    headers: &'h HeaderMap,
-    key_header: impl header::AsHeaderName,
-) -> Option<&'h str> {
+pub fn presented_key(headers: &HeaderMap, key_header: impl header::AsHeaderName) -> Option<&str> {
     if let Some(v) = headers
         .get(key_header)
         .and_then(|v| v.to_str().ok())

@@ -7,8 +7,7 @@ use tollgate_core::algorithm::Evaluation;
 use tollgate_core::policy::CompiledPolicy;
 use tollgate_core::store::conformance::block_on;
 use tollgate_core::{
-    Check, Clock, CounterKey, Engine, ManualClock, MemoryStore, Nanos, Request, Store, StoreError,
-    policy,
+    Check, CounterKey, Engine, ManualClock, MemoryStore, Nanos, Request, Store, StoreError, policy,
 };
 
 /// A bucket of 3 per account and a concurrency limit of 2 (a lease).
