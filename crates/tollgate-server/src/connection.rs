@@ -271,6 +271,86 @@ pub async fn within<F: Future>(
         .map_err(|_| RequestTimeout)
 }
 
+/// The request timeout's timer of one connection, kept between its requests.
+///
+/// A new tokio timer per request (`tokio::time::timeout`) registers in the
+/// timer wheel when first polled and is taken out again when dropped, each
+/// under the timer driver's lock. This one outlives the request: the next
+/// request moves it to its own deadline with `Sleep::reset`, which for a
+/// timer still registered and a later deadline (as deadlines on one HTTP/1
+/// connection only grow) is one atomic update; the wheel moves the entry
+/// only when the earlier deadline comes (as the upstream's
+/// `proxy::upstream::Deadline` does). Concurrent requests (HTTP/2 streams)
+/// that find it taken get a timer of their own, as before.
+#[derive(Default)]
+pub struct RequestTimer {
+    kept: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+}
+
+impl std::fmt::Debug for RequestTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestTimer").finish_non_exhaustive()
+    }
+}
+
+impl RequestTimer {
+    /// The kept timer moved to `deadline`, or a new one.
+    fn take(&self, deadline: tokio::time::Instant) -> Pin<Box<tokio::time::Sleep>> {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match kept {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+
+    /// Keeps `timer` for the next request (if no other is kept).
+    fn give_back(&self, timer: Pin<Box<tokio::time::Sleep>>) {
+        let mut kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.is_none() {
+            *kept = Some(timer);
+        }
+    }
+
+    /// `fut` within `limit` (counted from now), as
+    /// `tokio::time::timeout(limit, fut)`: the future is polled first and the
+    /// timer only while it is pending; `Err` once the limit has passed.
+    ///
+    /// # Errors
+    /// [`RequestTimeout`] when `fut` has not finished within `limit`.
+    pub async fn within<F: Future>(
+        &self,
+        limit: Duration,
+        fut: F,
+    ) -> Result<F::Output, RequestTimeout> {
+        let now = tokio::time::Instant::now();
+        // As tokio's `sleep`: a limit too far to represent is "never".
+        let deadline = now
+            .checked_add(limit)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+        let mut timer = self.take(deadline);
+        let mut fut = std::pin::pin!(fut);
+        let out = std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            timer.as_mut().poll(cx).map(|()| Err(RequestTimeout))
+        })
+        .await;
+        self.give_back(timer);
+        out
+    }
+}
+
 /// A request that took longer than `request_timeout` ([`within`]).
 #[derive(Debug, thiserror::Error)]
 #[error("the request took too long")]
