@@ -534,6 +534,71 @@ mod tests {
         assert_eq!(parse_open_file_limit(""), None);
     }
 
+    /// The kept timer fires as `tokio::time::timeout` would, whatever
+    /// deadline it was registered with before: a later one (extended), an
+    /// earlier one (moved back), or one that had fired already.
+    #[tokio::test]
+    async fn the_request_timer_is_reused_and_fires_at_each_requests_limit() {
+        use std::time::Instant;
+        let timer = RequestTimer::default();
+        let kept = |t: &RequestTimer| t.kept.lock().expect("lock").is_some();
+        let nap = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        // Done at once: the answer, and the timer kept for the next request.
+        assert_eq!(
+            timer.within(Duration::from_secs(5), async { 7 }).await.ok(),
+            Some(7)
+        );
+        assert!(kept(&timer));
+        // Waits (the timer is registered at +300 ms) and finishes in time.
+        assert!(
+            timer
+                .within(Duration::from_millis(300), nap(10))
+                .await
+                .is_ok()
+        );
+        // A later, longer request outlives that first deadline.
+        let t0 = Instant::now();
+        assert!(timer.within(Duration::from_secs(2), nap(500)).await.is_ok());
+        assert!(t0.elapsed() >= Duration::from_millis(500));
+        // A shorter limit than the one registered fires at its own time.
+        let t0 = Instant::now();
+        let slow = timer.within(Duration::from_millis(50), std::future::pending::<()>());
+        assert!(slow.await.is_err());
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(50) && took < Duration::from_secs(1),
+            "{took:?}"
+        );
+        // The fired timer is kept and serves again, and fires again.
+        assert!(kept(&timer));
+        assert!(
+            timer
+                .within(Duration::from_millis(200), nap(20))
+                .await
+                .is_ok()
+        );
+        let t0 = Instant::now();
+        assert!(
+            timer
+                .within(Duration::from_millis(80), nap(5_000))
+                .await
+                .is_err()
+        );
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(80) && took < Duration::from_secs(1),
+            "{took:?}"
+        );
+        // Concurrent requests (HTTP/2): one gets the kept timer, the other
+        // its own; both fire at their limits, and one timer is kept after.
+        let (a, b) = tokio::join!(
+            timer.within(Duration::from_millis(30), std::future::pending::<()>()),
+            timer.within(Duration::from_millis(300), nap(10)),
+        );
+        assert!(a.is_err() && b.is_ok());
+        assert!(kept(&timer));
+    }
+
     #[test]
     fn gate_refuses_beyond_its_cap_and_frees_places() {
         let gate = Gate::new(2, Some((Gauge::default(), Counter::default())));
