@@ -539,7 +539,7 @@ mod tests {
     /// earlier one (moved back), or one that had fired already.
     #[tokio::test]
     async fn the_request_timer_is_reused_and_fires_at_each_requests_limit() {
-        use std::time::Instant;
+        use tokio::time::Instant;
         let timer = RequestTimer::default();
         let kept = |t: &RequestTimer| t.kept.lock().expect("lock").is_some();
         let nap = |ms| tokio::time::sleep(Duration::from_millis(ms));

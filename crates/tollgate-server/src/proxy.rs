@@ -164,7 +164,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
     // [`decide`]'s work, in place: a `Decision` is over 1.5 KB, and one
     // returned through `decide`'s future was copied twice more.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let decision = st
         .engine
         .decide(&policy, &caller.request(op_id, ip, &attr_refs))
@@ -504,7 +504,7 @@ pub async fn decide(
     attrs: &[Option<&str>],
 ) -> Decision {
     let req = caller.request(op, ip, attrs);
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let decision = st.engine.decide(policy, &req).await;
     decided(st, policy, op, caller, started, &decision).await;
     decision
@@ -517,7 +517,7 @@ async fn decided(
     policy: &CompiledPolicy,
     op: tollgate_core::policy::OperationId,
     caller: &Caller,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
     d: &Decision,
 ) {
     // A monotonic reading (the engine's clock is the wall clock, which costs
