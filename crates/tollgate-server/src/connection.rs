@@ -271,6 +271,86 @@ pub async fn within<F: Future>(
         .map_err(|_| RequestTimeout)
 }
 
+/// The request timeout's timer of one connection, kept between its requests.
+///
+/// A new tokio timer per request (`tokio::time::timeout`) registers in the
+/// timer wheel when first polled and is taken out again when dropped, each
+/// under the timer driver's lock. This one outlives the request: the next
+/// request moves it to its own deadline with `Sleep::reset`, which for a
+/// timer still registered and a later deadline (as deadlines on one HTTP/1
+/// connection only grow) is one atomic update; the wheel moves the entry
+/// only when the earlier deadline comes (as the upstream's
+/// `proxy::upstream::Deadline` does). Concurrent requests (HTTP/2 streams)
+/// that find it taken get a timer of their own, as before.
+#[derive(Default)]
+pub struct RequestTimer {
+    kept: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+}
+
+impl std::fmt::Debug for RequestTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestTimer").finish_non_exhaustive()
+    }
+}
+
+impl RequestTimer {
+    /// The kept timer moved to `deadline`, or a new one.
+    fn take(&self, deadline: tokio::time::Instant) -> Pin<Box<tokio::time::Sleep>> {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match kept {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+
+    /// Keeps `timer` for the next request (if no other is kept).
+    fn give_back(&self, timer: Pin<Box<tokio::time::Sleep>>) {
+        let mut kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.is_none() {
+            *kept = Some(timer);
+        }
+    }
+
+    /// `fut` within `limit` (counted from now), as
+    /// `tokio::time::timeout(limit, fut)`: the future is polled first and the
+    /// timer only while it is pending; `Err` once the limit has passed.
+    ///
+    /// # Errors
+    /// [`RequestTimeout`] when `fut` has not finished within `limit`.
+    pub async fn within<F: Future>(
+        &self,
+        limit: Duration,
+        fut: F,
+    ) -> Result<F::Output, RequestTimeout> {
+        let now = tokio::time::Instant::now();
+        // As tokio's `sleep`: a limit too far to represent is "never".
+        let deadline = now
+            .checked_add(limit)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+        let mut timer = self.take(deadline);
+        let mut fut = std::pin::pin!(fut);
+        let out = std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            timer.as_mut().poll(cx).map(|()| Err(RequestTimeout))
+        })
+        .await;
+        self.give_back(timer);
+        out
+    }
+}
+
 /// A request that took longer than `request_timeout` ([`within`]).
 #[derive(Debug, thiserror::Error)]
 #[error("the request took too long")]
@@ -452,6 +532,71 @@ mod tests {
             "Max open files            unlimited            unlimited            files\n";
         assert_eq!(parse_open_file_limit(unlimited), None);
         assert_eq!(parse_open_file_limit(""), None);
+    }
+
+    /// The kept timer fires as `tokio::time::timeout` would, whatever
+    /// deadline it was registered with before: a later one (extended), an
+    /// earlier one (moved back), or one that had fired already.
+    #[tokio::test]
+    async fn the_request_timer_is_reused_and_fires_at_each_requests_limit() {
+        use tokio::time::Instant;
+        let timer = RequestTimer::default();
+        let kept = |t: &RequestTimer| t.kept.lock().expect("lock").is_some();
+        let nap = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        // Done at once: the answer, and the timer kept for the next request.
+        assert_eq!(
+            timer.within(Duration::from_secs(5), async { 7 }).await.ok(),
+            Some(7)
+        );
+        assert!(kept(&timer));
+        // Waits (the timer is registered at +300 ms) and finishes in time.
+        assert!(
+            timer
+                .within(Duration::from_millis(300), nap(10))
+                .await
+                .is_ok()
+        );
+        // A later, longer request outlives that first deadline.
+        let t0 = Instant::now();
+        assert!(timer.within(Duration::from_secs(2), nap(500)).await.is_ok());
+        assert!(t0.elapsed() >= Duration::from_millis(500));
+        // A shorter limit than the one registered fires at its own time.
+        let t0 = Instant::now();
+        let slow = timer.within(Duration::from_millis(50), std::future::pending::<()>());
+        assert!(slow.await.is_err());
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(50) && took < Duration::from_secs(1),
+            "{took:?}"
+        );
+        // The fired timer is kept and serves again, and fires again.
+        assert!(kept(&timer));
+        assert!(
+            timer
+                .within(Duration::from_millis(200), nap(20))
+                .await
+                .is_ok()
+        );
+        let t0 = Instant::now();
+        assert!(
+            timer
+                .within(Duration::from_millis(80), nap(5_000))
+                .await
+                .is_err()
+        );
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(80) && took < Duration::from_secs(1),
+            "{took:?}"
+        );
+        // Concurrent requests (HTTP/2): one gets the kept timer, the other
+        // its own; both fire at their limits, and one timer is kept after.
+        let (a, b) = tokio::join!(
+            timer.within(Duration::from_millis(30), std::future::pending::<()>()),
+            timer.within(Duration::from_millis(300), nap(10)),
+        );
+        assert!(a.is_err() && b.is_ok());
+        assert!(kept(&timer));
     }
 
     #[test]

@@ -309,7 +309,7 @@ pub fn proxy_router(st: Shared) -> Router {
 /// of [`OWN_PATHS`] (the proxy) are called directly, with the same answers
 /// the router would give (it has no layers; its fallback is the proxy).
 async fn route(
-    router: Router,
+    router: &Router,
     fast: Option<&Shared>,
     peer: SocketAddr,
     mut req: http::Request<axum::body::Body>,
@@ -329,7 +329,7 @@ async fn route(
         }
     }
     req.extensions_mut().insert(ConnectInfo(peer));
-    match router.oneshot(req).await {
+    match router.clone().oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},
     }
@@ -376,15 +376,20 @@ async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let fast = fast.clone();
-        let service = hyper::service::service_fn(
-            move |req: http::Request<hyper::body::Incoming>| {
-                let router = router.clone();
-                let fast = fast.clone();
-                async move { Ok::<_, Infallible>(serve_request(router, fast, peer, limits, req).await) }
-            },
-        );
+        // What every request of the connection shares: one reference count
+        // per request.
+        let conn = Arc::new(PerConnection {
+            router: router.clone(),
+            fast: fast.clone(),
+            peer,
+            limits,
+            timer: connection::RequestTimer::default(),
+        });
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let conn = Arc::clone(&conn);
+                async move { Ok::<_, Infallible>(serve_request(&conn, req).await) }
+            });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -417,6 +422,17 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
 }
 
+/// What the requests of one connection share.
+struct PerConnection {
+    router: Router,
+    /// The proxy listener's state (see [`route`]).
+    fast: Option<Shared>,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    /// The request timeout's timer, kept between requests.
+    timer: connection::RequestTimer,
+}
+
 /// Serves one request of a connection with the defences of [`connection`].
 /// On the proxy listener (`fast` set) a `POST /v1/check` whose JSON body came
 /// whole with its headers is answered at once ([`check::answer_whole`]): no
@@ -424,13 +440,11 @@ async fn serve(
 /// set only if the check waits ([`connection::within`]). Every other request
 /// gets the guarded body, [`route`] and the request timeout.
 async fn serve_request(
-    router: Router,
-    fast: Option<Shared>,
-    peer: SocketAddr,
-    limits: ConnLimits,
+    conn: &PerConnection,
     mut req: http::Request<hyper::body::Incoming>,
 ) -> http::Response<connection::ResponseBody> {
     use http_body_util::Either;
+    let (fast, peer, limits) = (&conn.fast, conn.peer, &conn.limits);
     let http1 = req.version() < http::Version::HTTP_2;
     if connection::target_too_long(req.uri()) {
         return connection::uri_too_long_response(http1).map(Either::Right);
@@ -459,13 +473,15 @@ async fn serve_request(
         }
     }
     let (parts, body) = req.into_parts();
-    let (body, body_timed_out) = connection::guard_body(body, first, &limits);
+    let (body, body_timed_out) = connection::guard_body(body, first, limits);
     let req = http::Request::from_parts(parts, body);
-    let resp = match tokio::time::timeout(
-        limits.request_timeout,
-        route(router, fast.as_ref(), peer, req),
-    )
-    .await
+    let resp = match conn
+        .timer
+        .within(
+            limits.request_timeout,
+            route(&conn.router, fast.as_ref(), peer, req),
+        )
+        .await
     {
         Ok(r) => r,
         Err(_) => connection::request_timeout_response(),

@@ -33,7 +33,7 @@ use serde_json::json;
 use sha2::Digest;
 use tollgate_core::headers::{self, ResponseKind};
 use tollgate_core::policy::{Action, AttributeSource, CompiledPolicy, Operation, Respond};
-use tollgate_core::{Clock, Decision, Outcome};
+use tollgate_core::{Decision, Outcome};
 use tollgate_ledger::{Idempotency, ReservationId, ReserveOutcome, StoredResponse};
 
 use crate::client_ip::client_ip;
@@ -164,7 +164,7 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
     // [`decide`]'s work, in place: a `Decision` is over 1.5 KB, and one
     // returned through `decide`'s future was copied twice more.
-    let started = st.engine.clock().now();
+    let started = tokio::time::Instant::now();
     let decision = st
         .engine
         .decide(&policy, &caller.request(op_id, ip, &attr_refs))
@@ -504,7 +504,7 @@ pub async fn decide(
     attrs: &[Option<&str>],
 ) -> Decision {
     let req = caller.request(op, ip, attrs);
-    let started = st.engine.clock().now();
+    let started = tokio::time::Instant::now();
     let decision = st.engine.decide(policy, &req).await;
     decided(st, policy, op, caller, started, &decision).await;
     decision
@@ -517,11 +517,14 @@ async fn decided(
     policy: &CompiledPolicy,
     op: tollgate_core::policy::OperationId,
     caller: &Caller,
-    started: tollgate_core::Nanos,
+    started: tokio::time::Instant,
     d: &Decision,
 ) {
-    let elapsed = st.engine.clock().now().0.saturating_sub(started.0);
-    st.metrics.decision_seconds.observe(elapsed as f64 / 1e9);
+    // A monotonic reading (the engine's clock is the wall clock, which costs
+    // more to read and can step).
+    st.metrics
+        .decision_seconds
+        .observe(started.elapsed().as_secs_f64());
     record_decision(
         st,
         policy,
@@ -946,9 +949,9 @@ async fn attempt(
 ) -> Result<Response<UpstreamBody>, Attempt> {
     let upstream_req = build_request(st, req, body).map_err(|e| Attempt::Failed(e, false))?;
     let again = || replay.and_then(|b| build_request(st, req, Body::from(b.clone())).ok());
-    let started = st.engine.clock().now();
     // As `tokio::time::timeout(timeout, …)`, on the connection's own timer
-    // (see `UpstreamClient::send_or_replay_by`).
+    // (see `UpstreamClient::send_or_replay_by`); the same reading starts the
+    // exchange's latency.
     let now = tokio::time::Instant::now();
     let deadline = now
         .checked_add(timeout)
@@ -959,7 +962,7 @@ async fn attempt(
         .await;
     st.metrics
         .upstream_seconds
-        .observe(st.engine.clock().now().0.saturating_sub(started.0) as f64 / 1e9);
+        .observe(now.elapsed().as_secs_f64());
     let resp = match sent {
         Err(UpstreamError::Timeout) => {
             st.upstream_counters
