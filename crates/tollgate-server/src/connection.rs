@@ -351,6 +351,87 @@ impl RequestTimer {
     }
 }
 
+/// hyper's timer for the header reads of one HTTP/1 connection.
+///
+/// hyper arms its `header_read_timeout` afresh for every request head: with
+/// `hyper_util`'s `TokioTimer` that is a new boxed tokio timer per request,
+/// registered in the timer wheel while hyper waits for the head and taken
+/// out again when the head has arrived (about 1.6k instructions a request,
+/// `BENCHMARKS.md` "check11"). This timer hands out the connection's one
+/// kept tokio timer instead ([`RequestTimer`]'s slot), moved to the new
+/// deadline: heads on one connection come one after another, so each
+/// deadline is later than the last and the move is one atomic update while
+/// the timer is still registered. Dropped by hyper once the head is read,
+/// the handed-out timer goes back to the slot, still registered; if its
+/// deadline passes while the connection does something else, the wheel
+/// wakes the connection's task once, for nothing.
+#[derive(Clone, Default)]
+pub struct HeaderTimer {
+    slot: Arc<RequestTimer>,
+}
+
+impl std::fmt::Debug for HeaderTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeaderTimer").finish_non_exhaustive()
+    }
+}
+
+/// The kept timer while hyper holds it; back to its slot when dropped.
+struct HeldSleep {
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    slot: Arc<RequestTimer>,
+}
+
+impl Future for HeldSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.timer.as_mut() {
+            Some(timer) => timer.as_mut().poll(cx),
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+impl hyper::rt::Sleep for HeldSleep {}
+
+impl Drop for HeldSleep {
+    fn drop(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            self.slot.give_back(timer);
+        }
+    }
+}
+
+impl hyper::rt::Timer for HeaderTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until((tokio::time::Instant::now() + duration).into_std())
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeldSleep {
+            timer: Some(self.slot.take(deadline.into())),
+            slot: Arc::clone(&self.slot),
+        })
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: std::time::Instant) {
+        match sleep
+            .as_mut()
+            .downcast_mut_pin::<HeldSleep>()
+            .and_then(|held| Pin::get_mut(held).timer.as_mut())
+        {
+            Some(timer) => timer.as_mut().reset(new_deadline.into()),
+            None => *sleep = self.sleep_until(new_deadline),
+        }
+    }
+
+    fn now(&self) -> std::time::Instant {
+        // tokio's clock, as `TokioTimer`: paused with the runtime in tests.
+        tokio::time::Instant::now().into_std()
+    }
+}
+
 /// A request that took longer than `request_timeout` ([`within`]).
 #[derive(Debug, thiserror::Error)]
 #[error("the request took too long")]
@@ -597,6 +678,53 @@ mod tests {
         );
         assert!(a.is_err() && b.is_ok());
         assert!(kept(&timer));
+    }
+
+    /// hyper's header timer: each head's sleep is the one kept timer, moved
+    /// to the new deadline; it fires at that deadline (not an earlier
+    /// one's), and goes back to the slot when hyper drops it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_header_timer_hands_out_the_kept_timer_at_each_deadline() {
+        use hyper::rt::Timer;
+        use tokio::time::Instant;
+        let timer = HeaderTimer::default();
+        let kept = |t: &HeaderTimer| t.slot.kept.lock().expect("lock").is_some();
+        let after = |ms| timer.sleep(Duration::from_millis(ms));
+        // A head that arrives in time: the sleep is registered, then dropped
+        // (hyper drops it once the head is read) and kept.
+        let mut first = after(100);
+        assert!(futures_poll_once(first.as_mut()).is_pending());
+        drop(first);
+        assert!(kept(&timer));
+        // The next head's deadline is later; it fires then, not at +100 ms.
+        let t0 = Instant::now();
+        after(300).await;
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(kept(&timer), "the fired timer is kept too");
+        // A fired timer serves again, and hyper's reset moves it in place.
+        let t0 = Instant::now();
+        let mut s = after(5_000);
+        assert!(futures_poll_once(s.as_mut()).is_pending());
+        timer.reset(&mut s, timer.now() + Duration::from_millis(50));
+        s.await;
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(50) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        // Two at once (never on one HTTP/1 connection, but allowed): the
+        // second gets a timer of its own.
+        let (a, b) = (after(20), after(40));
+        let t0 = Instant::now();
+        tokio::join!(a, b);
+        assert!(t0.elapsed() >= Duration::from_millis(40));
+        assert!(kept(&timer));
+    }
+
+    fn futures_poll_once<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        f.poll(&mut cx)
     }
 
     #[test]

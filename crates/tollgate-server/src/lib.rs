@@ -393,7 +393,7 @@ async fn serve(
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
+            .timer(connection::HeaderTimer::default())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(64 * 1024);
         builder

@@ -73,6 +73,65 @@ async fn silent_partial_headers_are_cut_off_after_the_header_timeout() {
     running.shutdown().await;
 }
 
+/// The header timeout on a kept-alive connection: each request head gets
+/// the whole `header_read_timeout` again (the connection's one timer is
+/// moved to each new deadline, `connection::HeaderTimer`), so requests
+/// 700 ms apart keep being served well past the first deadline; a partial
+/// head after them is still cut off within the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_gets_the_header_timeout_for_each_head() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.path().to_path_buf(),
+        header_read_timeout: Duration::from_secs(1),
+        ..ServerConfig::default()
+    };
+    let policy = tollgate_core::policy::parse(DEFAULT_POLICY, "default").expect("policy");
+    let running = tollgate_server::start(config, policy)
+        .await
+        .expect("starts");
+    let mut conn = tokio::net::TcpStream::connect(running.addr)
+        .await
+        .expect("connect");
+    let request = b"GET /healthz HTTP/1.1\r\nHost: tollgate\r\n\r\n";
+    let started = tokio::time::Instant::now();
+    for i in 0..4 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        conn.write_all(request).await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("answered")
+            .expect("read");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text}");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(2_100));
+    // Then a head that never ends.
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let cut = tokio::time::Instant::now();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "not closed within 5 s");
+    let waited = cut.elapsed();
+    assert!(
+        waited <= Duration::from_millis(2_500),
+        "closed after {waited:?}; header timeout is 1 s"
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    running.shutdown().await;
+}
+
 // ------------------------------------------------------------------ E2
 
 /// Legit traffic while an attack runs: fresh connections (no pooled
