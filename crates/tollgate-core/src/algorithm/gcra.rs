@@ -292,29 +292,40 @@ mod tests {
         assert_eq!(e.remaining, 5);
     }
 
-    #[test]
-    fn the_64_bit_path_gives_the_128_bit_answer() {
-        let mut x = 0x9E37_79B9_7F4A_7C15_u64;
-        let mut next = move |m: u64| {
+    /// A xorshift generator: `next(m)` is in `0..m`.
+    fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut x = seed;
+        move |m| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x % m
+        }
+    }
+
+    /// A random bucket, TAT, time and cost, over 64- and 128-bit ranges.
+    fn random_case(next: &mut impl FnMut(u64) -> u64) -> (GcraRate, Option<Nanos>, Nanos, u64) {
+        let scale = [10, 1_000, 1_000_000, u64::MAX][next(4) as usize];
+        let rate = GcraRate {
+            capacity: 1 + next(scale.min(1 << 40)),
+            interval: 1 + next(scale),
         };
+        let now = Nanos(next(u64::MAX));
+        let tat = [
+            None,
+            Some(Nanos(next(u64::MAX))),
+            Some(Nanos(now.0.saturating_add(next(scale)))),
+        ][next(3) as usize];
+        let cost = next(rate.capacity.saturating_add(2));
+        (rate, tat, now, cost)
+    }
+
+    #[test]
+    fn the_64_bit_path_gives_the_128_bit_answer() {
+        let mut next = rng(0x9E37_79B9_7F4A_7C15_u64);
         let mut compared = 0;
         for _ in 0..100_000 {
-            let scale = [10, 1_000, 1_000_000, u64::MAX][next(4) as usize];
-            let rate = GcraRate {
-                capacity: 1 + next(scale.min(1 << 40)),
-                interval: 1 + next(scale),
-            };
-            let now = Nanos(next(u64::MAX));
-            let tat = [
-                None,
-                Some(Nanos(next(u64::MAX))),
-                Some(Nanos(now.0.saturating_add(next(scale)))),
-            ][next(3) as usize];
-            let cost = next(rate.capacity.saturating_add(2));
+            let (rate, tat, now, cost) = random_case(&mut next);
             if let Some(fast) = gcra_u64(tat, now, cost, &rate) {
                 assert_eq!(
                     fast,
@@ -331,26 +342,9 @@ mod tests {
     /// a bucket answers as `gcra` does.
     #[test]
     fn gcra_with_tau_gives_gcras_answer() {
-        let mut x = 0x2545_F491_4F6C_DD1D_u64;
-        let mut next = move |m: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % m
-        };
+        let mut next = rng(0x2545_F491_4F6C_DD1D_u64);
         for _ in 0..100_000 {
-            let scale = [10, 1_000, 1_000_000, u64::MAX][next(4) as usize];
-            let rate = GcraRate {
-                capacity: 1 + next(scale.min(1 << 40)),
-                interval: 1 + next(scale),
-            };
-            let now = Nanos(next(u64::MAX));
-            let tat = [
-                None,
-                Some(Nanos(next(u64::MAX))),
-                Some(Nanos(now.0.saturating_add(next(scale)))),
-            ][next(3) as usize];
-            let cost = next(rate.capacity.saturating_add(2));
+            let (rate, tat, now, cost) = random_case(&mut next);
             let expected = gcra(tat, now, cost, &rate);
             assert_eq!(
                 gcra_with_tau(tat, now, cost, &rate, rate.tau_u64()),

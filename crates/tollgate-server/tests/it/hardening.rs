@@ -18,8 +18,9 @@ use tollgate_server::config::{DEFAULT_POLICY, ServerConfig};
 
 use crate::support::{Server, TOKEN};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_partial_headers_are_cut_off_after_the_header_timeout() {
+/// The default policy served with a 1 s `header_read_timeout`; the data
+/// directory lives as long as the returned guard.
+async fn start_with_a_1s_header_timeout() -> (tempfile::TempDir, tollgate_server::Running) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = ServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -32,6 +33,12 @@ async fn silent_partial_headers_are_cut_off_after_the_header_timeout() {
     let running = tollgate_server::start(config, policy)
         .await
         .expect("starts");
+    (dir, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_partial_headers_are_cut_off_after_the_header_timeout() {
+    let (_dir, running) = start_with_a_1s_header_timeout().await;
 
     let mut slow = tokio::net::TcpStream::connect(running.addr)
         .await
@@ -80,18 +87,7 @@ async fn silent_partial_headers_are_cut_off_after_the_header_timeout() {
 /// head after them is still cut off within the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_alive_connection_gets_the_header_timeout_for_each_head() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = ServerConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.path().to_path_buf(),
-        header_read_timeout: Duration::from_secs(1),
-        ..ServerConfig::default()
-    };
-    let policy = tollgate_core::policy::parse(DEFAULT_POLICY, "default").expect("policy");
-    let running = tollgate_server::start(config, policy)
-        .await
-        .expect("starts");
+    let (_dir, running) = start_with_a_1s_header_timeout().await;
     let mut conn = tokio::net::TcpStream::connect(running.addr)
         .await
         .expect("connect");
