@@ -15,10 +15,8 @@ mod threads {
     use std::collections::HashMap;
     use std::future::Future;
     use std::num::NonZeroU64;
-    use std::pin::pin;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Barrier, Mutex};
-    use std::task::{Context, Poll, Waker};
     use std::time::Duration;
 
     use tollgate_core::algorithm::Evaluation;
@@ -30,6 +28,8 @@ mod threads {
         Check, Clock, CounterKey, Engine, ManualClock, MemoryStore, Nanos, Params, Request, Store,
         StoreError, policy,
     };
+
+    use crate::block_on;
 
     /// Calendar minute 7, sliding 8 per 60 s, bucket 5 refilling 1 per 10 s;
     /// each is the binding limit at some point of the A1 schedule.
@@ -86,18 +86,6 @@ mod threads {
             out.push(t);
         }
         out
-    }
-
-    /// Polls a future that never waits for anything to completion.
-    fn block_on<F: Future>(f: F) -> F::Output {
-        let mut f = pin!(f);
-        let mut cx = Context::from_waker(Waker::noop());
-        loop {
-            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-                return v;
-            }
-            std::thread::yield_now();
-        }
     }
 
     /// Runs the A1 workload: at each step of the schedule the clock is set,

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use crate::block_on;
+
 use tollgate_core::algorithm::Evaluation;
 use tollgate_core::policy::CompiledPolicy;
-use tollgate_core::store::conformance::block_on;
 use tollgate_core::{
     Check, CounterKey, Engine, ManualClock, MemoryStore, Nanos, Request, Store, StoreError, policy,
 };
