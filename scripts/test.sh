@@ -25,5 +25,17 @@ cargo nextest run --workspace --locked --no-fail-fast
 cargo test --workspace --locked --doc --quiet
 # Model-checked interleavings of the in-memory store's locking (RELIABILITY-PLAN A4).
 # Built with its own cfg into its own target dir, so the main build stays cached.
-RUSTFLAGS="--cfg tollgate_loom" CARGO_TARGET_DIR=target/loom \
-  cargo test -p tollgate-core --locked --release --test it loom -- --nocapture 2>&1 | grep -E "^(test |test result)"
+# Only the test lines are shown; if the step fails (a compile error, say), its
+# whole output is shown, so the cause is never hidden.
+loom_log=$(mktemp)
+if RUSTFLAGS="--cfg tollgate_loom" CARGO_TARGET_DIR=target/loom \
+  cargo test -p tollgate-core --locked --release --test it loom -- --nocapture >"$loom_log" 2>&1; then
+  grep -E "^(test |test result)" "$loom_log"
+  rm -f "$loom_log"
+else
+  status=$?
+  cat "$loom_log"
+  rm -f "$loom_log"
+  echo "loom models failed (exit $status)" >&2
+  exit "$status"
+fi

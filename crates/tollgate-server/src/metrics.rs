@@ -24,6 +24,15 @@ pub struct DecisionLabels {
     pub outcome: String,
 }
 
+/// Labels of a request refused for its credits.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CreditLabels {
+    /// Plan name.
+    pub plan: String,
+    /// Operation name.
+    pub operation: String,
+}
+
 /// Labels of one limit's result.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
@@ -105,6 +114,10 @@ pub struct Metrics {
     pub store_unavailable: Gauge,
     /// Credits committed.
     pub credits_charged: Counter,
+    /// Requests refused because the account's balance did not cover their
+    /// credit cost (answered before any limit is decided, so not in
+    /// `decisions`).
+    pub credits_refused: Family<CreditLabels, Counter>,
     /// Live counters in the in-memory store.
     pub live_counters: Gauge,
     /// Policy reloads by result.
@@ -199,6 +212,12 @@ impl Metrics {
             "Credits committed",
             credits_charged.clone(),
         );
+        let credits_refused = Family::<CreditLabels, Counter>::default();
+        registry.register(
+            "credits_refused",
+            "Requests refused because the balance did not cover their credit cost, by plan and operation",
+            credits_refused.clone(),
+        );
         let live_counters = Gauge::default();
         registry.register(
             "live_counters",
@@ -247,6 +266,7 @@ impl Metrics {
             local_fallback,
             store_unavailable,
             credits_charged,
+            credits_refused,
             live_counters,
             reloads,
             connections_open,

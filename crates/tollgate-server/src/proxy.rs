@@ -40,7 +40,7 @@ use crate::client_ip::client_ip;
 use crate::error::{ApiError, json_response};
 use crate::events;
 use crate::metric_cache;
-use crate::metrics::{Metrics, UpstreamLabels};
+use crate::metrics::{CreditLabels, Metrics, UpstreamLabels};
 use crate::payload;
 use crate::state::{Caller, Shared};
 
@@ -431,6 +431,13 @@ async fn reserve(
     {
         ReserveOutcome::Reserved { id, .. } => Ok(Reserved::Ready(Some((id, amount)))),
         ReserveOutcome::Insufficient { balance } => {
+            st.metrics
+                .credits_refused
+                .get_or_create(&CreditLabels {
+                    plan: policy.plans[usize::from(caller.plan)].name.clone(),
+                    operation: op.name.clone(),
+                })
+                .inc();
             events::record(
                 &st.ledger,
                 &caller.identity.account,

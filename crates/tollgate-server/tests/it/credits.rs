@@ -423,6 +423,14 @@ async fn committed_credits_come_from_the_upstream_header_capped_at_the_reservati
         .call(false, "POST", "/render/1", &[("x-api-key", &low)], "{}")
         .await;
     assert_eq!(r.status, 402, "{}", r.text);
+    // The refusal is counted: it is answered before any limit is decided,
+    // so it is in no decision metric.
+    let metrics = s.admin("GET", "/metrics", "").await.text;
+    assert!(
+        metrics
+            .contains("tollgate_credits_refused_total{plan=\"default\",operation=\"render\"} 1\n"),
+        "{metrics}"
+    );
     s.running.shutdown().await;
 }
 
