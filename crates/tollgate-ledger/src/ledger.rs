@@ -18,7 +18,7 @@
 //! may reserve again. A key is therefore charged at most once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::future::Cache;
@@ -43,6 +43,13 @@ use crate::{
 /// but unknown key id costs at most one database read per id per this bound
 /// (concurrent misses for one id share that read).
 pub const REVOCATION_BOUND: Duration = Duration::from_secs(2);
+
+/// A cached key or account identity read again once it is this old, in the
+/// background, by the first request that finds it so: requests keep being
+/// answered from the cache while the database is read, so a hot key never
+/// waits for the database at the end of [`REVOCATION_BOUND`] (unless that
+/// read takes longer than the rest of the bound).
+const REFRESH_AFTER: Duration = Duration::from_millis(1500);
 
 /// Largest amount of one grant, reservation or commit (10^12 credits).
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
@@ -95,6 +102,10 @@ pub(crate) struct Inner {
     queries: AtomicU64,
     /// Key and account reads for identification (see [`Ledger::identity_lookups`]).
     lookups: AtomicU64,
+    /// Moves on every invalidation of cached keys or accounts: a background
+    /// refresh that read the database before an invalidation does not keep
+    /// what it read (see [`Ledger::refresh`]).
+    invalidations: AtomicU64,
 }
 
 impl Inner {
@@ -112,20 +123,49 @@ impl std::fmt::Debug for Ledger {
     }
 }
 
-/// A cached value and when it was read from the database.
+/// A cached value, when it was read from the database, and whether a
+/// request has taken on reading it again (shared by the copies in moka and
+/// in the front).
 #[derive(Clone)]
 struct Loaded<V> {
     value: V,
     at: tokio::time::Instant,
+    refreshing: Arc<AtomicBool>,
 }
 
 impl<V> Loaded<V> {
     fn now(value: V) -> Loaded<V> {
+        Loaded::read_at(value, tokio::time::Instant::now())
+    }
+
+    /// `value`, read by a query that started at `at` (its age counts from
+    /// then, so it is never served longer than the bound after the read).
+    fn read_at(value: V, at: tokio::time::Instant) -> Loaded<V> {
         Loaded {
             value,
-            at: tokio::time::Instant::now(),
+            at,
+            refreshing: Arc::default(),
         }
     }
+}
+
+impl<V> Loaded<V> {
+    /// The refresh flag, taken, when this value is past [`REFRESH_AFTER`]
+    /// and nobody has taken on reading it again.
+    fn claim_refresh(&self) -> Option<Arc<AtomicBool>> {
+        (self.at.elapsed() >= REFRESH_AFTER
+            && !self.refreshing.load(Ordering::Relaxed)
+            && !self.refreshing.swap(true, Ordering::AcqRel))
+        .then(|| Arc::clone(&self.refreshing))
+    }
+}
+
+/// A hit in a [`Front`]: the value, and the entry's refresh flag when this
+/// caller is the one to read it again (it is past [`REFRESH_AFTER`] and
+/// nobody else took that on).
+struct Hit<V> {
+    value: V,
+    refresh: Option<Arc<AtomicBool>>,
 }
 
 /// One shard of a [`Front`].
@@ -171,14 +211,22 @@ impl<V: Clone> Front<V> {
         &self.shards[h as usize % FRONT_SHARDS]
     }
 
-    /// The value for `key`, if present and younger than the TTL.
-    fn get(&self, key: &str) -> Option<V> {
+    /// The value for `key`, if present and younger than the TTL; with the
+    /// entry's refresh flag, taken, when it is past [`REFRESH_AFTER`] and
+    /// not being read again yet.
+    fn get(&self, key: &str) -> Option<Hit<V>> {
         let shard = self
             .shard(key)
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let hit = shard.get(key)?;
-        (hit.at.elapsed() < self.ttl).then(|| hit.value.clone())
+        if hit.at.elapsed() >= self.ttl {
+            return None;
+        }
+        Some(Hit {
+            value: hit.value.clone(),
+            refresh: hit.claim_refresh(),
+        })
     }
 
     /// Keeps `loaded` for `key` (unless already expired).
@@ -228,6 +276,13 @@ impl<V: Clone> Front<V> {
             })
             .sum()
     }
+}
+
+/// Which identity cache a background refresh reads for.
+#[derive(Clone, Copy)]
+enum Cached {
+    Key,
+    Account,
 }
 
 /// What the key cache holds for a key id.
@@ -442,6 +497,7 @@ impl Ledger {
                 known_ids,
                 queries: AtomicU64::new(0),
                 lookups: AtomicU64::new(0),
+                invalidations: AtomicU64::new(0),
             }),
         }
     }
@@ -672,23 +728,13 @@ impl Ledger {
         }
         if let Some(hit) = self.inner.accounts.get(id).await {
             self.inner.account_front.insert(id, &hit);
+            if let Some(flag) = hit.claim_refresh() {
+                self.refresh(Cached::Account, id, flag);
+            }
             return Ok(hit.value);
         }
-        let load = || async {
-            self.inner.lookups.fetch_add(1, Ordering::Relaxed);
-            Ok::<_, LedgerError>(Loaded::now(self.account(id).await?.map(|a| {
-                Arc::new(KeyIdentity {
-                    key_id: String::new(),
-                    account: a.id,
-                    org: a.org,
-                    app: "default".to_owned(),
-                    plan: a.plan,
-                    account_created_at: a.created_at,
-                    overrides: a.overrides,
-                    derived: Default::default(),
-                })
-            })))
-        };
+        let load =
+            || async { Ok::<_, LedgerError>(Loaded::now(self.load_account_identity(id).await?)) };
         let mut failed = None;
         let loaded = self
             .inner
@@ -717,13 +763,112 @@ impl Ledger {
         if check_id("account id", id).is_err() {
             return Some(None);
         }
-        self.inner.account_front.get(id)
+        let hit = self.inner.account_front.get(id)?;
+        if let Some(flag) = hit.refresh {
+            self.refresh(Cached::Account, id, flag);
+        }
+        Some(hit.value)
+    }
+
+    /// Reads who account `id` is from the database (see
+    /// [`Ledger::account_identity`]).
+    async fn load_account_identity(
+        &self,
+        id: &str,
+    ) -> Result<Option<Arc<KeyIdentity>>, LedgerError> {
+        self.inner.lookups.fetch_add(1, Ordering::Relaxed);
+        Ok(self.account(id).await?.map(|a| {
+            Arc::new(KeyIdentity {
+                key_id: String::new(),
+                account: a.id,
+                org: a.org,
+                app: "default".to_owned(),
+                plan: a.plan,
+                account_created_at: a.created_at,
+                overrides: a.overrides,
+                derived: Default::default(),
+            })
+        }))
+    }
+
+    /// Reads a cached key (by id) or account again in the background, for
+    /// the caller that took the entry's refresh `flag` (see
+    /// [`REFRESH_AFTER`]); what it reads replaces the cached entry, unless an
+    /// invalidation happened since the read began. On failure the flag is
+    /// put back, so a later request tries again; the entry still expires at
+    /// [`REVOCATION_BOUND`], and then a request reads the database itself
+    /// and sees the error.
+    fn refresh(&self, what: Cached, id: &str, flag: Arc<AtomicBool>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            flag.store(false, Ordering::Release);
+            return;
+        };
+        let ledger = self.clone();
+        let id = id.to_owned();
+        runtime.spawn(async move {
+            let generation = ledger.inner.invalidations.load(Ordering::SeqCst);
+            let at = tokio::time::Instant::now();
+            let inner = &ledger.inner;
+            let kept = match what {
+                Cached::Key => match ledger.load_key(&id).await {
+                    Ok(v) => {
+                        let loaded = Loaded::read_at(v, at);
+                        ledger
+                            .keep_refreshed(generation, &id, loaded, &inner.keys, &inner.key_front)
+                            .await;
+                        true
+                    }
+                    Err(_) => false,
+                },
+                Cached::Account => match ledger.load_account_identity(&id).await {
+                    Ok(v) => {
+                        let loaded = Loaded::read_at(v, at);
+                        ledger
+                            .keep_refreshed(
+                                generation,
+                                &id,
+                                loaded,
+                                &inner.accounts,
+                                &inner.account_front,
+                            )
+                            .await;
+                        true
+                    }
+                    Err(_) => false,
+                },
+            };
+            if !kept {
+                flag.store(false, Ordering::Release);
+            }
+        });
+    }
+
+    /// Puts a refreshed entry in both caches; takes it out again if an
+    /// invalidation (counted in `invalidations`) happened after `generation`
+    /// was read, before the database read began: what was read may be older
+    /// than the change. An invalidation that comes later removes it itself.
+    async fn keep_refreshed<V: Clone + Send + Sync + 'static>(
+        &self,
+        generation: u64,
+        id: &str,
+        loaded: Loaded<V>,
+        cache: &Cache<String, Loaded<V>>,
+        front: &Front<V>,
+    ) {
+        cache.insert(id.to_owned(), loaded.clone()).await;
+        front.insert(id, &loaded);
+        if self.inner.invalidations.load(Ordering::SeqCst) != generation {
+            front.remove(id);
+            cache.invalidate(id).await;
+            front.remove(id);
+        }
     }
 
     /// Drops a cached account identity (both caches; the front again after
     /// moka, so that a reader that copied the old entry from moka meanwhile
     /// does not keep it).
     async fn invalidate_account(&self, id: &str) {
+        self.inner.invalidations.fetch_add(1, Ordering::SeqCst);
         self.inner.account_front.remove(id);
         self.inner.accounts.invalidate(id).await;
         self.inner.account_front.remove(id);
@@ -731,6 +876,7 @@ impl Ledger {
 
     /// Drops a cached key lookup (as [`Ledger::invalidate_account`]).
     async fn invalidate_key(&self, id: &str) {
+        self.inner.invalidations.fetch_add(1, Ordering::SeqCst);
         self.inner.key_front.remove(id);
         self.inner.keys.invalidate(id).await;
         self.inner.key_front.remove(id);
@@ -739,10 +885,16 @@ impl Ledger {
     /// The cached key lookup for `id`: the front, else moka (copied to the front).
     async fn cached_key(&self, id: &str) -> Option<CachedKey> {
         if let Some(hit) = self.inner.key_front.get(id) {
-            return Some(hit);
+            if let Some(flag) = hit.refresh {
+                self.refresh(Cached::Key, id, flag);
+            }
+            return Some(hit.value);
         }
         let hit = self.inner.keys.get(id).await?;
         self.inner.key_front.insert(id, &hit);
+        if let Some(flag) = hit.claim_refresh() {
+            self.refresh(Cached::Key, id, flag);
+        }
         Some(hit.value)
     }
 
@@ -965,8 +1117,11 @@ impl Ledger {
         let Some(parsed) = key::parse(presented) else {
             return Some(KeyCheck::Unknown);
         };
-        let cached = self.inner.key_front.get(parsed.id)?;
-        Some(Self::judge(&parsed, cached))
+        let hit = self.inner.key_front.get(parsed.id)?;
+        if let Some(flag) = hit.refresh {
+            self.refresh(Cached::Key, parsed.id, flag);
+        }
+        Some(Self::judge(&parsed, hit.value))
     }
 
     /// Whether the presented key's public id belonged to a real key (valid or
@@ -1680,34 +1835,55 @@ impl Ledger {
 
 #[cfg(test)]
 mod front_tests {
-    use super::{FRONT_SHARDS, Front, Loaded};
+    use super::{FRONT_SHARDS, Front, Loaded, REFRESH_AFTER, REVOCATION_BOUND};
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
+
+    impl<V: Clone> Front<V> {
+        fn value(&self, key: &str) -> Option<V> {
+            self.get(key).map(|hit| hit.value)
+        }
+    }
+
+    #[test]
+    fn an_entry_past_refresh_after_is_handed_to_one_refresher_at_a_time() {
+        let f: Front<u32> = Front::new(100, REVOCATION_BOUND);
+        f.insert("young", &Loaded::now(1));
+        let hit = f.get("young").expect("cached");
+        assert!(hit.refresh.is_none(), "a young entry is not read again");
+        let read = tokio::time::Instant::now() - REFRESH_AFTER - Duration::from_millis(10);
+        f.insert("old", &Loaded::read_at(2, read));
+        let first = f.get("old").expect("still within the bound");
+        assert_eq!(first.value, 2);
+        let flag = first.refresh.expect("the first caller reads it again");
+        assert!(
+            f.get("old").expect("cached").refresh.is_none(),
+            "only one caller at a time"
+        );
+        // A failed refresh puts the flag back: the next caller tries again.
+        flag.store(false, Ordering::Release);
+        assert!(f.get("old").expect("cached").refresh.is_some());
+    }
 
     #[test]
     fn entries_expire_with_the_time_they_were_loaded() {
         let f: Front<u32> = Front::new(100, Duration::from_millis(200));
         f.insert("a", &Loaded::now(1));
-        assert_eq!(f.get("a"), Some(1));
-        assert_eq!(f.get("b"), None);
+        assert_eq!(f.value("a"), Some(1));
+        assert_eq!(f.value("b"), None);
         // Loaded long ago (as a moka entry near its end): served only for
         // what is left of its TTL, and not kept at all once past it.
-        let old = Loaded {
-            value: 2,
-            at: tokio::time::Instant::now() - Duration::from_millis(150),
-        };
+        let old = Loaded::read_at(2, tokio::time::Instant::now() - Duration::from_millis(150));
         f.insert("b", &old);
-        assert_eq!(f.get("b"), Some(2));
+        assert_eq!(f.value("b"), Some(2));
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(f.get("b"), None);
-        assert_eq!(f.get("a"), Some(1));
-        let expired = Loaded {
-            value: 3,
-            at: tokio::time::Instant::now() - Duration::from_millis(200),
-        };
+        assert_eq!(f.value("b"), None);
+        assert_eq!(f.value("a"), Some(1));
+        let expired = Loaded::read_at(3, tokio::time::Instant::now() - Duration::from_millis(200));
         f.insert("c", &expired);
-        assert_eq!(f.get("c"), None);
+        assert_eq!(f.value("c"), None);
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(f.get("a"), None);
+        assert_eq!(f.value("a"), None);
     }
 
     #[test]
@@ -1717,9 +1893,9 @@ mod front_tests {
             f.insert(k, &Loaded::now(v));
         }
         f.remove("a");
-        assert_eq!(f.get("a"), None);
+        assert_eq!(f.value("a"), None);
         f.remove_if(|v| *v == 2);
-        assert_eq!((f.get("b"), f.get("c")), (None, Some(3)));
+        assert_eq!((f.value("b"), f.value("c")), (None, Some(3)));
     }
 
     #[test]
@@ -1730,7 +1906,7 @@ mod front_tests {
             assert!(f.len() <= 64, "{} entries", f.len());
         }
         // The last one written is there.
-        assert_eq!(f.get("key-9999"), Some(9999));
+        assert_eq!(f.value("key-9999"), Some(9999));
         let small: Front<u32> = Front::new(1, Duration::from_secs(60));
         for i in 0..(FRONT_SHARDS as u32 * 3) {
             small.insert(&i.to_string(), &Loaded::now(i));

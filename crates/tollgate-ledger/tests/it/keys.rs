@@ -266,3 +266,70 @@ async fn lookups_now_answer_only_what_was_read(kind: Kind) {
     }
 }
 both!(lookups_now, super::lookups_now_answer_only_what_was_read);
+
+/// A key or account in use is read again before the end of
+/// `REVOCATION_BOUND`, in the background: lookups keep being answered from
+/// memory past the bound of the first read (no request waits for the
+/// database), with one extra read each; a change made elsewhere still shows
+/// within the bound.
+async fn hot_identities_are_read_again_before_the_bound(kind: Kind) {
+    let db = fresh(kind).await;
+    let ledger = &db.ledger;
+    let other_replica = db.location.open().await;
+    account(ledger, "h", 0).await;
+    let k = ledger.create_key("h", None).await.expect("key");
+    assert!(matches!(
+        ledger.verify_key(k.key.expose()).await.expect("verify"),
+        KeyCheck::Valid(_)
+    ));
+    assert!(ledger.account_identity("h").await.expect("read").is_some());
+    let read_at = tokio::time::Instant::now();
+    let lookups = ledger.identity_lookups();
+    // Past three quarters of the bound: still answered from memory, and
+    // the first lookup of each starts a read in the background.
+    tokio::time::sleep(REVOCATION_BOUND * 3 / 4 + Duration::from_millis(100)).await;
+    assert!(matches!(
+        ledger.verify_key_now(k.key.expose()),
+        Some(KeyCheck::Valid(_))
+    ));
+    assert!(matches!(ledger.account_identity_now("h"), Some(Some(_))));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while ledger.identity_lookups() < lookups + 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no background read");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Past the bound of the first read: answered without waiting.
+    tokio::time::sleep_until(read_at + REVOCATION_BOUND + Duration::from_millis(100)).await;
+    assert!(
+        matches!(
+            ledger.verify_key_now(k.key.expose()),
+            Some(KeyCheck::Valid(_))
+        ),
+        "the key was read again in time"
+    );
+    assert!(
+        matches!(ledger.account_identity_now("h"), Some(Some(_))),
+        "the account was read again in time"
+    );
+    assert_eq!(ledger.identity_lookups(), lookups + 2, "one read each");
+    // A revocation made on another replica still shows within the bound.
+    other_replica.revoke_key(&k.id).await.expect("revoke");
+    let revoked_at = tokio::time::Instant::now();
+    loop {
+        match ledger.verify_key(k.key.expose()).await.expect("verify") {
+            KeyCheck::Revoked { .. } => break,
+            KeyCheck::Valid(_) => {}
+            KeyCheck::Unknown => panic!("a revoked key is Revoked"),
+        }
+        assert!(
+            revoked_at.elapsed() <= REVOCATION_BOUND + Duration::from_millis(300),
+            "revocation slower than the bound"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    other_replica.close().await;
+}
+both!(
+    read_ahead,
+    super::hot_identities_are_read_again_before_the_bound
+);
