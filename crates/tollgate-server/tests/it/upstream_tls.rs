@@ -73,6 +73,10 @@ impl PrivateCa {
     }
 }
 
+/// What one TLS handshake at the upstream negotiated: the server name the
+/// client sent (SNI) and the application protocol (ALPN).
+type Negotiated = (Option<String>, Option<Vec<u8>>);
+
 /// An HTTP/1.1 upstream behind TLS; counts TCP connections accepted, TLS
 /// handshakes completed and HTTP requests answered, and keeps what each
 /// handshake negotiated (SNI, ALPN).
@@ -81,7 +85,7 @@ struct TlsUpstream {
     accepted: Arc<AtomicUsize>,
     handshakes: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
-    negotiated: Arc<Mutex<Vec<(Option<String>, Option<Vec<u8>>)>>>,
+    negotiated: Arc<Mutex<Vec<Negotiated>>>,
 }
 
 impl TlsUpstream {
