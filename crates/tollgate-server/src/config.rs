@@ -2,11 +2,12 @@
 //! command-line flags. Only secrets come from the environment.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// The built-in default policy, used when no `--config` is given.
 pub const DEFAULT_POLICY: &str = include_str!("default-policy.toml");
@@ -85,8 +86,12 @@ pub struct ServerSection {
     pub listen: Option<SocketAddr>,
     /// Admin listener (default `127.0.0.1:8081`).
     pub admin_listen: Option<SocketAddr>,
-    /// Upstream base URL (default: a built-in echo server).
+    /// Upstream base URL, `http://` or `https://` (default: a built-in echo
+    /// server).
     pub upstream: Option<String>,
+    /// A PEM file of CA certificates trusted for an `https://` upstream
+    /// besides the system's roots (default: none, system roots only).
+    pub upstream_ca_file: Option<PathBuf>,
     /// Directory of the SQLite database (default `./tollgate-data`).
     pub data_dir: Option<PathBuf>,
     /// `postgres://…`, or an SQLite file path (default `DATA_DIR/tollgate.db`).
@@ -151,8 +156,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Admin listener.
     pub admin_listen: SocketAddr,
-    /// Upstream base URL; `None` starts the built-in echo upstream.
+    /// Upstream base URL (`http://` or `https://`); `None` starts the
+    /// built-in echo upstream.
     pub upstream: Option<String>,
+    /// CA certificates trusted for an `https://` upstream besides the
+    /// system's roots (read from `upstream_ca_file`; default none).
+    pub upstream_ca: Vec<CertificateDer<'static>>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Database URL or path; `None` = SQLite under `data_dir`.
@@ -212,6 +221,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             upstream: None,
+            upstream_ca: Vec::new(),
             data_dir: PathBuf::from("tollgate-data"),
             database: None,
             store: "memory".to_owned(),
@@ -255,8 +265,17 @@ impl ServerConfig {
         }
         if let Some(v) = &s.upstream {
             match v.parse::<http::Uri>() {
-                Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => self.upstream = Some(v.clone()),
-                _ => errors.push(format!("[server] upstream = \"{v}\" must be an http:// URL such as \"http://127.0.0.1:9000\"")),
+                Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => self.upstream = Some(v.clone()),
+                _ => errors.push(format!("[server] upstream = \"{v}\" must be an http:// or https:// URL such as \"http://127.0.0.1:9000\" or \"https://api.example.com\"")),
+            }
+        }
+        if let Some(path) = &s.upstream_ca_file {
+            match read_ca_file(path) {
+                Ok(roots) => self.upstream_ca = roots,
+                Err(m) => errors.push(format!(
+                    "[server] upstream_ca_file = \"{}\": {m}",
+                    path.display()
+                )),
             }
         }
         if let Some(v) = &s.data_dir {
@@ -395,6 +414,39 @@ impl ServerConfig {
     }
 }
 
+/// The CA certificates of a PEM file (one or more `CERTIFICATE` blocks),
+/// each checked to be usable as a trust anchor.
+///
+/// # Errors
+/// The file cannot be read, is not PEM, holds no certificate, or holds one
+/// that cannot be parsed; the message (to follow the setting and its path)
+/// says which and how to fix it.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    const BLOCKS: &str = "it must hold one or more \"-----BEGIN CERTIFICATE-----\" blocks";
+    let pem = std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot be read ({e}); give a readable PEM file of CA certificates, or leave the setting out to trust the system's roots only"
+        )
+    })?;
+    let roots = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("is not a PEM certificate file ({e}); {BLOCKS}"))?;
+    if roots.is_empty() {
+        return Err(format!("holds no certificate; {BLOCKS}"));
+    }
+    let mut store = tokio_rustls::rustls::RootCertStore::empty();
+    for (i, cert) in roots.iter().enumerate() {
+        store.add(cert.clone()).map_err(|e| {
+            format!(
+                "certificate #{} cannot be used as a CA ({e}); {BLOCKS} of X.509 certificates",
+                i + 1
+            )
+        })?;
+    }
+    Ok(roots)
+}
+
 /// Reads the `[server]` section of a policy file's text.
 ///
 /// # Errors
@@ -450,6 +502,65 @@ mod tests {
                 errors[0].contains("idempotency_retention") && errors[0].contains("not a duration"),
                 "{errors:?}"
             );
+        }
+    }
+
+    #[test]
+    fn upstream_is_http_or_https() {
+        for ok in [
+            "http://127.0.0.1:9000",
+            "https://api.example.com",
+            "https://[::1]:8443/v1",
+        ] {
+            let c = applied(&format!("upstream = \"{ok}\"")).expect(ok);
+            assert_eq!(c.upstream.as_deref(), Some(ok));
+        }
+        for bad in ["ftp://files.example.com", "api.example.com", "https://"] {
+            let errors = applied(&format!("upstream = \"{bad}\"")).expect_err(bad);
+            assert!(
+                errors[0].contains("must be an http:// or https:// URL such as"),
+                "{errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn upstream_ca_file_is_read_at_load_and_its_problems_name_the_path() {
+        let dir = tempfile::tempdir().expect("dir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let cert = |cn: &str| {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            p.self_signed(&rcgen::KeyPair::generate().expect("key"))
+                .expect("cert")
+                .pem()
+        };
+        let two = write("two.pem", &format!("{}{}", cert("a"), cert("b")));
+        let c = applied(&format!("upstream_ca_file = \"{}\"", two.display())).expect("valid");
+        assert_eq!(c.upstream_ca.len(), 2);
+
+        let not_der = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        for (path, why) in [
+            (dir.path().join("missing.pem"), "cannot be read"),
+            (
+                write("empty.pem", "not a certificate"),
+                "holds no certificate",
+            ),
+            (
+                write("not-der.pem", not_der),
+                "certificate #1 cannot be used as a CA",
+            ),
+        ] {
+            let errors =
+                applied(&format!("upstream_ca_file = \"{}\"", path.display())).expect_err(why);
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            let prefix = format!("[server] upstream_ca_file = \"{}\": {why}", path.display());
+            assert!(errors[0].starts_with(&prefix), "{errors:?}");
         }
     }
 

@@ -149,10 +149,7 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
     let ledger = Ledger::open(&database)
         .await
         .map_err(ServerError::Database)?;
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let client = proxy::UpstreamClient::new(upstream.clone(), http);
+    let client = upstream_client(&upstream, &config)?;
     let engine = if config.store == "memory" {
         Engine::new(AnyStore::Memory(MemoryStore::new(config.max_counters)))
     } else {
@@ -259,6 +256,35 @@ pub async fn start(config: ServerConfig, policy: CompiledPolicy) -> Result<Runni
         shutdown,
         tasks,
     })
+}
+
+/// The pooled client of the upstream `uri`: plain TCP for `http://`, TLS
+/// (trusting the system's roots and `upstream_ca`) for `https://`.
+fn upstream_client(
+    uri: &http::Uri,
+    config: &ServerConfig,
+) -> Result<proxy::UpstreamClient, ServerError> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    if uri.scheme_str() != Some("https") {
+        if !config.upstream_ca.is_empty() {
+            tracing::warn!(
+                upstream = %uri,
+                "upstream_ca_file is set but the upstream is not https://; it is not used"
+            );
+        }
+        return Ok(proxy::UpstreamClient::new(uri.clone(), http));
+    }
+    // The connector makes the TCP connection (to port 443 unless the URL
+    // says otherwise); TLS follows it.
+    http.enforce_http(false);
+    let host = uri
+        .host()
+        .ok_or_else(|| ServerError::Config(format!("upstream `{uri}` has no host")))?;
+    let tls =
+        proxy::UpstreamTls::for_host(host, &config.upstream_ca).map_err(ServerError::Config)?;
+    Ok(proxy::UpstreamClient::new(uri.clone(), http).with_tls(tls))
 }
 
 /// The `Host` value hyper's client would write for `uri`: the host, and the

@@ -44,7 +44,9 @@ use crate::metrics::{CreditLabels, Metrics, UpstreamLabels};
 use crate::payload;
 use crate::state::{Caller, Shared};
 
+mod tls;
 mod upstream;
+pub use tls::{HandshakeError, UpstreamTls};
 pub use upstream::{UpstreamBody, UpstreamClient, UpstreamError};
 
 /// Longest idempotent response body kept for replay.
@@ -983,7 +985,7 @@ async fn attempt(
             return Err(Attempt::Failed(e, retry_on.contains(&504)));
         }
         Err(err) => {
-            tracing::warn!(error = %err, "upstream request failed");
+            tracing::warn!(error = %ErrorChain(&err), "upstream request failed");
             st.upstream_counters
                 .class(&st.metrics, UpstreamClass::Error)
                 .inc();
@@ -1007,6 +1009,23 @@ async fn attempt(
         return Err(Attempt::Status(resp, wait));
     }
     Ok(resp)
+}
+
+/// An error and its causes, `outer: inner: innermost`, for the log: why a
+/// connection failed (refused, a certificate that did not verify) is in the
+/// causes. None of them carries a key or a request.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
 }
 
 fn build_request(

@@ -51,7 +51,8 @@ struct Serve {
     /// Admin API and metrics address [default: 127.0.0.1:8081].
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
-    /// Upstream base URL [default: a built-in echo server].
+    /// Upstream base URL, http:// or https:// (a private CA for https goes in
+    /// the policy file's [server] upstream_ca_file) [default: a built-in echo server].
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
     /// Directory of the SQLite database [default: ./tollgate-data].

@@ -17,9 +17,11 @@
 //! upstream is dropped, which closes it.
 //!
 //! HTTP parsing, keep-alive and connection state stay hyper's; address
-//! resolution and connecting stay hyper-util's `HttpConnector`. What is ours
-//! is the list of idle connections: last in, first out, at most
-//! `max_idle`, each closed after [`IDLE_TIMEOUT`] unused.
+//! resolution and connecting stay hyper-util's `HttpConnector`, and TLS to
+//! an `https://` upstream rustls's (see [`UpstreamTls`]): hyper's HTTP/1.1
+//! handshake then runs over the TLS stream, and the connection is pooled
+//! like a plain one. What is ours is the list of idle connections: last in,
+//! first out, at most `max_idle`, each closed after [`IDLE_TIMEOUT`] unused.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -40,6 +42,8 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
+use super::tls::UpstreamTls;
+
 /// How long a connection may sit unused in the pool.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -51,7 +55,8 @@ pub const MAX_IDLE: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpstreamError {
-    /// No connection could be made (address, refusal, connect timeout).
+    /// No connection could be made (address, refusal, connect timeout, a
+    /// failed TLS handshake).
     #[error("cannot connect to the upstream")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The exchange failed (closed early, malformed answer, request body broke).
@@ -68,6 +73,8 @@ pub struct UpstreamClient {
     pool: Arc<Pool>,
     base: Uri,
     connector: HttpConnector,
+    /// TLS for an `https://` upstream; `None`: plain TCP.
+    tls: Option<Arc<UpstreamTls>>,
     builder: http1::Builder,
 }
 
@@ -75,6 +82,7 @@ impl std::fmt::Debug for UpstreamClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamClient")
             .field("base", &self.base)
+            .field("tls", &self.tls)
             .field("idle", &self.idle())
             .finish_non_exhaustive()
     }
@@ -159,13 +167,81 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// The upstream socket, counting the bytes read from it: an exchange that
-/// failed with no byte of an answer read may be resent; one where the
-/// upstream started answering never is. Only the task using the connection
-/// reads it, so the count needs no read-modify-write.
+/// The upstream socket, counting the bytes read from it (after TLS: bytes
+/// of HTTP, not of handshakes or session tickets): an exchange that failed
+/// with no byte of an answer read may be resent; one where the upstream
+/// started answering never is. Only the task using the connection reads it,
+/// so the count needs no read-modify-write.
 struct Counted {
-    stream: TcpStream,
+    stream: Stream,
     read: Arc<AtomicU64>,
+}
+
+/// Plain TCP, or TLS over it. An enum rather than a boxed trait object, so
+/// that a plain connection's reads and writes stay direct calls; the TLS
+/// state (rustls's buffers) is boxed, so that it does not grow every plain
+/// connection.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Counted {
@@ -237,7 +313,9 @@ impl Conn {
 
 impl UpstreamClient {
     /// A client for `base` (its scheme, host and port; any path is the
-    /// caller's business), connecting with `connector`.
+    /// caller's business), connecting with `connector` over plain TCP (for
+    /// an `https://` base, add [`UpstreamClient::with_tls`]; `connector`
+    /// must then not enforce `http://`).
     pub fn new(base: Uri, connector: HttpConnector) -> UpstreamClient {
         UpstreamClient::with_max_idle(base, connector, MAX_IDLE)
     }
@@ -251,8 +329,17 @@ impl UpstreamClient {
             }),
             base,
             connector,
+            tls: None,
             builder: http1::Builder::new(),
         }
+    }
+
+    /// The same client with every new connection secured by `tls` (the
+    /// handshake is part of connecting, within the same deadline; one that
+    /// fails is [`UpstreamError::Connect`]).
+    pub fn with_tls(mut self, tls: UpstreamTls) -> UpstreamClient {
+        self.tls = Some(Arc::new(tls));
+        self
     }
 
     /// Idle connections in the pool.
@@ -485,9 +572,17 @@ impl UpstreamClient {
             .oneshot(self.base.clone())
             .await
             .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+        let stream = match &self.tls {
+            None => Stream::Plain(io.into_inner()),
+            Some(tls) => Stream::Tls(Box::new(
+                tls.handshake(io.into_inner())
+                    .await
+                    .map_err(|e| UpstreamError::Connect(Box::new(e)))?,
+            )),
+        };
         let read = Arc::new(AtomicU64::new(0));
         let io = TokioIo::new(Counted {
-            stream: io.into_inner(),
+            stream,
             read: Arc::clone(&read),
         });
         let (send, driver) = self

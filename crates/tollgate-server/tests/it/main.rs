@@ -18,3 +18,4 @@ mod replicas;
 mod secrets;
 mod spoofing;
 mod support;
+mod upstream_tls;

@@ -89,3 +89,104 @@ fn help_and_version() {
     let out = tollgate().arg("no-such-command").output().expect("run");
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }
+
+/// A CA certificate (public, no key kept) for the `upstream_ca_file` checks.
+const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBpzCCAU2gAwIBAgIUS7KLU671f/BBDpco3hxfFESh4fowCgYIKoZIzj0EAwIw
+KDEmMCQGA1UEAwwddG9sbGdhdGUgY2hlY2stY29uZmlnIHRlc3QgQ0EwIBcNMjYx
+MTI0MTkxNDIwWhgPMjEyNjEwMzExOTE0MjBaMCgxJjAkBgNVBAMMHXRvbGxnYXRl
+IGNoZWNrLWNvbmZpZyB0ZXN0IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE
+v2+XMUwR0+07CgL5HTaoWxnW2T/kCtH9nIGl8VpNfjMwGTvV4dBEPk9YaLu63cfG
+VDm/9iyDrtA1BvImUh1nZ6NTMFEwHQYDVR0OBBYEFNXbFH/Xztf+PU/AyUbwxNzb
+7MUMMB8GA1UdIwQYMBaAFNXbFH/Xztf+PU/AyUbwxNzb7MUMMA8GA1UdEwEB/wQF
+MAMBAf8wCgYIKoZIzj0EAwIDSAAwRQIhAOpGMItYJfR4REDZzap2ZPiZAn+MbIcX
+1HLj+kNX8+wFAiBV/9seIhBrQHfxoMOdFUdQSDcuwlQwHJkG9pZLasqhOA==
+-----END CERTIFICATE-----
+";
+
+/// check-config on the default policy with `server` as its `[server]`
+/// section, written in `dir`: exit code and stderr.
+fn check_server(dir: &tempfile::TempDir, server: &str) -> (i32, String) {
+    let path = dir.path().join("policy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[server]\n{server}\n",
+            tollgate_server::config::DEFAULT_POLICY
+        ),
+    )
+    .expect("write policy");
+    let (code, _, stderr) = check(path.to_str().expect("utf-8 path"));
+    (code, stderr)
+}
+
+#[test]
+fn upstream_may_be_https_with_a_ca_file_and_nothing_else() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, CA_PEM).expect("write CA");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").expect("write");
+    let missing = dir.path().join("missing.pem");
+
+    for ok in [
+        r#"upstream = "https://api.example.com""#.to_owned(),
+        r#"upstream = "https://127.0.0.1:8443/v1""#.to_owned(),
+        format!(
+            "upstream = \"https://api.internal\"\nupstream_ca_file = \"{}\"",
+            ca.display()
+        ),
+        r#"upstream = "http://127.0.0.1:9000""#.to_owned(),
+    ] {
+        let (code, stderr) = check_server(&dir, &ok);
+        assert_eq!(code, 0, "{ok}: {stderr}");
+    }
+
+    let (code, stderr) = check_server(&dir, r#"upstream = "ftp://files.example.com""#);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(
+            r#"[server] upstream = "ftp://files.example.com" must be an http:// or https:// URL such as"#
+        ),
+        "{stderr}"
+    );
+
+    for (path, why) in [
+        (&missing, "cannot be read"),
+        (&garbage, "holds no certificate"),
+    ] {
+        let (code, stderr) = check_server(
+            &dir,
+            &format!(
+                "upstream = \"https://api.internal\"\nupstream_ca_file = \"{}\"",
+                path.display()
+            ),
+        );
+        assert_eq!(code, 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "[server] upstream_ca_file = \"{}\": {why}",
+                path.display()
+            )),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn serve_refuses_an_upstream_flag_of_another_scheme() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = tollgate()
+        .args(["serve", "--upstream", "ftp://files.example.com"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .expect("run tollgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("must be an http:// or https:// URL"),
+        "{stderr}"
+    );
+}
