@@ -358,16 +358,19 @@ impl RequestTimer {
 /// registered in the timer wheel while hyper waits for the head and taken
 /// out again when the head has arrived (about 1.6k instructions a request,
 /// `BENCHMARKS.md` "check11"). This timer hands out the connection's one
-/// kept tokio timer instead ([`RequestTimer`]'s slot), moved to the new
-/// deadline: heads on one connection come one after another, so each
-/// deadline is later than the last and the move is one atomic update while
-/// the timer is still registered. Dropped by hyper once the head is read,
-/// the handed-out timer goes back to the slot, still registered; if its
-/// deadline passes while the connection does something else, the wheel
-/// wakes the connection's task once, for nothing.
+/// kept tokio timer instead ([`HeadSlot`]), and moves it lazily: heads on
+/// one connection come one after another, so each deadline is later than
+/// the last, and the kept timer, still registered at an earlier deadline,
+/// is left there. When that earlier deadline comes, the wheel wakes the
+/// connection's task; a head still being read then moves the timer to its
+/// own deadline (or times out if that has passed too), and anything else
+/// ignores the wake-up. A head that is polled again by the same task while
+/// the timer has not fired costs a comparison: the tokio timer already
+/// holds that task's waker (about 0.7k instructions a request otherwise,
+/// `BENCHMARKS.md` "check12").
 #[derive(Clone, Default)]
 pub struct HeaderTimer {
-    slot: Arc<RequestTimer>,
+    slot: Arc<HeadSlot>,
 }
 
 impl std::fmt::Debug for HeaderTimer {
@@ -376,19 +379,91 @@ impl std::fmt::Debug for HeaderTimer {
     }
 }
 
-/// The kept timer while hyper holds it; back to its slot when dropped.
+/// Where a [`HeaderTimer`] keeps its tokio timer between heads.
+#[derive(Default)]
+struct HeadSlot {
+    kept: std::sync::Mutex<Option<KeptSleep>>,
+}
+
+/// The kept tokio timer, and the waker it was last polled with (so it holds
+/// that waker while it has not fired).
+struct KeptSleep {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    waker: Option<std::task::Waker>,
+}
+
+impl HeadSlot {
+    /// The kept timer, registered no later than `deadline`, or a new one.
+    fn take(&self, deadline: tokio::time::Instant) -> KeptSleep {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match kept {
+            // Left at its earlier deadline (see `HeldSleep::poll`).
+            Some(kept) if kept.sleep.deadline() <= deadline => kept,
+            Some(mut kept) => {
+                kept.sleep.as_mut().reset(deadline);
+                kept.waker = None;
+                kept
+            }
+            None => KeptSleep {
+                sleep: Box::pin(tokio::time::sleep_until(deadline)),
+                waker: None,
+            },
+        }
+    }
+
+    /// Keeps `timer` for the next head (if no other is kept).
+    fn give_back(&self, timer: KeptSleep) {
+        let mut kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.is_none() {
+            *kept = Some(timer);
+        }
+    }
+}
+
+/// The kept timer while hyper holds it, for one head's `deadline`; back to
+/// its slot when dropped.
 struct HeldSleep {
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    slot: Arc<RequestTimer>,
+    timer: Option<KeptSleep>,
+    /// When this head's time is up; the kept timer may fire earlier.
+    deadline: tokio::time::Instant,
+    slot: Arc<HeadSlot>,
 }
 
 impl Future for HeldSleep {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.timer.as_mut() {
-            Some(timer) => timer.as_mut().poll(cx),
-            None => Poll::Ready(()),
+        let deadline = self.deadline;
+        let Some(kept) = self.timer.as_mut() else {
+            return Poll::Ready(());
+        };
+        // Registered with this task's waker and not fired: nothing to do.
+        let same_waker = kept.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same_waker && !kept.sleep.is_elapsed() {
+            return Poll::Pending;
+        }
+        loop {
+            // Outside the task's budget: a `Pending` from an exhausted
+            // budget would not register the waker this poll keeps.
+            let polled = std::pin::pin!(tokio::task::unconstrained(kept.sleep.as_mut())).poll(cx);
+            match polled {
+                Poll::Pending => {
+                    if !same_waker {
+                        kept.waker = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(()) if kept.sleep.deadline() >= deadline => return Poll::Ready(()),
+                // An earlier head's deadline: now this head's.
+                Poll::Ready(()) => kept.sleep.as_mut().reset(deadline),
+            }
         }
     }
 }
@@ -403,25 +478,38 @@ impl Drop for HeldSleep {
     }
 }
 
+impl HeaderTimer {
+    fn held(&self, deadline: tokio::time::Instant) -> HeldSleep {
+        HeldSleep {
+            timer: Some(self.slot.take(deadline)),
+            deadline,
+            slot: Arc::clone(&self.slot),
+        }
+    }
+}
+
 impl hyper::rt::Timer for HeaderTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
         self.sleep_until((tokio::time::Instant::now() + duration).into_std())
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(HeldSleep {
-            timer: Some(self.slot.take(deadline.into())),
-            slot: Arc::clone(&self.slot),
-        })
+        Box::pin(self.held(deadline.into()))
     }
 
     fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: std::time::Instant) {
-        match sleep
-            .as_mut()
-            .downcast_mut_pin::<HeldSleep>()
-            .and_then(|held| Pin::get_mut(held).timer.as_mut())
-        {
-            Some(timer) => timer.as_mut().reset(new_deadline.into()),
+        match sleep.as_mut().downcast_mut_pin::<HeldSleep>() {
+            Some(held) => {
+                let held = Pin::get_mut(held);
+                let deadline = new_deadline.into();
+                held.deadline = deadline;
+                if let Some(kept) = held.timer.as_mut()
+                    && kept.sleep.deadline() > deadline
+                {
+                    kept.sleep.as_mut().reset(deadline);
+                    kept.waker = None;
+                }
+            }
             None => *sleep = self.sleep_until(new_deadline),
         }
     }
@@ -429,6 +517,70 @@ impl hyper::rt::Timer for HeaderTimer {
     fn now(&self) -> std::time::Instant {
         // tokio's clock, as `TokioTimer`: paused with the runtime in tests.
         tokio::time::Instant::now().into_std()
+    }
+}
+
+/// `conn` served to its end, shut down gracefully (hyper finishes the
+/// request in progress, then closes) once `stop` changes or closes.
+///
+/// As `hyper_util`'s `Watcher::watch`, without its cost on every poll of the
+/// connection: that one polls its `watch::Receiver::changed` future each
+/// time, which takes the channel's waiter-list lock to check the waker and
+/// spends task budget. This one polls it only when the connection's task
+/// (its waker) is new, or when the channel says it has changed, a load.
+pub fn until_stopped<C>(conn: C, stop: tokio::sync::watch::Receiver<bool>) -> Graceful<C>
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+{
+    let peek = stop.clone();
+    let mut stop = stop;
+    Graceful {
+        conn: Box::pin(conn),
+        stopped: Box::pin(async move {
+            let _ = stop.changed().await;
+        }),
+        peek,
+        waker: None,
+        stopping: false,
+    }
+}
+
+/// The future of [`until_stopped`].
+pub struct Graceful<C> {
+    conn: Pin<Box<C>>,
+    /// Ready once `stop` has changed (or closed).
+    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The same channel, to see a change without polling `stopped`.
+    peek: tokio::sync::watch::Receiver<bool>,
+    /// The waker `stopped` was last polled with.
+    waker: Option<std::task::Waker>,
+    stopping: bool,
+}
+
+impl<C> Future for Graceful<C>
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+{
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = self.get_mut();
+        if !this.stopping {
+            let same_waker = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if !same_waker || this.peek.has_changed().unwrap_or(true) {
+                // Outside the task's budget: a `Pending` from an exhausted
+                // budget would not register the waker kept here.
+                let polled =
+                    std::pin::pin!(tokio::task::unconstrained(this.stopped.as_mut())).poll(cx);
+                if polled.is_ready() {
+                    this.stopping = true;
+                    this.conn.as_mut().graceful_shutdown();
+                } else if !same_waker {
+                    this.waker = Some(cx.waker().clone());
+                }
+            }
+        }
+        this.conn.as_mut().poll(cx)
     }
 }
 
@@ -720,6 +872,58 @@ mod tests {
         tokio::join!(a, b);
         assert!(t0.elapsed() >= Duration::from_millis(40));
         assert!(kept(&timer));
+    }
+
+    /// The kept timer is polled again only for a new waker or once it
+    /// fired: a head polled again and again by one task still times out,
+    /// waking that task; a head polled by another task wakes that one.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_header_timer_wakes_the_waker_it_was_last_polled_with() {
+        use hyper::rt::Timer;
+        use std::sync::atomic::AtomicUsize;
+        use tokio::time::Instant;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let timer = HeaderTimer::default();
+        let (a, b) = (
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+        );
+        let (wa, wb) = (
+            std::task::Waker::from(Arc::clone(&a)),
+            std::task::Waker::from(Arc::clone(&b)),
+        );
+        let mut s = timer.sleep(Duration::from_millis(60));
+        for _ in 0..3 {
+            assert!(s.as_mut().poll(&mut Context::from_waker(&wa)).is_pending());
+        }
+        // Another task polls it: that task is the one woken.
+        assert!(s.as_mut().poll(&mut Context::from_waker(&wb)).is_pending());
+        let t0 = Instant::now();
+        while b.0.load(Ordering::SeqCst) == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(2), "never woken");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(s.as_mut().poll(&mut Context::from_waker(&wb)).is_ready());
+        assert_eq!(a.0.load(Ordering::SeqCst), 0);
+        // The next head, polled by the first task only, wakes it at its own
+        // deadline.
+        drop(s);
+        let mut s = timer.sleep(Duration::from_millis(60));
+        for _ in 0..3 {
+            assert!(s.as_mut().poll(&mut Context::from_waker(&wa)).is_pending());
+        }
+        let t0 = Instant::now();
+        while a.0.load(Ordering::SeqCst) == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(2), "never woken");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(t0.elapsed() >= Duration::from_millis(40));
+        assert!(s.as_mut().poll(&mut Context::from_waker(&wa)).is_ready());
     }
 
     fn futures_poll_once<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {

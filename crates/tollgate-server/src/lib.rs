@@ -442,7 +442,10 @@ async fn serve(
             let conn = builder
                 .serve_connection(connection::io(stream, limits.send_timeout), service)
                 .into_owned();
-            let _ = watcher.watch(conn).await;
+            // Told to finish by `stop`; `watcher` (held to the end) is what
+            // the shutdown below waits for.
+            let _ = connection::until_stopped(conn, stop).await;
+            drop(watcher);
         });
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;

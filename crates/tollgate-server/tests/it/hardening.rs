@@ -122,6 +122,48 @@ async fn a_kept_alive_connection_gets_the_header_timeout_for_each_head() {
     running.shutdown().await;
 }
 
+/// Shutdown tells every open connection to finish (hyper closes an idle
+/// kept-alive one at once), and waits for them: a connection idle between
+/// requests, with a header timeout far away, is closed and the shutdown is
+/// over within a second or two, not when the header timeout or the 10 s
+/// drain limit would end it (`connection::until_stopped`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_an_idle_kept_alive_connection_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.path().to_path_buf(),
+        header_read_timeout: Duration::from_secs(30),
+        ..ServerConfig::default()
+    };
+    let policy = tollgate_core::policy::parse(DEFAULT_POLICY, "default").expect("policy");
+    let running = tollgate_server::start(config, policy)
+        .await
+        .expect("starts");
+    let mut conn = TcpStream::connect(running.addr).await.expect("connect");
+    // Two requests, so the connection has been polled by its task before.
+    for _ in 0..2 {
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: tollgate\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = conn.read(&mut buf).await.expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    }
+    let started = tokio::time::Instant::now();
+    let (closed, ()) = tokio::join!(
+        async {
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(8), conn.read_to_end(&mut rest)).await
+        },
+        running.shutdown(),
+    );
+    assert!(matches!(closed, Ok(Ok(0))), "not closed: {closed:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+}
+
 // ------------------------------------------------------------------ E2
 
 /// Legit traffic while an attack runs: fresh connections (no pooled
