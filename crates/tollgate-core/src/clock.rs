@@ -81,6 +81,7 @@ pub trait Clock: Send + Sync + 'static {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    #[inline]
     #[allow(clippy::disallowed_methods)] // the one place that reads the wall clock
     fn now(&self) -> Nanos {
         let since = std::time::SystemTime::now()
@@ -116,12 +117,16 @@ impl ManualClock {
 }
 
 impl Clock for ManualClock {
+    // Inlined into other crates' decision loops (benches, tests): a call
+    // through the GOT for one atomic load otherwise.
+    #[inline]
     fn now(&self) -> Nanos {
         Nanos(self.now.load(Ordering::SeqCst))
     }
 }
 
 impl<C: Clock> Clock for std::sync::Arc<C> {
+    #[inline]
     fn now(&self) -> Nanos {
         (**self).now()
     }

@@ -91,6 +91,9 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Inlined into [`crate::Engine::decide_now`]'s caller, in another
+    /// crate (the decision is built in its frame): a call otherwise.
+    #[inline]
     pub(crate) fn new(now: Nanos) -> Decision {
         Decision {
             outcome: Outcome::Admitted,

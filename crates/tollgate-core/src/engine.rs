@@ -219,8 +219,13 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 .overrides
                 .is_some_and(|o| limits.iter().any(|pl| o.get(pl.limit).is_some()));
             if !overridden {
-                let scope = &policy.limits[usize::from(first.limit)].scope;
-                let Some(values) = self.scope_hash(scope, req) else {
+                // The usual scope, one value, was noted on the first limit
+                // at load (no look-up in the policy's limit table).
+                let values = match first.prepared.one_part {
+                    Some(part) => self.part_hash(part, req),
+                    None => self.scope_hash(&policy.limits[usize::from(first.limit)].scope, req),
+                };
+                let Some(values) = values else {
                     // A scope value is unknown: no limit applies.
                     return;
                 };
@@ -382,20 +387,27 @@ impl<S: Store, C: Clock> Engine<S, C> {
     #[inline(always)]
     fn scope_hash(&self, scope: &[ScopePart], req: &Request<'_>) -> Option<u128> {
         if let [p] = scope {
-            // One value (the usual scope: an id): no loops, a 32-byte buffer.
-            let part = req.part(*p);
-            if part.is_empty() {
-                return None;
-            }
-            let len = 4 + part.len();
-            if len <= TINY_KEY_BUFFER {
-                let mut buf = [0u8; TINY_KEY_BUFFER];
-                buf[..4].copy_from_slice(&(part.len() as u32).to_le_bytes());
-                copy_short(&mut buf[4..len], part.as_bytes());
-                return Some(xxh3_128_with_seed(&buf[..len], self.seed));
-            }
+            return self.part_hash(*p, req);
         }
         self.scope_hash_parts(scope, req)
+    }
+
+    /// [`Engine::scope_hash`] of the scope of one value, `p`.
+    #[inline(always)]
+    fn part_hash(&self, p: ScopePart, req: &Request<'_>) -> Option<u128> {
+        // One value (the usual scope: an id): no loops, a 32-byte buffer.
+        let part = req.part(p);
+        if part.is_empty() {
+            return None;
+        }
+        let len = 4 + part.len();
+        if len <= TINY_KEY_BUFFER {
+            let mut buf = [0u8; TINY_KEY_BUFFER];
+            buf[..4].copy_from_slice(&(part.len() as u32).to_le_bytes());
+            copy_short(&mut buf[4..len], part.as_bytes());
+            return Some(xxh3_128_with_seed(&buf[..len], self.seed));
+        }
+        self.scope_hash_parts(std::slice::from_ref(&p), req)
     }
 
     /// [`Engine::scope_hash`] of any scope.
@@ -1152,6 +1164,48 @@ mod tests {
         assert!(!flag(&format!(
             "{bucket}rollout_after = \"2026-06-01T00:00:00Z\"\n"
         )));
+    }
+
+    /// The one value of a one-scope request's scope is noted on its first
+    /// limit at load, and the engine keys the counters by that value.
+    #[test]
+    fn one_part_is_the_scope_value_noted_at_load() {
+        let src = |scope: &str| {
+            format!(
+                "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = 1\nrefill_every = \"1h\"\nscope = {scope}\n\
+                 [limits.w]\nalgorithm = \"sliding_window\"\nlimit = 9\nwindow = \"3s\"\nscope = {scope}\n"
+            )
+        };
+        let parts = |scope: &str| {
+            let p = policy::parse(&src(scope), "t").unwrap();
+            let limits = p.applicable(p.default_plan, p.default_operation());
+            (
+                limits[0].prepared.one_part,
+                limits[1].prepared.one_part,
+                p.is_one_scope(p.default_plan, p.default_operation()),
+            )
+        };
+        assert_eq!(parts("[\"ip\"]"), (Some(ScopePart::Ip), None, true));
+        assert_eq!(parts("[\"org\", \"ip\"]"), (None, None, true));
+
+        let p = policy::parse(&src("[\"ip\"]"), "t").unwrap();
+        let e = engine();
+        let req = |ip| Request {
+            account: "same-account",
+            ip,
+            ..Request::new(p.default_plan, p.default_operation())
+        };
+        assert!(e.decide_now(&p, &req("")).results().is_empty());
+        assert_eq!(
+            e.decide_now(&p, &req("10.0.0.1")).outcome,
+            Outcome::Admitted
+        );
+        assert!(!e.decide_now(&p, &req("10.0.0.1")).is_allowed());
+        // Another IP of the same account has its own bucket.
+        assert_eq!(
+            e.decide_now(&p, &req("10.0.0.2")).outcome,
+            Outcome::Admitted
+        );
     }
 
     #[test]

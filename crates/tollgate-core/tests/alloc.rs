@@ -148,11 +148,13 @@ fn zero_allocations_per_decision() {
     let (mut admitted, mut rejected) = (0, 0);
     let warm = alloc_count::thread_allocations();
     run(&mut admitted, &mut rejected);
-    let before = alloc_count::thread_allocations();
+    let warmed = alloc_count::thread_allocations() - warm;
     println!(
-        "(a) warm-up pass: {} allocations (the counters, the sliding log's ring doubling to its high-water size)",
-        before - warm
+        "(a) warm-up pass: {warmed} allocations (the counters, the sliding log's ring doubling to its high-water size)"
     );
+    // Counted from after the line above: under `cargo test` (output
+    // captured), printing it grows libtest's capture buffer on this thread.
+    let before = alloc_count::thread_allocations();
     let (mut admitted, mut rejected) = (0, 0);
     run(&mut admitted, &mut rejected);
     let allocations = alloc_count::thread_allocations() - before;

@@ -566,6 +566,7 @@ impl PlanLimit {
                     && matches!(limit.on_exceed, Action::Reject { .. }),
                 is_lease: matches!(params, Params::Concurrency { .. }),
                 one_scope: false,
+                one_part: None,
                 name_hash: limit.name_hash,
                 rollout_after: limit.rollout_after,
                 utc_len,
@@ -626,6 +627,11 @@ pub(crate) struct Prepared {
     /// Whether the limits of its plan and operation take the one-scope path
     /// ([`CompiledPolicy::is_one_scope`], set on each of them at load).
     pub(crate) one_scope: bool,
+    /// On the first limit of a one-scope plan and operation whose scope is
+    /// one value (the usual: an account), that value's part, so that the
+    /// engine reads it here rather than from the policy's limit table;
+    /// `None` otherwise (set at load with `one_scope`).
+    pub(crate) one_part: Option<ScopePart>,
     /// [`Limit::name_hash`].
     pub(crate) name_hash: u64,
     /// [`Limit::rollout_after`].

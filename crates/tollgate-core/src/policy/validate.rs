@@ -290,8 +290,14 @@ impl<'a> Ctx<'a> {
         for plan in &mut plans {
             for pls in &mut plan.by_operation {
                 let flag = super::compiled::one_scope(&limits, pls);
-                for pl in pls {
+                for pl in pls.iter_mut() {
                     pl.prepared.one_scope = flag;
+                }
+                if flag
+                    && let Some(first) = pls.first_mut()
+                    && let [part] = limits[usize::from(first.limit)].scope[..]
+                {
+                    first.prepared.one_part = Some(part);
                 }
             }
         }

@@ -662,6 +662,7 @@ impl MemoryStore {
     /// # Errors
     /// [`StoreError::CounterCapReached`] when a new counter does not fit;
     /// nothing was consumed nor pushed.
+    #[inline(always)]
     pub(crate) fn decide_scope<const N: usize>(
         &self,
         now: Nanos,
