@@ -284,7 +284,42 @@ pub async fn within<F: Future>(
 /// that find it taken get a timer of their own, as before.
 #[derive(Default)]
 pub struct RequestTimer {
-    kept: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+    kept: Kept<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// One value a connection keeps between its requests (or heads) for reuse.
+struct Kept<T>(std::sync::Mutex<Option<T>>);
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Kept(std::sync::Mutex::new(None))
+    }
+}
+
+impl<T> Kept<T> {
+    /// The kept value, if any (none is kept after this).
+    fn take(&self) -> Option<T> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Keeps `value` for the next use (if no other is kept).
+    fn give_back(&self, value: T) {
+        let mut kept = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.is_none() {
+            *kept = Some(value);
+        }
+    }
+
+    #[cfg(test)]
+    fn is_some(&self) -> bool {
+        self.0.lock().expect("lock").is_some()
+    }
 }
 
 impl std::fmt::Debug for RequestTimer {
@@ -296,12 +331,7 @@ impl std::fmt::Debug for RequestTimer {
 impl RequestTimer {
     /// The kept timer moved to `deadline`, or a new one.
     fn take(&self, deadline: tokio::time::Instant) -> Pin<Box<tokio::time::Sleep>> {
-        let kept = self
-            .kept
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        match kept {
+        match self.kept.take() {
             Some(mut t) => {
                 t.as_mut().reset(deadline);
                 t
@@ -312,13 +342,7 @@ impl RequestTimer {
 
     /// Keeps `timer` for the next request (if no other is kept).
     fn give_back(&self, timer: Pin<Box<tokio::time::Sleep>>) {
-        let mut kept = self
-            .kept
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if kept.is_none() {
-            *kept = Some(timer);
-        }
+        self.kept.give_back(timer);
     }
 
     /// `fut` within `limit` (counted from now), as
@@ -382,7 +406,7 @@ impl std::fmt::Debug for HeaderTimer {
 /// Where a [`HeaderTimer`] keeps its tokio timer between heads.
 #[derive(Default)]
 struct HeadSlot {
-    kept: std::sync::Mutex<Option<KeptSleep>>,
+    kept: Kept<KeptSleep>,
 }
 
 /// The kept tokio timer, and the waker it was last polled with (so it holds
@@ -395,12 +419,7 @@ struct KeptSleep {
 impl HeadSlot {
     /// The kept timer, registered no later than `deadline`, or a new one.
     fn take(&self, deadline: tokio::time::Instant) -> KeptSleep {
-        let kept = self
-            .kept
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        match kept {
+        match self.kept.take() {
             // Left at its earlier deadline (see `HeldSleep::poll`).
             Some(kept) if kept.sleep.deadline() <= deadline => kept,
             Some(mut kept) => {
@@ -417,13 +436,7 @@ impl HeadSlot {
 
     /// Keeps `timer` for the next head (if no other is kept).
     fn give_back(&self, timer: KeptSleep) {
-        let mut kept = self
-            .kept
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if kept.is_none() {
-            *kept = Some(timer);
-        }
+        self.kept.give_back(timer);
     }
 }
 
@@ -774,7 +787,7 @@ mod tests {
     async fn the_request_timer_is_reused_and_fires_at_each_requests_limit() {
         use tokio::time::Instant;
         let timer = RequestTimer::default();
-        let kept = |t: &RequestTimer| t.kept.lock().expect("lock").is_some();
+        let kept = |t: &RequestTimer| t.kept.is_some();
         let nap = |ms| tokio::time::sleep(Duration::from_millis(ms));
         // Done at once: the answer, and the timer kept for the next request.
         assert_eq!(
@@ -840,7 +853,7 @@ mod tests {
         use hyper::rt::Timer;
         use tokio::time::Instant;
         let timer = HeaderTimer::default();
-        let kept = |t: &HeaderTimer| t.slot.kept.lock().expect("lock").is_some();
+        let kept = |t: &HeaderTimer| t.slot.kept.is_some();
         let after = |ms| timer.sleep(Duration::from_millis(ms));
         // A head that arrives in time: the sleep is registered, then dropped
         // (hyper drops it once the head is read) and kept.

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio_rustls::rustls;
 use tollgate_server::config::{DEFAULT_POLICY, ServerConfig, server_section};
 
-use crate::support::{Server, TOKEN};
+use crate::support::{Answer, Server, TOKEN};
 
 /// A private CA: its PEM, and the issuer to sign server certificates with.
 struct PrivateCa {
@@ -156,14 +156,23 @@ impl TlsUpstream {
 
 /// A proxy on `policy` in front of `upstream` (a URL), configured through
 /// the `[server]` settings `extra` as a policy file would (so that
-/// `upstream_ca_file` is read as in `tollgate serve`).
-async fn proxy(policy: &str, upstream: &str, extra: &str) -> Server {
+/// `upstream_ca_file` is read as in `tollgate serve`), and the API key of
+/// an account on it.
+async fn proxy(policy: &str, upstream: &str, extra: &str) -> (Server, String) {
     let section = server_section(&format!("[server]\nupstream = \"{upstream}\"\n{extra}\n"))
         .expect("[server] parses");
-    Server::configured(Some(TOKEN), policy, None, |c: &mut ServerConfig| {
+    let s = Server::configured(Some(TOKEN), policy, None, |c: &mut ServerConfig| {
         c.apply(&section).expect("valid [server]");
     })
-    .await
+    .await;
+    let key = s.account_with_key("acme", "free").await;
+    (s, key)
+}
+
+/// `GET /hello` through the proxy with `key`.
+async fn hello(s: &Server, key: &str) -> Answer {
+    s.call(false, "GET", "/hello", &[("x-api-key", key)], "")
+        .await
 }
 
 fn with_ca(path: &std::path::Path) -> String {
@@ -182,12 +191,9 @@ async fn https_upstream_signed_by_the_ca_file_answers_like_http() {
     let ca = PrivateCa::new();
     let up = TlsUpstream::start(ca.server("localhost")).await;
     let dir = tempfile::tempdir().expect("dir");
-    let s = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
-    let key = s.account_with_key("acme", "free").await;
+    let (s, key) = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
 
-    let r = s
-        .call(false, "GET", "/hello", &[("x-api-key", &key)], "")
-        .await;
+    let r = hello(&s, &key).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.text, "{\"hit\":1}", "the upstream's own body");
     let policy = r.headers.get("ratelimit-policy").expect("RateLimit-Policy");
@@ -209,12 +215,9 @@ async fn https_upstream_not_signed_by_a_trusted_ca_is_refused_before_any_request
     let ca = PrivateCa::new();
     let up = TlsUpstream::start(ca.server("localhost")).await;
     // The system's roots only: they do not know the private CA.
-    let s = proxy(&retrying_policy(), &up.url(), "").await;
-    let key = s.account_with_key("acme", "free").await;
+    let (s, key) = proxy(&retrying_policy(), &up.url(), "").await;
 
-    let r = s
-        .call(false, "GET", "/hello", &[("x-api-key", &key)], "")
-        .await;
+    let r = hello(&s, &key).await;
     assert_eq!(r.status, 502, "{}", r.text);
     assert_eq!(
         r.body["error"]["code"], "upstream_unreachable",
@@ -237,12 +240,9 @@ async fn https_upstream_whose_certificate_names_another_host_is_refused() {
     let ca = PrivateCa::new();
     let up = TlsUpstream::start(ca.server("api.example.com")).await;
     let dir = tempfile::tempdir().expect("dir");
-    let s = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
-    let key = s.account_with_key("acme", "free").await;
+    let (s, key) = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
 
-    let r = s
-        .call(false, "GET", "/hello", &[("x-api-key", &key)], "")
-        .await;
+    let r = hello(&s, &key).await;
     assert_eq!(r.status, 502, "{}", r.text);
     assert_eq!(
         r.body["error"]["code"], "upstream_unreachable",
@@ -260,13 +260,10 @@ async fn requests_to_an_https_upstream_share_one_tls_connection() {
     let ca = PrivateCa::new();
     let up = TlsUpstream::start(ca.server("localhost")).await;
     let dir = tempfile::tempdir().expect("dir");
-    let s = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
-    let key = s.account_with_key("acme", "free").await;
+    let (s, key) = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
 
     for i in 1..=N {
-        let r = s
-            .call(false, "GET", "/hello", &[("x-api-key", &key)], "")
-            .await;
+        let r = hello(&s, &key).await;
         assert_eq!(r.status, 200, "request {i}: {}", r.text);
         assert_eq!(r.text, format!("{{\"hit\":{i}}}"));
     }
@@ -291,19 +288,15 @@ async fn tls_handshake_that_never_ends_is_bounded_by_the_upstream_timeout() {
     let ca = PrivateCa::new();
     let dir = tempfile::tempdir().expect("dir");
     let policy = format!("{DEFAULT_POLICY}\n[upstream]\ntimeout = \"300ms\"\n");
-    let s = proxy(
+    let (s, key) = proxy(
         &policy,
         &format!("https://localhost:{port}"),
         &with_ca(&ca.file(&dir)),
     )
     .await;
-    let key = s.account_with_key("acme", "free").await;
-    let r = tokio::time::timeout(
-        Duration::from_secs(5),
-        s.call(false, "GET", "/hello", &[("x-api-key", &key)], ""),
-    )
-    .await
-    .expect("answered within the upstream timeout, not hanging on the handshake");
+    let r = tokio::time::timeout(Duration::from_secs(5), hello(&s, &key))
+        .await
+        .expect("answered within the upstream timeout, not hanging on the handshake");
     assert_eq!(r.status, 504, "{}", r.text);
     assert_eq!(r.body["error"]["code"], "upstream_timeout", "{}", r.text);
 }
