@@ -18,7 +18,7 @@
 
 use crate::clock::ceil_secs;
 use crate::decision::{Decision, LimitResult, Outcome};
-use crate::policy::{CompiledPolicy, HeaderField, HeaderKind, Mode, SendOn};
+use crate::policy::{CompiledPolicy, HeaderField, HeaderKind, LimitId, Mode, SendOn};
 
 /// The response a set of headers is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +115,16 @@ pub trait HeaderSink {
     /// Appends `v` in decimal, with its sign.
     fn signed(&mut self, v: i64) {
         self.text(itoa::Buffer::new().format(v));
+    }
+    /// Appends limit `limit`'s `name` in double quotes (how the `RateLimit`
+    /// value names the limit it describes). The default writes the three
+    /// pieces with [`HeaderSink::text`]; a sink that keeps the names in the
+    /// form it writes them may write that instead.
+    fn quoted_limit_name(&mut self, limit: LimitId, name: &str) {
+        let _ = limit;
+        self.text("\"");
+        self.text(name);
+        self.text("\"");
     }
     /// The value written since the previous `end` is header `name`'s.
     fn end(&mut self, name: &str);
@@ -222,9 +232,7 @@ pub fn render_to(
             if let Some(r) = described
                 && (wanted(HeaderField::Remaining) || wanted(HeaderField::Reset))
             {
-                v.text("\"");
-                v.text(&policy.limits[usize::from(r.limit)].name);
-                v.text("\"");
+                v.quoted_limit_name(r.limit, &policy.limits[usize::from(r.limit)].name);
                 if wanted(HeaderField::Remaining) {
                     v.text(";r=");
                     v.num(r.eval.remaining);

@@ -153,10 +153,18 @@ impl<V> Loaded<V> {
     /// The refresh flag, taken, when this value is past [`REFRESH_AFTER`]
     /// and nobody has taken on reading it again.
     fn claim_refresh(&self) -> Option<Arc<AtomicBool>> {
-        (self.at.elapsed() >= REFRESH_AFTER
-            && !self.refreshing.load(Ordering::Relaxed)
-            && !self.refreshing.swap(true, Ordering::AcqRel))
-        .then(|| Arc::clone(&self.refreshing))
+        if self.at.elapsed() >= REFRESH_AFTER {
+            self.take_refresh()
+        } else {
+            None
+        }
+    }
+
+    /// The refresh flag, taken, unless somebody has taken on reading this
+    /// value again.
+    fn take_refresh(&self) -> Option<Arc<AtomicBool>> {
+        (!self.refreshing.load(Ordering::Relaxed) && !self.refreshing.swap(true, Ordering::AcqRel))
+            .then(|| Arc::clone(&self.refreshing))
     }
 }
 
@@ -168,8 +176,27 @@ struct Hit<V> {
     refresh: Option<Arc<AtomicBool>>,
 }
 
+/// A [`Front`] entry: the value as read, and the instants it is due to be
+/// read again ([`REFRESH_AFTER`]) and expires (the front's TTL) after its
+/// read, worked out once when it is kept, so that a hit reads the clock once
+/// and compares instead of measuring the entry's age twice. `None`: never
+/// (an instant past the clock's range).
+struct FrontEntry<V> {
+    loaded: Loaded<V>,
+    refresh_at: Option<tokio::time::Instant>,
+    expires_at: Option<tokio::time::Instant>,
+}
+
+impl<V> FrontEntry<V> {
+    /// Whether this entry is as old as the TTL at `now` (as
+    /// `at.elapsed() >= ttl`).
+    fn is_expired(&self, now: tokio::time::Instant) -> bool {
+        self.expires_at.is_some_and(|end| now >= end)
+    }
+}
+
 /// One shard of a [`Front`].
-type Shard<V> = std::sync::RwLock<std::collections::HashMap<Box<str>, Loaded<V>>>;
+type Shard<V> = std::sync::RwLock<std::collections::HashMap<Box<str>, FrontEntry<V>>>;
 
 /// Shards of a [`Front`] (by a cheap hash of the key: spreads the read
 /// locks' counters over several cache lines; each shard's map has its own
@@ -215,23 +242,34 @@ impl<V: Clone> Front<V> {
     /// entry's refresh flag, taken, when it is past [`REFRESH_AFTER`] and
     /// not being read again yet.
     fn get(&self, key: &str) -> Option<Hit<V>> {
+        let now = tokio::time::Instant::now();
         let shard = self
             .shard(key)
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let hit = shard.get(key)?;
-        if hit.at.elapsed() >= self.ttl {
+        if hit.is_expired(now) {
             return None;
         }
         Some(Hit {
-            value: hit.value.clone(),
-            refresh: hit.claim_refresh(),
+            value: hit.loaded.value.clone(),
+            refresh: if hit.refresh_at.is_some_and(|at| now >= at) {
+                hit.loaded.take_refresh()
+            } else {
+                None
+            },
         })
     }
 
     /// Keeps `loaded` for `key` (unless already expired).
     fn insert(&self, key: &str, loaded: &Loaded<V>) {
-        if loaded.at.elapsed() >= self.ttl {
+        let entry = FrontEntry {
+            loaded: loaded.clone(),
+            refresh_at: loaded.at.checked_add(REFRESH_AFTER),
+            expires_at: loaded.at.checked_add(self.ttl),
+        };
+        let now = tokio::time::Instant::now();
+        if entry.is_expired(now) {
             return;
         }
         let mut shard = self
@@ -239,13 +277,12 @@ impl<V: Clone> Front<V> {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if shard.len() >= self.shard_capacity && !shard.contains_key(key) {
-            let ttl = self.ttl;
-            shard.retain(|_, v| v.at.elapsed() < ttl);
+            shard.retain(|_, v| !v.is_expired(now));
             if shard.len() >= self.shard_capacity {
                 shard.clear();
             }
         }
-        shard.insert(key.into(), loaded.clone());
+        shard.insert(key.into(), entry);
     }
 
     fn remove(&self, key: &str) {
@@ -261,7 +298,7 @@ impl<V: Clone> Front<V> {
             shard
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .retain(|_, v| !drop(&v.value));
+                .retain(|_, v| !drop(&v.loaded.value));
         }
     }
 

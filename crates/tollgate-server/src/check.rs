@@ -580,7 +580,7 @@ fn write_answer(
         ResponseKind::Rejected
     };
     let (text, out) = SCRATCH.take();
-    let mut hdrs = HeaderList::with_text(text, kept);
+    let mut hdrs = HeaderList::with_text(text, kept, names);
     headers::render_to(policy, d, kind, None, &mut hdrs);
     if hdrs.too_long {
         // A value `headers::render` cuts: take its values as they are.
@@ -653,6 +653,9 @@ struct HeaderList<'k> {
     /// when it is to be kept.
     /// The slot it goes to.
     keep: Option<(usize, crate::metric_cache::PolicyItems)>,
+    /// The policy's limit names as JSON strings, when at hand: the
+    /// `RateLimit` value's quoted name is written from them.
+    names: Option<&'k crate::metric_cache::PolicyCounters>,
 }
 
 impl<'k> HeaderList<'k> {
@@ -660,11 +663,13 @@ impl<'k> HeaderList<'k> {
     fn with_text(
         mut text: Vec<u8>,
         kept: Option<(&'k [std::sync::OnceLock<PolicyValue>], bool)>,
+        names: Option<&'k crate::metric_cache::PolicyCounters>,
     ) -> HeaderList<'k> {
         text.clear();
         HeaderList {
             text,
             kept,
+            names,
             ..HeaderList::default()
         }
     }
@@ -743,6 +748,23 @@ impl headers::HeaderSink for HeaderList<'_> {
 
     fn signed(&mut self, v: i64) {
         self.digits(itoa::Buffer::new().format(v));
+    }
+
+    fn quoted_limit_name(&mut self, limit: tollgate_core::policy::LimitId, name: &str) {
+        let Some(json) = self.names.map(|t| t.limit_name(limit)) else {
+            self.text("\"");
+            self.text(name);
+            self.text("\"");
+            return;
+        };
+        if self.raw(name.len() + 2) {
+            self.reserve();
+            // `json` is the name escaped between two `"`; in the escaped
+            // value each of those quotes is `\"`.
+            self.text.push(b'\\');
+            self.text.extend_from_slice(&json[..json.len() - 1]);
+            self.text.extend_from_slice(b"\\\"");
+        }
     }
 
     fn policy_value(&mut self, d: &tollgate_core::Decision) -> bool {
@@ -1520,6 +1542,9 @@ mod tests {
                 Ok(p) => p,
                 Err(e) => panic!("{e}\n{src}"),
             };
+            let p = std::sync::Arc::new(p);
+            // The limit names as JSON strings, as a running server has them.
+            let names = crate::metric_cache::PolicyCounters::new(p.clone());
             let e = Engine::with_clock(
                 MemoryStore::default(),
                 ManualClock::new(Nanos::from_secs(86_400 * 100)),
@@ -1550,10 +1575,15 @@ mod tests {
                         let got: Vec<_> = list.sorted().collect();
                         let want: Vec<_> = expected.sorted().collect();
                         assert_eq!(got, want, "{src}");
-                        let mut kept = HeaderList::with_text(b"junk".to_vec(), Some((&slot, true)));
+                        let mut kept =
+                            HeaderList::with_text(b"junk".to_vec(), Some((&slot, true)), None);
                         headers::render_to(&p, &d, kind, credits, &mut kept);
                         let got: Vec<_> = kept.sorted().collect();
                         assert_eq!(got, want, "kept: {src}");
+                        let mut named = HeaderList::with_text(Vec::new(), None, Some(&names));
+                        headers::render_to(&p, &d, kind, credits, &mut named);
+                        let got: Vec<_> = named.sorted().collect();
+                        assert_eq!(got, want, "names: {src}");
                     }
                 }
             }
@@ -1621,7 +1651,7 @@ mod tests {
             headers::render(&p, d, ResponseKind::Success, None, &mut |n, v| {
                 want.push(n, v)
             });
-            let mut kept = HeaderList::with_text(Vec::new(), Some((&slots, true)));
+            let mut kept = HeaderList::with_text(Vec::new(), Some((&slots, true)), None);
             headers::render_to(&p, d, ResponseKind::Success, None, &mut kept);
             let want: Vec<(Vec<u8>, Vec<u8>)> = want
                 .sorted()

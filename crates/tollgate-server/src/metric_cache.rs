@@ -205,7 +205,7 @@ fn json_string(s: &str) -> Box<[u8]> {
 pub const POLICY_VALUES: usize = 2;
 
 impl PolicyCounters {
-    fn new(policy: Arc<CompiledPolicy>) -> PolicyCounters {
+    pub(crate) fn new(policy: Arc<CompiledPolicy>) -> PolicyCounters {
         let pairs = policy.plans.len() * policy.operations.len();
         let n = pairs * OUTCOMES.len();
         let m = policy.limits.len() * RESULTS.len();
