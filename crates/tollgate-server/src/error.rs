@@ -105,3 +105,20 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response {
     );
     r
 }
+
+/// An error and its causes, `outer: inner: innermost`, for the log: why a
+/// connection failed (refused, a certificate that did not verify) is in the
+/// causes. Callers pass errors that carry no key, request or URL.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}

@@ -37,7 +37,7 @@ use tollgate_core::{Decision, Outcome};
 use tollgate_ledger::{Idempotency, ReservationId, ReserveOutcome, StoredResponse};
 
 use crate::client_ip::client_ip;
-use crate::error::{ApiError, json_response};
+use crate::error::{ApiError, ErrorChain, json_response};
 use crate::events;
 use crate::metric_cache;
 use crate::metrics::{CreditLabels, Metrics, UpstreamLabels};
@@ -1009,23 +1009,6 @@ async fn attempt(
         return Err(Attempt::Status(resp, wait));
     }
     Ok(resp)
-}
-
-/// An error and its causes, `outer: inner: innermost`, for the log: why a
-/// connection failed (refused, a certificate that did not verify) is in the
-/// causes. None of them carries a key or a request.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(c) = cause {
-            write!(f, ": {c}")?;
-            cause = c.source();
-        }
-        Ok(())
-    }
 }
 
 fn build_request(

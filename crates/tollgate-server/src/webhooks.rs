@@ -74,6 +74,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tollgate_ledger::{ClaimedEvent, Event, Ledger};
 
+use crate::error::ErrorChain;
 use crate::metrics::WebhookMetrics;
 
 /// How far a receiver should accept `webhook-timestamp` from its own clock.
@@ -880,7 +881,16 @@ impl Dispatcher {
                 }
             }
             Err(e) if is_refusal(&e) => Attempt::Refused,
-            Err(_) => Attempt::Unreachable,
+            Err(e) => {
+                // Why (refused, timed out, a certificate that did not
+                // verify); without the URL, which may hold a secret.
+                tracing::warn!(
+                    endpoint = %ep.id,
+                    error = %ErrorChain(&e.without_url()),
+                    "webhook endpoint unreachable"
+                );
+                Attempt::Unreachable
+            }
         }
     }
 }

@@ -145,7 +145,12 @@ fn check_config(file: &Path, quiet: bool) -> ExitCode {
 fn serve(args: Serve) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // rustls' platform verifier logs every certificate it refuses at
+            // ERROR; tollgate logs those failures itself (the upstream's
+            // and a webhook's warning give the reason), so its own line is
+            // left out unless RUST_LOG asks for it.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rustls_platform_verifier=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
