@@ -169,6 +169,24 @@ async fn proxy(policy: &str, upstream: &str, extra: &str) -> (Server, String) {
     (s, key)
 }
 
+/// A private CA, and an upstream whose certificate it issued for `name`.
+async fn ca_issued(name: &str) -> (PrivateCa, TlsUpstream) {
+    let ca = PrivateCa::new();
+    let up = TlsUpstream::start(ca.server(name)).await;
+    (ca, up)
+}
+
+/// The upstream, and a proxy on the default policy in front of it that
+/// trusts its CA through `upstream_ca_file` (in the directory returned,
+/// kept while the proxy runs), with an account's key.
+async fn trusting_the_ca_of(
+    (ca, up): (PrivateCa, TlsUpstream),
+) -> (TlsUpstream, Server, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let (s, key) = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
+    (up, s, key, dir)
+}
+
 /// `GET /hello` through the proxy with `key`.
 async fn hello(s: &Server, key: &str) -> Answer {
     s.call(false, "GET", "/hello", &[("x-api-key", key)], "")
@@ -188,10 +206,7 @@ fn retrying_policy() -> String {
 
 #[tokio::test]
 async fn https_upstream_signed_by_the_ca_file_answers_like_http() {
-    let ca = PrivateCa::new();
-    let up = TlsUpstream::start(ca.server("localhost")).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let (s, key) = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
+    let (up, s, key, _dir) = trusting_the_ca_of(ca_issued("localhost").await).await;
 
     let r = hello(&s, &key).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -212,8 +227,7 @@ async fn https_upstream_signed_by_the_ca_file_answers_like_http() {
 
 #[tokio::test]
 async fn https_upstream_not_signed_by_a_trusted_ca_is_refused_before_any_request() {
-    let ca = PrivateCa::new();
-    let up = TlsUpstream::start(ca.server("localhost")).await;
+    let (_ca, up) = ca_issued("localhost").await;
     // The system's roots only: they do not know the private CA.
     let (s, key) = proxy(&retrying_policy(), &up.url(), "").await;
 
@@ -237,10 +251,7 @@ async fn https_upstream_not_signed_by_a_trusted_ca_is_refused_before_any_request
 
 #[tokio::test]
 async fn https_upstream_whose_certificate_names_another_host_is_refused() {
-    let ca = PrivateCa::new();
-    let up = TlsUpstream::start(ca.server("api.example.com")).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let (s, key) = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
+    let (up, s, key, _dir) = trusting_the_ca_of(ca_issued("api.example.com").await).await;
 
     let r = hello(&s, &key).await;
     assert_eq!(r.status, 502, "{}", r.text);
@@ -257,10 +268,7 @@ async fn https_upstream_whose_certificate_names_another_host_is_refused() {
 #[tokio::test]
 async fn requests_to_an_https_upstream_share_one_tls_connection() {
     const N: usize = 5;
-    let ca = PrivateCa::new();
-    let up = TlsUpstream::start(ca.server("localhost")).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let (s, key) = proxy(DEFAULT_POLICY, &up.url(), &with_ca(&ca.file(&dir))).await;
+    let (up, s, key, _dir) = trusting_the_ca_of(ca_issued("localhost").await).await;
 
     for i in 1..=N {
         let r = hello(&s, &key).await;
