@@ -187,6 +187,24 @@ async fn trusting_the_ca_of(
     (up, s, key, dir)
 }
 
+/// `r` is the answer to an upstream that was not trusted: 502
+/// `upstream_unreachable`, and the upstream completed no TLS handshake and
+/// saw no HTTP request.
+fn refused_before_any_request(r: &Answer, up: &TlsUpstream) {
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert_eq!(
+        r.body["error"]["code"], "upstream_unreachable",
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        TlsUpstream::count(&up.requests),
+        0,
+        "an HTTP request went to an unverified upstream"
+    );
+    assert_eq!(TlsUpstream::count(&up.handshakes), 0);
+}
+
 /// `GET /hello` through the proxy with `key`.
 async fn hello(s: &Server, key: &str) -> Answer {
     s.call(false, "GET", "/hello", &[("x-api-key", key)], "")
@@ -231,19 +249,7 @@ async fn https_upstream_not_signed_by_a_trusted_ca_is_refused_before_any_request
     // The system's roots only: they do not know the private CA.
     let (s, key) = proxy(&retrying_policy(), &up.url(), "").await;
 
-    let r = hello(&s, &key).await;
-    assert_eq!(r.status, 502, "{}", r.text);
-    assert_eq!(
-        r.body["error"]["code"], "upstream_unreachable",
-        "{}",
-        r.text
-    );
-    assert_eq!(
-        TlsUpstream::count(&up.requests),
-        0,
-        "an HTTP request went to an unverified upstream"
-    );
-    assert_eq!(TlsUpstream::count(&up.handshakes), 0);
+    refused_before_any_request(&hello(&s, &key).await, &up);
     // A connect failure: retried as the policy retries 502 (one attempt
     // and two retries, each a new connection).
     assert_eq!(TlsUpstream::count(&up.accepted), 3);
@@ -253,15 +259,7 @@ async fn https_upstream_not_signed_by_a_trusted_ca_is_refused_before_any_request
 async fn https_upstream_whose_certificate_names_another_host_is_refused() {
     let (up, s, key, _dir) = trusting_the_ca_of(ca_issued("api.example.com").await).await;
 
-    let r = hello(&s, &key).await;
-    assert_eq!(r.status, 502, "{}", r.text);
-    assert_eq!(
-        r.body["error"]["code"], "upstream_unreachable",
-        "{}",
-        r.text
-    );
-    assert_eq!(TlsUpstream::count(&up.requests), 0);
-    assert_eq!(TlsUpstream::count(&up.handshakes), 0);
+    refused_before_any_request(&hello(&s, &key).await, &up);
     assert_eq!(TlsUpstream::count(&up.accepted), 1, "no retry by policy");
 }
 
