@@ -334,6 +334,13 @@ enum CachedKey {
     },
 }
 
+impl CachedKey {
+    /// A key with this id exists (valid or revoked).
+    fn is_known(&self) -> bool {
+        matches!(self, CachedKey::Known { .. })
+    }
+}
+
 /// Write transactions start with `BEGIN IMMEDIATE` on SQLite.
 pub(crate) const IMMEDIATE: &str = "BEGIN IMMEDIATE";
 /// Deliberately wrong: a deferred SQLite transaction (teeth of test C5).
@@ -766,7 +773,7 @@ impl Ledger {
         if let Some(hit) = self.inner.accounts.get(id).await {
             self.inner.account_front.insert(id, &hit);
             if let Some(flag) = hit.claim_refresh() {
-                self.refresh(Cached::Account, id, flag);
+                self.refresh(Cached::Account, id, flag, hit.value.is_some());
             }
             return Ok(hit.value);
         }
@@ -802,7 +809,7 @@ impl Ledger {
         }
         let hit = self.inner.account_front.get(id)?;
         if let Some(flag) = hit.refresh {
-            self.refresh(Cached::Account, id, flag);
+            self.refresh(Cached::Account, id, flag, hit.value.is_some());
         }
         Some(hit.value)
     }
@@ -835,7 +842,14 @@ impl Ledger {
     /// put back, so a later request tries again; the entry still expires at
     /// [`REVOCATION_BOUND`], and then a request reads the database itself
     /// and sees the error.
-    fn refresh(&self, what: Cached, id: &str, flag: Arc<AtomicBool>) {
+    ///
+    /// Only what exists is read ahead (`known`): an id with no key or
+    /// account is left to expire, flag kept, so a client sending ids that
+    /// do not exist still costs at most one read per id per bound.
+    fn refresh(&self, what: Cached, id: &str, flag: Arc<AtomicBool>, known: bool) {
+        if !known {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             flag.store(false, Ordering::Release);
             return;
@@ -923,14 +937,14 @@ impl Ledger {
     async fn cached_key(&self, id: &str) -> Option<CachedKey> {
         if let Some(hit) = self.inner.key_front.get(id) {
             if let Some(flag) = hit.refresh {
-                self.refresh(Cached::Key, id, flag);
+                self.refresh(Cached::Key, id, flag, hit.value.is_known());
             }
             return Some(hit.value);
         }
         let hit = self.inner.keys.get(id).await?;
         self.inner.key_front.insert(id, &hit);
         if let Some(flag) = hit.claim_refresh() {
-            self.refresh(Cached::Key, id, flag);
+            self.refresh(Cached::Key, id, flag, hit.value.is_known());
         }
         Some(hit.value)
     }
@@ -1156,7 +1170,7 @@ impl Ledger {
         };
         let hit = self.inner.key_front.get(parsed.id)?;
         if let Some(flag) = hit.refresh {
-            self.refresh(Cached::Key, parsed.id, flag);
+            self.refresh(Cached::Key, parsed.id, flag, hit.value.is_known());
         }
         Some(Self::judge(&parsed, hit.value))
     }

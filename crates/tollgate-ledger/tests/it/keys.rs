@@ -152,6 +152,28 @@ async fn g3_keys_never_printed(kind: Kind) {
 }
 both!(g3_no_key_in_output, super::g3_keys_never_printed);
 
+/// Verifies `presented` (a key revoked on another replica, still cached
+/// here as valid) until it is seen revoked, which must happen within
+/// `REVOCATION_BOUND`; returns how long it took.
+async fn revocation_seen_within_the_bound(
+    ledger: &tollgate_ledger::Ledger,
+    presented: &str,
+) -> Duration {
+    let start = tokio::time::Instant::now();
+    loop {
+        match ledger.verify_key(presented).await.expect("verify") {
+            KeyCheck::Revoked { .. } => return start.elapsed(),
+            KeyCheck::Valid(_) => {}
+            KeyCheck::Unknown => panic!("a revoked key is Revoked"),
+        }
+        assert!(
+            start.elapsed() <= REVOCATION_BOUND + Duration::from_millis(300),
+            "revocation slower than the bound"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Malformed keys need no database; unknown ids are cached negatively; a revocation
 /// made on another replica takes effect within REVOCATION_BOUND.
 async fn key_cache_and_revocation_bound(kind: Kind) {
@@ -166,23 +188,8 @@ async fn key_cache_and_revocation_bound(kind: Kind) {
     ));
     replica_a.revoke_key(&k.id).await.expect("revoke");
     // replica B still has it cached as valid; it must flip within the bound
-    let start = tokio::time::Instant::now();
-    loop {
-        match replica_b.verify_key(k.key.expose()).await.expect("v") {
-            KeyCheck::Revoked { .. } => break,
-            KeyCheck::Valid(_) => {}
-            KeyCheck::Unknown => panic!("a revoked key is Revoked"),
-        }
-        assert!(
-            start.elapsed() <= REVOCATION_BOUND + Duration::from_millis(300),
-            "revocation slower than the bound"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!(
-        "revocation seen by the other replica after {:?}",
-        start.elapsed()
-    );
+    let took = revocation_seen_within_the_bound(&replica_b, k.key.expose()).await;
+    println!("revocation seen by the other replica after {took:?}");
 
     let unknown = key::forge_for_test("AAAAAAAAAAAA", &"b".repeat(32));
     assert_eq!(
@@ -283,6 +290,13 @@ async fn hot_identities_are_read_again_before_the_bound(kind: Kind) {
         KeyCheck::Valid(_)
     ));
     assert!(ledger.account_identity("h").await.expect("read").is_some());
+    // Ids with no key or account behind them are not read ahead.
+    let unknown = key::forge_for_test("AAAAAAAAAAAA", &"b".repeat(32));
+    assert_eq!(
+        ledger.verify_key(&unknown).await.expect("verify"),
+        KeyCheck::Unknown
+    );
+    assert_eq!(ledger.account_identity("nobody").await.expect("read"), None);
     let read_at = tokio::time::Instant::now();
     let lookups = ledger.identity_lookups();
     // Past three quarters of the bound: still answered from memory, and
@@ -293,6 +307,8 @@ async fn hot_identities_are_read_again_before_the_bound(kind: Kind) {
         Some(KeyCheck::Valid(_))
     ));
     assert!(matches!(ledger.account_identity_now("h"), Some(Some(_))));
+    assert_eq!(ledger.verify_key_now(&unknown), Some(KeyCheck::Unknown));
+    assert_eq!(ledger.account_identity_now("nobody"), Some(None));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     while ledger.identity_lookups() < lookups + 2 {
         assert!(tokio::time::Instant::now() < deadline, "no background read");
@@ -314,19 +330,7 @@ async fn hot_identities_are_read_again_before_the_bound(kind: Kind) {
     assert_eq!(ledger.identity_lookups(), lookups + 2, "one read each");
     // A revocation made on another replica still shows within the bound.
     other_replica.revoke_key(&k.id).await.expect("revoke");
-    let revoked_at = tokio::time::Instant::now();
-    loop {
-        match ledger.verify_key(k.key.expose()).await.expect("verify") {
-            KeyCheck::Revoked { .. } => break,
-            KeyCheck::Valid(_) => {}
-            KeyCheck::Unknown => panic!("a revoked key is Revoked"),
-        }
-        assert!(
-            revoked_at.elapsed() <= REVOCATION_BOUND + Duration::from_millis(300),
-            "revocation slower than the bound"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    revocation_seen_within_the_bound(ledger, k.key.expose()).await;
     other_replica.close().await;
 }
 both!(
