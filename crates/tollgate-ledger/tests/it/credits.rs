@@ -17,6 +17,10 @@ struct Tally {
     attempts: AtomicU64,
     successes: AtomicU64,
     insufficient: AtomicU64,
+    /// Reserves that ran out of PostgreSQL's operation bound after getting a
+    /// connection, and were made again: each may have left a reservation
+    /// behind (see [`hammer`]).
+    ambiguous: AtomicU64,
     min_balance: AtomicI64,
 }
 
@@ -37,7 +41,30 @@ where
     }
 }
 
+/// Commits `id` for 1 credit, again after a commit that ran out of
+/// PostgreSQL's operation bound once connected (it may or may not have taken
+/// effect): the balance after it, or `None` when a timed-out attempt had
+/// committed it (only the hammer settles its reservations).
+async fn commit_surely(ledger: &Ledger, id: &ReservationId) -> Option<i64> {
+    let mut timed_out = false;
+    loop {
+        match patiently(|| ledger.commit(id.clone(), 1, None)).await {
+            Ok(after) => return Some(after),
+            Err(LedgerError::TimedOut { .. }) => timed_out = true,
+            Err(LedgerError::ReservationSettled) if timed_out => return None,
+            Err(e) => panic!("commit: {e:?}"),
+        }
+    }
+}
+
 /// 64 tasks share `attempts` reserve(1)+commit(1) tries on one account.
+///
+/// On a loaded machine a PostgreSQL call can run out of its 2 s bound after
+/// getting its connection (`LedgerError::TimedOut`), and then whether it took
+/// effect is unknown: a commit is made again until it is known settled; a
+/// reserve is made again and counted in `ambiguous`, since the first may have
+/// left an open reservation holding its credit (until its TTL) that no task
+/// knows of. The tests account for those through the audit.
 async fn hammer(ledger: &Ledger, acct: &str, attempts: u64, broken: bool) -> Arc<Tally> {
     let tally = Arc::new(Tally::default());
     let mut tasks = Vec::new();
@@ -45,24 +72,30 @@ async fn hammer(ledger: &Ledger, acct: &str, attempts: u64, broken: bool) -> Arc
         let (ledger, tally, acct) = (ledger.clone(), tally.clone(), acct.to_owned());
         tasks.push(tokio::spawn(async move {
             while tally.attempts.fetch_add(1, Ordering::Relaxed) < attempts {
-                let outcome = patiently(|| async {
-                    if broken {
-                        ledger
-                            .reserve_read_modify_write_for_test(&acct, 1, TTL)
-                            .await
-                    } else {
-                        ledger.reserve(&acct, 1, None, TTL).await
+                let outcome = loop {
+                    let reserved = patiently(|| async {
+                        if broken {
+                            ledger
+                                .reserve_read_modify_write_for_test(&acct, 1, TTL)
+                                .await
+                        } else {
+                            ledger.reserve(&acct, 1, None, TTL).await
+                        }
+                    })
+                    .await;
+                    match reserved {
+                        Err(LedgerError::TimedOut { .. }) => {
+                            tally.ambiguous.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => break other.expect("reserve"),
                     }
-                })
-                .await
-                .expect("reserve");
+                };
                 match outcome {
                     ReserveOutcome::Reserved { id, balance } => {
                         tally.min_balance.fetch_min(balance, Ordering::Relaxed);
-                        let after = patiently(|| ledger.commit(id.clone(), 1, None))
-                            .await
-                            .expect("commit");
-                        tally.min_balance.fetch_min(after, Ordering::Relaxed);
+                        if let Some(after) = commit_surely(&ledger, &id).await {
+                            tally.min_balance.fetch_min(after, Ordering::Relaxed);
+                        }
                         tally.successes.fetch_add(1, Ordering::Relaxed);
                     }
                     ReserveOutcome::Insufficient { balance } => {
@@ -90,17 +123,26 @@ async fn c1_concurrent_charges_never_overspend(kind: Kind) {
         t.successes.load(Ordering::Relaxed),
         t.insufficient.load(Ordering::Relaxed),
     );
+    let ambiguous = t.ambiguous.load(Ordering::Relaxed);
     println!(
-        "C1 {kind:?}: successes {ok}, insufficient {denied}, min balance seen {}",
+        "C1 {kind:?}: successes {ok}, insufficient {denied}, timed-out reserves made again \
+         {ambiguous}, min balance seen {}",
         t.min_balance.load(Ordering::Relaxed)
     );
-    assert_eq!(ok, 10_000);
-    assert_eq!(denied, 10_000);
-    assert!(t.min_balance.load(Ordering::Relaxed) >= 0);
-    assert_eq!(db.ledger.balance("c1").await.expect("balance"), 0);
     let audit = db.ledger.audit("c1").await.expect("audit");
     assert!(audit.is_consistent(), "{audit:?}");
-    assert_eq!(audit.committed, 10_000);
+    // Exactly the balance is spent: committed by the tasks, or held by a
+    // reservation a timed-out reserve left behind (none without time-outs).
+    let orphaned = audit.open_reserved;
+    assert!(
+        orphaned <= ambiguous as i64,
+        "{audit:?}, {ambiguous} ambiguous"
+    );
+    assert_eq!(ok as i64 + orphaned, 10_000);
+    assert_eq!(ok + denied, 20_000);
+    assert!(t.min_balance.load(Ordering::Relaxed) >= 0);
+    assert_eq!(db.ledger.balance("c1").await.expect("balance"), 0);
+    assert_eq!(audit.committed, ok as i64);
     assert!(drifting_accounts(&db.ledger).await.is_empty());
 }
 both!(
