@@ -337,7 +337,7 @@ pub fn proxy_router(st: Shared) -> Router {
 async fn route(
     router: &Router,
     fast: Option<&Shared>,
-    peer: SocketAddr,
+    peer: &proxy::Peer,
     mut req: http::Request<axum::body::Body>,
 ) -> Response {
     if let Some(st) = fast {
@@ -348,13 +348,14 @@ async fn route(
                 // comes here only when its body did not come whole with its
                 // headers, and its future is large.
                 let place = Box::new_uninit();
-                return Box::into_pin(Box::write(place, check::check_direct(st, peer, req))).await;
+                return Box::into_pin(Box::write(place, check::check_direct(st, peer.addr(), req)))
+                    .await;
             }
         } else if !OWN_PATHS.contains(&path) {
             return proxy::handle_direct(st, peer, req).await;
         }
     }
-    req.extensions_mut().insert(ConnectInfo(peer));
+    req.extensions_mut().insert(ConnectInfo(peer.addr()));
     match router.clone().oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},
@@ -407,7 +408,7 @@ async fn serve(
         let conn = Arc::new(PerConnection {
             router: router.clone(),
             fast: fast.clone(),
-            peer,
+            peer: proxy::Peer::new(peer),
             limits,
             timer: connection::RequestTimer::default(),
         });
@@ -456,7 +457,8 @@ struct PerConnection {
     router: Router,
     /// The proxy listener's state (see [`route`]).
     fast: Option<Shared>,
-    peer: SocketAddr,
+    /// The peer, and its text for the proxy, made once.
+    peer: proxy::Peer,
     limits: ConnLimits,
     /// The request timeout's timer, kept between requests.
     timer: connection::RequestTimer,
@@ -473,7 +475,7 @@ async fn serve_request(
     mut req: http::Request<hyper::body::Incoming>,
 ) -> http::Response<connection::ResponseBody> {
     use http_body_util::Either;
-    let (fast, peer, limits) = (&conn.fast, conn.peer, &conn.limits);
+    let (fast, peer, limits) = (&conn.fast, &conn.peer, &conn.limits);
     let http1 = req.version() < http::Version::HTTP_2;
     if connection::target_too_long(req.uri()) {
         return connection::uri_too_long_response(http1).map(Either::Right);
@@ -495,7 +497,13 @@ async fn serve_request(
                 // Boxed: in place, the check's future would size this one,
                 // and so every proxied request's (measured under callgrind:
                 // the proxy +680 instructions per request, the check -570).
-                return Box::pin(check::answer_whole(st, peer, body, limits.request_timeout)).await;
+                return Box::pin(check::answer_whole(
+                    st,
+                    peer.addr(),
+                    body,
+                    limits.request_timeout,
+                ))
+                .await;
             }
             connection::First::Taken(frame) => first = frame,
             connection::First::Pending => {}

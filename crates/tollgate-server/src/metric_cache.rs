@@ -164,19 +164,29 @@ impl PolicyValue {
 
     /// Whether this is the `RateLimit-Policy` value of `d`.
     pub fn matches(&self, d: &tollgate_core::Decision) -> bool {
-        let mut from = self.from.iter();
-        for r in d.results().iter().filter(|r| r.mode == Mode::Enforce) {
-            match from.next() {
-                Some(&(limit, quota, is_lease, window))
-                    if limit == r.limit
-                        && quota == r.quota
-                        && is_lease == r.is_lease
-                        && window == r.window_secs => {}
-                _ => return false,
-            }
-        }
-        from.next().is_none()
+        policy_items_match(&self.from, d)
     }
+}
+
+/// Whether `items` ([`PolicyValue::from_results`]) are what a
+/// `RateLimit-Policy` value of `d` is written from (the proxy keeps its
+/// values with them too).
+pub fn policy_items_match(
+    items: &[(LimitId, u64, bool, u64)],
+    d: &tollgate_core::Decision,
+) -> bool {
+    let mut from = items.iter();
+    for r in d.results().iter().filter(|r| r.mode == Mode::Enforce) {
+        match from.next() {
+            Some(&(limit, quota, is_lease, window))
+                if limit == r.limit
+                    && quota == r.quota
+                    && is_lease == r.is_lease
+                    && window == r.window_secs => {}
+            _ => return false,
+        }
+    }
+    from.next().is_none()
 }
 
 /// Counter handles (and kept header values) of one policy.

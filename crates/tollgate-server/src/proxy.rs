@@ -44,6 +44,7 @@ use crate::metrics::{CreditLabels, Metrics, UpstreamLabels};
 use crate::payload;
 use crate::state::{Caller, Shared};
 
+mod rate_headers;
 mod tls;
 mod upstream;
 pub use tls::{HandshakeError, UpstreamTls};
@@ -69,11 +70,12 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    handle_direct(&st, peer, req).await
+    handle_direct(&st, &Peer::new(peer), req).await
 }
 
-/// The proxy, called without the router (see `route` in the crate root).
-pub async fn handle_direct(st: &Shared, peer: SocketAddr, req: Request) -> Response {
+/// The proxy, called without the router (see `route` in the crate root),
+/// for a request from `peer` (made once per connection).
+pub async fn handle_direct(st: &Shared, peer: &Peer, req: Request) -> Response {
     // The proxy future is large (every await point's locals); boxing it here
     // moves it once instead of copying it through the connection's layers.
     // The box is allocated first and the future written into it, so that
@@ -87,10 +89,10 @@ pub async fn handle_direct(st: &Shared, peer: SocketAddr, req: Request) -> Respo
     }
 }
 
-async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, ApiError> {
+async fn proxy(st: &Shared, peer: &Peer, req: Request) -> Result<Response, ApiError> {
     let policy = st.policy.load_full();
     let (parts, body) = req.into_parts();
-    let client = client_ip(peer.ip(), &parts.headers, &st.config.trusted_proxies);
+    let client = client_ip(peer.addr.ip(), &parts.headers, &st.config.trusted_proxies);
     let caller = st.authenticate(&parts.headers, &policy, client).await?;
     let op_id = policy
         .operation_for(parts.method.as_str(), parts.uri.path())
@@ -159,9 +161,15 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
         Reserved::Answer(resp) => return Ok(resp),
     };
 
-    // Limits.
-    let ip = IpText::new(client);
-    let ip = ip.as_str();
+    // Limits. The client's address as text: the connection's, made once,
+    // unless a trusted proxy forwarded the request.
+    let forwarded;
+    let ip = if client == peer.addr.ip() {
+        peer.text.as_ref()
+    } else {
+        forwarded = IpText::new(client);
+        forwarded.as_str()
+    };
     let attrs = attribute_values(&policy, op, &parts, &inspection);
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
     // [`decide`]'s work, in place: a `Decision` is over 1.5 KB, and one
@@ -224,7 +232,6 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
         caller: &caller,
         marker: marker.as_ref(),
         peer,
-        client: (client, ip),
         key_header: &policy.key_header,
     };
     let attempts = if may_retry && body.is_none() {
@@ -315,6 +322,8 @@ async fn proxy(st: &Shared, peer: SocketAddr, req: Request) -> Result<Response, 
         ResponseKind::Other
     };
     add_rate_headers(&policy, &decision, kind, balance, &mut resp_parts.headers);
+    // The client's header map, emptied, holds the next upstream request's.
+    spare_headers::keep(parts.headers);
     Ok(with_lease(
         Response::from_parts(resp_parts, resp_body),
         lease,
@@ -563,7 +572,12 @@ pub async fn record_decision(
 }
 
 /// The answer to a refused decision.
-pub fn refusal(st: &Shared, policy: &CompiledPolicy, d: &Decision, caller: &Caller) -> Response {
+pub fn refusal(
+    st: &Shared,
+    policy: &Arc<CompiledPolicy>,
+    d: &Decision,
+    caller: &Caller,
+) -> Response {
     // Store errors are counted by kind in `record_decision`.
     let _ = (st, caller);
     match d.outcome {
@@ -630,71 +644,15 @@ pub fn refusal(st: &Shared, policy: &CompiledPolicy, d: &Decision, caller: &Call
     }
 }
 
-/// Adds the policy's rate-limit headers.
+/// Adds the policy's rate-limit headers (see [`rate_headers`]).
 pub fn add_rate_headers(
-    policy: &CompiledPolicy,
+    policy: &Arc<CompiledPolicy>,
     d: &Decision,
     kind: ResponseKind,
     credits: Option<i64>,
     out: &mut HeaderMap,
 ) {
-    headers::render(policy, d, kind, credits, &mut |name, value| {
-        let Some((n, slot)) = header_name(name) else {
-            return;
-        };
-        let v = match slot {
-            Some(slot) => repeated::value(slot, value),
-            None => HeaderValue::from_str(value).ok(),
-        };
-        if let Some(v) = v {
-            out.insert(n, v);
-        }
-    });
-}
-
-/// Header values that most requests repeat (a policy's `RateLimit-Policy`,
-/// the address of the proxy in front), kept per thread, one
-/// per slot: a value equal to the kept one is a shared copy of it (a
-/// reference count) instead of a new allocation, copy and check of its
-/// bytes. A different value replaces the kept one (one allocation more than
-/// without the cache, as the kept copy is then shared); values that change
-/// with every request (remaining, reset) are not kept.
-mod repeated {
-    use std::cell::RefCell;
-
-    use axum::http::HeaderValue;
-
-    /// `X-Forwarded-For` to the upstream.
-    pub const FORWARDED_FOR: usize = 0;
-    /// `RateLimit-Policy`.
-    pub const RATELIMIT_POLICY: usize = 1;
-    /// `X-RateLimit-Limit`.
-    pub const LIMIT: usize = 2;
-    /// `X-RateLimit-Cost`.
-    pub const COST: usize = 3;
-    const SLOTS: usize = 4;
-
-    thread_local! {
-        static KEPT: RefCell<[Option<HeaderValue>; SLOTS]> =
-            const { RefCell::new([const { None }; SLOTS]) };
-    }
-
-    /// `text` as a header value (`None` if it cannot be one), shared with
-    /// the value kept in `slot` when equal.
-    pub fn value(slot: usize, text: &str) -> Option<HeaderValue> {
-        KEPT.with(|kept| {
-            let mut kept = kept.borrow_mut();
-            let kept = &mut kept[slot];
-            if let Some(v) = kept
-                && v.as_bytes() == text.as_bytes()
-            {
-                return Some(v.clone());
-            }
-            let v = HeaderValue::from_str(text).ok()?;
-            *kept = Some(v.clone());
-            Some(v)
-        })
-    }
+    rate_headers::add(policy, d, kind, credits, out);
 }
 
 /// Header names checked at compile time (a `&str` name, or
@@ -715,21 +673,70 @@ mod names {
     pub const TOLLGATE_ACCOUNT: HeaderName = HeaderName::from_static("tollgate-account");
 }
 
-/// The header name of a rate-limit field: the fixed names without parsing or
-/// copying them, a policy's own (vendor) names parsed; with the
-/// [`repeated`] slot of the fields whose values repeat.
-fn header_name(name: &str) -> Option<(HeaderName, Option<usize>)> {
-    Some(match name {
-        headers::RETRY_AFTER => (header::RETRY_AFTER, None),
-        headers::RATELIMIT_POLICY => (names::RATELIMIT_POLICY, Some(repeated::RATELIMIT_POLICY)),
-        headers::RATELIMIT => (names::RATELIMIT, None),
-        "X-RateLimit-Limit" => (names::X_RATELIMIT_LIMIT, Some(repeated::LIMIT)),
-        "X-RateLimit-Remaining" => (names::X_RATELIMIT_REMAINING, None),
-        "X-RateLimit-Reset" => (names::X_RATELIMIT_RESET, None),
-        "X-RateLimit-Cost" => (names::X_RATELIMIT_COST, Some(repeated::COST)),
-        "X-Credits-Remaining" => (names::X_CREDITS_REMAINING, None),
-        _ => (HeaderName::from_bytes(name.as_bytes()).ok()?, None),
-    })
+/// The connection's peer as the proxy uses it, made once per connection
+/// (not per request): its address, its text (a limit's `ip` scope when the
+/// peer is the client) and that text as the `X-Forwarded-For` value the
+/// upstream gets (shared by reference count).
+pub struct Peer {
+    addr: SocketAddr,
+    text: Box<str>,
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Peer {
+    /// The peer at `addr`.
+    pub fn new(addr: SocketAddr) -> Peer {
+        let text = IpText::new(addr.ip());
+        Peer {
+            addr,
+            text: text.as_str().into(),
+            forwarded_for: HeaderValue::from_str(text.as_str()).ok(),
+        }
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Peer").field(&self.addr).finish()
+    }
+}
+
+/// An emptied client request's header map, kept (one per thread) for the
+/// next upstream request: its allocation is reused instead of freeing one
+/// map and allocating another per proxied request. (hyper keeps the maps
+/// going round the other way: the upstream request's map reads the
+/// upstream's answer, which goes to the client, whose connection reads its
+/// next request into it.)
+mod spare_headers {
+    use std::cell::Cell;
+
+    use axum::http::HeaderMap;
+
+    /// Largest map kept (entries it can hold without growing): a request
+    /// with many headers does not leave a large map behind on the thread.
+    const MAX_CAPACITY: usize = 64;
+
+    thread_local! {
+        static SPARE: Cell<Option<HeaderMap>> = const { Cell::new(None) };
+    }
+
+    /// An empty map: the kept one, or a new one.
+    pub fn take() -> HeaderMap {
+        SPARE.take().unwrap_or_default()
+    }
+
+    /// Keeps `headers`, emptied, for [`take`] (unless it is large).
+    pub fn keep(mut headers: HeaderMap) {
+        if headers.capacity() <= MAX_CAPACITY {
+            headers.clear();
+            SPARE.set(Some(headers));
+        }
+    }
 }
 
 /// An IP address written on the stack (no `String`).
@@ -851,10 +858,7 @@ struct UpstreamRequest<'a> {
     parts: &'a Parts,
     caller: &'a Caller,
     marker: Option<&'a (String, String)>,
-    peer: SocketAddr,
-    /// The client's address and its text (the peer's, unless a trusted
-    /// proxy forwarded the request).
-    client: (std::net::IpAddr, &'a str),
+    peer: &'a Peer,
     key_header: &'a str,
 }
 
@@ -1034,6 +1038,7 @@ fn build_request(
     let mut out = http::Request::new(body);
     *out.method_mut() = req.parts.method.clone();
     *out.uri_mut() = http::Uri::from(path_and_query);
+    *out.headers_mut() = spare_headers::take();
     let h = out.headers_mut();
     // Room for the copied headers and the four added below: no regrowth.
     h.reserve(req.parts.headers.len() + 4);
@@ -1050,7 +1055,7 @@ fn build_request(
         h.append(name.clone(), value.clone());
     }
     // X-Forwarded-For: the chain is kept only from trusted proxies.
-    let peer = req.peer.ip();
+    let peer = req.peer.addr.ip();
     let trusted = st.config.trusted_proxies.iter().any(|n| n.contains(&peer));
     let value = if trusted && req.parts.headers.contains_key(names::X_FORWARDED_FOR) {
         let prior: Vec<&str> = req
@@ -1061,18 +1066,14 @@ fn build_request(
             .filter_map(|v| v.to_str().ok())
             .collect();
         if prior.is_empty() {
-            HeaderValue::from_str(&peer.to_string()).ok()
+            req.peer.forwarded_for.clone()
         } else {
-            HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).ok()
+            HeaderValue::from_str(&format!("{}, {}", prior.join(", "), req.peer.text)).ok()
         }
     } else {
-        // The usual case: the peer alone, written without a `String` (and
-        // already written when the peer is the client).
-        if req.client.0 == peer {
-            repeated::value(repeated::FORWARDED_FOR, req.client.1)
-        } else {
-            repeated::value(repeated::FORWARDED_FOR, IpText::new(peer).as_str())
-        }
+        // The usual case: the peer alone, the connection's value (a
+        // reference count).
+        req.peer.forwarded_for.clone()
     };
     if let Some(v) = value {
         h.insert(names::X_FORWARDED_FOR, v);
@@ -1227,6 +1228,14 @@ mod tests {
         for a in addrs {
             let ip: IpAddr = a.parse().expect("address");
             assert_eq!(IpText::new(ip).as_str(), ip.to_string(), "{a}");
+        }
+        // The connection's peer: its text and `X-Forwarded-For` value.
+        for a in addrs {
+            let ip: IpAddr = a.parse().expect("address");
+            let peer = super::Peer::new(std::net::SocketAddr::new(ip, 4000));
+            assert_eq!(&*peer.text, ip.to_string(), "{a}");
+            let xff = peer.forwarded_for.as_ref().map(|v| v.as_bytes());
+            assert_eq!(xff, Some(ip.to_string().as_bytes()), "{a}");
         }
         // Every octet value, in every position.
         for o in 0..=255u8 {

@@ -633,6 +633,13 @@ impl Pool {
 /// Removes the connections idle for [`IDLE_TIMEOUT`] by `now` (the oldest
 /// are at the front).
 fn take_expired(idle: &mut VecDeque<Idle>, now: Instant) -> Vec<Idle> {
+    // Usually none: the oldest alone tells, without counting or collecting.
+    if idle
+        .front()
+        .is_none_or(|i| now.saturating_duration_since(i.since) < IDLE_TIMEOUT)
+    {
+        return Vec::new();
+    }
     let n = idle
         .iter()
         .take_while(|i| now.saturating_duration_since(i.since) >= IDLE_TIMEOUT)
