@@ -322,8 +322,6 @@ async fn proxy(st: &Shared, peer: &Peer, req: Request) -> Result<Response, ApiEr
         ResponseKind::Other
     };
     add_rate_headers(&policy, &decision, kind, balance, &mut resp_parts.headers);
-    // The client's header map, emptied, holds the next upstream request's.
-    spare_headers::keep(parts.headers);
     Ok(with_lease(
         Response::from_parts(resp_parts, resp_body),
         lease,
@@ -706,39 +704,6 @@ impl std::fmt::Debug for Peer {
     }
 }
 
-/// An emptied client request's header map, kept (one per thread) for the
-/// next upstream request: its allocation is reused instead of freeing one
-/// map and allocating another per proxied request. (hyper keeps the maps
-/// going round the other way: the upstream request's map reads the
-/// upstream's answer, which goes to the client, whose connection reads its
-/// next request into it.)
-mod spare_headers {
-    use std::cell::Cell;
-
-    use axum::http::HeaderMap;
-
-    /// Largest map kept (entries it can hold without growing): a request
-    /// with many headers does not leave a large map behind on the thread.
-    const MAX_CAPACITY: usize = 64;
-
-    thread_local! {
-        static SPARE: Cell<Option<HeaderMap>> = const { Cell::new(None) };
-    }
-
-    /// An empty map: the kept one, or a new one.
-    pub fn take() -> HeaderMap {
-        SPARE.take().unwrap_or_default()
-    }
-
-    /// Keeps `headers`, emptied, for [`take`] (unless it is large).
-    pub fn keep(mut headers: HeaderMap) {
-        if headers.capacity() <= MAX_CAPACITY {
-            headers.clear();
-            SPARE.set(Some(headers));
-        }
-    }
-}
-
 /// An IP address written on the stack (no `String`).
 struct IpText {
     buf: [u8; 48],
@@ -1038,7 +1003,6 @@ fn build_request(
     let mut out = http::Request::new(body);
     *out.method_mut() = req.parts.method.clone();
     *out.uri_mut() = http::Uri::from(path_and_query);
-    *out.headers_mut() = spare_headers::take();
     let h = out.headers_mut();
     // Room for the copied headers and the four added below: no regrowth.
     h.reserve(req.parts.headers.len() + 4);
