@@ -1202,13 +1202,21 @@ mod answer {
 
     /// Whether any of the 8 bytes of `w` may need an escape (a control
     /// character, `"` or `\`). Never misses one; the byte-wise check decides.
-    pub fn needs_escape(w: u64) -> bool {
+    fn needs_escape(w: u64) -> bool {
+        escapes(w) != 0
+    }
+
+    /// The high bit of each byte of `w` (little-endian) that may need an
+    /// escape. Never misses one, and the lowest bit set is exact: a byte is
+    /// wrongly flagged only above one rightly flagged (the borrow of the
+    /// subtraction runs up from it).
+    pub fn escapes(w: u64) -> u64 {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
-        let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
-        w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0
-            || zero_in(w ^ (ONES * u64::from(b'"')))
-            || zero_in(w ^ (ONES * u64::from(b'\\')))
+        let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+        (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
+            | zero_in(w ^ (ONES * u64::from(b'"')))
+            | zero_in(w ^ (ONES * u64::from(b'\\')))
     }
 }
 

@@ -124,20 +124,26 @@ impl<'b> Reader<'b> {
         self.expect(b'"')?;
         let start = self.at;
         let bytes = self.body.as_bytes();
-        // Eight bytes at a time while none of them may end the string (or
-        // make it this reader's to refuse), then byte by byte.
-        while let Some(&[b0, b1, b2, b3, b4, b5, b6, b7]) = bytes.get(self.at..self.at + 8) {
-            if super::answer::needs_escape(u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7])) {
+        // Eight bytes at a time: the lowest byte the word's mask flags is
+        // the first `"`, `\` or control character (see `answer::escapes`),
+        // where the string ends or is refused; the last few bytes one by one.
+        loop {
+            let Some(&[b0, b1, b2, b3, b4, b5, b6, b7]) = bytes.get(self.at..self.at + 8) else {
+                while !matches!(*bytes.get(self.at)?, b'"' | b'\\' | 0..=0x1F) {
+                    self.at += 1;
+                }
+                break;
+            };
+            let stops =
+                super::answer::escapes(u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
+            if stops != 0 {
+                self.at += (stops.trailing_zeros() / 8) as usize;
                 break;
             }
             self.at += 8;
         }
-        loop {
-            match *bytes.get(self.at)? {
-                b'"' => break,
-                b'\\' | 0..=0x1F => return None,
-                _ => self.at += 1,
-            }
+        if *bytes.get(self.at)? != b'"' {
+            return None;
         }
         let s = self.body.get(start..self.at)?;
         self.at += 1;
@@ -305,12 +311,26 @@ mod tests {
                 Just("other"),
             ]
             .prop_map(|f| format!("\"{f}\"")),
-            "\"[a-z\\\\\"\t é]{0,6}\"",
+            "\"[a-z\\\\\"\t é]{0,20}\"",
             "-?[0-9]{1,20}(\\.[0-9])?(e[0-9])?",
         ]
     }
 
     proptest! {
+        #[test]
+        fn the_lowest_byte_flagged_is_the_first_that_stops_a_string(
+            word in proptest::array::uniform8(prop_oneof![
+                Just(b'"'),
+                Just(b'\\'),
+                0u8..0x20,
+                any::<u8>(),
+            ]),
+        ) {
+            let flags = super::super::answer::escapes(u64::from_le_bytes(word));
+            let first = word.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+            prop_assert_eq!((flags != 0).then(|| (flags.trailing_zeros() / 8) as usize), first);
+        }
+
         #[test]
         fn any_body_read_is_read_as_serde_reads_it(
             pieces in proptest::collection::vec(piece(), 0..24),
@@ -321,7 +341,7 @@ mod tests {
         #[test]
         fn any_well_formed_check_is_read_as_serde_reads_it(
             fields in proptest::collection::vec(
-                (0..8usize, "[a-z0-9 ./é]{0,8}", -1_000_000i64..1_000_000, 0..3usize),
+                (0..8usize, "[a-z0-9 ./é]{0,24}", -1_000_000i64..1_000_000, 0..3usize),
                 0..6,
             ),
         ) {
