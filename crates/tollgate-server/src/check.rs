@@ -25,6 +25,8 @@ use crate::error::{ApiError, json_response};
 use crate::metric_cache::PolicyValue;
 use crate::state::{Caller, Shared, missing_key};
 
+mod request;
+
 /// Largest cost accepted in a check (2^40, as in the policy).
 const MAX_COST: u64 = 1 << 40;
 
@@ -223,12 +225,13 @@ async fn decide_body(st: &Shared, body: &[u8], peer: IpAddr) -> Result<bytes::By
     }
 }
 
-/// The check in `body`, its strings borrowed from it (parsed as a `&str`:
-/// `serde_json::from_slice` would check each string for UTF-8 again). `None`
-/// when it is not a valid check or holds an escaped string: the caller then
-/// runs axum's parse for its answer and messages.
+/// The check in `body`, its strings borrowed from it: read by
+/// [`request::parse`] when it has the usual shape, else by `serde_json` (as a
+/// `&str`: `serde_json::from_slice` would check each string for UTF-8
+/// again). `None` when it is not a valid check or holds an escaped string:
+/// the caller then runs axum's parse for its answer and messages.
 fn borrowed(body: &str) -> Option<CheckRequest<&str>> {
-    serde_json::from_str(body).ok()
+    request::parse(body).or_else(|| serde_json::from_str(body).ok())
 }
 
 /// Bodies up to this size that announce their length and arrive in one piece
@@ -1200,12 +1203,20 @@ mod answer {
     /// Whether any of the 8 bytes of `w` may need an escape (a control
     /// character, `"` or `\`). Never misses one; the byte-wise check decides.
     fn needs_escape(w: u64) -> bool {
+        escapes(w) != 0
+    }
+
+    /// The high bit of each byte of `w` (little-endian) that may need an
+    /// escape. Never misses one, and the lowest bit set is exact: a byte is
+    /// wrongly flagged only above one rightly flagged (the borrow of the
+    /// subtraction runs up from it).
+    pub fn escapes(w: u64) -> u64 {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
-        let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
-        w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0
-            || zero_in(w ^ (ONES * u64::from(b'"')))
-            || zero_in(w ^ (ONES * u64::from(b'\\')))
+        let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+        (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
+            | zero_in(w ^ (ONES * u64::from(b'"')))
+            | zero_in(w ^ (ONES * u64::from(b'\\')))
     }
 }
 
