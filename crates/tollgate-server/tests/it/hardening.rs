@@ -21,12 +21,19 @@ use crate::support::{Server, TOKEN};
 /// The default policy served with a 1 s `header_read_timeout`; the data
 /// directory lives as long as the returned guard.
 async fn start_with_a_1s_header_timeout() -> (tempfile::TempDir, tollgate_server::Running) {
+    start_with_header_timeout(Duration::from_secs(1)).await
+}
+
+/// The default policy served with `header_read_timeout` = `timeout`.
+async fn start_with_header_timeout(
+    timeout: Duration,
+) -> (tempfile::TempDir, tollgate_server::Running) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = ServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: dir.path().to_path_buf(),
-        header_read_timeout: Duration::from_secs(1),
+        header_read_timeout: timeout,
         ..ServerConfig::default()
     };
     let policy = tollgate_core::policy::parse(DEFAULT_POLICY, "default").expect("policy");
@@ -129,18 +136,7 @@ async fn a_kept_alive_connection_gets_the_header_timeout_for_each_head() {
 /// drain limit would end it (`connection::until_stopped`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_an_idle_kept_alive_connection_at_once() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = ServerConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.path().to_path_buf(),
-        header_read_timeout: Duration::from_secs(30),
-        ..ServerConfig::default()
-    };
-    let policy = tollgate_core::policy::parse(DEFAULT_POLICY, "default").expect("policy");
-    let running = tollgate_server::start(config, policy)
-        .await
-        .expect("starts");
+    let (_dir, running) = start_with_header_timeout(Duration::from_secs(30)).await;
     let mut conn = TcpStream::connect(running.addr).await.expect("connect");
     // Two requests, so the connection has been polled by its task before.
     for _ in 0..2 {
