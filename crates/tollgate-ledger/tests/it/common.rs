@@ -1,8 +1,9 @@
 //! Fresh databases per test, a seeded RNG and shared checks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use tollgate_ledger::{Ledger, NewAccount};
+use tollgate_ledger::{Idempotency, Ledger, NewAccount, ReservationId, ReserveOutcome};
 
 /// PostgreSQL for tests; override with `TOLLGATE_TEST_DATABASE_URL`.
 pub fn pg_url() -> String {
@@ -133,6 +134,20 @@ pub async fn account(ledger: &Ledger, id: &str, grant: i64) {
         })
         .await
         .expect("create account");
+}
+
+/// Reserves `amount` credits of `account`, which must succeed: the reservation.
+pub async fn reserved(
+    ledger: &Ledger,
+    account: &str,
+    amount: i64,
+    idempotency: Option<&Idempotency>,
+    ttl: Duration,
+) -> ReservationId {
+    match ledger.reserve(account, amount, idempotency, ttl).await {
+        Ok(ReserveOutcome::Reserved { id, .. }) => id,
+        other => panic!("reserve {amount} on {account}: {other:?}"),
+    }
 }
 
 /// Accounts whose stored balance differs from a replay of their journal rows (C7).

@@ -8,7 +8,7 @@ use tollgate_ledger::{
     GrantKind, Idempotency, Ledger, LedgerError, ReservationId, ReserveOutcome, StoredResponse,
 };
 
-use crate::common::{Kind, account, both, double_charged_keys, drifting_accounts, fresh};
+use crate::common::{Kind, account, both, double_charged_keys, drifting_accounts, fresh, reserved};
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -196,23 +196,23 @@ async fn c2_idempotency(kind: Kind) {
                 .expect("reserve")
         }));
     }
-    let mut reserved = Vec::new();
+    let mut ids = Vec::new();
     let mut in_progress = 0;
     for t in tasks {
         match t.await.expect("task") {
-            ReserveOutcome::Reserved { id, .. } => reserved.push(id),
+            ReserveOutcome::Reserved { id, .. } => ids.push(id),
             ReserveOutcome::InProgress => in_progress += 1,
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert_eq!(reserved.len(), 1);
+    assert_eq!(ids.len(), 1);
     assert_eq!(in_progress, 31);
     let response = StoredResponse {
         status: 201,
         content_type: Some("application/json".into()),
         body: br#"{"ok":true}"#.to_vec(),
     };
-    let id = reserved.pop().expect("one");
+    let id = ids.pop().expect("one");
     assert_eq!(
         ledger.commit(id, 4, Some(&response)).await.expect("commit"),
         96
@@ -244,21 +244,13 @@ async fn c2_idempotency(kind: Kind) {
 
     // After a release the same key reserves again; it is then charged once.
     let key2 = idem("order-2", "fp");
-    let ReserveOutcome::Reserved { id, .. } =
-        ledger.reserve("c2", 10, Some(&key2), TTL).await.expect("r")
-    else {
-        panic!("reserve")
-    };
+    let id = reserved(ledger, "c2", 10, Some(&key2), TTL).await;
     assert_eq!(
         ledger.reserve("c2", 10, Some(&key2), TTL).await.expect("r"),
         ReserveOutcome::InProgress
     );
     ledger.release(id).await.expect("release");
-    let ReserveOutcome::Reserved { id, .. } =
-        ledger.reserve("c2", 10, Some(&key2), TTL).await.expect("r")
-    else {
-        panic!("reserve again after release")
-    };
+    let id = reserved(ledger, "c2", 10, Some(&key2), TTL).await;
     ledger.commit(id, 10, None).await.expect("commit");
     assert_eq!(
         ledger.reserve("c2", 10, Some(&key2), TTL).await.expect("r"),
@@ -293,13 +285,7 @@ async fn idempotency_records_are_pruned(kind: Kind) {
     let ledger = &db.ledger;
     account(ledger, "prune", 100).await;
     let done = idem("done", "fp");
-    let ReserveOutcome::Reserved { id, .. } = ledger
-        .reserve("prune", 5, Some(&done), TTL)
-        .await
-        .expect("r")
-    else {
-        panic!("reserve")
-    };
+    let id = reserved(ledger, "prune", 5, Some(&done), TTL).await;
     ledger.commit(id, 5, None).await.expect("commit");
     let open = idem("open", "fp");
     assert!(matches!(
@@ -361,13 +347,7 @@ async fn c8_settlement_races(kind: Kind) {
     let rounds = 200;
     let (mut commits, mut releases, mut expiries) = (0, 0, 0);
     for _ in 0..rounds {
-        let ReserveOutcome::Reserved { id, .. } = ledger
-            .reserve("c8", 3, None, Duration::ZERO)
-            .await
-            .expect("reserve")
-        else {
-            panic!("reserve")
-        };
+        let id = reserved(ledger, "c8", 3, None, Duration::ZERO).await;
         let (l1, l2, l3) = (ledger.clone(), ledger.clone(), ledger.clone());
         let (i1, i2) = (id.clone(), id.clone());
         let c = tokio::spawn(async move { l1.commit(i1, 2, None).await });
@@ -414,10 +394,7 @@ async fn c8_settlement_races(kind: Kind) {
 
     // Commit above the reservation: rejected, reservation untouched, then committable.
     let before = ledger.balance("c8").await.expect("b");
-    let ReserveOutcome::Reserved { id, .. } = ledger.reserve("c8", 5, None, TTL).await.expect("r")
-    else {
-        panic!()
-    };
+    let id = reserved(ledger, "c8", 5, None, TTL).await;
     for _ in 0..100 {
         assert!(matches!(
             ledger.commit(id.clone(), 6, None).await,
@@ -457,17 +434,9 @@ async fn c7_reconciliation(kind: Kind) {
             .grant(a, 25, GrantKind::Purchase, "top-up", "p1")
             .await
             .expect("grant");
-        let ReserveOutcome::Reserved { id, .. } =
-            ledger.reserve(a, 10, None, TTL).await.expect("r")
-        else {
-            panic!()
-        };
+        let id = reserved(ledger, a, 10, None, TTL).await;
         ledger.commit(id, 7, None).await.expect("commit");
-        let ReserveOutcome::Reserved { id, .. } =
-            ledger.reserve(a, 10, None, TTL).await.expect("r")
-        else {
-            panic!()
-        };
+        let id = reserved(ledger, a, 10, None, TTL).await;
         ledger.release(id).await.expect("release");
         ledger.reserve(a, 4, None, TTL).await.expect("left open");
     }

@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tollgate_ledger::{CommitEvents, LedgerError, NewEvent, ReserveOutcome};
+use tollgate_ledger::{CommitEvents, LedgerError, NewEvent};
 
-use crate::common::{Kind, account, both, fresh};
+use crate::common::{Kind, account, both, fresh, reserved};
 
 const LONG: Duration = Duration::from_secs(60);
 /// A lease or back-off that must outlast a few statements on a loaded machine.
@@ -145,11 +145,7 @@ async fn charge_events_share_the_transaction(kind: Kind) {
     };
     let mut ids = Vec::new();
     for _ in 0..4 {
-        let ReserveOutcome::Reserved { id, .. } =
-            l.reserve("acme", 1, None, LONG).await.expect("reserve")
-        else {
-            panic!("reserved")
-        };
+        let id = reserved(&l, "acme", 1, None, LONG).await;
         ids.push(id.clone());
         l.commit_with_events(id, 1, None, events)
             .await

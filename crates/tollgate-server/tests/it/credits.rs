@@ -81,14 +81,7 @@ async fn c1(database: Option<String>) {
     };
     let (s, up) = server_on(database).await;
     let key = s.account_with_key("acme", "default").await;
-    let g = s
-        .admin(
-            "POST",
-            "/admin/v1/accounts/acme/credits",
-            &format!(r#"{{"amount":{BALANCE},"idempotency_key":"seed"}}"#),
-        )
-        .await;
-    assert_eq!(g.status, 200);
+    s.grant("acme", BALANCE, "seed").await;
     let s = Arc::new(s);
     let done = Arc::new(AtomicBool::new(false));
     let observer = {
@@ -169,12 +162,7 @@ async fn c2_one_idempotency_key_charges_once_on_postgresql() {
 async fn c2(database: Option<String>) {
     let (s, up) = server_on(database).await;
     let key = s.account_with_key("acme", "default").await;
-    s.admin(
-        "POST",
-        "/admin/v1/accounts/acme/credits",
-        r#"{"amount":10,"idempotency_key":"seed"}"#,
-    )
-    .await;
+    s.grant("acme", 10, "seed").await;
     let s = Arc::new(s);
     let mut tasks = Vec::new();
     for _ in 0..32 {
@@ -243,12 +231,7 @@ async fn c2(database: Option<String>) {
 async fn upstream_failures_are_retried_then_released() {
     let (s, up) = server().await;
     let key = s.account_with_key("acme", "default").await;
-    s.admin(
-        "POST",
-        "/admin/v1/accounts/acme/credits",
-        r#"{"amount":5,"idempotency_key":"seed"}"#,
-    )
-    .await;
+    s.grant("acme", 5, "seed").await;
     let r = s
         .call(false, "POST", "/status/503", &[("x-api-key", &key)], "{}")
         .await;
@@ -354,14 +337,7 @@ async fn committed_credits_come_from_the_upstream_header_capped_at_the_reservati
     let up = metering_upstream().await;
     let s = Server::with_upstream(Some(TOKEN), METERED_POLICY, Some(up)).await;
     let key = s.account_with_key("acme", "default").await;
-    let g = s
-        .admin(
-            "POST",
-            "/admin/v1/accounts/acme/credits",
-            r#"{"amount":100,"idempotency_key":"grant"}"#,
-        )
-        .await;
-    assert_eq!(g.status, 200, "{}", g.text);
+    s.grant("acme", 100, "grant").await;
     let mut expected = 100;
     for (path, charged, status) in [
         ("/render/3", 3, 200),
@@ -413,12 +389,7 @@ async fn committed_credits_come_from_the_upstream_header_capped_at_the_reservati
     assert_eq!(expected, 100 - (3 + 10 * 5 + 7 + 4));
     // A reservation must fit the balance, whatever the answer would report.
     let low = s.account_with_key("low", "default").await;
-    s.admin(
-        "POST",
-        "/admin/v1/accounts/low/credits",
-        r#"{"amount":5,"idempotency_key":"grant-low"}"#,
-    )
-    .await;
+    s.grant("low", 5, "grant-low").await;
     let r = s
         .call(false, "POST", "/render/1", &[("x-api-key", &low)], "{}")
         .await;
@@ -662,12 +633,7 @@ async fn e7_upstream_failures_are_retried_within_bounds_and_cost_nothing() {
     let up = Upstream::start().await;
     let s = Server::with_upstream(Some(TOKEN), E7_POLICY, Some(up.addr)).await;
     let key = s.account_with_key("acme", "default").await;
-    s.admin(
-        "POST",
-        "/admin/v1/accounts/acme/credits",
-        r#"{"amount":5,"idempotency_key":"seed"}"#,
-    )
-    .await;
+    s.grant("acme", 5, "seed").await;
     let k = [("x-api-key", key.as_str())];
 
     let t0 = tokio::time::Instant::now();
@@ -687,12 +653,7 @@ async fn e7_upstream_failures_are_retried_within_bounds_and_cost_nothing() {
     let (reset_addr, accepted) = resetting_upstream().await;
     let r = Server::with_upstream(Some(TOKEN), E7_POLICY, Some(reset_addr)).await;
     let rkey = r.account_with_key("acme", "default").await;
-    r.admin(
-        "POST",
-        "/admin/v1/accounts/acme/credits",
-        r#"{"amount":5,"idempotency_key":"seed"}"#,
-    )
-    .await;
+    r.grant("acme", 5, "seed").await;
     let t1 = tokio::time::Instant::now();
     let reset = r
         .call(false, "GET", "/fine", &[("x-api-key", rkey.as_str())], "")

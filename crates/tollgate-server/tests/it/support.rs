@@ -187,6 +187,19 @@ impl Server {
         assert_eq!(k.status, 201, "{}", k.text);
         k.body["key"].as_str().expect("key").to_owned()
     }
+
+    /// Grants `amount` credits to account `id` through the admin API, once
+    /// per `idempotency_key`; the grant must be accepted.
+    pub async fn grant(&self, id: &str, amount: impl std::fmt::Display, idempotency_key: &str) {
+        let g = self
+            .admin(
+                "POST",
+                &format!("/admin/v1/accounts/{id}/credits"),
+                &format!(r#"{{"amount":{amount},"idempotency_key":"{idempotency_key}"}}"#),
+            )
+            .await;
+        assert_eq!(g.status, 200, "{}", g.text);
+    }
 }
 
 /// A scripted upstream: counts requests; `/slow` waits 1 s, `/status/N`
