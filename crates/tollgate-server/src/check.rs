@@ -201,8 +201,8 @@ impl Answered {
 
 /// The `200` answer of a check, its bytes not boxed.
 fn json_answer_whole(answer: bytes::Bytes) -> http::Response<crate::connection::ResponseBody> {
-    let mut r = http::Response::new(http_body_util::Either::Left(http_body_util::Full::new(
-        answer,
+    let mut r = http::Response::new(http_body_util::Either::Left(http_body_util::Either::Left(
+        http_body_util::Full::new(answer),
     )));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -216,9 +216,23 @@ pub fn io(
 }
 
 /// The body every listener answers with: a `/v1/check` answer's bytes as they
-/// are ([`crate::check::answer_whole`]: not boxed), or any other answer's
-/// axum body.
-pub type ResponseBody = http_body_util::Either<http_body_util::Full<Bytes>, Body>;
+/// are ([`crate::check::answer_whole`]: not boxed), the upstream's body of a
+/// proxied answer as it is (not boxed, see [`crate::proxy::handle_direct`]),
+/// or any other answer's axum body.
+pub type ResponseBody = http_body_util::Either<
+    http_body_util::Either<http_body_util::Full<Bytes>, crate::proxy::UpstreamBody>,
+    Body,
+>;
+
+/// `body` as an axum body (boxed unless it is one already).
+pub fn boxed(body: ResponseBody) -> Body {
+    use http_body_util::Either;
+    match body {
+        Either::Left(Either::Left(whole)) => Body::new(whole),
+        Either::Left(Either::Right(upstream)) => Body::new(upstream),
+        Either::Right(body) => body,
+    }
+}
 
 /// A request body's first frame, if it had come already.
 pub type FirstFrame = Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>;
@@ -617,14 +631,19 @@ pub fn request_timeout_response() -> Response {
 /// either it fails with [`BodyTimeout`] and sets the returned flag, and the
 /// request is answered with [`body_timeout_response`]. `first` is a frame
 /// already taken from `body` ([`poll_first`]), given back first. An empty
-/// body is passed through untouched (so its size hints stay exact) and gets
-/// no flag.
+/// body gets no flag and keeps exact size hints: on HTTP/1 (`http1`) it is
+/// axum's empty body (nothing to allocate; hyper's empty HTTP/1 body holds
+/// nothing either), on HTTP/2 the stream's body passed through untouched.
 pub fn guard_body(
     body: hyper::body::Incoming,
     first: FirstFrame,
     limits: &ConnLimits,
+    http1: bool,
 ) -> (Body, Option<Arc<AtomicBool>>) {
     if first.is_none() && body.is_end_stream() {
+        if http1 {
+            return (Body::empty(), None);
+        }
         return (Body::new(body), None);
     }
     let flag = Arc::new(AtomicBool::new(false));

@@ -339,7 +339,8 @@ async fn route(
     fast: Option<&Shared>,
     peer: &proxy::Peer,
     mut req: http::Request<axum::body::Body>,
-) -> Response {
+) -> http::Response<connection::ResponseBody> {
+    use http_body_util::Either;
     if let Some(st) = fast {
         let path = req.uri().path();
         if path == CHECK_PATH {
@@ -349,7 +350,8 @@ async fn route(
                 // headers, and its future is large.
                 let place = Box::new_uninit();
                 return Box::into_pin(Box::write(place, check::check_direct(st, peer.addr(), req)))
-                    .await;
+                    .await
+                    .map(Either::Right);
             }
         } else if !OWN_PATHS.contains(&path) {
             return proxy::handle_direct(st, peer, req).await;
@@ -357,7 +359,7 @@ async fn route(
     }
     req.extensions_mut().insert(ConnectInfo(peer.addr()));
     match router.clone().oneshot(req).await {
-        Ok(r) => r,
+        Ok(r) => r.map(Either::Right),
         Err(never) => match never {},
     }
 }
@@ -510,7 +512,7 @@ async fn serve_request(
         }
     }
     let (parts, body) = req.into_parts();
-    let (body, body_timed_out) = connection::guard_body(body, first, limits);
+    let (body, body_timed_out) = connection::guard_body(body, first, limits, http1);
     let req = http::Request::from_parts(parts, body);
     let resp = match conn
         .timer
@@ -521,15 +523,14 @@ async fn serve_request(
         .await
     {
         Ok(r) => r,
-        Err(_) => connection::request_timeout_response(),
+        Err(_) => connection::request_timeout_response().map(Either::Right),
     };
     let timed_out = body_timed_out.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
-    let resp = if timed_out {
-        connection::body_timeout_response(http1)
+    if timed_out {
+        connection::body_timeout_response(http1).map(Either::Right)
     } else {
         resp
-    };
-    resp.map(Either::Right)
+    }
 }
 
 /// The built-in upstream used when none is configured: answers 200 with

@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Either, Limited};
 use serde_json::json;
 use sha2::Digest;
 use tollgate_core::headers::{self, ResponseKind};
@@ -37,6 +37,7 @@ use tollgate_core::{Decision, Outcome};
 use tollgate_ledger::{Idempotency, ReservationId, ReserveOutcome, StoredResponse};
 
 use crate::client_ip::client_ip;
+use crate::connection::ResponseBody;
 use crate::error::{ApiError, ErrorChain, json_response};
 use crate::events;
 use crate::metric_cache;
@@ -70,12 +71,17 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    handle_direct(&st, &Peer::new(peer), req).await
+    handle_direct(&st, &Peer::new(peer), req)
+        .await
+        .map(crate::connection::boxed)
 }
 
 /// The proxy, called without the router (see `route` in the crate root),
-/// for a request from `peer` (made once per connection).
-pub async fn handle_direct(st: &Shared, peer: &Peer, req: Request) -> Response {
+/// for a request from `peer` (made once per connection). A forwarded
+/// answer's body is the upstream's own ([`UpstreamBody`]), not boxed into an
+/// axum body: no allocation, error mapping or dynamic call per frame on the
+/// way to hyper (same frames, size hints and end of stream).
+pub async fn handle_direct(st: &Shared, peer: &Peer, req: Request) -> http::Response<ResponseBody> {
     // The proxy future is large (every await point's locals); boxing it here
     // moves it once instead of copying it through the connection's layers.
     // The box is allocated first and the future written into it, so that
@@ -85,11 +91,15 @@ pub async fn handle_direct(st: &Shared, peer: &Peer, req: Request) -> Response {
     let fut = Box::into_pin(Box::write(place, proxy(st, peer, req)));
     match fut.await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => e.into_response().map(Either::Right),
     }
 }
 
-async fn proxy(st: &Shared, peer: &Peer, req: Request) -> Result<Response, ApiError> {
+async fn proxy(
+    st: &Shared,
+    peer: &Peer,
+    req: Request,
+) -> Result<http::Response<ResponseBody>, ApiError> {
     let policy = st.policy.load_full();
     let (parts, body) = req.into_parts();
     let client = client_ip(peer.addr.ip(), &parts.headers, &st.config.trusted_proxies);
@@ -158,7 +168,7 @@ async fn proxy(st: &Shared, peer: &Peer, req: Request) -> Result<Response, ApiEr
     };
     let reservation = match reservation {
         Reserved::Ready(r) => r,
-        Reserved::Answer(resp) => return Ok(resp),
+        Reserved::Answer(resp) => return Ok(resp.map(Either::Right)),
     };
 
     // Limits. The client's address as text: the connection's, made once,
@@ -189,7 +199,7 @@ async fn proxy(st: &Shared, peer: &Peer, req: Request) -> Result<Response, ApiEr
             if let Some((id, _)) = &reservation {
                 let _ = Box::pin(st.ledger.release(id.clone())).await;
             }
-            return Ok(refusal(st, &policy, &decision, &caller));
+            return Ok(refusal(st, &policy, &decision, &caller).map(Either::Right));
         }
     }
 
@@ -213,7 +223,7 @@ async fn proxy(st: &Shared, peer: &Peer, req: Request) -> Result<Response, ApiEr
             Some(balance),
             resp.headers_mut(),
         );
-        return Ok(with_lease(resp, lease));
+        return Ok(with_lease(resp, lease).map(Either::Right));
     }
 
     // Forward.
@@ -253,7 +263,7 @@ async fn proxy(st: &Shared, peer: &Peer, req: Request) -> Result<Response, ApiEr
     // Settle credits on the upstream's status.
     let status = upstream.status();
     let (mut resp_parts, resp_body) = upstream.into_parts();
-    let mut resp_body = Body::new(resp_body);
+    let mut resp_body: ResponseBody = Either::Left(Either::Right(resp_body));
     let mut balance = None;
     if let Some((id, reserved)) = reservation {
         if status.is_success() {
@@ -272,13 +282,13 @@ async fn proxy(st: &Shared, peer: &Peer, req: Request) -> Result<Response, ApiEr
                 let small =
                     content_length(&resp_parts.headers).is_some_and(|l| l <= STORED_BODY_MAX);
                 let bytes = if small {
-                    read_body(resp_body, STORED_BODY_MAX)
+                    read_body(Body::new(resp_body), STORED_BODY_MAX)
                         .await
                         .unwrap_or_default()
                 } else {
                     Bytes::new()
                 };
-                resp_body = Body::from(bytes.clone());
+                resp_body = Either::Right(Body::from(bytes.clone()));
                 Some(StoredResponse {
                     status: status.as_u16(),
                     content_type: ct,
@@ -322,10 +332,11 @@ async fn proxy(st: &Shared, peer: &Peer, req: Request) -> Result<Response, ApiEr
         ResponseKind::Other
     };
     add_rate_headers(&policy, &decision, kind, balance, &mut resp_parts.headers);
-    Ok(with_lease(
-        Response::from_parts(resp_parts, resp_body),
-        lease,
-    ))
+    let resp = http::Response::from_parts(resp_parts, resp_body);
+    Ok(match lease {
+        None => resp,
+        lease => with_lease(resp.map(crate::connection::boxed), lease).map(Either::Right),
+    })
 }
 
 /// The class of an upstream exchange, as counted in `upstream_responses`.
