@@ -164,9 +164,20 @@ mod kept {
         })
     }
 
-    /// Keeps `value`, written from `from` of `policy`.
+    /// Keeps `value`, written from `from` of `policy`. Values kept for
+    /// another policy are dropped first: after a reload, the first value
+    /// kept for the new policy lets the old one go (a thread keeps no
+    /// replaced policy alive past its next request that writes a value).
     pub fn put(policy: &Arc<CompiledPolicy>, from: PolicyItems, value: HeaderValue) {
         KEPT.with_borrow_mut(|(slots, next)| {
+            for slot in slots.iter_mut() {
+                if slot
+                    .as_ref()
+                    .is_some_and(|k| !Arc::ptr_eq(&k.policy, policy))
+                {
+                    *slot = None;
+                }
+            }
             slots[*next] = Some(Kept {
                 policy: Arc::clone(policy),
                 from,
@@ -345,5 +356,35 @@ mod tests {
             }
         }
         assert!(compared > 0);
+    }
+
+    /// A thread's kept `RateLimit-Policy` values hold their policy; the
+    /// first value kept for another policy (a reload) lets the old one go.
+    #[test]
+    fn kept_values_let_a_replaced_policy_go() {
+        let src = "[limits.burst]\nalgorithm = \"sliding_window\"\nlimit = 2\nwindow = \"3s\"\n";
+        let old = Arc::new(policy::parse(src, "t.toml").expect("policy"));
+        let new = Arc::new(policy::parse(src, "t.toml").expect("policy"));
+        let e = Engine::with_clock(
+            MemoryStore::default(),
+            ManualClock::new(Nanos::from_secs(9)),
+        );
+        let add = |p: &Arc<policy::CompiledPolicy>| {
+            let r = Request {
+                account: "a",
+                ..Request::new(p.default_plan, p.default_operation())
+            };
+            let d = e.decide_now(p, &r);
+            super::add(p, &d, ResponseKind::Success, None, &mut answer());
+        };
+        add(&old);
+        assert_eq!(
+            Arc::strong_count(&old),
+            2,
+            "the value is kept with its policy"
+        );
+        add(&new);
+        assert_eq!(Arc::strong_count(&old), 1, "the replaced policy is let go");
+        assert_eq!(Arc::strong_count(&new), 2);
     }
 }
