@@ -24,7 +24,7 @@ use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{
     AccountOverrides, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride, LocalShare,
-    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, PlanLimit, ScopePart,
+    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
 };
 use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
 
@@ -189,58 +189,68 @@ impl<S: Store, C: Clock> Engine<S, C> {
         req: &Request<'_>,
         decision: &mut Decision,
     ) {
+        if let Some(program) = policy.one_scope(req.plan, req.operation)
+            && !req.overrides.is_some_and(|o| {
+                program
+                    .steps
+                    .iter()
+                    .any(|s| o.get(s.result.limit).is_some())
+            })
+        {
+            // The usual scope, one value, was noted in the program at load
+            // (no look-up in the policy's limit table).
+            let values = match program.part {
+                Some(part) => self.part_hash(part, req),
+                None => self.scope_hash(&policy.limits[usize::from(program.first)].scope, req),
+            };
+            let Some(values) = values else {
+                // A scope value is unknown: no limit applies.
+                return;
+            };
+            // The store appends the results and sets the outcome (nothing
+            // when it fails: the general path below then decides again,
+            // and answers a store error by each limit's `on_store_error`).
+            // Most requests meet a few limits: its arrays sized for exactly
+            // that many.
+            let now = decision.now;
+            let cost = req.cost;
+            let decided = match program.steps.len() {
+                0 | 1 => memory.decide_scope::<1>(now, values, program, cost, decision),
+                2 => memory.decide_scope::<2>(now, values, program, cost, decision),
+                3 => memory.decide_scope::<3>(now, values, program, cost, decision),
+                ..=FEW_LIMITS => {
+                    memory.decide_scope::<FEW_LIMITS>(now, values, program, cost, decision)
+                }
+                _ => memory
+                    .decide_scope::<MAX_LIMITS_PER_REQUEST>(now, values, program, cost, decision),
+            };
+            if decided.is_ok() {
+                return;
+            }
+        }
         // Most requests meet a few limits: size the check and evaluation
         // arrays for exactly that many (each unused check is 80 B of stack
         // to set up, and so on down the store).
         let limits = policy.applicable(req.plan, req.operation);
         match limits.len() {
-            0 | 1 => self.decide_into::<1>(memory, policy, limits, req, decision),
-            2 => self.decide_into::<2>(memory, policy, limits, req, decision),
-            3 => self.decide_into::<3>(memory, policy, limits, req, decision),
-            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(memory, policy, limits, req, decision),
-            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(memory, policy, limits, req, decision),
+            0 | 1 => self.decide_into::<1>(memory, policy, req, decision),
+            2 => self.decide_into::<2>(memory, policy, req, decision),
+            3 => self.decide_into::<3>(memory, policy, req, decision),
+            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(memory, policy, req, decision),
+            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(memory, policy, req, decision),
         }
     }
 
-    /// Decides `req`, whose applicable limits are `limits`, on `memory`.
+    /// Decides `req` on `memory` by the general path (checks built per
+    /// limit, then the store's `decide_now`).
     fn decide_into<const N: usize>(
         &self,
         memory: &MemoryStore,
         policy: &CompiledPolicy,
-        limits: &[PlanLimit],
         req: &Request<'_>,
         decision: &mut Decision,
     ) {
         let now = decision.now;
-        if let Some(first) = limits.first()
-            && first.prepared.one_scope
-        {
-            let overridden = req
-                .overrides
-                .is_some_and(|o| limits.iter().any(|pl| o.get(pl.limit).is_some()));
-            if !overridden {
-                // The usual scope, one value, was noted on the first limit
-                // at load (no look-up in the policy's limit table).
-                let values = match first.prepared.one_part {
-                    Some(part) => self.part_hash(part, req),
-                    None => self.scope_hash(&policy.limits[usize::from(first.limit)].scope, req),
-                };
-                let Some(values) = values else {
-                    // A scope value is unknown: no limit applies.
-                    return;
-                };
-                // The store pushes the results and sets the outcome
-                // (nothing when it fails: the general path below then
-                // decides again, and answers a store error by each limit's
-                // `on_store_error`).
-                if memory
-                    .decide_scope::<N>(now, values, limits, req.cost, decision)
-                    .is_ok()
-                {
-                    return;
-                }
-            }
-        }
         let mut checks = [EMPTY_CHECK; N];
         let (n, lease) = self.prepare(policy, req, now, &mut checks, decision);
         let mut evals = [Evaluation::default(); N];
