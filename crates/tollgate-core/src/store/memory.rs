@@ -929,28 +929,22 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
             pass.step(i, step, cells, low, cost, now, decision);
         }
     }
-    let Pass {
-        undo,
-        admitted,
-        refused,
-        later,
-    } = pass;
-    if !admitted {
-        undo_writes(g, steps, &undo);
-    } else if later
+    if !pass.admitted {
+        undo_writes(g, steps, &pass.undo);
+    } else if pass.later
         && let Some(locked) =
-            write_later(g, low, steps, decision.results_from(base), &undo, now, room)
+            write_later(g, low, steps, decision.results_from(base), &pass.undo, now, room)
     {
         decision.truncate(base);
         return locked;
     }
-    if refused {
-        decision.settle(admitted, 0);
+    if pass.refused {
+        decision.settle(pass.admitted, 0);
     } else {
         // Every limit admits: nothing forwarded, no lease on one scope.
         decision.outcome = Outcome::Admitted;
     }
-    Locked::Decided(admitted)
+    Locked::Decided(pass.admitted)
 }
 
 /// What `scope_locked`'s loop keeps from limit to limit.
