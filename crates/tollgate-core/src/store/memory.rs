@@ -904,8 +904,9 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
     // Each limit's result is pushed as it is evaluated; taken back out if
     // the request does not fit (`Grow`, `Full`).
     let base = decision.results().len();
-    let mut pass = Pass::<N> {
-        undo: [Undo::NONE; N],
+    // What the counters written in the loop held.
+    let mut undo = [Undo::NONE; N];
+    let mut pass = Pass {
         admitted: true,
         refused: false,
         later: false,
@@ -915,25 +916,27 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
     if N <= FEW_CHECKS {
         // Unrolled: each limit's code with its index known (a loop here
         // stays a loop).
-        let mut at = |i: usize| {
-            if let Some(step) = steps.get(i) {
-                pass.step(i, step, cells, low, cost, now, decision);
-            }
-        };
-        at(0);
-        at(1);
-        at(2);
-        at(3);
+        macro_rules! at {
+            ($i:literal) => {
+                if let (Some(step), Some(u)) = (steps.get($i), undo.get_mut($i)) {
+                    pass.step($i, step, u, cells, low, cost, now, decision);
+                }
+            };
+        }
+        at!(0);
+        at!(1);
+        at!(2);
+        at!(3);
     } else {
-        for (i, step) in steps.iter().enumerate() {
-            pass.step(i, step, cells, low, cost, now, decision);
+        for (i, (step, u)) in steps.iter().zip(&mut undo).enumerate() {
+            pass.step(i, step, u, cells, low, cost, now, decision);
         }
     }
     if !pass.admitted {
-        undo_writes(g, steps, &pass.undo);
+        undo_writes(g, steps, &undo);
     } else if pass.later
         && let Some(locked) =
-            write_later(g, low, steps, decision.results_from(base), &pass.undo, now, room)
+            write_later(g, low, steps, decision.results_from(base), &undo, now, room)
     {
         decision.truncate(base);
         return locked;
@@ -948,9 +951,7 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
 }
 
 /// What `scope_locked`'s loop keeps from limit to limit.
-struct Pass<const N: usize> {
-    /// What the counters written in the loop held.
-    undo: [Undo; N],
+struct Pass {
     /// Whether no blocking limit refused so far.
     admitted: bool,
     /// Whether any limit refused (blocking or not): only then does the
@@ -960,15 +961,17 @@ struct Pass<const N: usize> {
     later: bool,
 }
 
-impl<const N: usize> Pass<N> {
+impl Pass {
     /// Evaluates limit `i` (`step`) on its counter among `cells` (the
-    /// scope entry's), writes it in place when it can, and pushes its result.
+    /// scope entry's), writes it in place when it can (what it held kept
+    /// in `u`), and pushes its result.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
         i: usize,
         step: &Step,
+        u: &mut Undo,
         cells: &mut [Cell],
         low: u64,
         cost: Option<u64>,
@@ -982,8 +985,8 @@ impl<const N: usize> Pass<N> {
             Some(c) if c.tag == t => Some(i),
             _ => cells.iter().position(|c| c.tag == t),
         };
-        let (eval, wrote) = match (cell, self.undo.get_mut(i)) {
-            (Some(k), Some(u)) => {
+        let (eval, wrote) = match cell {
+            Some(k) => {
                 let (e, wrote) =
                     evaluate_in_place(&mut cells[k], &step.algorithm, c, now, self.admitted, u);
                 if wrote {
@@ -991,14 +994,8 @@ impl<const N: usize> Pass<N> {
                 }
                 (e, wrote)
             }
-            _ => (
-                evaluate_step(
-                    cell.map_or(FRESH, |k| &cells[k]),
-                    &step.algorithm,
-                    c,
-                    now,
-                    &mut Next::OnCommit,
-                ),
+            None => (
+                evaluate_step(FRESH, &step.algorithm, c, now, &mut Next::OnCommit),
                 false,
             ),
         };
