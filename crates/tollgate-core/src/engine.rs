@@ -199,13 +199,19 @@ impl<S: Store, C: Clock> Engine<S, C> {
         {
             // The usual scope, one value, was noted in the program at load
             // (no look-up in the policy's limit table).
+            // A scope value unknown: no limit applies.
             let values = match program.part {
-                Some(part) => self.part_hash(part, req),
-                None => self.scope_hash(&policy.limits[usize::from(program.first)].scope, req),
-            };
-            let Some(values) = values else {
-                // A scope value is unknown: no limit applies.
-                return;
+                Some(part) => {
+                    let value = req.part(part);
+                    if value.is_empty() {
+                        return;
+                    }
+                    self.value_hash(value)
+                }
+                None => match self.scope_hash(&policy.limits[usize::from(program.first)].scope, req) {
+                    Some(values) => values,
+                    None => return,
+                },
             };
             // The store appends the results and sets the outcome (nothing
             // when it fails: the general path below then decides again,
@@ -405,19 +411,34 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// [`Engine::scope_hash`] of the scope of one value, `p`.
     #[inline(always)]
     fn part_hash(&self, p: ScopePart, req: &Request<'_>) -> Option<u128> {
-        // One value (the usual scope: an id): no loops, a 32-byte buffer.
         let part = req.part(p);
         if part.is_empty() {
             return None;
         }
+        Some(self.value_hash(part))
+    }
+
+    /// [`Engine::part_hash`] of the value `part`, known (not empty).
+    #[inline(always)]
+    fn value_hash(&self, part: &str) -> u128 {
+        // One value (the usual scope: an id): no loops, a 32-byte buffer.
         let len = 4 + part.len();
         if len <= TINY_KEY_BUFFER {
             let mut buf = [0u8; TINY_KEY_BUFFER];
             buf[..4].copy_from_slice(&(part.len() as u32).to_le_bytes());
             copy_short(&mut buf[4..len], part.as_bytes());
-            return Some(xxh3_128_with_seed(&buf[..len], self.seed));
+            return xxh3_128_with_seed(&buf[..len], self.seed);
         }
-        self.scope_hash_parts(std::slice::from_ref(&p), req)
+        self.long_value_hash(part)
+    }
+
+    /// [`Engine::value_hash`] of a value too long for its buffer.
+    #[inline(never)]
+    fn long_value_hash(&self, part: &str) -> u128 {
+        let mut h = Xxh3::with_seed(self.seed);
+        h.update(&(part.len() as u32).to_le_bytes());
+        h.update(part.as_bytes());
+        h.digest128()
     }
 
     /// [`Engine::scope_hash`] of any scope.
