@@ -1063,17 +1063,19 @@ fn evaluate_in_place(
     undo: &mut Undo,
 ) -> (Evaluation, bool) {
     match alg {
-        &StepAlgorithm::Gcra { ref rate, tau } => {
-            let tat = cell.tat();
-            let (e, next) = gcra_with_tau(tat, now, cost, rate, tau);
-            // `tat` is `Some` only if the cell holds a bucket.
-            let wrote = write && e.admit && tat.is_some();
-            if wrote {
-                undo.fresh_at = cell.fresh_at;
-                cell.fresh_at = next;
+        &StepAlgorithm::Gcra { ref rate, tau } => match cell.counter {
+            // A bucket: its TAT is the cell's `fresh_at`.
+            Counter::Gcra => {
+                let (e, next) = gcra_with_tau(Some(cell.fresh_at), now, cost, rate, tau);
+                let wrote = write && e.admit;
+                if wrote {
+                    undo.fresh_at = cell.fresh_at;
+                    cell.fresh_at = next;
+                }
+                (e, wrote)
             }
-            (e, wrote)
-        }
+            _ => (gcra_with_tau(None, now, cost, rate, tau).0, false),
+        },
         StepAlgorithm::Sliding { window } => match &mut cell.counter {
             Counter::Sliding(log) => {
                 let (e, was) = log.evaluate_merge_one(now, cost, window, write);
@@ -1114,12 +1116,15 @@ fn calendar_in_place(
     write: bool,
     undo: &mut Undo,
 ) -> (Evaluation, bool) {
-    let state = cell.calendar();
-    let (e, next) = calendar_window::evaluate(state.as_ref(), now, cost, limit, end);
-    if write
-        && e.admit
-        && let Counter::Calendar { count } = &mut cell.counter
-    {
+    let Counter::Calendar { count } = &mut cell.counter else {
+        return (calendar_window::evaluate(None, now, cost, limit, end).0, false);
+    };
+    let state = CalendarState {
+        end: cell.fresh_at,
+        count: *count,
+    };
+    let (e, next) = calendar_window::evaluate(Some(&state), now, cost, limit, end);
+    if write && e.admit {
         undo.fresh_at = cell.fresh_at;
         undo.a = *count;
         *count = next.count;
