@@ -9,8 +9,9 @@
 //! On the in-memory store ([`Engine::decide_now`]), a request whose limits
 //! share one scope (resolved at policy load: no lease, no rollout date, no
 //! account override on the request) skips the checks: the scope values are
-//! hashed once and the store decides straight from the compiled limits
-//! (`MemoryStore::decide_scope`). Everything else takes the general path.
+//! hashed once and the store runs the plan and operation's one-scope
+//! program, laid out at load (`policy::OneScope`, `MemoryStore::decide_scope`).
+//! Everything else takes the general path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -208,10 +209,12 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     }
                     self.value_hash(value)
                 }
-                None => match self.scope_hash(&policy.limits[usize::from(program.first)].scope, req) {
-                    Some(values) => values,
-                    None => return,
-                },
+                None => {
+                    match self.scope_hash(&policy.limits[usize::from(program.first)].scope, req) {
+                        Some(values) => values,
+                        None => return,
+                    }
+                }
             };
             // The store appends the results and sets the outcome (nothing
             // when it fails: the general path below then decides again,
@@ -730,6 +733,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::clock::duration_nanos;
     use crate::{ManualClock, policy};
 
     /// A store that is always down.
@@ -943,14 +947,35 @@ mod tests {
     /// that moves.
     #[test]
     fn one_scope_path_decides_as_the_general_path() {
-        let p = policy::parse(
+        decides_as_the_general_path(
             "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 7\nrefill = 2\nrefill_every = \"1s\"\n\
              [limits.w]\nalgorithm = \"sliding_window\"\nlimit = 9\nwindow = \"3s\"\n\
              [limits.d]\nalgorithm = \"calendar_window\"\nlimit = 40\nwindow = \"minute\"\non_exceed = { action = \"forward\" }\n\
              [limits.s]\nalgorithm = \"token_bucket\"\ncapacity = 3\nrefill = 1\nmode = \"soft\"\n",
-            "t",
-        )
-        .unwrap();
+            Duration::from_millis(400),
+            4,
+        );
+    }
+
+    /// The same with a calendar window whose boundaries are not UTC
+    /// arithmetic (an hour in Asia/Kolkata starts at :30 UTC: the
+    /// program's zoned step) next to a bucket, the clock crossing hours.
+    #[test]
+    fn one_scope_path_decides_zoned_calendars_as_the_general_path() {
+        decides_as_the_general_path(
+            "[limits.h]\nalgorithm = \"calendar_window\"\nlimit = 30\nwindow = \"hour\"\ntime_zone = \"Asia/Kolkata\"\n\
+             [limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = 1\nrefill_every = \"1m\"\n",
+            Duration::from_secs(40),
+            3,
+        );
+    }
+
+    /// Decides 3,000 random requests (accounts, cost overrides, clock
+    /// steps up to `max_step`) under the policy `src` (one-scope) on the
+    /// one-scope path and on the general path: the same outcomes, results
+    /// and counters.
+    fn decides_as_the_general_path(src: &str, max_step: Duration, min_outcomes: usize) {
+        let p = policy::parse(src, "t").unwrap();
         let op = p.default_operation();
         assert!(p.is_one_scope(p.default_plan, op));
         let fast = engine().with_key_seed(3);
@@ -979,14 +1004,14 @@ mod tests {
             assert_eq!(a.results(), b.results(), "step {step}");
             assert_eq!(a.lease, b.lease);
             outcomes.insert(format!("{:?}", a.outcome));
-            let dt = Duration::from_millis((x >> 16) % 400);
+            let dt = Duration::from_nanos((x >> 16) % duration_nanos(max_step));
             fast.clock().advance(dt);
             general.clock().advance(dt);
         }
         assert_eq!(fast.store().len(), general.store().0.len());
         assert!(
-            outcomes.len() >= 4,
-            "admitted, rejected, forwarded, above capacity: {outcomes:?}"
+            outcomes.len() >= min_outcomes,
+            "admitted, rejected, above capacity (and forwarded): {outcomes:?}"
         );
     }
 
@@ -1197,8 +1222,8 @@ mod tests {
         )));
     }
 
-    /// The one value of a one-scope request's scope is noted on its first
-    /// limit at load, and the engine keys the counters by that value.
+    /// The one value of a one-scope request's scope is noted in its
+    /// program at load, and the engine keys the counters by that value.
     #[test]
     fn one_part_is_the_scope_value_noted_at_load() {
         let src = |scope: &str| {
@@ -1209,15 +1234,11 @@ mod tests {
         };
         let parts = |scope: &str| {
             let p = policy::parse(&src(scope), "t").unwrap();
-            let limits = p.applicable(p.default_plan, p.default_operation());
-            (
-                limits[0].prepared.one_part,
-                limits[1].prepared.one_part,
-                p.is_one_scope(p.default_plan, p.default_operation()),
-            )
+            let program = p.one_scope(p.default_plan, p.default_operation());
+            (program.map(|o| o.part), program.map(|o| o.steps.len()))
         };
-        assert_eq!(parts("[\"ip\"]"), (Some(ScopePart::Ip), None, true));
-        assert_eq!(parts("[\"org\", \"ip\"]"), (None, None, true));
+        assert_eq!(parts("[\"ip\"]"), (Some(Some(ScopePart::Ip)), Some(2)));
+        assert_eq!(parts("[\"org\", \"ip\"]"), (Some(None), Some(2)));
 
         let p = policy::parse(&src("[\"ip\"]"), "t").unwrap();
         let e = engine();

@@ -11,9 +11,11 @@
 //! single-limit ones. When the policy resolved at load that every limit of a
 //! request shares its scope (and none holds a lease or has a rollout date),
 //! the engine takes the *one-scope path* ([`MemoryStore::decide_scope`]): one
-//! hash of the scope values, and the store reads each limit's numbers from
-//! the compiled policy and pushes the results into the decision, with no
-//! per-limit [`Check`]s; the same counters, the same guarantees.
+//! hash of the scope values, and the store runs the plan and operation's
+//! one-scope program compiled at load ([`OneScope`]: per limit, its counter,
+//! its algorithm with its numbers and its result but for the evaluation)
+//! and pushes the results into the decision, with no per-limit [`Check`]s;
+//! the same counters, the same guarantees.
 //!
 //! **Exact.** A request locks the entries of all its scopes (in scope order, so
 //! two requests can never deadlock), evaluates every counter, and writes them
@@ -1117,7 +1119,10 @@ fn calendar_in_place(
     undo: &mut Undo,
 ) -> (Evaluation, bool) {
     let Counter::Calendar { count } = &mut cell.counter else {
-        return (calendar_window::evaluate(None, now, cost, limit, end).0, false);
+        return (
+            calendar_window::evaluate(None, now, cost, limit, end).0,
+            false,
+        );
     };
     let state = CalendarState {
         end: cell.fresh_at,
