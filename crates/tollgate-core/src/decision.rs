@@ -125,6 +125,12 @@ impl Decision {
         }
     }
 
+    /// The results from the `base`-th on.
+    #[inline]
+    pub(crate) fn results_from(&self, base: usize) -> &[LimitResult] {
+        &self.results[base..]
+    }
+
     /// Drops the results past the first `len` (a store that could not
     /// decide takes back what it pushed).
     #[inline]

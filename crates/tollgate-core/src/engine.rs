@@ -9,8 +9,9 @@
 //! On the in-memory store ([`Engine::decide_now`]), a request whose limits
 //! share one scope (resolved at policy load: no lease, no rollout date, no
 //! account override on the request) skips the checks: the scope values are
-//! hashed once and the store decides straight from the compiled limits
-//! (`MemoryStore::decide_scope`). Everything else takes the general path.
+//! hashed once and the store runs the plan and operation's one-scope
+//! program, laid out at load (`policy::OneScope`, `MemoryStore::decide_scope`).
+//! Everything else takes the general path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -24,7 +25,7 @@ use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
 use crate::policy::{
     AccountOverrides, Algorithm, AttributeId, CompiledPolicy, FailMode, LimitOverride, LocalShare,
-    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, PlanLimit, ScopePart,
+    MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
 };
 use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
 
@@ -189,58 +190,76 @@ impl<S: Store, C: Clock> Engine<S, C> {
         req: &Request<'_>,
         decision: &mut Decision,
     ) {
+        if let Some(program) = policy.one_scope(req.plan, req.operation)
+            && !req.overrides.is_some_and(|o| {
+                program
+                    .steps
+                    .iter()
+                    .any(|s| o.get(s.result.limit).is_some())
+            })
+        {
+            // The usual scope, one value, was noted in the program at load
+            // (no look-up in the policy's limit table).
+            // A scope value unknown: no limit applies.
+            let values = match program.part {
+                Some(part) => {
+                    let value = req.part(part);
+                    if value.is_empty() {
+                        return;
+                    }
+                    self.value_hash(value)
+                }
+                None => {
+                    match self.scope_hash(&policy.limits[usize::from(program.first)].scope, req) {
+                        Some(values) => values,
+                        None => return,
+                    }
+                }
+            };
+            // The store appends the results and sets the outcome (nothing
+            // when it fails: the general path below then decides again,
+            // and answers a store error by each limit's `on_store_error`).
+            // Most requests meet a few limits: its arrays sized for exactly
+            // that many.
+            let now = decision.now;
+            let cost = req.cost;
+            let decided = match program.steps.len() {
+                0 | 1 => memory.decide_scope::<1>(now, values, program, cost, decision),
+                2 => memory.decide_scope::<2>(now, values, program, cost, decision),
+                3 => memory.decide_scope::<3>(now, values, program, cost, decision),
+                ..=FEW_LIMITS => {
+                    memory.decide_scope::<FEW_LIMITS>(now, values, program, cost, decision)
+                }
+                _ => memory
+                    .decide_scope::<MAX_LIMITS_PER_REQUEST>(now, values, program, cost, decision),
+            };
+            if decided.is_ok() {
+                return;
+            }
+        }
         // Most requests meet a few limits: size the check and evaluation
         // arrays for exactly that many (each unused check is 80 B of stack
         // to set up, and so on down the store).
         let limits = policy.applicable(req.plan, req.operation);
         match limits.len() {
-            0 | 1 => self.decide_into::<1>(memory, policy, limits, req, decision),
-            2 => self.decide_into::<2>(memory, policy, limits, req, decision),
-            3 => self.decide_into::<3>(memory, policy, limits, req, decision),
-            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(memory, policy, limits, req, decision),
-            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(memory, policy, limits, req, decision),
+            0 | 1 => self.decide_into::<1>(memory, policy, req, decision),
+            2 => self.decide_into::<2>(memory, policy, req, decision),
+            3 => self.decide_into::<3>(memory, policy, req, decision),
+            ..=FEW_LIMITS => self.decide_into::<FEW_LIMITS>(memory, policy, req, decision),
+            _ => self.decide_into::<MAX_LIMITS_PER_REQUEST>(memory, policy, req, decision),
         }
     }
 
-    /// Decides `req`, whose applicable limits are `limits`, on `memory`.
+    /// Decides `req` on `memory` by the general path (checks built per
+    /// limit, then the store's `decide_now`).
     fn decide_into<const N: usize>(
         &self,
         memory: &MemoryStore,
         policy: &CompiledPolicy,
-        limits: &[PlanLimit],
         req: &Request<'_>,
         decision: &mut Decision,
     ) {
         let now = decision.now;
-        if let Some(first) = limits.first()
-            && first.prepared.one_scope
-        {
-            let overridden = req
-                .overrides
-                .is_some_and(|o| limits.iter().any(|pl| o.get(pl.limit).is_some()));
-            if !overridden {
-                // The usual scope, one value, was noted on the first limit
-                // at load (no look-up in the policy's limit table).
-                let values = match first.prepared.one_part {
-                    Some(part) => self.part_hash(part, req),
-                    None => self.scope_hash(&policy.limits[usize::from(first.limit)].scope, req),
-                };
-                let Some(values) = values else {
-                    // A scope value is unknown: no limit applies.
-                    return;
-                };
-                // The store pushes the results and sets the outcome
-                // (nothing when it fails: the general path below then
-                // decides again, and answers a store error by each limit's
-                // `on_store_error`).
-                if memory
-                    .decide_scope::<N>(now, values, limits, req.cost, decision)
-                    .is_ok()
-                {
-                    return;
-                }
-            }
-        }
         let mut checks = [EMPTY_CHECK; N];
         let (n, lease) = self.prepare(policy, req, now, &mut checks, decision);
         let mut evals = [Evaluation::default(); N];
@@ -395,19 +414,34 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// [`Engine::scope_hash`] of the scope of one value, `p`.
     #[inline(always)]
     fn part_hash(&self, p: ScopePart, req: &Request<'_>) -> Option<u128> {
-        // One value (the usual scope: an id): no loops, a 32-byte buffer.
         let part = req.part(p);
         if part.is_empty() {
             return None;
         }
+        Some(self.value_hash(part))
+    }
+
+    /// [`Engine::part_hash`] of the value `part`, known (not empty).
+    #[inline(always)]
+    fn value_hash(&self, part: &str) -> u128 {
+        // One value (the usual scope: an id): no loops, a 32-byte buffer.
         let len = 4 + part.len();
         if len <= TINY_KEY_BUFFER {
             let mut buf = [0u8; TINY_KEY_BUFFER];
             buf[..4].copy_from_slice(&(part.len() as u32).to_le_bytes());
             copy_short(&mut buf[4..len], part.as_bytes());
-            return Some(xxh3_128_with_seed(&buf[..len], self.seed));
+            return xxh3_128_with_seed(&buf[..len], self.seed);
         }
-        self.scope_hash_parts(std::slice::from_ref(&p), req)
+        self.long_value_hash(part)
+    }
+
+    /// [`Engine::value_hash`] of a value too long for its buffer.
+    #[inline(never)]
+    fn long_value_hash(&self, part: &str) -> u128 {
+        let mut h = Xxh3::with_seed(self.seed);
+        h.update(&(part.len() as u32).to_le_bytes());
+        h.update(part.as_bytes());
+        h.digest128()
     }
 
     /// [`Engine::scope_hash`] of any scope.
@@ -699,6 +733,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::clock::duration_nanos;
     use crate::{ManualClock, policy};
 
     /// A store that is always down.
@@ -912,14 +947,35 @@ mod tests {
     /// that moves.
     #[test]
     fn one_scope_path_decides_as_the_general_path() {
-        let p = policy::parse(
+        decides_as_the_general_path(
             "[limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 7\nrefill = 2\nrefill_every = \"1s\"\n\
              [limits.w]\nalgorithm = \"sliding_window\"\nlimit = 9\nwindow = \"3s\"\n\
              [limits.d]\nalgorithm = \"calendar_window\"\nlimit = 40\nwindow = \"minute\"\non_exceed = { action = \"forward\" }\n\
              [limits.s]\nalgorithm = \"token_bucket\"\ncapacity = 3\nrefill = 1\nmode = \"soft\"\n",
-            "t",
-        )
-        .unwrap();
+            Duration::from_millis(400),
+            4,
+        );
+    }
+
+    /// The same with a calendar window whose boundaries are not UTC
+    /// arithmetic (an hour in Asia/Kolkata starts at :30 UTC: the
+    /// program's zoned step) next to a bucket, the clock crossing hours.
+    #[test]
+    fn one_scope_path_decides_zoned_calendars_as_the_general_path() {
+        decides_as_the_general_path(
+            "[limits.h]\nalgorithm = \"calendar_window\"\nlimit = 30\nwindow = \"hour\"\ntime_zone = \"Asia/Kolkata\"\n\
+             [limits.b]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = 1\nrefill_every = \"1m\"\n",
+            Duration::from_secs(40),
+            3,
+        );
+    }
+
+    /// Decides 3,000 random requests (accounts, cost overrides, clock
+    /// steps up to `max_step`) under the policy `src` (one-scope) on the
+    /// one-scope path and on the general path: the same outcomes, results
+    /// and counters.
+    fn decides_as_the_general_path(src: &str, max_step: Duration, min_outcomes: usize) {
+        let p = policy::parse(src, "t").unwrap();
         let op = p.default_operation();
         assert!(p.is_one_scope(p.default_plan, op));
         let fast = engine().with_key_seed(3);
@@ -948,14 +1004,14 @@ mod tests {
             assert_eq!(a.results(), b.results(), "step {step}");
             assert_eq!(a.lease, b.lease);
             outcomes.insert(format!("{:?}", a.outcome));
-            let dt = Duration::from_millis((x >> 16) % 400);
+            let dt = Duration::from_nanos((x >> 16) % duration_nanos(max_step));
             fast.clock().advance(dt);
             general.clock().advance(dt);
         }
         assert_eq!(fast.store().len(), general.store().0.len());
         assert!(
-            outcomes.len() >= 4,
-            "admitted, rejected, forwarded, above capacity: {outcomes:?}"
+            outcomes.len() >= min_outcomes,
+            "admitted, rejected, above capacity (and forwarded): {outcomes:?}"
         );
     }
 
@@ -1166,8 +1222,8 @@ mod tests {
         )));
     }
 
-    /// The one value of a one-scope request's scope is noted on its first
-    /// limit at load, and the engine keys the counters by that value.
+    /// The one value of a one-scope request's scope is noted in its
+    /// program at load, and the engine keys the counters by that value.
     #[test]
     fn one_part_is_the_scope_value_noted_at_load() {
         let src = |scope: &str| {
@@ -1178,15 +1234,11 @@ mod tests {
         };
         let parts = |scope: &str| {
             let p = policy::parse(&src(scope), "t").unwrap();
-            let limits = p.applicable(p.default_plan, p.default_operation());
-            (
-                limits[0].prepared.one_part,
-                limits[1].prepared.one_part,
-                p.is_one_scope(p.default_plan, p.default_operation()),
-            )
+            let program = p.one_scope(p.default_plan, p.default_operation());
+            (program.map(|o| o.part), program.map(|o| o.steps.len()))
         };
-        assert_eq!(parts("[\"ip\"]"), (Some(ScopePart::Ip), None, true));
-        assert_eq!(parts("[\"org\", \"ip\"]"), (None, None, true));
+        assert_eq!(parts("[\"ip\"]"), (Some(Some(ScopePart::Ip)), Some(2)));
+        assert_eq!(parts("[\"org\", \"ip\"]"), (Some(None), Some(2)));
 
         let p = policy::parse(&src("[\"ip\"]"), "t").unwrap();
         let e = engine();

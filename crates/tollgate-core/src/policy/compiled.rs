@@ -9,10 +9,12 @@ use std::num::NonZeroU64;
 use std::time::Duration;
 
 use super::router::Router;
+use crate::algorithm::Evaluation;
 use crate::algorithm::calendar_window::Calendar;
 use crate::algorithm::gcra::GcraRate;
 use crate::algorithm::sliding_window::SlidingWindow;
 use crate::clock::Nanos;
+use crate::decision::LimitResult;
 use crate::store::Params;
 
 /// Index of a limit in [`CompiledPolicy::limits`].
@@ -54,6 +56,10 @@ pub struct CompiledPolicy {
     /// Upstream retry rules.
     pub upstream: UpstreamRetry,
     pub(crate) router: Router,
+    /// The one-scope program of each plan and operation (index
+    /// `plan × operations + operation`), `None` where the general path
+    /// decides: see [`OneScope`].
+    pub(crate) one_scope: Vec<Option<OneScope>>,
 }
 
 impl CompiledPolicy {
@@ -109,15 +115,142 @@ impl CompiledPolicy {
         &self.plans[usize::from(plan)].by_operation[usize::from(operation)]
     }
 
+    /// The one-scope program of `operation` under `plan`, if its limits
+    /// take the in-memory store's one-scope path (see [`one_scope`]);
+    /// `None` otherwise, and for ids out of range (then
+    /// [`CompiledPolicy::applicable`] says what is wrong).
+    #[inline]
+    pub(crate) fn one_scope(&self, plan: PlanId, operation: OperationId) -> Option<&OneScope> {
+        let ops = self.operations.len();
+        let op = usize::from(operation);
+        if op >= ops {
+            return None;
+        }
+        self.one_scope.get(usize::from(plan) * ops + op)?.as_ref()
+    }
+
     /// Whether the limits of `operation` under `plan` take the one-scope
     /// path of the in-memory store (see [`one_scope`]).
-    /// (Resolved at load, held by each of those limits: [`Prepared::one_scope`].)
     #[cfg(test)]
     pub(crate) fn is_one_scope(&self, plan: PlanId, operation: OperationId) -> bool {
-        self.applicable(plan, operation)
-            .first()
-            .is_some_and(|pl| pl.prepared.one_scope)
+        self.one_scope(plan, operation).is_some()
     }
+}
+
+/// What the in-memory store's one-scope path runs for one plan and
+/// operation, laid out at load: the scope to hash, and per limit (a
+/// [`Step`]) its counter, its algorithm with its numbers, and its result
+/// but for the evaluation. A decision runs the steps in order: no
+/// per-limit look-up of the limit's mode, quota, window or cost, no
+/// matching on the policy's algorithm beyond the step's own.
+#[derive(Debug, Clone)]
+pub(crate) struct OneScope {
+    /// The scope's value when it is one (the usual: an account), read
+    /// from the request and hashed directly; `None` for a scope of several
+    /// values, hashed as [`Limit::scope`] of the first limit.
+    pub(crate) part: Option<ScopePart>,
+    /// The first limit (whose scope every limit shares).
+    pub(crate) first: LimitId,
+    /// Each limit's step, in policy order.
+    pub(crate) steps: Box<[Step]>,
+}
+
+impl OneScope {
+    /// The program of `applicable` (one plan and operation), if its limits
+    /// take the one-scope path ([`one_scope`]).
+    pub(crate) fn new(limits: &[Limit], applicable: &[PlanLimit]) -> Option<OneScope> {
+        if !one_scope(limits, applicable) {
+            return None;
+        }
+        let first = applicable.first()?.limit;
+        let part = match limits[usize::from(first)].scope[..] {
+            [part] => Some(part),
+            _ => None,
+        };
+        let steps = applicable
+            .iter()
+            .map(|pl| Step {
+                name_hash: pl.prepared.name_hash,
+                result: LimitResult {
+                limit: pl.limit,
+                // No rollout date on this path: the mode is the limit's.
+                mode: pl.prepared.mode,
+                quota: pl.prepared.quota,
+                window_secs: pl.window_secs,
+                cost: pl.cost,
+                eval: Evaluation::default(),
+                blocking: pl.prepared.blocking,
+                is_lease: false,
+                },
+                algorithm: match (&pl.prepared.params, &pl.algorithm) {
+                    (&Params::Gcra(rate), _) => match pl.prepared.tau {
+                        Some(tau) => StepAlgorithm::Gcra { rate, tau },
+                        None => StepAlgorithm::WideGcra { rate },
+                    },
+                    (&Params::Sliding(window), _) => StepAlgorithm::Sliding { window },
+                    (&Params::Calendar { limit, .. }, Algorithm::CalendarWindow { calendar, .. }) => {
+                        match pl.prepared.utc_len {
+                            0 => StepAlgorithm::ZonedCalendar {
+                                limit,
+                                calendar: Box::new(calendar.clone()),
+                            },
+                            len => StepAlgorithm::Calendar { limit, len },
+                        }
+                    }
+                    _ => unreachable!("no lease on the one-scope path; calendar params come from a calendar window"),
+                },
+            })
+            .collect();
+        Some(OneScope { part, first, steps })
+    }
+}
+
+/// One limit of a [`OneScope`] program: its counter (the low half of the
+/// counter key is the scope hash's low half xor `name_hash`) and its
+/// algorithm with the numbers a request without account override uses.
+#[derive(Debug, Clone)]
+pub(crate) struct Step {
+    /// [`Limit::name_hash`].
+    pub(crate) name_hash: u64,
+    /// The limit's result, its evaluation blank, with the operation's cost.
+    pub(crate) result: LimitResult,
+    /// What to evaluate.
+    pub(crate) algorithm: StepAlgorithm,
+}
+
+impl StepAlgorithm {
+    /// The store numbers at `now` ([`PlanLimit::params_at`]).
+    pub(crate) fn params_at(&self, now: Nanos) -> Params {
+        match self {
+            StepAlgorithm::Gcra { rate, .. } | StepAlgorithm::WideGcra { rate } => {
+                Params::Gcra(*rate)
+            }
+            StepAlgorithm::Sliding { window } => Params::Sliding(*window),
+            &StepAlgorithm::Calendar { limit, len } => Params::Calendar {
+                limit,
+                end: Nanos((now.0 - now.0 % len).saturating_add(len)),
+            },
+            StepAlgorithm::ZonedCalendar { limit, calendar } => Params::Calendar {
+                limit: *limit,
+                end: calendar.window(now).1,
+            },
+        }
+    }
+}
+
+/// A [`Step`]'s algorithm and numbers.
+#[derive(Debug, Clone)]
+pub(crate) enum StepAlgorithm {
+    /// A token bucket whose burst tolerance `B·I` fits 64 bits (`tau`).
+    Gcra { rate: GcraRate, tau: u64 },
+    /// A token bucket whose math needs 128 bits.
+    WideGcra { rate: GcraRate },
+    /// A sliding window.
+    Sliding { window: SlidingWindow },
+    /// A calendar window in UTC: its windows are `len` ns, from the epoch.
+    Calendar { limit: u64, len: u64 },
+    /// A calendar window in another time zone.
+    ZonedCalendar { limit: u64, calendar: Box<Calendar> },
 }
 
 /// Whether the limits `applicable` (one plan and operation) can be decided
@@ -565,8 +698,6 @@ impl PlanLimit {
                 blocking: limit.mode == Mode::Enforce
                     && matches!(limit.on_exceed, Action::Reject { .. }),
                 is_lease: matches!(params, Params::Concurrency { .. }),
-                one_scope: false,
-                one_part: None,
                 name_hash: limit.name_hash,
                 rollout_after: limit.rollout_after,
                 utc_len,
@@ -624,14 +755,6 @@ pub(crate) struct Prepared {
     pub(crate) blocking: bool,
     /// Whether it is a concurrency limit (holds a lease when admitted).
     pub(crate) is_lease: bool,
-    /// Whether the limits of its plan and operation take the one-scope path
-    /// ([`CompiledPolicy::is_one_scope`], set on each of them at load).
-    pub(crate) one_scope: bool,
-    /// On the first limit of a one-scope plan and operation whose scope is
-    /// one value (the usual: an account), that value's part, so that the
-    /// engine reads it here rather than from the policy's limit table;
-    /// `None` otherwise (set at load with `one_scope`).
-    pub(crate) one_part: Option<ScopePart>,
     /// [`Limit::name_hash`].
     pub(crate) name_hash: u64,
     /// [`Limit::rollout_after`].

@@ -284,23 +284,14 @@ impl<'a> Ctx<'a> {
             .into_iter()
             .map(|(l, _)| l.expect("no errors"))
             .collect();
-        let mut plans: Vec<Plan> = plans.into_iter().map(|p| p.plan).collect();
-        // Whether each plan and operation takes the one-scope path, set on
-        // each of its limits (the engine reads it with the limit list).
-        for plan in &mut plans {
-            for pls in &mut plan.by_operation {
-                let flag = super::compiled::one_scope(&limits, pls);
-                for pl in pls.iter_mut() {
-                    pl.prepared.one_scope = flag;
-                }
-                if flag
-                    && let Some(first) = pls.first_mut()
-                    && let [part] = limits[usize::from(first.limit)].scope[..]
-                {
-                    first.prepared.one_part = Some(part);
-                }
-            }
-        }
+        let plans: Vec<Plan> = plans.into_iter().map(|p| p.plan).collect();
+        // The one-scope program of each plan and operation (the engine
+        // looks it up before the limit list).
+        let one_scope = plans
+            .iter()
+            .flat_map(|plan| &plan.by_operation)
+            .map(|pls| super::compiled::OneScope::new(&limits, pls))
+            .collect();
         Some(CompiledPolicy {
             name,
             key_header: key_header?,
@@ -314,6 +305,7 @@ impl<'a> Ctx<'a> {
             credits: credits?,
             upstream: upstream?,
             router: Router::new(routes),
+            one_scope,
         })
     }
 

@@ -11,9 +11,11 @@
 //! single-limit ones. When the policy resolved at load that every limit of a
 //! request shares its scope (and none holds a lease or has a rollout date),
 //! the engine takes the *one-scope path* ([`MemoryStore::decide_scope`]): one
-//! hash of the scope values, and the store reads each limit's numbers from
-//! the compiled policy and pushes the results into the decision, with no
-//! per-limit [`Check`]s; the same counters, the same guarantees.
+//! hash of the scope values, and the store runs the plan and operation's
+//! one-scope program compiled at load ([`OneScope`]: per limit, its counter,
+//! its algorithm with its numbers and its result but for the evaluation)
+//! and pushes the results into the decision, with no per-limit [`Check`]s;
+//! the same counters, the same guarantees.
 //!
 //! **Exact.** A request locks the entries of all its scopes (in scope order, so
 //! two requests can never deadlock), evaluates every counter, and writes them
@@ -63,7 +65,7 @@ use crate::algorithm::sliding_window::{self, SlidingState, SlidingWindow};
 use crate::clock::Nanos;
 use crate::decision::{Decision, LimitResult, Outcome};
 use crate::error::StoreError;
-use crate::policy::{MAX_LIMITS_PER_REQUEST, PlanLimit};
+use crate::policy::{MAX_LIMITS_PER_REQUEST, OneScope, Step, StepAlgorithm};
 use crate::store::{Check, CounterKey, Params, Store};
 
 #[cfg(tollgate_loom)]
@@ -644,34 +646,32 @@ impl MemoryStore {
         }
     }
 
-    /// The one-scope path: decides the `limits` of one request (the policy
-    /// resolved at load that they share one scope, hold no lease and have
-    /// distinct names: [`crate::policy::CompiledPolicy`]'s one-scope flag)
-    /// whose scope values hash to `values`, and pushes one result per limit
-    /// into `decision`, in order, and sets its outcome. Returns whether the
-    /// request is admitted.
+    /// The one-scope path: decides the request whose limits the policy
+    /// compiled into `program` at load (they share one scope, hold no lease
+    /// and have distinct names: [`OneScope`]) and whose scope values hash
+    /// to `values`; appends one result per limit to `decision`, in order,
+    /// and sets its outcome. Returns whether the request is admitted.
     ///
     /// The same counters as [`MemoryStore::decide_now`] (a limit's counter
     /// key is `values ^ name_hash`, as the engine builds it), the same
     /// guarantees, without the per-limit [`Check`]s and the scope sorting of
-    /// the general path: one lookup and one lock, each limit's numbers read
-    /// from the policy, each counter evaluated once, in one pass that writes
+    /// the general path: one lookup and one lock, the results copied from
+    /// the program, each counter evaluated once, in one pass that writes
     /// it as it goes and puts back what it wrote if the request is refused
     /// (see `scope_locked`): a refused request consumes nothing.
     ///
     /// # Errors
     /// [`StoreError::CounterCapReached`] when a new counter does not fit;
-    /// nothing was consumed nor pushed.
+    /// nothing was consumed nor appended.
     #[inline(always)]
     pub(crate) fn decide_scope<const N: usize>(
         &self,
         now: Nanos,
         values: u128,
-        limits: &[PlanLimit],
+        program: &OneScope,
         cost: Option<u64>,
         decision: &mut Decision,
     ) -> Result<bool, StoreError> {
-        let limits = &limits[..limits.len().min(N)];
         let scope = (values >> 64) as u64;
         let mut swept = false;
         loop {
@@ -680,13 +680,13 @@ impl MemoryStore {
             // (see `Slot::group_mut`).
             let mut slot = match self.map.get_mut(&scope) {
                 Some(slot) => slot,
-                None => self.insert(scope, limits.len(), now)?,
+                None => self.insert(scope, program.steps.len().min(N), now)?,
             };
             let locked = scope_locked::<N, _>(
                 slot.group_mut(),
                 now,
                 values,
-                limits,
+                program,
                 cost,
                 &self.room,
                 decision,
@@ -870,8 +870,12 @@ fn decide_groups<const N: usize, G: std::ops::DerefMut<Target = Group>>(
 
 /// [`MemoryStore::decide_scope`] once the scope's entry `g` is locked:
 /// evaluates every limit's counter, writes them only if the request is
-/// admitted, pushes the results and sets the decision's outcome (nothing
+/// admitted, appends the results and sets the decision's outcome (nothing
 /// when the new counters do not fit: [`Locked::Full`], [`Locked::Grow`]).
+///
+/// **The results first.** The program's results (each limit's number and
+/// mode, its evaluation blank) are copied into the decision in one go,
+/// and each limit's evaluation is written into its result as it is made.
 ///
 /// **One pass.** The entry is this decision's alone (shard write-locked,
 /// or locked in the loom model), so an admitting limit's counter is
@@ -889,7 +893,7 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
     mut g: G,
     now: Nanos,
     values: u128,
-    limits: &[PlanLimit],
+    program: &OneScope,
     cost: Option<u64>,
     room: &Room,
     decision: &mut Decision,
@@ -897,64 +901,118 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
     // `&mut Group` on the one-scope path (its shard write-locked), a
     // guard of the entry's mutex in the loom model.
     let g: &mut Group = &mut g;
-    let limits = &limits[..limits.len().min(N)];
+    let steps = &program.steps[..program.steps.len().min(N)];
     let low = values as u64;
     // Each limit's result is pushed as it is evaluated; taken back out if
     // the request does not fit (`Grow`, `Full`).
     let base = decision.results().len();
-    // What the counters written in the loop held (bit i of `written`:
-    // limit i's counter was written, and `undo[i]` holds its old words).
+    // What the counters written in the loop held.
     let mut undo = [Undo::NONE; N];
-    let mut written = 0u32;
-    // Limits that admit and whose counters are written after the loop.
-    let mut later = 0u32;
-    let mut admitted = true;
-    // Whether any limit refused (blocking or not): only then does the
-    // outcome need a pass over the results.
-    let mut refused = false;
-    let mut new = 0;
+    let mut pass = Pass {
+        admitted: true,
+        refused: false,
+        later: false,
+    };
     let len = usize::from(g.len);
-    for (i, pl) in limits.iter().enumerate() {
-        let p = &pl.prepared;
-        let t = low ^ p.name_hash;
-        let cells = &mut g.cells[..len];
+    let cells = &mut g.cells[..len];
+    if N <= FEW_CHECKS {
+        // Unrolled: each limit's code with its index known (a loop here
+        // stays a loop).
+        macro_rules! at {
+            ($i:literal) => {
+                if let (Some(step), Some(u)) = (steps.get($i), undo.get_mut($i)) {
+                    pass.step($i, step, u, cells, low, cost, now, decision);
+                }
+            };
+        }
+        at!(0);
+        at!(1);
+        at!(2);
+        at!(3);
+    } else {
+        for (i, (step, u)) in steps.iter().zip(&mut undo).enumerate() {
+            pass.step(i, step, u, cells, low, cost, now, decision);
+        }
+    }
+    if !pass.admitted {
+        undo_writes(g, steps, &undo);
+    } else if pass.later
+        && let Some(locked) =
+            write_later(g, low, steps, decision.results_from(base), &undo, now, room)
+    {
+        decision.truncate(base);
+        return locked;
+    }
+    if pass.refused {
+        decision.settle(pass.admitted, 0);
+    } else {
+        // Every limit admits: nothing forwarded, no lease on one scope.
+        decision.outcome = Outcome::Admitted;
+    }
+    Locked::Decided(pass.admitted)
+}
+
+/// What `scope_locked`'s loop keeps from limit to limit.
+struct Pass {
+    /// Whether no blocking limit refused so far.
+    admitted: bool,
+    /// Whether any limit refused (blocking or not): only then does the
+    /// outcome need a pass over the results.
+    refused: bool,
+    /// Whether a limit admits whose counter is written after the loop.
+    later: bool,
+}
+
+impl Pass {
+    /// Evaluates limit `i` (`step`) on its counter among `cells` (the
+    /// scope entry's), writes it in place when it can (what it held kept
+    /// in `u`), and pushes its result.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        i: usize,
+        step: &Step,
+        u: &mut Undo,
+        cells: &mut [Cell],
+        low: u64,
+        cost: Option<u64>,
+        now: Nanos,
+        decision: &mut Decision,
+    ) {
+        let t = low ^ step.name_hash;
+        let c = cost.unwrap_or(step.result.cost);
         // Cells are usually in the order of the limits that made them.
         let cell = match cells.get(i) {
             Some(c) if c.tag == t => Some(i),
             _ => cells.iter().position(|c| c.tag == t),
         };
-        let c = cost.unwrap_or(pl.cost);
         let (eval, wrote) = match cell {
-            Some(k) => evaluate_in_place(&mut cells[k], pl, c, now, admitted, &mut undo[i]),
+            Some(k) => {
+                let (e, wrote) =
+                    evaluate_in_place(&mut cells[k], &step.algorithm, c, now, self.admitted, u);
+                if wrote {
+                    u.cell = k as u16;
+                }
+                (e, wrote)
+            }
             None => (
-                evaluate_limit(FRESH, pl, c, now, &mut Next::OnCommit),
+                evaluate_step(FRESH, &step.algorithm, c, now, &mut Next::OnCommit),
                 false,
             ),
         };
         let admit = eval.admit;
-        let blocking = p.blocking;
-        refused |= !admit;
-        if !admit && blocking {
-            admitted = false;
+        self.refused |= !admit;
+        if !admit && step.result.blocking {
+            self.admitted = false;
         }
-        if wrote {
-            undo[i].cell = cell.unwrap_or(0) as u16;
-            written |= 1 << i;
-        } else if admit {
-            later |= 1 << i;
-            new += usize::from(cell.is_none());
-        }
+        self.later |= admit && !wrote;
         decision.push(LimitResult {
-            limit: pl.limit,
-            mode: p.mode,
-            quota: p.quota,
-            window_secs: pl.window_secs,
             cost: c,
             // Built from its fields, not moved whole: a move copies its 6
             // bytes of padding along, through every temporary it passed by
             // (`BENCHMARKS.md` core11: 57 instructions per 3-limit
-            // decision); from its fields it stays in registers. (A helper
-            // taking the evaluation by value moves it whole again.)
+            // decision); from its fields it stays in registers.
             eval: Evaluation {
                 admit: eval.admit,
                 never: eval.never,
@@ -962,35 +1020,9 @@ fn scope_locked<const N: usize, G: std::ops::DerefMut<Target = Group>>(
                 reset: eval.reset,
                 retry_after: eval.retry_after,
             },
-            blocking,
-            is_lease: false,
+            ..step.result
         });
     }
-    if !admitted {
-        undo_writes(g, limits, &undo, written);
-    } else if later != 0 {
-        if new > g.free() {
-            undo_writes(g, limits, &undo, written);
-            decision.truncate(base);
-            return Locked::Grow {
-                at: 0,
-                cells: usize::from(g.len) + new,
-            };
-        }
-        if new > 0 && !room.reserve(new) {
-            undo_writes(g, limits, &undo, written);
-            decision.truncate(base);
-            return Locked::Full;
-        }
-        write_later(g, low, limits, cost, now, later);
-    }
-    if refused {
-        decision.settle(admitted, 0);
-    } else {
-        // Every limit admits: nothing forwarded, no lease on one scope.
-        decision.outcome = Outcome::Admitted;
-    }
-    Locked::Decided(admitted)
 }
 
 /// The words a counter written by `scope_locked`'s loop held before, to put
@@ -1002,46 +1034,51 @@ struct Undo {
     fresh_at: Nanos,
     a: u64,
     b: u32,
-    /// Index of the cell in its entry.
+    /// Index of the cell in its entry; [`Undo::NOT_WRITTEN`] if the loop
+    /// did not write it.
     cell: u16,
 }
 
 impl Undo {
+    const NOT_WRITTEN: u16 = u16::MAX;
+
     const NONE: Undo = Undo {
         fresh_at: Nanos(0),
         a: 0,
         b: 0,
-        cell: 0,
+        cell: Undo::NOT_WRITTEN,
     };
 }
 
-/// Evaluates limit `pl` on its counter `cell` and, if it admits and
-/// `write` (no blocking limit refused so far), writes the counter at once
-/// when it holds its algorithm's usual state, keeping what it held in
-/// `undo`. Returns the evaluation and whether the counter was written (if
-/// not, and it admits, `scope_locked` writes it after its loop).
+/// Evaluates a limit whose algorithm is `alg` on its counter `cell` and,
+/// if it admits and `write` (no blocking limit refused so far), writes the
+/// counter at once when it holds its algorithm's usual state, keeping what
+/// it held in `undo`. Returns the evaluation and whether the counter was
+/// written (if not, and it admits, `scope_locked` writes it after its loop).
 #[inline(always)]
 fn evaluate_in_place(
     cell: &mut Cell,
-    pl: &PlanLimit,
+    alg: &StepAlgorithm,
     cost: u64,
     now: Nanos,
     write: bool,
     undo: &mut Undo,
 ) -> (Evaluation, bool) {
-    match &pl.prepared.params {
-        Params::Gcra(rate) => {
-            let tat = cell.tat();
-            let (e, next) = gcra_with_tau(tat, now, cost, rate, pl.prepared.tau);
-            // `tat` is `Some` only if the cell holds a bucket.
-            let wrote = write && e.admit && tat.is_some();
-            if wrote {
-                undo.fresh_at = cell.fresh_at;
-                cell.fresh_at = next;
+    match alg {
+        &StepAlgorithm::Gcra { ref rate, tau } => match cell.counter {
+            // A bucket: its TAT is the cell's `fresh_at`.
+            Counter::Gcra => {
+                let (e, next) = gcra_with_tau(Some(cell.fresh_at), now, cost, rate, tau);
+                let wrote = write && e.admit;
+                if wrote {
+                    undo.fresh_at = cell.fresh_at;
+                    cell.fresh_at = next;
+                }
+                (e, wrote)
             }
-            (e, wrote)
-        }
-        Params::Sliding(window) => match &mut cell.counter {
+            _ => (gcra_with_tau(None, now, cost, rate, tau).0, false),
+        },
+        StepAlgorithm::Sliding { window } => match &mut cell.counter {
             Counter::Sliding(log) => {
                 let (e, was) = log.evaluate_merge_one(now, cost, window, write);
                 let Some(was) = was else {
@@ -1057,44 +1094,74 @@ fn evaluate_in_place(
             }
             _ => (SlidingState::Empty.evaluate(now, cost, window), false),
         },
-        &Params::Calendar { limit, .. } => {
-            let end = pl.calendar_end(now);
-            let state = cell.calendar();
-            let (e, next) = calendar_window::evaluate(state.as_ref(), now, cost, limit, end);
-            if write
-                && e.admit
-                && let Counter::Calendar { count } = &mut cell.counter
-            {
-                undo.fresh_at = cell.fresh_at;
-                undo.a = *count;
-                *count = next.count;
-                cell.fresh_at = next.end;
-                return (e, true);
-            }
-            (e, false)
+        &StepAlgorithm::Calendar { limit, len } => {
+            calendar_in_place(cell, limit, utc_end(now, len), cost, now, write, undo)
         }
-        params @ Params::Concurrency { .. } => (
-            evaluate(cell, params, cost, now, &mut Next::OnCommit),
+        StepAlgorithm::ZonedCalendar { limit, calendar } => {
+            calendar_in_place(cell, *limit, calendar.window(now).1, cost, now, write, undo)
+        }
+        alg @ StepAlgorithm::WideGcra { .. } => (
+            evaluate_step(cell, alg, cost, now, &mut Next::OnCommit),
             false,
         ),
     }
 }
 
-/// Puts back what `scope_locked`'s loop wrote (the limits of bit `i` of
-/// `written`): every counter as it was before the decision.
+/// [`evaluate_in_place`] for a calendar window ending at `end`.
+#[inline(always)]
+fn calendar_in_place(
+    cell: &mut Cell,
+    limit: u64,
+    end: Nanos,
+    cost: u64,
+    now: Nanos,
+    write: bool,
+    undo: &mut Undo,
+) -> (Evaluation, bool) {
+    let Counter::Calendar { count } = &mut cell.counter else {
+        return (
+            calendar_window::evaluate(None, now, cost, limit, end).0,
+            false,
+        );
+    };
+    let state = CalendarState {
+        end: cell.fresh_at,
+        count: *count,
+    };
+    let (e, next) = calendar_window::evaluate(Some(&state), now, cost, limit, end);
+    if write && e.admit {
+        undo.fresh_at = cell.fresh_at;
+        undo.a = *count;
+        *count = next.count;
+        cell.fresh_at = next.end;
+        return (e, true);
+    }
+    (e, false)
+}
+
+/// The end of the UTC calendar window of `len` ns containing `now`.
+#[inline(always)]
+fn utc_end(now: Nanos, len: u64) -> Nanos {
+    Nanos((now.0 - now.0 % len).saturating_add(len))
+}
+
+/// Puts back what `scope_locked`'s loop wrote (each `undo` with a cell):
+/// every counter as it was before the decision.
 #[cold]
-fn undo_writes(g: &mut Group, limits: &[PlanLimit], undo: &[Undo], written: u32) {
-    for (i, pl) in limits.iter().enumerate() {
-        if written & (1 << i) == 0 {
+fn undo_writes(g: &mut Group, steps: &[Step], undo: &[Undo]) {
+    for (step, u) in steps.iter().zip(undo) {
+        if u.cell == Undo::NOT_WRITTEN {
             continue;
         }
-        let u = &undo[i];
         let cell = &mut g.cells[usize::from(u.cell)];
         cell.fresh_at = u.fresh_at;
-        match (&pl.prepared.params, &mut cell.counter) {
-            (Params::Gcra(_), Counter::Gcra) => {}
-            (Params::Calendar { .. }, Counter::Calendar { count }) => *count = u.a,
-            (Params::Sliding(_), Counter::Sliding(log)) => {
+        match (&step.algorithm, &mut cell.counter) {
+            (StepAlgorithm::Gcra { .. }, Counter::Gcra) => {}
+            (
+                StepAlgorithm::Calendar { .. } | StepAlgorithm::ZonedCalendar { .. },
+                Counter::Calendar { count },
+            ) => *count = u.a,
+            (StepAlgorithm::Sliding { .. }, Counter::Sliding(log)) => {
                 *log = SlidingState::One(sliding_window::Entry { at: u.a, cost: u.b });
             }
             _ => unreachable!("the loop writes only these states, in place"),
@@ -1102,38 +1169,62 @@ fn undo_writes(g: &mut Group, limits: &[PlanLimit], undo: &[Undo], written: u32)
     }
 }
 
-/// Writes the counters `scope_locked`'s loop left for after it (the limits
-/// of bit `i` of `later`, which admit): new counters, added to the entry
-/// (which has room: checked by the caller), and counters not in their
-/// algorithm's usual state. Evaluated again on the cell as it is (the same
-/// state the loop evaluated: the loop wrote other counters only), then
-/// written as the general path writes them.
+/// Writes the counters `scope_locked`'s loop left for after it (those
+/// whose result admits and whose `undo` has no cell): new counters, added
+/// to the entry, and counters not in their algorithm's usual state.
+/// Evaluated again on the cell as it is (the same state the loop
+/// evaluated: the loop wrote other counters only), then written as the
+/// general path writes them. When the new counters do not fit (the entry
+/// or the store), puts back what the loop wrote, writes nothing, and
+/// returns what to do.
 #[inline(never)]
+#[allow(clippy::too_many_arguments)]
 fn write_later(
     g: &mut Group,
     low: u64,
-    limits: &[PlanLimit],
-    cost: Option<u64>,
+    steps: &[Step],
+    results: &[LimitResult],
+    undo: &[Undo],
     now: Nanos,
-    later: u32,
-) {
-    for (i, pl) in limits.iter().enumerate() {
-        if later & (1 << i) == 0 {
-            continue;
-        }
-        let c = cost.unwrap_or(pl.cost);
-        let t = low ^ pl.prepared.name_hash;
+    room: &Room,
+) -> Option<Locked> {
+    let left = || {
+        steps
+            .iter()
+            .zip(results)
+            .zip(undo)
+            .filter(|((_, r), u)| r.eval.admit && u.cell == Undo::NOT_WRITTEN)
+            .map(|((step, r), _)| (step, r.cost))
+    };
+    let new = left()
+        .filter(|(step, _)| g.find(low ^ step.name_hash).is_none())
+        .count();
+    if new > g.free() {
+        undo_writes(g, steps, undo);
+        return Some(Locked::Grow {
+            at: 0,
+            cells: usize::from(g.len) + new,
+        });
+    }
+    if new > 0 && !room.reserve(new) {
+        undo_writes(g, steps, undo);
+        return Some(Locked::Full);
+    }
+    for (step, c) in left() {
+        let t = low ^ step.name_hash;
         let k = match g.find(t) {
             Some(k) => k,
             None => g.push(t),
         };
         let cell = &mut g.as_mut_slice()[k];
         let mut next = Next::OnCommit;
-        evaluate_limit(cell, pl, c, now, &mut next);
-        if !write_next(cell, &next, &pl.prepared.params, c, now) {
-            commit(cell, &pl.params_at(now), c, now, 0);
+        let params = step.algorithm.params_at(now);
+        evaluate(cell, &params, c, now, &mut next);
+        if !write_next(cell, &next, &params, c, now) {
+            commit(cell, &params, c, now, 0);
         }
     }
+    None
 }
 
 /// Marks "no counter yet" in `decide_groups`' index array.
@@ -1148,6 +1239,9 @@ const NO_CELL: u8 = u8::MAX;
 pub struct LoomSlot(Box<Slot>);
 
 #[cfg(tollgate_loom)]
+use crate::policy::{CompiledPolicy, OperationId, PlanId};
+
+#[cfg(tollgate_loom)]
 impl Default for LoomSlot {
     fn default() -> Self {
         LoomSlot(Slot::with_capacity(MAX_LIMITS_PER_REQUEST).expect("within the cap"))
@@ -1156,18 +1250,21 @@ impl Default for LoomSlot {
 
 #[cfg(tollgate_loom)]
 impl LoomSlot {
-    /// Decides the one-scope `limits` (see [`MemoryStore::decide_scope`])
-    /// against `slot` with `scope_locked`, the one-scope path's locked
-    /// part; returns whether admitted and each limit's `remaining`, or
-    /// `None` if the slot was dead.
+    /// Decides the one-scope limits of `operation` under `plan` (see
+    /// [`MemoryStore::decide_scope`]) against `slot` with `scope_locked`,
+    /// the one-scope path's locked part; returns whether admitted and each
+    /// limit's `remaining`, or `None` if the slot was dead (or the limits
+    /// do not take the one-scope path).
     #[doc(hidden)]
     pub fn decide_scope(
         now: Nanos,
         values: u128,
-        limits: &[PlanLimit],
+        policy: &CompiledPolicy,
+        (plan, operation): (PlanId, OperationId),
         cost: Option<u64>,
         slot: &LoomSlot,
     ) -> Option<(bool, Vec<u64>)> {
+        let program = policy.one_scope(plan, operation)?;
         let room = Room {
             live: AtomicUsize::new(0),
             max: usize::MAX,
@@ -1177,7 +1274,7 @@ impl LoomSlot {
             slot.0.lock(),
             now,
             values,
-            limits,
+            program,
             cost,
             &room,
             &mut decision,
@@ -1248,24 +1345,28 @@ fn evaluate(counter: &Cell, params: &Params, cost: u64, now: Nanos, next: &mut N
     }
 }
 
-/// [`evaluate`] for a limit of the one-scope path: its prepared numbers
-/// read in place (not copied out as [`Params`]), a calendar window's end
-/// resolved only for a calendar window; inlined into the loop over limits.
+/// [`evaluate`] for a limit of the one-scope path: its numbers read in
+/// place from its step (not copied out as [`Params`]), a calendar window's
+/// end resolved only for a calendar window.
 #[inline(always)]
-fn evaluate_limit(
+fn evaluate_step(
     counter: &Cell,
-    pl: &PlanLimit,
+    alg: &StepAlgorithm,
     cost: u64,
     now: Nanos,
     next: &mut Next,
 ) -> Evaluation {
-    match &pl.prepared.params {
-        Params::Gcra(rate) => evaluate_gcra(counter, rate, cost, now, next),
-        Params::Sliding(window) => evaluate_sliding(counter, window, cost, now, next),
-        &Params::Calendar { limit, .. } => {
-            evaluate_calendar(counter, limit, pl.calendar_end(now), cost, now, next)
+    match alg {
+        StepAlgorithm::Gcra { rate, .. } | StepAlgorithm::WideGcra { rate } => {
+            evaluate_gcra(counter, rate, cost, now, next)
         }
-        params @ Params::Concurrency { .. } => evaluate(counter, params, cost, now, next),
+        StepAlgorithm::Sliding { window } => evaluate_sliding(counter, window, cost, now, next),
+        &StepAlgorithm::Calendar { limit, len } => {
+            evaluate_calendar(counter, limit, utc_end(now, len), cost, now, next)
+        }
+        StepAlgorithm::ZonedCalendar { limit, calendar } => {
+            evaluate_calendar(counter, *limit, calendar.window(now).1, cost, now, next)
+        }
     }
 }
 

@@ -541,9 +541,9 @@ mod loom_models {
                 .map(|_| {
                     let (slot, admitted, policy) = (slot.clone(), admitted.clone(), policy.clone());
                     loom::thread::spawn(move || {
-                        let limits =
-                            policy.applicable(policy.default_plan, policy.default_operation());
-                        if let Some((true, _)) = LoomSlot::decide_scope(now, 7, limits, None, &slot)
+                        let at = (policy.default_plan, policy.default_operation());
+                        if let Some((true, _)) =
+                            LoomSlot::decide_scope(now, 7, &policy, at, None, &slot)
                         {
                             admitted.fetch_add(1, Ordering::SeqCst);
                         }
@@ -554,9 +554,9 @@ mod loom_models {
                 h.join().expect("thread");
             }
             assert_eq!(admitted.load(Ordering::SeqCst), 2);
-            let limits = policy.applicable(policy.default_plan, policy.default_operation());
+            let at = (policy.default_plan, policy.default_operation());
             let (_, remaining) =
-                LoomSlot::decide_scope(now, 7, limits, Some(0), &slot).expect("live slot");
+                LoomSlot::decide_scope(now, 7, &policy, at, Some(0), &slot).expect("live slot");
             assert_eq!(
                 remaining,
                 vec![1, 0],
