@@ -566,6 +566,22 @@ impl<S: Store, C: Clock> Engine<S, C> {
         self.decide_now_into(memory, policy, req, &mut decision);
         Some(decision)
     }
+
+    /// [`Engine::decide_in_memory`] handing the decision to `answer` where
+    /// it was built: the `Decision` (over 1.5 KB) is never moved, not even
+    /// into an `Option`. `None` for a store that waits (nothing decided).
+    #[inline]
+    pub fn decide_in_memory_with<R>(
+        &self,
+        policy: &CompiledPolicy,
+        req: &Request<'_>,
+        answer: impl FnOnce(&Decision) -> R,
+    ) -> Option<R> {
+        let memory = self.store.as_memory()?;
+        let mut decision = Decision::new(self.clock.now());
+        self.decide_now_into(memory, policy, req, &mut decision);
+        Some(answer(&decision))
+    }
 }
 
 const EMPTY_CHECK: Check = Check {

@@ -26,6 +26,7 @@ use crate::metric_cache::PolicyValue;
 use crate::state::{Caller, Shared, missing_key};
 
 mod request;
+pub(crate) mod template;
 
 /// Largest cost accepted in a check (2^40, as in the policy).
 const MAX_COST: u64 = 1 << 40;
@@ -466,8 +467,10 @@ fn decide_caller_now<S: AsRef<str> + Ord>(
     };
     // Decided in place (in memory nothing waits): no future to poll, and
     // the decision is built in this frame, not copied out.
-    let d = st.engine.decide_in_memory(policy, &core_req)?;
-    Some(Ok(answer_decision(st, policy, input.op, caller, &d)))
+    let answer = st.engine.decide_in_memory_with(policy, &core_req, |d| {
+        answer_decision(st, policy, input.op, caller, d)
+    })?;
+    Some(Ok(answer))
 }
 
 /// [`decide_caller_now`] on a store that waits (Redis).
@@ -547,6 +550,12 @@ fn write_answer(
         bool,
     )>,
 ) -> bytes::Bytes {
+    // The common answers, from the pieces kept for (plan, operation).
+    if let Some((t, plan, may_keep)) = table
+        && let Some(answer) = template::answer(policy, op, t.templates(plan, op), may_keep, d)
+    {
+        return answer;
+    }
     let kept = table.map(|(t, plan, may_keep)| (t.policy_value(plan, op), may_keep));
     let names = table.map(|(t, _, _)| t);
     let (allowed, status, reason) = match d.outcome {

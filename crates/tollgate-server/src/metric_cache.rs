@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use tollgate_core::Outcome;
 use tollgate_core::policy::{CompiledPolicy, LimitId, Mode, OperationId, PlanId};
 
+use crate::check::template::{TEMPLATES, Template};
 use crate::metrics::{DecisionLabels, LimitLabels, Metrics};
 
 /// Decision outcomes, in table order.
@@ -195,6 +196,8 @@ pub struct PolicyCounters {
     decisions: Box<[OnceLock<Counter>]>,
     limits: Box<[OnceLock<Counter>]>,
     policy_values: Box<[[OnceLock<PolicyValue>; POLICY_VALUES]]>,
+    /// Check answers' templates, per plan and operation.
+    templates: Box<[[OnceLock<Template>; TEMPLATES]]>,
     /// Each limit's name as a JSON string (quoted, escaped), by `LimitId`.
     limit_names: Box<[Box<[u8]>]>,
     /// Each operation's name as a JSON string, by `OperationId`.
@@ -223,6 +226,7 @@ impl PolicyCounters {
             decisions: (0..n).map(|_| OnceLock::new()).collect(),
             limits: (0..m).map(|_| OnceLock::new()).collect(),
             policy_values: (0..pairs).map(|_| Default::default()).collect(),
+            templates: (0..pairs).map(|_| Default::default()).collect(),
             limit_names: policy.limits.iter().map(|l| json_string(&l.name)).collect(),
             operation_names: policy
                 .operations
@@ -256,6 +260,13 @@ impl PolicyCounters {
     pub fn policy_value(&self, plan: PlanId, op: OperationId) -> &[OnceLock<PolicyValue>] {
         let (p, o) = (usize::from(plan), usize::from(op));
         &self.policy_values[p * self.policy.operations.len() + o]
+    }
+
+    /// Where the templates of check answers of (plan, operation) are kept
+    /// (see [`Template`]).
+    pub(crate) fn templates(&self, plan: PlanId, op: OperationId) -> &[OnceLock<Template>] {
+        let (p, o) = (usize::from(plan), usize::from(op));
+        &self.templates[p * self.policy.operations.len() + o]
     }
 
     /// The decisions counter of (plan, operation, outcome).

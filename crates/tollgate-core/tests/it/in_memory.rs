@@ -64,9 +64,14 @@ fn decided_in_memory_like_the_awaited_decision() {
             account,
             ..Request::new(plan, op)
         };
-        let got = in_place
-            .decide_in_memory(&p, &req)
-            .expect("the in-memory store decides in memory");
+        // Every other step through the closure form (the decision lent
+        // where it was built).
+        let got = if step % 2 == 0 {
+            in_place.decide_in_memory(&p, &req)
+        } else {
+            in_place.decide_in_memory_with(&p, &req, Clone::clone)
+        }
+        .expect("the in-memory store decides in memory");
         let want = block_on(awaited.decide(&p, &req));
         assert_eq!(got.outcome, want.outcome, "step {step}");
         assert_eq!(got.results(), want.results(), "step {step}");
@@ -93,6 +98,11 @@ fn a_store_that_waits_is_not_decided_in_memory() {
         ..Request::new(p.default_plan, p.default_operation())
     };
     assert!(engine.decide_in_memory(&p, &req).is_none());
+    assert!(
+        engine
+            .decide_in_memory_with(&p, &req, |_| unreachable!("nothing is decided"))
+            .is_none()
+    );
     // Nothing was taken: the whole bucket is still there.
     for _ in 0..2 {
         assert!(block_on(engine.decide(&p, &req)).is_allowed());
