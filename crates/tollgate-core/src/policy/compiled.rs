@@ -172,15 +172,15 @@ impl OneScope {
             .map(|pl| Step {
                 name_hash: pl.prepared.name_hash,
                 result: LimitResult {
-                limit: pl.limit,
-                // No rollout date on this path: the mode is the limit's.
-                mode: pl.prepared.mode,
-                quota: pl.prepared.quota,
-                window_secs: pl.window_secs,
-                cost: pl.cost,
-                eval: Evaluation::default(),
-                blocking: pl.prepared.blocking,
-                is_lease: false,
+                    limit: pl.limit,
+                    // No rollout date on this path: the mode is the limit's.
+                    mode: pl.prepared.mode,
+                    quota: pl.prepared.quota,
+                    window_secs: pl.window_secs,
+                    cost: pl.cost,
+                    eval: Evaluation::default(),
+                    blocking: pl.prepared.blocking,
+                    is_lease: false,
                 },
                 algorithm: match (&pl.prepared.params, &pl.algorithm) {
                     (&Params::Gcra(rate), _) => match pl.prepared.tau {
@@ -188,16 +188,17 @@ impl OneScope {
                         None => StepAlgorithm::WideGcra { rate },
                     },
                     (&Params::Sliding(window), _) => StepAlgorithm::Sliding { window },
-                    (&Params::Calendar { limit, .. }, Algorithm::CalendarWindow { calendar, .. }) => {
-                        match pl.prepared.utc_len {
-                            0 => StepAlgorithm::ZonedCalendar {
-                                limit,
-                                calendar: Box::new(calendar.clone()),
-                            },
-                            len => StepAlgorithm::Calendar { limit, len },
-                        }
-                    }
-                    _ => unreachable!("no lease on the one-scope path; calendar params come from a calendar window"),
+                    (
+                        &Params::Calendar { limit, .. },
+                        Algorithm::CalendarWindow { calendar, .. },
+                    ) => match pl.prepared.utc_len {
+                        0 => StepAlgorithm::ZonedCalendar {
+                            limit,
+                            calendar: Box::new(calendar.clone()),
+                        },
+                        len => StepAlgorithm::Calendar { limit, len },
+                    },
+                    _ => unreachable!("no lease here; calendar params are a calendar window's"),
                 },
             })
             .collect();

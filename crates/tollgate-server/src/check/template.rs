@@ -29,11 +29,11 @@ pub const TEMPLATES: usize = 2;
 
 /// What a template is for: each result's limit, mode, quota, lease flag and
 /// window, in order.
-type From = Box<[(LimitId, Mode, u64, bool, u64)]>;
+type ResultsShape = Box<[(LimitId, Mode, u64, bool, u64)]>;
 
 /// The fixed pieces of the answers to decisions with the same results.
 pub struct Template {
-    from: From,
+    from: ResultsShape,
     /// `None`: these answers are not written from pieces (a header profile
     /// or a value length not covered); the general writer writes them.
     pieces: Option<Pieces>,
