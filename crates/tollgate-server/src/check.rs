@@ -121,11 +121,17 @@ pub fn one_piece_json<B: hyper::body::Body>(req: &http::Request<B>) -> Option<u6
         return None;
     }
     let len = req.body().size_hint().exact()?;
-    let json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes() == b"application/json");
-    (json && len <= ONE_PIECE_MAX).then_some(len)
+    (is_json(req.headers()) && len <= ONE_PIECE_MAX).then_some(len)
+}
+
+/// Whether the first `Content-Type` of `headers` is `application/json` (as
+/// `headers.get(CONTENT_TYPE)` finds it): the few headers of a request
+/// looked at in order, cheaper than hashing the name for the map's index.
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .iter()
+        .find(|(name, _)| *name == header::CONTENT_TYPE)
+        .is_some_and(|(_, v)| v.as_bytes() == b"application/json")
 }
 
 /// The answer to a `POST /v1/check` whose whole JSON `body` is here (see
@@ -140,7 +146,7 @@ pub async fn answer_whole(
     use http_body_util::Either;
     let answer = std::pin::pin!(decide_body(st, &body, peer.ip()));
     match crate::connection::within(limit, answer).await {
-        Ok(Ok(answer)) => json_answer_whole(answer),
+        Ok(Ok(answer)) => json_answer_whole(answer, http::HeaderMap::new()),
         Ok(Err(e)) => e.into_response().map(Either::Right),
         Err(_) => crate::connection::request_timeout_response().map(Either::Right),
     }
@@ -150,36 +156,41 @@ pub async fn answer_whole(
 /// its strings borrowed, the caller read lately and the counter store in
 /// memory ([`decide_check_now`]). `None` when something would wait (or the
 /// body needs axum's parse): nothing was decided, call [`answer_whole`].
-pub fn answer_now(st: &Shared, body: &[u8]) -> Option<Answered> {
-    let req = std::str::from_utf8(body).ok().and_then(borrowed)?;
+///
+/// `headers`: the request's header map, emptied and reused for the answer's
+/// headers. Its room is kept (no allocation for the answer's map), and
+/// hyper keeps the map of each answer it sends for the next request it
+/// reads on the connection, so the room goes round.
+pub fn answer_now(st: &Shared, body: &[u8], headers: http::HeaderMap) -> Option<Answer> {
+    let body = std::str::from_utf8(body).ok()?;
+    // Read in place (the usual body), else by serde.
+    let mut req = request::empty();
+    if !request::parse_into(body, &mut req) {
+        req = serde_json::from_str(body).ok()?;
+    }
     Some(match decide_check_now(st, &req)? {
-        Ok((answer, due)) => Answered {
-            response: json_answer_whole(answer),
+        Ok((answer, None)) => Ok(json_answer_whole(answer, headers)),
+        Ok((answer, Some(due))) => Err(Box::new(Answered {
+            response: json_answer_whole(answer, headers),
             due,
-        },
-        Err(e) => Answered {
-            response: e.into_response().map(http_body_util::Either::Right),
-            due: None,
-        },
+        })),
+        Err(e) => Ok(e.into_response().map(http_body_util::Either::Right)),
     })
 }
 
-/// A check's answer from [`answer_now`]: sent as it is ([`Answered::ready`]),
-/// or once the events its decision made due are recorded ([`Answered::send`]).
+/// A check's answer from [`answer_now`]: the response to send as it is, or,
+/// when its decision made events due, an [`Answered`] to send once they are
+/// recorded ([`Answered::send`]).
+pub type Answer = Result<http::Response<crate::connection::ResponseBody>, Box<Answered>>;
+
+/// A check's answer, sent once the events its decision made due are
+/// recorded ([`Answered::send`]).
 pub struct Answered {
     response: http::Response<crate::connection::ResponseBody>,
-    due: Option<Due>,
+    due: Due,
 }
 
 impl Answered {
-    /// The answer, when no event is due; else itself, to [`Answered::send`].
-    pub fn ready(self) -> Result<http::Response<crate::connection::ResponseBody>, Box<Answered>> {
-        match self.due {
-            None => Ok(self.response),
-            Some(_) => Err(Box::new(self)),
-        }
-    }
-
     /// The answer, after the events due are recorded, within the request
     /// timeout `limit` (as [`answer_whole`]: a 504 past it).
     pub async fn send(
@@ -187,12 +198,10 @@ impl Answered {
         st: &Shared,
         limit: std::time::Duration,
     ) -> http::Response<crate::connection::ResponseBody> {
-        let Some(due) = self.due else {
-            return self.response;
-        };
+        let Answered { response, due } = *self;
         let record = std::pin::pin!(due.crossings.record(&st.ledger, &due.identity.account));
         match crate::connection::within(limit, record).await {
-            Ok(()) => self.response,
+            Ok(()) => response,
             Err(_) => {
                 crate::connection::request_timeout_response().map(http_body_util::Either::Right)
             }
@@ -200,15 +209,21 @@ impl Answered {
     }
 }
 
-/// The `200` answer of a check, its bytes not boxed.
-fn json_answer_whole(answer: bytes::Bytes) -> http::Response<crate::connection::ResponseBody> {
+/// The `200` answer of a check, its bytes not boxed, its headers written in
+/// `headers` (emptied first; see [`answer_now`]).
+fn json_answer_whole(
+    answer: bytes::Bytes,
+    mut headers: http::HeaderMap,
+) -> http::Response<crate::connection::ResponseBody> {
     let mut r = http::Response::new(http_body_util::Either::Left(http_body_util::Either::Left(
         http_body_util::Full::new(answer),
     )));
-    r.headers_mut().insert(
+    headers.clear();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    *r.headers_mut() = headers;
     r
 }
 
@@ -1935,5 +1950,77 @@ mod tests {
             assert_eq!(decisions_timed(&st), timed, "nothing decided: {body}");
         }
         running.shutdown().await;
+    }
+
+    /// `is_json` finds what `headers.get(CONTENT_TYPE)` finds: the first
+    /// value of the name, among other headers, repeated names and none.
+    #[test]
+    fn is_json_reads_the_first_content_type_as_get_does() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[],
+            &[("content-type", "application/json")],
+            &[("content-type", "application/json; charset=utf-8")],
+            &[("content-type", "text/plain")],
+            &[("content-type", "Application/JSON")],
+            &[
+                ("host", "x"),
+                ("content-type", "application/json"),
+                ("x-a", "1"),
+            ],
+            &[
+                ("content-type", "application/json"),
+                ("content-type", "text/plain"),
+            ],
+            &[
+                ("content-type", "text/plain"),
+                ("content-type", "application/json"),
+            ],
+            &[("x-a", "1"), ("x-a", "2"), ("content-length", "4")],
+            &[("x-content-type", "application/json")],
+        ];
+        for case in cases {
+            let mut h = http::HeaderMap::new();
+            for (n, v) in *case {
+                h.append(
+                    http::HeaderName::from_static(n),
+                    HeaderValue::from_static(v),
+                );
+            }
+            let by_get = h
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes() == b"application/json");
+            assert_eq!(is_json(&h), by_get, "{case:?}");
+        }
+    }
+
+    /// An answer made in a request's map keeps that map's room and holds
+    /// only its own header, whatever the map held (many names, repeated
+    /// values): the same headers as in a new map.
+    #[test]
+    fn an_answer_in_a_used_map_has_only_its_content_type() {
+        let mut h = http::HeaderMap::new();
+        for i in 0..70 {
+            h.append(
+                http::HeaderName::try_from(format!("x-pad-{i}")).expect("a name"),
+                HeaderValue::from_static("v"),
+            );
+            h.append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        let room = h.capacity();
+        let r = json_answer_whole(bytes::Bytes::from_static(b"{}"), h);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers().len(), 1);
+        assert_eq!(r.headers().keys_len(), 1);
+        assert_eq!(
+            r.headers()
+                .get_all(header::CONTENT_TYPE)
+                .iter()
+                .collect::<Vec<_>>(),
+            [HeaderValue::from_static("application/json")]
+        );
+        assert_eq!(r.headers().capacity(), room, "the room is kept");
+        let fresh = json_answer_whole(bytes::Bytes::from_static(b"{}"), http::HeaderMap::new());
+        assert_eq!(fresh.headers(), r.headers());
+        assert_eq!(fresh.version(), r.version());
     }
 }

@@ -488,10 +488,13 @@ async fn serve_request(
     {
         match connection::poll_first(req.body_mut(), len).await {
             connection::First::Whole(body) => {
+                // The request's header map becomes the answer's (its room
+                // reused, see `check::answer_now`).
+                let headers = std::mem::take(req.headers_mut());
                 drop(req);
                 // Usually nothing waits: answered without a future.
-                if let Some(answered) = check::answer_now(st, &body) {
-                    return match answered.ready() {
+                if let Some(answer) = check::answer_now(st, &body, headers) {
+                    return match answer {
                         Ok(response) => response,
                         Err(answered) => Box::pin(answered.send(st, limits.request_timeout)).await,
                     };

@@ -25,8 +25,13 @@ use super::CheckRequest;
 ///
 /// `None` for any other body, valid or not: then serde reads it.
 pub(super) fn parse(body: &str) -> Option<CheckRequest<&str>> {
-    let mut r = Reader { body, at: 0 };
-    let mut req = CheckRequest {
+    let mut req = empty();
+    parse_into(body, &mut req).then_some(req)
+}
+
+/// A check with no field (what [`parse_into`] starts from).
+pub(super) fn empty<'b>() -> CheckRequest<&'b str> {
+    CheckRequest {
         key: None,
         account: None,
         operation: None,
@@ -35,7 +40,17 @@ pub(super) fn parse(body: &str) -> Option<CheckRequest<&str>> {
         ip: None,
         attributes: BTreeMap::new(),
         cost: None,
-    };
+    }
+}
+
+/// [`parse`] into `req` (as [`empty`] gives it), so the check is not moved
+/// out: `true` when read, else `false` (then `req` holds some fields).
+pub(super) fn parse_into<'b>(body: &'b str, req: &mut CheckRequest<&'b str>) -> bool {
+    read(body, req).is_some()
+}
+
+fn read<'b>(body: &'b str, req: &mut CheckRequest<&'b str>) -> Option<()> {
+    let mut r = Reader { body, at: 0 };
     // One bit per field: a field named twice is serde's error.
     let mut seen = 0u8;
     r.ws();
@@ -78,7 +93,7 @@ pub(super) fn parse(body: &str) -> Option<CheckRequest<&str>> {
         }
     }
     r.ws();
-    (r.at == body.len()).then_some(req)
+    (r.at == body.len()).then_some(())
 }
 
 /// The body and where reading is.

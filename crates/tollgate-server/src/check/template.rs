@@ -270,84 +270,63 @@ impl Pieces {
                 (HEAD_REJECTED, retry, Some(retry))
             }
         };
-        // The exact length first: one allocation, which the `Bytes` takes
-        // as it is.
-        let mut len = head.len()
-            + self.rate_limit[i].len()
-            + digits(described.eval.remaining)
-            + T.len()
-            + digits(reset);
-        len += match retry {
-            None => self.policy_admitted.len() + self.tail_admitted.len(),
-            Some(retry) => {
-                let (before, after) = &self.tail_rejected[i];
-                self.policy_rejected.len()
-                    + HEADERS_END.len()
-                    + before.len()
-                    + after.len()
-                    + 2 * digits(retry)
+        // Written in one pass into the thread's kept buffer, then copied
+        // out at its length: one allocation of the exact size, which the
+        // `Bytes` takes as it is (no counting of digits first).
+        Some(ANSWER.with_borrow_mut(|out| {
+            out.clear();
+            out.extend_from_slice(head);
+            out.extend_from_slice(&self.rate_limit[i]);
+            answer::number(out, described.eval.remaining);
+            out.extend_from_slice(T);
+            answer::number(out, reset);
+            match retry {
+                None => out.extend_from_slice(&self.policy_admitted),
+                Some(retry) => {
+                    out.extend_from_slice(&self.policy_rejected);
+                    answer::number(out, retry);
+                    out.extend_from_slice(HEADERS_END);
+                }
             }
-        };
-        for (j, r) in results.iter().enumerate() {
-            let piece = if r.exceeded() {
-                &self.over[j]
-            } else {
-                &self.within[j]
-            };
-            len += usize::from(j > 0)
-                + COST.len()
-                + digits(r.cost)
-                + piece.len()
-                + digits(r.eval.remaining)
-                + RESET.len()
-                + digits(ceil_secs(r.eval.reset))
-                + 1;
-        }
-        let mut out = Vec::with_capacity(len);
-        out.extend_from_slice(head);
-        out.extend_from_slice(&self.rate_limit[i]);
-        answer::number(&mut out, described.eval.remaining);
-        out.extend_from_slice(T);
-        answer::number(&mut out, reset);
-        match retry {
-            None => out.extend_from_slice(&self.policy_admitted),
-            Some(retry) => {
-                out.extend_from_slice(&self.policy_rejected);
-                answer::number(&mut out, retry);
-                out.extend_from_slice(HEADERS_END);
+            for (j, r) in results.iter().enumerate() {
+                out.extend_from_slice(if j == 0 { COST } else { NEXT_COST });
+                answer::number(out, r.cost);
+                out.extend_from_slice(if r.exceeded() {
+                    &self.over[j]
+                } else {
+                    &self.within[j]
+                });
+                answer::number(out, r.eval.remaining);
+                out.extend_from_slice(RESET);
+                answer::number(out, ceil_secs(r.eval.reset));
+                out.push(b'}');
             }
-        }
-        for (j, r) in results.iter().enumerate() {
-            out.extend_from_slice(if j == 0 { COST } else { NEXT_COST });
-            answer::number(&mut out, r.cost);
-            out.extend_from_slice(if r.exceeded() {
-                &self.over[j]
-            } else {
-                &self.within[j]
-            });
-            answer::number(&mut out, r.eval.remaining);
-            out.extend_from_slice(RESET);
-            answer::number(&mut out, ceil_secs(r.eval.reset));
-            out.push(b'}');
-        }
-        match retry {
-            None => out.extend_from_slice(&self.tail_admitted),
-            Some(retry) => {
-                let (before, after) = &self.tail_rejected[i];
-                out.extend_from_slice(before);
-                answer::number(&mut out, retry);
-                out.extend_from_slice(after);
+            match retry {
+                None => out.extend_from_slice(&self.tail_admitted),
+                Some(retry) => {
+                    let (before, after) = &self.tail_rejected[i];
+                    out.extend_from_slice(before);
+                    answer::number(out, retry);
+                    out.extend_from_slice(after);
+                }
             }
-        }
-        debug_assert_eq!(out.len(), len);
-        Some(bytes::Bytes::from(out))
+            let answer = bytes::Bytes::copy_from_slice(out);
+            if out.capacity() > KEPT {
+                *out = Vec::new();
+            }
+            answer
+        }))
     }
 }
 
-/// How many digits `v` has in decimal.
-fn digits(v: u64) -> usize {
-    v.checked_ilog10().map_or(1, |l| l as usize + 1)
+thread_local! {
+    /// The buffer a thread writes its answers from templates in, kept
+    /// between checks (no allocation but the answer's own).
+    static ANSWER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// A buffer longer than this is not kept (a rare long answer).
+const KEPT: usize = 16 * 1024;
 
 const HEAD_ADMITTED: &[u8] = b"{\"allowed\":true,\"headers\":{";
 const HEAD_REJECTED: &[u8] = b"{\"allowed\":false,\"headers\":{";

@@ -233,6 +233,89 @@ async fn checks_answered_from_the_service_match_the_routed_ones_byte_for_byte() 
     s.running.shutdown().await;
 }
 
+/// One answer read from a kept-alive connection: status line and headers
+/// (without `date`) and the body of its `Content-Length`.
+async fn read_one_answer(c: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).await.expect("read"), 1, "closed early");
+        got.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&got).into_owned();
+    let len: usize = head
+        .split("\r\n")
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .expect("content-length")
+        .parse()
+        .expect("a length");
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).await.expect("body");
+    let head: Vec<&str> = head
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .collect();
+    format!("{}{}", head.join("\r\n"), String::from_utf8_lossy(&body))
+}
+
+/// Checks answered from hyper's service reuse the request's header map for
+/// the answer's headers (and hyper then reads the next request into it):
+/// on one kept-alive connection, requests with many headers (repeated
+/// names, a second `Content-Type`) and without, answers and errors in turn,
+/// each answer has the status, headers and bytes of the same check through
+/// the route (sent chunked on a connection of its own).
+#[tokio::test]
+async fn checks_on_one_connection_answer_with_only_their_own_headers() {
+    let s = Server::start(Some(TOKEN)).await;
+    s.account_with_key("acme", "pro").await;
+    let bodies = [
+        r#"{"account":"acme","operation":"default","cost":0}"#,
+        r#"{"account":"nobody"}"#,
+        r#"{"account":"acme","cost":0,"ip":"10.0.0.1"}"#,
+        r#"{"account":"acme","bogus":1}"#,
+    ];
+    let mut c = TcpStream::connect(s.running.addr).await.expect("connect");
+    for round in 0..12 {
+        let body = bodies[round % bodies.len()];
+        let mut head = String::from("POST /v1/check HTTP/1.1\r\nHost: tollgate\r\n");
+        // Every other round, 40 more headers (the map grows), a name
+        // repeated and a second content type after the first.
+        if round % 2 == 0 {
+            for i in 0..40 {
+                head += &format!("X-Pad-{i}: {}\r\n", "v".repeat(i));
+            }
+            head += "X-Twice: 1\r\nX-Twice: 2\r\n";
+        }
+        head += "Content-Type: application/json\r\n";
+        if round % 2 == 0 {
+            head += "Content-Type: text/plain\r\n";
+        }
+        head += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
+        let mut last = None;
+        for _ in 0..3 {
+            c.write_all(head.as_bytes()).await.expect("request");
+            let kept = tokio::time::timeout(Duration::from_secs(10), read_one_answer(&mut c))
+                .await
+                .expect("answered within 10 s");
+            let routed = raw_check(s.running.addr, body.as_bytes(), Sent::Chunked).await;
+            // The routed answer came with `Connection: close`.
+            let routed = routed.replacen("\r\nconnection: close", "", 1);
+            if kept == routed {
+                last = None;
+                break;
+            }
+            // A reset in seconds may tick between the two: again.
+            last = Some((kept, routed));
+        }
+        assert_eq!(last, None, "round {round}: {body}");
+    }
+    s.running.shutdown().await;
+}
+
 /// A small check body that stops arriving is still answered 408 and its
 /// connection closed (the body is guarded when it did not come whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
