@@ -28,6 +28,7 @@ use crate::policy::{
     MAX_LIMITS_PER_REQUEST, Mode, OperationId, PlanId, ScopePart,
 };
 use crate::store::{Check, CounterKey, MemoryStore, Params, Store};
+use crate::value_hash;
 
 /// One request as the engine sees it. Strings are borrowed from the caller;
 /// an empty scope value means "not known", and a limit whose scope needs an
@@ -424,18 +425,15 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// [`Engine::part_hash`] of the value `part`, known (not empty).
     #[inline(always)]
     fn value_hash(&self, part: &str) -> u128 {
-        // One value (the usual scope: an id): no loops, a 32-byte buffer.
-        let len = 4 + part.len();
-        if len <= TINY_KEY_BUFFER {
-            let mut buf = [0u8; TINY_KEY_BUFFER];
-            buf[..4].copy_from_slice(&(part.len() as u32).to_le_bytes());
-            copy_short(&mut buf[4..len], part.as_bytes());
-            return xxh3_128_with_seed(&buf[..len], self.seed);
+        // One value (the usual scope: an id): in registers, no buffer
+        // (see `value_hash`: a buffer here stalled every decision).
+        match value_hash::value_hash(part.as_bytes(), self.seed) {
+            Some(h) => h,
+            None => self.long_value_hash(part),
         }
-        self.long_value_hash(part)
     }
 
-    /// [`Engine::value_hash`] of a value too long for its buffer.
+    /// [`Engine::value_hash`] of a value too long to hash in registers.
     #[inline(never)]
     fn long_value_hash(&self, part: &str) -> u128 {
         let mut h = Xxh3::with_seed(self.seed);
@@ -483,39 +481,6 @@ impl<S: Store, C: Clock> Engine<S, C> {
     }
 }
 
-/// `dst.copy_from_slice(src)` for at most 28 bytes (the one-value scope's
-/// buffer) without a `memcpy` call (a variable-length copy is one, about
-/// 15 instructions for a short id): two fixed-size copies that overlap in
-/// the middle, as `memcpy` itself does for short lengths.
-#[inline(always)]
-fn copy_short(dst: &mut [u8], src: &[u8]) {
-    let n = src.len();
-    if dst.len() != n {
-        // Never: the caller sizes `dst` from `src`.
-        dst.copy_from_slice(src);
-        return;
-    }
-    match n {
-        16.. => {
-            dst[..16].copy_from_slice(&src[..16]);
-            dst[n - 16..].copy_from_slice(&src[n - 16..]);
-        }
-        8.. => {
-            dst[..8].copy_from_slice(&src[..8]);
-            dst[n - 8..].copy_from_slice(&src[n - 8..]);
-        }
-        4.. => {
-            dst[..4].copy_from_slice(&src[..4]);
-            dst[n - 4..].copy_from_slice(&src[n - 4..]);
-        }
-        _ => {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = *s;
-            }
-        }
-    }
-}
-
 /// Limits per request that [`Engine::decide_now`] sizes its arrays for.
 const FEW_LIMITS: usize = 4;
 
@@ -524,9 +489,6 @@ const KEY_BUFFER: usize = 256;
 
 /// The smaller stack buffer, for the usual short scope values.
 const SMALL_KEY_BUFFER: usize = 64;
-
-/// The buffer of a scope of one short value.
-const TINY_KEY_BUFFER: usize = 32;
 
 impl<C: Clock> Engine<MemoryStore, C> {
     /// [`Engine::decide`] without a future, for the in-memory store (which never waits).
@@ -935,23 +897,6 @@ mod tests {
                     "{n} bytes, {} parts",
                     scope.len()
                 );
-            }
-        }
-    }
-
-    /// `copy_short` copies exactly, for every length the one-value scope
-    /// buffer takes (and any content).
-    #[test]
-    fn copy_short_copies_every_short_length() {
-        let src: Vec<u8> = (1..=40u8).collect();
-        for n in 0..=28 {
-            for from in 0..4 {
-                let s = &src[from..from + n];
-                let mut a = [0u8; 32];
-                copy_short(&mut a[4..4 + n], s);
-                let mut b = [0u8; 32];
-                b[4..4 + n].copy_from_slice(s);
-                assert_eq!(a, b, "{n} bytes");
             }
         }
     }

@@ -47,6 +47,7 @@ pub mod error;
 pub mod headers;
 pub mod policy;
 pub mod store;
+mod value_hash;
 
 pub use clock::{Clock, ManualClock, Nanos, SystemClock};
 pub use decision::{Decision, LimitResult, Outcome};
