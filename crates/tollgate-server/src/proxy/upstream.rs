@@ -385,13 +385,16 @@ impl UpstreamClient {
         req: Request<Body>,
         again: impl FnOnce() -> Option<Request<Body>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        self.send_within(req, again, None).await
+        self.send_within(req, again, Instant::now(), None).await
     }
 
     /// [`UpstreamClient::send_or_replay`] with the answer's head due by
     /// `deadline` (connecting, the exchange and a resend included), as
     /// `tokio::time::timeout_at(deadline, send_or_replay(…))` would; past it,
-    /// [`UpstreamError::Timeout`], and the connection is closed.
+    /// [`UpstreamError::Timeout`], and the connection is closed. `now` is
+    /// the caller's reading of the clock (tokio's), taken just before: the
+    /// pool measures its idle connections' ages from it instead of reading
+    /// the clock once more.
     ///
     /// # Errors
     /// No connection could be made, the exchange failed before the head, or
@@ -400,21 +403,23 @@ impl UpstreamClient {
         &self,
         req: Request<Body>,
         again: impl FnOnce() -> Option<Request<Body>>,
+        now: Instant,
         deadline: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        self.send_within(req, again, Some(deadline)).await
+        self.send_within(req, again, now, Some(deadline)).await
     }
 
     async fn send_within(
         &self,
         req: Request<Body>,
         again: impl FnOnce() -> Option<Request<Body>>,
+        now: Instant,
         deadline: Option<Instant>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         // Connecting is boxed where awaited: its future (the connector's
         // resolution and handshake) is large and rarely used, and this
         // future is moved whole into the caller's timeout per request.
-        let (conn, reused) = match self.checkout() {
+        let (conn, reused) = match self.checkout(now) {
             Some(c) => (c, true),
             None => (Box::pin(self.connect_by(deadline)).await?, false),
         };
@@ -543,9 +548,9 @@ impl UpstreamClient {
         }
     }
 
-    /// The most recently used idle connection still open, if any.
-    fn checkout(&self) -> Option<Box<Conn>> {
-        let now = Instant::now();
+    /// The most recently used idle connection still open, if any, by `now`
+    /// (a recent reading of the clock).
+    fn checkout(&self, now: Instant) -> Option<Box<Conn>> {
         loop {
             let idle = self.pool.lock().pop_back()?;
             if now.saturating_duration_since(idle.since) >= IDLE_TIMEOUT {
@@ -1198,7 +1203,10 @@ mod tests {
         let within = |ms| Instant::now() + Duration::from_millis(ms);
         let send = |path: &'static str, ms| {
             let c = c.clone();
-            async move { c.send_or_replay_by(get(path), || None, within(ms)).await }
+            async move {
+                c.send_or_replay_by(get(path), || None, Instant::now(), within(ms))
+                    .await
+            }
         };
         // The timer of one connection, moved to each new deadline: later
         // ones (extended in place), after the earlier one has passed while
@@ -1231,7 +1239,7 @@ mod tests {
         // `tokio::time::timeout` does.
         let past = Instant::now() - Duration::from_secs(1);
         let err = c
-            .send_or_replay_by(get("/fast"), || None, past)
+            .send_or_replay_by(get("/fast"), || None, Instant::now(), past)
             .await
             .expect_err("past");
         assert!(matches!(err, UpstreamError::Timeout), "{err:?}");
