@@ -1179,6 +1179,40 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
     }
 
+    /// The pool measures its idle connections' ages from the caller's
+    /// reading of the clock (`send_or_replay_by`'s `now`), not a reading of
+    /// its own.
+    #[tokio::test]
+    async fn checkout_measures_idle_ages_from_the_callers_reading() {
+        let (base, accepted) = upstream(|_| async { text("x") }).await;
+        let c = client(base, MAX_IDLE);
+        let resp = c.send(get("/")).await.expect("answer");
+        assert_eq!(read(resp).await, "x");
+        assert_eq!(c.idle(), 1);
+        let send_at = |now: Instant| {
+            let c = c.clone();
+            async move {
+                let far = now + Duration::from_secs(3_600);
+                let resp = c
+                    .send_or_replay_by(get("/"), || None, now, far)
+                    .await
+                    .expect("answer");
+                assert_eq!(read(resp).await, "x");
+            }
+        };
+        // Idle for just under the timeout by that reading: reused.
+        send_at(Instant::now() + IDLE_TIMEOUT - Duration::from_secs(1)).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused");
+        // Past it by that reading: expired, and a new connection is made.
+        send_at(Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "expired by the caller's reading"
+        );
+        assert_eq!(c.idle(), 1, "the new one is pooled, the expired one closed");
+    }
+
     #[tokio::test]
     async fn refused_connection_is_a_connect_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
