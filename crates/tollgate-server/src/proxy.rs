@@ -183,13 +183,18 @@ async fn proxy(
     let attrs = attribute_values(&policy, op, &parts, &inspection);
     let attr_refs: Vec<Option<&str>> = attrs.iter().map(|a| a.as_deref()).collect();
     // [`decide`]'s work, in place: a `Decision` is over 1.5 KB, and one
-    // returned through `decide`'s future was copied twice more.
+    // returned through `decide`'s future was copied twice more. In memory
+    // (nothing waits) it is built here without a future (the same work as
+    // `Engine::decide` does for that store), which saves one more copy.
     let started = tokio::time::Instant::now();
-    let decision = st
-        .engine
-        .decide(&policy, &caller.request(op_id, ip, &attr_refs))
-        .await;
-    decided(st, &policy, op_id, &caller, started, &decision).await;
+    let request = caller.request(op_id, ip, &attr_refs);
+    let decision = match st.engine.decide_in_memory(&policy, &request) {
+        Some(decision) => decision,
+        None => st.engine.decide(&policy, &request).await,
+    };
+    // The reading that ends the decision's latency also starts the
+    // upstream exchange (its latency and timeout; see `decided`).
+    let decided_at = decided(st, &policy, op_id, &caller, started, &decision).await;
     // From here on, every way out gives the leases back: the response body's
     // end, an error, or the client going away (the future is dropped).
     let lease = LeaseGuard::new(st, &decision);
@@ -249,7 +254,16 @@ async fn proxy(
     } else {
         0
     };
-    let result = send_with_retries(st, &policy, &upstream_req, buffered, body, attempts).await;
+    let result = send_with_retries(
+        st,
+        &policy,
+        &upstream_req,
+        buffered,
+        body,
+        attempts,
+        decided_at,
+    )
+    .await;
     let upstream = match result {
         Ok(r) => r,
         Err(e) => {
@@ -260,10 +274,11 @@ async fn proxy(
         }
     };
 
-    // Settle credits on the upstream's status.
+    // Settle credits on the upstream's status. The answer is changed in
+    // place (its headers, rarely its body) and goes out as it is: each move
+    // of an answer between parts and whole is a copy of about 200 bytes.
     let status = upstream.status();
-    let (mut resp_parts, resp_body) = upstream.into_parts();
-    let mut resp_body: ResponseBody = Either::Left(Either::Right(resp_body));
+    let mut resp: http::Response<ResponseBody> = upstream.map(|b| Either::Left(Either::Right(b)));
     let mut balance = None;
     if let Some((id, reserved)) = reservation {
         if status.is_success() {
@@ -272,23 +287,25 @@ async fn proxy(
             let reported = op
                 .credits_from_header
                 .as_deref()
-                .and_then(|h| resp_parts.headers.get(h))
+                .and_then(|h| resp.headers().get(h))
                 .map(HeaderValue::as_bytes);
             let amount =
                 i64::try_from(op.credits_used(u64::try_from(reserved).unwrap_or(0), reported))
                     .unwrap_or(reserved);
             let stored = if has_idempotency_key(&parts.headers) {
-                let ct = header_str(&resp_parts.headers, header::CONTENT_TYPE).map(str::to_owned);
-                let small =
-                    content_length(&resp_parts.headers).is_some_and(|l| l <= STORED_BODY_MAX);
-                let bytes = if small {
-                    read_body(Body::new(resp_body), STORED_BODY_MAX)
-                        .await
-                        .unwrap_or_default()
-                } else {
-                    Bytes::new()
+                let ct = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_owned);
+                let small = content_length(resp.headers()).is_some_and(|l| l <= STORED_BODY_MAX);
+                // The upstream's body (read when small, otherwise dropped:
+                // its connection closes) is replaced by the stored bytes.
+                let bytes = match std::mem::replace(resp.body_mut(), Either::Right(Body::empty())) {
+                    Either::Left(Either::Right(upstream)) if small => {
+                        read_body(Body::new(upstream), STORED_BODY_MAX)
+                            .await
+                            .unwrap_or_default()
+                    }
+                    _ => Bytes::new(),
                 };
-                resp_body = Either::Right(Body::from(bytes.clone()));
+                *resp.body_mut() = Either::Right(Body::from(bytes.clone()));
                 Some(StoredResponse {
                     status: status.as_u16(),
                     content_type: ct,
@@ -325,14 +342,13 @@ async fn proxy(
     {
         balance = st.ledger.balance(&caller.identity.account).await.ok();
     }
-    strip_hop_by_hop(&mut resp_parts.headers);
+    strip_hop_by_hop(resp.headers_mut());
     let kind = if status.is_success() {
         ResponseKind::Success
     } else {
         ResponseKind::Other
     };
-    add_rate_headers(&policy, &decision, kind, balance, &mut resp_parts.headers);
-    let resp = http::Response::from_parts(resp_parts, resp_body);
+    add_rate_headers(&policy, &decision, kind, balance, resp.headers_mut());
     Ok(match lease {
         None => resp,
         lease => with_lease(resp.map(crate::connection::boxed), lease).map(Either::Right),
@@ -539,6 +555,12 @@ pub async fn decide(
 
 /// The decision-latency histogram (from `started`), metrics and events of a
 /// caller's decision: what [`decide`] and the proxy handler record.
+///
+/// Returns the reading of the clock that ended the decision's latency, for
+/// the proxy to start its upstream exchange with (one reading instead of
+/// two, microseconds apart); a fresh one when recording the decision waited
+/// on the ledger (a limit's threshold crossed), so that the upstream's
+/// timeout never includes that write.
 async fn decided(
     st: &Shared,
     policy: &CompiledPolicy,
@@ -546,13 +568,14 @@ async fn decided(
     caller: &Caller,
     started: tokio::time::Instant,
     d: &Decision,
-) {
+) -> tokio::time::Instant {
     // A monotonic reading (the engine's clock is the wall clock, which costs
     // more to read and can step).
+    let ended = tokio::time::Instant::now();
     st.metrics
         .decision_seconds
-        .observe(started.elapsed().as_secs_f64());
-    record_decision(
+        .observe(ended.saturating_duration_since(started).as_secs_f64());
+    let waited = record_decision(
         st,
         policy,
         op,
@@ -561,9 +584,15 @@ async fn decided(
         Some(&caller.identity.account),
     )
     .await;
+    if waited {
+        tokio::time::Instant::now()
+    } else {
+        ended
+    }
 }
 
-/// Metrics and events of one decision.
+/// Metrics and events of one decision; `true` when events were written to
+/// the ledger (awaited: a limit's threshold was crossed).
 pub async fn record_decision(
     st: &Shared,
     policy: &CompiledPolicy,
@@ -571,13 +600,15 @@ pub async fn record_decision(
     plan: tollgate_core::policy::PlanId,
     d: &Decision,
     account: Option<&str>,
-) {
+) -> bool {
     let crossings = metric_cache::count_decision(st, policy, op, plan, d, account);
     if let Some(account) = account
         && !crossings.is_empty()
     {
         Box::pin(crossings.record(&st.ledger, account)).await;
+        return true;
     }
+    false
 }
 
 /// The answer to a refused decision.
@@ -845,6 +876,8 @@ enum Attempt {
     Failed(ApiError, bool),
 }
 
+/// `decided_at`: a reading of the clock taken just before (the decision's
+/// end), which starts the first attempt; a retry reads the clock anew.
 async fn send_with_retries(
     st: &Shared,
     policy: &CompiledPolicy,
@@ -852,6 +885,7 @@ async fn send_with_retries(
     buffered: Option<Bytes>,
     streaming: Option<Body>,
     retries: u32,
+    decided_at: tokio::time::Instant,
 ) -> Result<Response<UpstreamBody>, ApiError> {
     let retry_on = &policy.upstream.retry_on;
     let timeout = policy.upstream.timeout;
@@ -873,7 +907,7 @@ async fn send_with_retries(
             }));
             (body, None, Some(broken))
         };
-        return match attempt(st, req, body, replay, timeout, retry_on).await {
+        return match attempt(st, req, body, replay, timeout, retry_on, decided_at).await {
             Ok(r) | Err(Attempt::Status(r, _)) => Ok(r),
             Err(Attempt::Failed(_, _))
                 if broken.as_ref().is_some_and(|b| b.load(Ordering::Relaxed)) =>
@@ -892,6 +926,9 @@ async fn send_with_retries(
         .with_max_times(retries as usize)
         .with_jitter();
     let max_backoff = policy.upstream.max_backoff;
+    // The first attempt starts from `decided_at`; a retry, after its
+    // back-off, from a reading of its own.
+    let mut first = Some(decided_at);
     let result = (|| {
         attempt(
             st,
@@ -900,6 +937,7 @@ async fn send_with_retries(
             Some(&bytes),
             timeout,
             retry_on,
+            first.take().unwrap_or_else(tokio::time::Instant::now),
         )
     })
     .retry(backoff)
@@ -928,6 +966,10 @@ async fn send_with_retries(
 /// (see [`UpstreamClient::send_or_replay`]); this is not a retry of the
 /// policy's (no backoff, not counted), and credits and limits were taken
 /// once, before.
+///
+/// `now`: a reading of the clock taken just before (microseconds earlier,
+/// nothing awaited in between), which starts the exchange: its latency, its
+/// timeout and the pool's idle ages.
 async fn attempt(
     st: &Shared,
     req: &UpstreamRequest<'_>,
@@ -935,19 +977,19 @@ async fn attempt(
     replay: Option<&Bytes>,
     timeout: Duration,
     retry_on: &[u16],
+    now: tokio::time::Instant,
 ) -> Result<Response<UpstreamBody>, Attempt> {
     let upstream_req = build_request(st, req, body).map_err(|e| Attempt::Failed(e, false))?;
     let again = || replay.and_then(|b| build_request(st, req, Body::from(b.clone())).ok());
-    // As `tokio::time::timeout(timeout, …)`, on the connection's own timer
-    // (see `UpstreamClient::send_or_replay_by`); the same reading starts the
-    // exchange's latency.
-    let now = tokio::time::Instant::now();
+    // As `tokio::time::timeout(timeout, …)` from `now`, on the connection's
+    // own timer (see `UpstreamClient::send_or_replay_by`); the same reading
+    // starts the exchange's latency.
     let deadline = now
         .checked_add(timeout)
         .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
     let sent = st
         .client
-        .send_or_replay_by(upstream_req, again, deadline)
+        .send_or_replay_by(upstream_req, again, now, deadline)
         .await;
     st.metrics
         .upstream_seconds

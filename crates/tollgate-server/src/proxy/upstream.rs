@@ -385,13 +385,16 @@ impl UpstreamClient {
         req: Request<Body>,
         again: impl FnOnce() -> Option<Request<Body>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        self.send_within(req, again, None).await
+        self.send_within(req, again, Instant::now(), None).await
     }
 
     /// [`UpstreamClient::send_or_replay`] with the answer's head due by
     /// `deadline` (connecting, the exchange and a resend included), as
     /// `tokio::time::timeout_at(deadline, send_or_replay(…))` would; past it,
-    /// [`UpstreamError::Timeout`], and the connection is closed.
+    /// [`UpstreamError::Timeout`], and the connection is closed. `now` is
+    /// the caller's reading of the clock (tokio's), taken just before: the
+    /// pool measures its idle connections' ages from it instead of reading
+    /// the clock once more.
     ///
     /// # Errors
     /// No connection could be made, the exchange failed before the head, or
@@ -400,21 +403,23 @@ impl UpstreamClient {
         &self,
         req: Request<Body>,
         again: impl FnOnce() -> Option<Request<Body>>,
+        now: Instant,
         deadline: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        self.send_within(req, again, Some(deadline)).await
+        self.send_within(req, again, now, Some(deadline)).await
     }
 
     async fn send_within(
         &self,
         req: Request<Body>,
         again: impl FnOnce() -> Option<Request<Body>>,
+        now: Instant,
         deadline: Option<Instant>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         // Connecting is boxed where awaited: its future (the connector's
         // resolution and handshake) is large and rarely used, and this
         // future is moved whole into the caller's timeout per request.
-        let (conn, reused) = match self.checkout() {
+        let (conn, reused) = match self.checkout(now) {
             Some(c) => (c, true),
             None => (Box::pin(self.connect_by(deadline)).await?, false),
         };
@@ -543,9 +548,9 @@ impl UpstreamClient {
         }
     }
 
-    /// The most recently used idle connection still open, if any.
-    fn checkout(&self) -> Option<Box<Conn>> {
-        let now = Instant::now();
+    /// The most recently used idle connection still open, if any, by `now`
+    /// (a recent reading of the clock).
+    fn checkout(&self, now: Instant) -> Option<Box<Conn>> {
         loop {
             let idle = self.pool.lock().pop_back()?;
             if now.saturating_duration_since(idle.since) >= IDLE_TIMEOUT {
@@ -1174,6 +1179,40 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
     }
 
+    /// The pool measures its idle connections' ages from the caller's
+    /// reading of the clock (`send_or_replay_by`'s `now`), not a reading of
+    /// its own.
+    #[tokio::test]
+    async fn checkout_measures_idle_ages_from_the_callers_reading() {
+        let (base, accepted) = upstream(|_| async { text("x") }).await;
+        let c = client(base, MAX_IDLE);
+        let resp = c.send(get("/")).await.expect("answer");
+        assert_eq!(read(resp).await, "x");
+        assert_eq!(c.idle(), 1);
+        let send_at = |now: Instant| {
+            let c = c.clone();
+            async move {
+                let far = now + Duration::from_secs(3_600);
+                let resp = c
+                    .send_or_replay_by(get("/"), || None, now, far)
+                    .await
+                    .expect("answer");
+                assert_eq!(read(resp).await, "x");
+            }
+        };
+        // Idle for just under the timeout by that reading: reused.
+        send_at(Instant::now() + IDLE_TIMEOUT - Duration::from_secs(1)).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused");
+        // Past it by that reading: expired, and a new connection is made.
+        send_at(Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "expired by the caller's reading"
+        );
+        assert_eq!(c.idle(), 1, "the new one is pooled, the expired one closed");
+    }
+
     #[tokio::test]
     async fn refused_connection_is_a_connect_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1198,7 +1237,10 @@ mod tests {
         let within = |ms| Instant::now() + Duration::from_millis(ms);
         let send = |path: &'static str, ms| {
             let c = c.clone();
-            async move { c.send_or_replay_by(get(path), || None, within(ms)).await }
+            async move {
+                c.send_or_replay_by(get(path), || None, Instant::now(), within(ms))
+                    .await
+            }
         };
         // The timer of one connection, moved to each new deadline: later
         // ones (extended in place), after the earlier one has passed while
@@ -1231,7 +1273,7 @@ mod tests {
         // `tokio::time::timeout` does.
         let past = Instant::now() - Duration::from_secs(1);
         let err = c
-            .send_or_replay_by(get("/fast"), || None, past)
+            .send_or_replay_by(get("/fast"), || None, Instant::now(), past)
             .await
             .expect_err("past");
         assert!(matches!(err, UpstreamError::Timeout), "{err:?}");
