@@ -163,10 +163,9 @@ pub async fn answer_whole(
 /// reads on the connection, so the room goes round.
 pub fn answer_now(st: &Shared, body: &[u8], headers: http::HeaderMap) -> Option<Answer> {
     let body = std::str::from_utf8(body).ok()?;
-    // Read in place (the usual body), else by serde.
     let mut req = request::empty();
-    if !request::parse_into(body, &mut req) {
-        req = serde_json::from_str(body).ok()?;
+    if !borrowed_into(body, &mut req) {
+        return None;
     }
     Some(match decide_check_now(st, &req)? {
         Ok((answer, None)) => Ok(json_answer_whole(answer, headers)),
@@ -228,26 +227,37 @@ fn json_answer_whole(
 }
 
 /// The answer to a check sent as JSON `body`: parsed with `serde_json`
-/// borrowing its strings ([`borrowed`]); if that fails (an escaped string,
+/// borrowing its strings ([`borrowed_into`]); if that fails (an escaped string,
 /// or an error) axum's `Json` parse runs on the same bytes, so every answer
 /// and message is the router's.
 async fn decide_body(st: &Shared, body: &[u8], peer: IpAddr) -> Result<bytes::Bytes, ApiError> {
-    match std::str::from_utf8(body).ok().and_then(borrowed) {
-        Some(r) => decide_check(st, &r, peer).await,
-        None => match Json::<CheckRequest>::from_bytes(body) {
-            Ok(Json(r)) => decide_check(st, &r, peer).await,
-            Err(e) => Err(rejected(e)),
-        },
+    let mut req = request::empty();
+    if std::str::from_utf8(body).is_ok_and(|b| borrowed_into(b, &mut req)) {
+        return decide_check(st, &req, peer).await;
+    }
+    match Json::<CheckRequest>::from_bytes(body) {
+        Ok(Json(r)) => decide_check(st, &r, peer).await,
+        Err(e) => Err(rejected(e)),
     }
 }
 
-/// The check in `body`, its strings borrowed from it: read by
-/// [`request::parse`] when it has the usual shape, else by `serde_json` (as a
-/// `&str`: `serde_json::from_slice` would check each string for UTF-8
-/// again). `None` when it is not a valid check or holds an escaped string:
-/// the caller then runs axum's parse for its answer and messages.
-fn borrowed(body: &str) -> Option<CheckRequest<&str>> {
-    request::parse(body).or_else(|| serde_json::from_str(body).ok())
+/// Reads the check in `body` into `req` (as [`request::empty`] gives it),
+/// its strings borrowed from `body`: in place by [`request::parse_into`]
+/// when it has the usual shape, else by `serde_json` (as a `&str`:
+/// `serde_json::from_slice` would check each string for UTF-8 again).
+/// `false` when it is not a valid check or holds an escaped string: the
+/// caller then runs axum's parse for its answer and messages.
+fn borrowed_into<'b>(body: &'b str, req: &mut CheckRequest<&'b str>) -> bool {
+    if request::parse_into(body, req) {
+        return true;
+    }
+    match serde_json::from_str(body) {
+        Ok(read) => {
+            *req = read;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Bodies up to this size that announce their length and arrive in one piece

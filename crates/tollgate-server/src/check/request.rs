@@ -5,7 +5,7 @@
 //! instructions on a 50-byte body (field-name visitors, `Option` and `&str`
 //! visitors, the unknown-field check), a fifth of the check's own work.
 //! This reader walks the bytes once. It gives an answer only where it gives
-//! the value serde would ([`parse`]); anything else (every invalid body, an
+//! the value serde would ([`parse_into`]); anything else (every invalid body, an
 //! escaped string, a float, `-0`) is left to serde, so each answer and error
 //! message is unchanged.
 
@@ -13,18 +13,9 @@ use std::collections::BTreeMap;
 
 use super::CheckRequest;
 
-/// `body` read as serde reads it into a [`CheckRequest`], when it is a JSON
-/// object (surrounded by JSON whitespace at most) whose members are fields of
-/// the request, each at most once, and whose values are:
-/// - for the string fields, a string without `\` or control characters, or
-///   `null` (no value, as serde reads it for an `Option`);
-/// - for `cost`, an integer of at most 18 digits (so within `i64`), not
-///   `-0`, or `null`;
-/// - for `attributes`, an object of such strings (a later value of a name
-///   replacing an earlier one, as serde's map does).
-///
-/// `None` for any other body, valid or not: then serde reads it.
-pub(super) fn parse(body: &str) -> Option<CheckRequest<&str>> {
+/// [`parse_into`] into a new check (the tests' form).
+#[cfg(test)]
+fn parse(body: &str) -> Option<CheckRequest<&str>> {
     let mut req = empty();
     parse_into(body, &mut req).then_some(req)
 }
@@ -43,8 +34,19 @@ pub(super) fn empty<'b>() -> CheckRequest<&'b str> {
     }
 }
 
-/// [`parse`] into `req` (as [`empty`] gives it), so the check is not moved
-/// out: `true` when read, else `false` (then `req` holds some fields).
+/// Reads `body` into `req` (as [`empty`] gives it, so the check is not
+/// moved out) as serde reads it into a [`CheckRequest`], when it is a JSON
+/// object (surrounded by JSON whitespace at most) whose members are fields of
+/// the request, each at most once, and whose values are:
+/// - for the string fields, a string without `\` or control characters, or
+///   `null` (no value, as serde reads it for an `Option`);
+/// - for `cost`, an integer of at most 18 digits (so within `i64`), not
+///   `-0`, or `null`;
+/// - for `attributes`, an object of such strings (a later value of a name
+///   replacing an earlier one, as serde's map does).
+///
+/// `true` when read; `false` for any other body, valid or not (then `req`
+/// holds some fields, and serde reads the body).
 pub(super) fn parse_into<'b>(body: &'b str, req: &mut CheckRequest<&'b str>) -> bool {
     read(body, req).is_some()
 }
